@@ -1,0 +1,127 @@
+"""Errors with stable codes.
+
+Every failure that can reach a client is a :class:`HooocusError` with a ``code`` from the table
+below. Front doors map codes to their own wire format (websocket ``error`` message, HTTP status,
+MCP tool error) in one place each; a traceback never leaves the process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: code -> HTTP status a front door should use. The one table every front door reads.
+HTTP_STATUS_BY_CODE: dict[str, int] = {
+    "invalid_request": 422,
+    "unknown_model": 422,
+    "unknown_style": 422,
+    "unknown_lora": 422,
+    "unknown_preset": 422,
+    "model_invalid": 422,
+    "unsafe_file": 422,
+    "assets_missing": 409,
+    "queue_full": 429,
+    "rate_limited": 429,
+    "not_found": 404,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "cancelled": 409,
+    "out_of_memory": 503,
+    "shutting_down": 503,
+    "internal_error": 500,
+}
+
+
+class HooocusError(Exception):
+    """Base error. ``code`` is stable and machine-readable; ``message`` is for humans."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, loc: tuple[str | int, ...] | None = None,
+                 details: Any = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.loc = loc
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.loc is not None:
+            out["loc"] = list(self.loc)
+        if self.details is not None:
+            out["details"] = self.details
+        return out
+
+
+class InvalidRequest(HooocusError):
+    code = "invalid_request"
+
+
+class UnknownModel(HooocusError):
+    code = "unknown_model"
+
+
+class UnknownStyle(HooocusError):
+    code = "unknown_style"
+
+
+class UnknownLora(HooocusError):
+    code = "unknown_lora"
+
+
+class ModelInvalid(HooocusError):
+    """A weight file exists but cannot be used (corrupt, wrong architecture)."""
+
+    code = "model_invalid"
+
+
+class UnsafeFile(HooocusError):
+    """A pickle-format weight file (or a pickle renamed .safetensors). Never unpickled."""
+
+    code = "unsafe_file"
+
+
+class AssetsMissing(HooocusError):
+    code = "assets_missing"
+
+
+class QueueFull(HooocusError):
+    code = "queue_full"
+
+
+class NotFound(HooocusError):
+    code = "not_found"
+
+
+class ShuttingDown(HooocusError):
+    code = "shutting_down"
+
+
+class OutOfMemory(HooocusError):
+    code = "out_of_memory"
+
+
+class JobCancelled(HooocusError):
+    """Raised inside the worker (from a step callback) to stop the running job at once."""
+
+    code = "cancelled"
+
+    def __init__(self, reason: str = "user") -> None:
+        super().__init__(f"job cancelled ({reason})")
+        self.reason = reason
+
+
+def pydantic_error_to_hooocus(exc: Any) -> InvalidRequest:
+    """Turn a pydantic ``ValidationError`` into one ``InvalidRequest`` with the first field path.
+
+    The message lists every problem so a caller (or an LLM) can fix them all at once.
+    """
+    errors = exc.errors(include_url=False)
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    first_loc = tuple(errors[0].get("loc", ())) if errors else None
+    details = [{"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")} for e in errors]
+    return InvalidRequest("; ".join(parts) or "invalid request", loc=first_loc, details=details)
