@@ -280,6 +280,10 @@ class Runner(Protocol):
     def recover_after_oom(self) -> None:
         """Free what can be freed after an out-of-memory error."""
 
+    def options(self) -> dict[str, Any]:
+        """What a caller may choose: models, loras, styles, samplers, schedulers, aspect ratios,
+        performance modes, defaults. JSON-safe; used by list_options / the web page."""
+
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     # torch.OutOfMemoryError (torch >= 2.5) and torch.cuda.OutOfMemoryError; no torch import here.

@@ -61,6 +61,13 @@ class FakeRunner:
     def recover_after_oom(self) -> None:
         self.oom_recoveries += 1
 
+    def options(self) -> dict[str, object]:
+        from engine.constants import PERFORMANCE_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES, SDXL_ASPECT_RATIOS
+        return {"models": list(self.known_models), "refiners": [], "loras": [], "styles": list(self.known_styles),
+                "samplers": list(SAMPLER_NAMES), "schedulers": list(SCHEDULER_NAMES),
+                "aspect_ratios": list(SDXL_ASPECT_RATIOS), "performances": list(PERFORMANCE_NAMES),
+                "defaults": GenerationRequest().model_dump(mode="json")}
+
     def steps_for(self, request: GenerationRequest) -> int:
         return request.steps or _STEPS_BY_PERFORMANCE[request.performance]
 

@@ -1,0 +1,39 @@
+"""The objects one Hooocus process shares between its front doors, built once at the entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.jobs import Engine, Runner
+from engine.settings import Settings
+from engine.store import ImageStore
+
+
+@dataclass
+class Runtime:
+    """One engine (one GPU worker), one image store, one settings object."""
+
+    settings: Settings
+    engine: Engine
+    images: ImageStore
+
+    def start(self) -> Runtime:
+        self.engine.start()
+        return self
+
+    def close(self, *, grace_s: float = 0.0) -> None:
+        self.engine.close(grace_s=grace_s)
+
+
+def create_runtime(settings: Settings, *, runner: Runner | None = None, model: str | None = None) -> Runtime:
+    """Build (not start) the runtime. Without ``runner`` the SDXL runner is created for ``model``
+    (a name, path, repo id or "demo"; None = settings.default_model). Loading weights happens
+    lazily on the worker thread, so this returns quickly."""
+    if runner is None:
+        from engine.pipeline import SDXLRunner  # torch is imported only here
+
+        runner = SDXLRunner(settings, model=model)
+    images = ImageStore(folder=None)
+    engine = Engine(runner, max_queue=settings.queue_size, max_queued_per_owner=settings.max_queued_per_principal,
+                    image_sink=images.put)
+    return Runtime(settings=settings, engine=engine, images=images)
