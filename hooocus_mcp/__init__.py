@@ -1,0 +1,1 @@
+"""Hooocus MCP front door. Importing it starts nothing."""

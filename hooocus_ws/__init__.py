@@ -1,0 +1,1 @@
+"""Hooocus websocket front door (Starlette). Importing it starts nothing."""

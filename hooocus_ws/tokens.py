@@ -1,0 +1,94 @@
+"""Bearer tokens and principals, shared by the websocket, HTTP and MCP front doors.
+
+Tokens come from a file or ``HOOOCUS_TOKENS``: one per line ``NAME TOKEN SCOPES`` (scopes
+comma-separated: generate, cancel:own, cancel:any, admin); ``#`` starts a comment. Only SHA-256
+digests are kept in memory, and every check compares digests in constant time against every
+entry, so neither timing nor length leaks which token was close.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import InvalidRequest
+
+KNOWN_SCOPES = frozenset({"generate", "cancel:own", "cancel:any", "admin"})
+DEFAULT_SCOPES = frozenset({"generate", "cancel:own"})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling. Jobs belong to a principal (by ``name``), not to a socket."""
+
+    name: str
+    scopes: frozenset[str]
+
+    def can(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+class TokenStore:
+    def __init__(self, entries: list[tuple[Principal, bytes]] | None = None) -> None:
+        self._entries = list(entries or [])
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @classmethod
+    def parse(cls, text: str, *, source: str = "tokens") -> TokenStore:
+        entries: list[tuple[Principal, bytes]] = []
+        names: set[str] = set()
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) not in (2, 3):
+                raise InvalidRequest(f"{source}:{lineno}: expected 'NAME TOKEN SCOPES'", loc=("tokens", lineno))
+            name, token = parts[0], parts[1]
+            scopes = frozenset(s for s in (parts[2].split(",") if len(parts) == 3 else DEFAULT_SCOPES) if s)
+            unknown = scopes - KNOWN_SCOPES
+            if unknown:
+                raise InvalidRequest(f"{source}:{lineno}: unknown scope(s) {sorted(unknown)}; "
+                                     f"known: {sorted(KNOWN_SCOPES)}", loc=("tokens", lineno))
+            if len(token) < 16:
+                raise InvalidRequest(f"{source}:{lineno}: token for {name!r} is shorter than 16 characters",
+                                     loc=("tokens", lineno))
+            if name in names:
+                raise InvalidRequest(f"{source}:{lineno}: duplicate name {name!r}", loc=("tokens", lineno))
+            names.add(name)
+            entries.append((Principal(name, scopes), _digest(token)))
+        return cls(entries)
+
+    @classmethod
+    def from_file(cls, path: Path) -> TokenStore:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read tokens file {path}: {exc.strerror}", loc=("tokens_file",)) from None
+        return cls.parse(text, source=str(path))
+
+    @classmethod
+    def generated(cls, name: str = "local") -> tuple[TokenStore, str]:
+        """A store with one fresh all-scopes token (loopback servers with no token configured)."""
+        token = secrets.token_urlsafe(32)
+        return cls([(Principal(name, frozenset(KNOWN_SCOPES)), _digest(token))]), token
+
+    def verify(self, token: str | None) -> Principal | None:
+        """The principal for ``token``, or None. Constant time in the token's value."""
+        if not token:
+            return None
+        digest = _digest(token)
+        found: Principal | None = None
+        for principal, expected in self._entries:
+            if hmac.compare_digest(digest, expected) and found is None:
+                found = principal
+        return found
