@@ -13,24 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _shared_dir() -> Path:
-    return Path(os.environ.get("HOOOCUS_SHARED", REPO_ROOT.parent / "shared"))
-
-
-def refdata_dir() -> Path:
-    """The golden data folder: $HOOOCUS_REFDATA, default ../shared/refdata."""
-    return Path(os.environ.get("HOOOCUS_REFDATA", _shared_dir() / "refdata"))
-
-
-def parity_dir() -> Path:
-    return Path(os.environ.get("HOOOCUS_PARITY", _shared_dir() / "parity"))
-
-
-def fooocus_data_dir() -> Path:
-    return _shared_dir() / "fooocus-data"
+from tests.paths import fooocus_data_dir, parity_dir, refdata_dir  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

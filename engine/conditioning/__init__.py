@@ -1,0 +1,1 @@
+"""SDXL text conditioning: prompts, styles, emphasis, encoding, ADM."""

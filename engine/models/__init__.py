@@ -1,0 +1,1 @@
+"""Model files: safety checks, registry, loading, LoRA, demo model."""
