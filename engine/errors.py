@@ -70,6 +70,10 @@ class UnknownLora(HooocusError):
     code = "unknown_lora"
 
 
+class UnknownPreset(HooocusError):
+    code = "unknown_preset"
+
+
 class ModelInvalid(HooocusError):
     """A weight file exists but cannot be used (corrupt, wrong architecture)."""
 
