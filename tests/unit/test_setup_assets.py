@@ -1,0 +1,350 @@
+"""engine.setup_assets against a local HTTP server on 127.0.0.1 (Range support, faults on demand).
+
+Covers: a good download, a checksum mismatch, a broken transfer resumed from the .part (in the
+same run and in a later run), a server that ignores Range, offline set-up naming every missing
+file, linking from a Fooocus folder, the pinned-pickle conversion, and pickles that must never be
+opened (a ``__reduce__`` payload that would create a marker file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from engine.errors import AssetsMissing, UnsafeFile
+from engine.setup_assets import (
+    DEFAULT_ASSETS,
+    EXPANSION_LICENCE_NOTICE,
+    FOOOCUS_COMMIT,
+    Asset,
+    ChecksumMismatch,
+    cli_setup,
+    convert_pickle_to_safetensors,
+    download_file,
+    plan_setup,
+    run_setup,
+)
+
+
+@dataclass
+class FakeServer:
+    base_url: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    #: path -> bytes to send before dropping the connection (once).
+    cut_after: dict[str, int] = field(default_factory=dict)
+    ignore_range: bool = False
+    #: (path, Range header or None) for every GET.
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+
+def _handler(server: FakeServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:  # keep test output quiet
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            server.requests.append((self.path, self.headers.get("Range")))
+            body = server.files.get(self.path)
+            if body is None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start = 0
+            range_header = self.headers.get("Range")
+            if range_header and not server.ignore_range:
+                start = int(range_header.removeprefix("bytes=").split("-")[0])
+                if start >= len(body):
+                    self.send_response(416)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            payload = body[start:]
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            cut = server.cut_after.pop(self.path, None)
+            if cut is not None:  # promise everything, send a little, hang up
+                self.wfile.write(payload[:cut])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(payload)
+
+    return Handler
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    fake = FakeServer(base_url="")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    httpd.daemon_threads = True
+    fake.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield fake
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """A local URL where nothing listens (connection refused at once): 'offline'."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _asset(server: FakeServer, name: str, data: bytes, *, dest: str, sha256: str | None = "auto",
+           **extra) -> Asset:
+    path = f"/files/{name}"
+    server.files[path] = data
+    return Asset(name=f"test/{name}", group="test", url=server.url(path),
+                 sha256=_sha(data) if sha256 == "auto" else sha256, dest=dest, size_bytes=len(data),
+                 licence="test", **extra)
+
+
+BIG = bytes(range(256)) * 4096  # 1 MiB, several chunks
+
+
+def test_good_download(server: FakeServer, tmp_path: Path) -> None:
+    assets = [_asset(server, "model.safetensors", BIG, dest="models/checkpoints/model.safetensors"),
+              _asset(server, "styles.json", b'[{"name": "x"}]', dest="sdxl_styles/styles.json")]
+    assert [s.state for s in plan_setup(tmp_path, assets=assets)] == ["missing", "missing"]
+    final = run_setup(tmp_path, assets=assets, progress=False, echo=lambda _m: None)
+    assert [s.state for s in final] == ["present", "present"]
+    assert (tmp_path / "models/checkpoints/model.safetensors").read_bytes() == BIG
+    assert not list(tmp_path.rglob("*.part"))
+    assert all(rng is None for _path, rng in server.requests)
+    server.requests.clear()
+    run_setup(tmp_path, assets=assets, progress=False, echo=lambda _m: None)  # nothing left to do
+    assert server.requests == []
+
+
+def test_checksum_mismatch_deletes_the_part(server: FakeServer, tmp_path: Path) -> None:
+    asset = _asset(server, "model.safetensors", BIG, dest="models/checkpoints/model.safetensors", sha256="0" * 64)
+    with pytest.raises(AssetsMissing) as excinfo:
+        run_setup(tmp_path, assets=[asset], progress=False, echo=lambda _m: None)
+    message = excinfo.value.message
+    assert "test/model.safetensors" in message and _sha(BIG) in message and "0" * 64 in message
+    assert not (tmp_path / asset.dest).exists() and not list(tmp_path.rglob("*.part"))
+    with pytest.raises(ChecksumMismatch):
+        download_file(asset.url, tmp_path / "x.bin", sha256="1" * 64, progress=False)
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_broken_transfer_resumes_in_the_same_run(server: FakeServer, tmp_path: Path) -> None:
+    asset = _asset(server, "model.safetensors", BIG, dest="models/checkpoints/model.safetensors")
+    server.cut_after["/files/model.safetensors"] = 300_000
+    run_setup(tmp_path, assets=[asset], progress=False, echo=lambda _m: None)
+    assert (tmp_path / asset.dest).read_bytes() == BIG
+    ranges = [rng for path, rng in server.requests if path == "/files/model.safetensors"]
+    assert ranges[0] is None and len(ranges) == 2
+    assert ranges[1] is not None and int(ranges[1].removeprefix("bytes=").rstrip("-")) > 0
+
+
+def test_part_from_an_earlier_run_is_resumed(server: FakeServer, tmp_path: Path) -> None:
+    asset = _asset(server, "model.safetensors", BIG, dest="models/checkpoints/model.safetensors")
+    part = tmp_path / (asset.dest + ".part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(BIG[:123_456])
+    status = plan_setup(tmp_path, assets=[asset])[0]
+    assert (status.state, status.bytes_present) == ("partial", 123_456)
+    run_setup(tmp_path, assets=[asset], progress=False, echo=lambda _m: None)
+    assert server.requests == [("/files/model.safetensors", "bytes=123456-")]
+    assert (tmp_path / asset.dest).read_bytes() == BIG and not part.exists()
+
+
+def test_server_that_ignores_range_restarts_cleanly(server: FakeServer, tmp_path: Path) -> None:
+    server.ignore_range = True
+    asset = _asset(server, "model.safetensors", BIG, dest="m/model.safetensors")
+    part = tmp_path / "m/model.safetensors.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(BIG[:1000])
+    run_setup(tmp_path, assets=[asset], progress=False, echo=lambda _m: None)
+    assert (tmp_path / asset.dest).read_bytes() == BIG
+
+
+def test_offline_names_every_missing_file_and_where_to_put_it(closed_port_url: str, tmp_path: Path) -> None:
+    assets = [replace(a, url=closed_port_url + urlsplit(a.url).path) for a in DEFAULT_ASSETS
+              if a.group in ("styles", "expansion")]
+    messages: list[str] = []
+    with pytest.raises(AssetsMissing) as excinfo:
+        run_setup(tmp_path, assets=assets, progress=False, timeout_s=5, echo=messages.append)
+    message = excinfo.value.message
+    assert "offline" in message
+    for asset in assets:
+        assert asset.name in message
+        assert str(asset.download_dest(tmp_path)) in message
+    assert "downloads/fooocus_expansion.bin" in message  # the pickle goes there; set-up converts it
+    assert messages[0] == EXPANSION_LICENCE_NOTICE
+    assert len(excinfo.value.details) == len(assets)
+
+
+def test_link_from_a_fooocus_folder_instead_of_downloading(server: FakeServer, tmp_path: Path) -> None:
+    fooocus = tmp_path / "Fooocus"
+    local = fooocus / "models/checkpoints/model.safetensors"
+    local.parent.mkdir(parents=True)
+    local.write_bytes(BIG)
+    asset = _asset(server, "model.safetensors", BIG, dest="models/checkpoints/model.safetensors",
+                   local_paths=("models/checkpoints/model.safetensors",))
+    data_dir = tmp_path / "data"
+    run_setup(data_dir, assets=[asset], link_from=[fooocus], progress=False, echo=lambda _m: None)
+    assert server.requests == []
+    assert (data_dir / asset.dest).read_bytes() == BIG
+    other = tmp_path / "Other"  # a different file under the same name is not used
+    (other / "models/checkpoints").mkdir(parents=True)
+    (other / "models/checkpoints/model.safetensors").write_bytes(b"not it")
+    run_setup(tmp_path / "data2", assets=[asset], link_from=[other], progress=False, echo=lambda _m: None)
+    assert server.requests == [("/files/model.safetensors", None)]
+
+
+# -- pickles -----------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that a pickle was opened."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _tensor_pickle() -> tuple[bytes, dict]:
+    import io
+
+    import torch
+
+    weight = torch.arange(12, dtype=torch.float16).reshape(3, 4)
+    state = {"transformer.wte.weight": weight, "lm_head.weight": weight, "bias": torch.ones(2)}  # tied weights
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue(), state
+
+
+def test_pinned_pickle_is_converted_to_safetensors(server: FakeServer, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    data, state = _tensor_pickle()
+    asset = _asset(server, "fooocus_expansion.bin", data, dest="models/prompt_expansion/model.safetensors",
+                   convert="pickle_to_safetensors")
+    run_setup(tmp_path, assets=[asset], progress=False, echo=lambda _m: None)
+    loaded = load_file(tmp_path / asset.dest)
+    assert set(loaded) == set(state) and all((loaded[k] == v).all() for k, v in state.items())
+    assert not list((tmp_path / "downloads").iterdir())  # no pickle left behind
+    assert plan_setup(tmp_path, assets=[asset])[0].state == "present"
+    assert plan_setup(tmp_path, assets=[replace(asset, sha256="f" * 64)])[0].state == "mismatch"
+
+
+def test_pickle_with_a_wrong_pin_is_never_opened(server: FakeServer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    marker = tmp_path / "opened"
+    evil = pickle.dumps(_Payload(marker))
+    calls: list[object] = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a))
+    asset = _asset(server, "fooocus_expansion.bin", evil, dest="models/prompt_expansion/model.safetensors",
+                   sha256=_sha(b"something else"), convert="pickle_to_safetensors")
+    with pytest.raises(AssetsMissing, match="does not match the pinned"):
+        run_setup(tmp_path, assets=[asset], progress=False, echo=lambda _m: None)
+    assert not marker.exists() and calls == []
+    assert not (tmp_path / asset.dest).exists() and not list(tmp_path.rglob("*.part"))
+    # Placed by hand with the wrong content: refused unopened as well.
+    placed = asset.download_dest(tmp_path)
+    placed.write_bytes(evil)
+    with pytest.raises(UnsafeFile, match="not the pinned"):
+        convert_pickle_to_safetensors(placed, tmp_path / "out.safetensors", expected_sha256=asset.sha256)
+    with pytest.raises(UnsafeFile, match="without a pinned sha256"):
+        convert_pickle_to_safetensors(placed, tmp_path / "out.safetensors", expected_sha256=None)
+    assert not marker.exists() and calls == []
+
+
+def test_pinned_pickle_with_code_is_still_refused(tmp_path: Path) -> None:
+    """Even when the pin matches, weights_only=True rejects anything that is not tensors."""
+    marker = tmp_path / "opened"
+    source = tmp_path / "evil.bin"
+    source.write_bytes(pickle.dumps({"w": _Payload(marker)}))
+    with pytest.raises(UnsafeFile, match="not a plain tensor state dict"):
+        convert_pickle_to_safetensors(source, tmp_path / "out.safetensors", expected_sha256=_sha(source.read_bytes()))
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+# -- the real asset table and the command line -----------------------------------------------------------
+
+
+def test_default_assets_are_pinned_fooocus_files(fooocus_data: Path) -> None:
+    """Data-file pins equal the unchanged copies in shared/fooocus-data; every pickle is pinned."""
+    names = [a.name for a in DEFAULT_ASSETS]
+    assert len(names) == len(set(names)) and len({a.dest for a in DEFAULT_ASSETS}) == len(DEFAULT_ASSETS)
+    shared = {"sdxl_styles": "sdxl_styles", "wildcards": "wildcards", "presets": "presets",
+              "models/prompt_expansion/fooocus_expansion": "gpt2_tokenizer", "ldm_patched/modules/sd1_tokenizer":
+              "clip_tokenizer"}
+    checked = 0
+    for asset in DEFAULT_ASSETS:
+        assert asset.sha256 is not None and len(asset.sha256) == 64
+        if asset.url.startswith("https://raw.githubusercontent.com/"):
+            assert f"/lllyasviel/Fooocus/{FOOOCUS_COMMIT}/" in asset.url
+            upstream = asset.local_paths[0]
+            folder, file_name = upstream.rsplit("/", 1)
+            copy = fooocus_data / ("prompt_expansion" if file_name == "positive.txt" else shared[folder]) / file_name
+            assert _sha(copy.read_bytes()) == asset.sha256 and copy.stat().st_size == asset.size_bytes
+            checked += 1
+    assert checked == len([p for p in fooocus_data.rglob("*") if p.is_file() and p.name != "README.md"])
+    pickles = [a for a in DEFAULT_ASSETS if a.convert]
+    assert [a.name for a in pickles] == ["expansion/model.safetensors"] and pickles[0].url.endswith(".bin")
+
+
+def test_cli_installs_the_real_data_files_from_a_mirror(server: FakeServer, fooocus_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    for asset in DEFAULT_ASSETS:
+        if asset.group in ("styles", "wildcards", "presets"):
+            folder, file_name = asset.local_paths[0].rsplit("/", 1)
+            server.files[f"/lllyasviel/Fooocus/{FOOOCUS_COMMIT}/{folder}/{file_name}"] = \
+                (fooocus_data / folder / file_name).read_bytes()
+    args = ["--data-dir", str(tmp_path), "--yes", "--no-progress", "--mirror", server.base_url,
+            "--only", "styles", "--only", "wildcards", "--only", "presets"]
+    assert cli_setup(args) == 0
+    assert (tmp_path / "sdxl_styles/sdxl_styles_fooocus.json").read_bytes() == \
+        (fooocus_data / "sdxl_styles/sdxl_styles_fooocus.json").read_bytes()
+    assert len(list((tmp_path / "presets").iterdir())) == 8
+    assert "set-up complete" in capsys.readouterr().out
+    assert cli_setup([*args, "--list"]) == 0 and "everything is in place" in capsys.readouterr().out
+
+
+def test_cli_offline_and_usage(closed_port_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli_setup(["--data-dir", str(tmp_path), "--yes", "--no-progress", "--mirror", closed_port_url,
+                      "--only", "expansion"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "CC BY-NC 4.0" in captured.out and "expansion/positive.txt" in captured.err
+    assert cli_setup(["--data-dir", str(tmp_path), "--only", "nonsense"]) == 2
+    assert "unknown asset or group" in capsys.readouterr().err
+    assert cli_setup(["--data-dir", str(tmp_path), "--only", "presets"]) == 2  # no --yes, no terminal
+    assert "--yes" in capsys.readouterr().err
