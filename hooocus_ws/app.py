@@ -1,0 +1,153 @@
+"""``create_app``: the Starlette app of one Hooocus process (websocket, HTTP companions, page, MCP mount).
+
+A factory, no globals: everything the routes need lives in one :class:`ServerContext` on
+``app.state.hooocus``. The lifespan starts the runtime's worker and (if given) enters the MCP
+mount's lifespan — a mounted app's own lifespan never runs (house style A9.1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from engine.errors import ShuttingDown
+from engine.runtime import Runtime
+from hooocus_ws import http
+from hooocus_ws.auth import AuthFailure, AuthGate, FailedAuthLimiter
+from hooocus_ws.context import ServerContext, ServerLimits
+from hooocus_ws.protocol import PROTOCOL, PreviewSettings
+from hooocus_ws.session import Session
+from hooocus_ws.signing import UrlSigner
+from hooocus_ws.tokens import TokenStore
+
+log = logging.getLogger("hooocus.ws")
+
+STATIC_DIR = Path(__file__).parent / "static"
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' ws: wss:; "
+                               "style-src 'self' 'unsafe-inline'; script-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class McpMount(Protocol):
+    """What ``hooocus_mcp.http.create_mcp_mount`` returns."""
+
+    app: Any
+
+    def lifespan(self) -> contextlib.AbstractAsyncContextManager[Any]: ...
+
+
+class _AsgiApp:
+    """Hide what kind of callable an ASGI app is, so Route never mistakes it for a request handler."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    """``/v1/ws``: authenticate at the handshake (before accept), then serve a :class:`Session`."""
+    ctx: ServerContext = websocket.app.state.hooocus
+    offered = websocket.scope.get("subprotocols", [])
+    client = websocket.client.host if websocket.client else "unknown"
+    try:
+        if ctx.closing:
+            raise ShuttingDown("the server is shutting down")
+        principal = ctx.gate.authenticate(headers=websocket.headers, address=client, scheme=websocket.url.scheme,
+                                          query_string=websocket.scope.get("query_string", b""),
+                                          subprotocols=offered)
+    except (AuthFailure, ShuttingDown) as exc:
+        log.info("websocket handshake refused from %s: %s", client, exc.code)
+        try:
+            await websocket.send_denial_response(http.error_response(exc))
+        except RuntimeError:  # a server without the denial-response extension: 403 via close-before-accept
+            await websocket.close(code=1008)
+        return
+    # Echo only the protocol name, never the token subprotocol.
+    await websocket.accept(subprotocol=PROTOCOL if PROTOCOL in offered else None)
+    await Session(websocket, ctx, principal).run()
+
+
+async def index_page(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
+
+
+def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterable[str] = (),
+               allowed_hosts: Sequence[str] | None = None, mcp_mount: McpMount | None = None,
+               limits: ServerLimits | None = None, signer: UrlSigner | None = None,
+               default_preview: PreviewSettings | None = None, auth_limiter: FailedAuthLimiter | None = None,
+               public_url: str | None = None, shutdown_grace_s: float | None = None,
+               manage_runtime: bool = True, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """Build the app. ``allowed_hosts`` None or containing "*" disables the Host check;
+    ``manage_runtime`` False leaves starting/closing the runtime to the caller (benchmarks, tests)."""
+    settings = runtime.settings
+    if limits is None:
+        limits = ServerLimits(max_message_bytes=settings.max_message_bytes,
+                              event_retention_s=settings.event_retention_s)
+    gate = AuthGate(tokens=tokens, limiter=auth_limiter or FailedAuthLimiter(),
+                    allowed_origins=tuple(allowed_origins))
+    ctx = ServerContext(runtime=runtime, gate=gate, limits=limits,
+                        signer=signer or UrlSigner(settings.url_signing_key),
+                        default_preview=default_preview or PreviewSettings(),
+                        public_url=public_url if public_url is not None else settings.public_url)
+    gate.on_failure = lambda reason: ctx.metrics.auth_failures.update([reason])
+    grace_s = settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_runtime:
+            runtime.start()
+        ctx.closing = False
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if mcp_mount is not None:
+                    await stack.enter_async_context(mcp_mount.lifespan())
+                yield
+        finally:
+            ctx.closing = True
+            if manage_runtime:
+                # Queued jobs end as cancelled(shutting_down); the running one gets grace_s, then is cancelled.
+                await anyio.to_thread.run_sync(lambda: runtime.close(grace_s=grace_s))
+
+    routes: list[BaseRoute] = [
+        WebSocketRoute("/v1/ws", websocket_endpoint),
+        Route("/v1/generate", http.generate, methods=["POST"]),
+        Route("/v1/jobs/{job_id}", http.get_job, methods=["GET"]),
+        Route("/v1/jobs/{job_id}", http.delete_job, methods=["DELETE"]),
+        Route("/v1/images/{name}", http.get_image, methods=["GET"]),
+        Route("/v1/options", http.options, methods=["GET"]),
+        Route("/v1/protocol.json", http.protocol_json, methods=["GET"]),
+        Route("/openapi.json", http.openapi, methods=["GET"]),
+        Route("/healthz", http.healthz, methods=["GET"]),
+        Route("/metrics", http.metrics, methods=["GET"]),
+        Route("/", index_page, methods=["GET"]),
+        Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+        *extra_routes,
+    ]
+    if mcp_mount is not None:
+        # Both /mcp (what MCP clients are usually given) and /mcp/...; the mount ignores the path.
+        mcp_app = _AsgiApp(mcp_mount.app)
+        routes += [Route("/mcp", endpoint=mcp_app), Mount("/mcp", app=mcp_app)]
+    middleware = []
+    if allowed_hosts is not None and "*" not in allowed_hosts:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app.state.hooocus = ctx
+    return app

@@ -1,0 +1,188 @@
+"""The auth gate shared by the websocket handshake and the HTTP routes (house style B2).
+
+- A token travels in ``Authorization: Bearer TOKEN`` or, for browsers, as the subprotocol
+  ``hooocus.token.TOKEN`` next to ``hooocus.v1`` (never echoed back). A token in the query string
+  is refused outright: URLs end up in logs.
+- Tokens are checked by :class:`TokenStore` (SHA-256 digests, constant-time compare).
+- Failed attempts are counted per client address in a sliding window; over the limit the address
+  gets 429 with ``Retry-After`` until old failures age out. Other addresses are unaffected.
+- A present ``Origin`` must be the server's own origin or in the allowlist (cross-site websocket
+  hijacking; CORS does not apply to websockets). No ``Origin`` (a non-browser client) is fine.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit
+
+from engine.errors import HooocusError
+from hooocus_ws.protocol import TOKEN_SUBPROTOCOL_PREFIX
+from hooocus_ws.tokens import Principal, TokenStore
+
+log = logging.getLogger("hooocus.ws.auth")
+
+#: Query parameters that look like a credential; a request carrying one is refused.
+_QUERY_TOKEN_NAMES = frozenset({"token", "access_token", "auth", "bearer", "api_key", "apikey", "key"})
+
+
+@dataclass
+class FailedAuthLimiter:
+    """Sliding-window counter of failed auth attempts per address. ``clock`` is injectable for tests."""
+
+    max_failures: int = 10
+    window_s: float = 60.0
+    max_addresses: int = 10_000
+    clock: Callable[[], float] = time.monotonic
+    _failures: collections.OrderedDict[str, collections.deque[float]] = field(
+        default_factory=collections.OrderedDict)
+
+    def _prune(self, address: str, now: float) -> collections.deque[float] | None:
+        times = self._failures.get(address)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return None
+        return times
+
+    def retry_after_s(self, address: str) -> float | None:
+        """Seconds until ``address`` may try again, or None if it is not blocked."""
+        now = self.clock()
+        times = self._prune(address, now)
+        if times is None or len(times) < self.max_failures:
+            return None
+        return max(0.001, times[0] + self.window_s - now)
+
+    def record_failure(self, address: str) -> None:
+        now = self.clock()
+        times = self._prune(address, now)
+        if times is None:
+            times = collections.deque(maxlen=self.max_failures)
+            self._failures[address] = times
+            while len(self._failures) > self.max_addresses:  # bounded memory under an address-spraying attack
+                self._failures.popitem(last=False)
+        times.append(now)
+        self._failures.move_to_end(address)
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def subprotocol_token(subprotocols: Iterable[str]) -> str | None:
+    for proto in subprotocols:
+        if proto.startswith(TOKEN_SUBPROTOCOL_PREFIX):
+            return proto[len(TOKEN_SUBPROTOCOL_PREFIX):] or None
+    return None
+
+
+def query_has_token(query_string: bytes | str) -> bool:
+    text = query_string.decode("latin-1") if isinstance(query_string, bytes) else query_string
+    return any(name.lower() in _QUERY_TOKEN_NAMES for name, _ in parse_qsl(text, keep_blank_values=True))
+
+
+def _normalise_origin(origin: str) -> str:
+    parts = urlsplit(origin.strip().lower())
+    if not parts.scheme or not parts.netloc:
+        return origin.strip().lower()
+    default_port = {"http": 80, "https": 443}.get(parts.scheme)
+    netloc = parts.netloc
+    if default_port is not None and netloc.endswith(f":{default_port}"):
+        netloc = netloc[: -len(f":{default_port}")]
+    return f"{parts.scheme}://{netloc}"
+
+
+def origin_allowed(origin: str | None, *, host: str | None, scheme: str, allowed_origins: Iterable[str]) -> bool:
+    """True when there is no Origin, it is this server's own origin, or it is in the allowlist."""
+    if origin is None:
+        return True
+    allowed = {_normalise_origin(o) for o in allowed_origins}
+    if "*" in allowed:
+        return True
+    norm = _normalise_origin(origin)
+    if norm == "null":  # sandboxed iframes, file:// pages: never trusted (ComfyUI's bypass)
+        return False
+    if norm in allowed:
+        return True
+    if host:
+        own_scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+        return norm == _normalise_origin(f"{own_scheme}://{host}")
+    return False
+
+
+class AuthFailure(HooocusError):
+    """Raised by :meth:`AuthGate.authenticate`; carries what the HTTP denial needs."""
+
+    def __init__(self, code: str, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+_REDACT_RE = re.compile(r"((?:token|access_token|auth|bearer|api_key|apikey|key|sig)=)[^&\s\"']*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Mask credential-like query values in a log line."""
+    return _REDACT_RE.sub(r"\1***", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that masks ``token=...`` in records (uvicorn logs request paths with queries)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args) \
+                if isinstance(record.args, tuple) else record.args
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        return True
+
+
+@dataclass
+class AuthGate:
+    tokens: TokenStore
+    limiter: FailedAuthLimiter = field(default_factory=FailedAuthLimiter)
+    allowed_origins: tuple[str, ...] = ()
+    #: Called with the reason after each failed attempt (metrics).
+    on_failure: Callable[[str], None] | None = None
+
+    def authenticate(self, *, headers: Mapping[str, str], address: str, scheme: str, query_string: bytes | str = b"",
+                     subprotocols: Iterable[str] = ()) -> Principal:
+        """The caller's principal, or :class:`AuthFailure` (rate_limited / forbidden / unauthorized)."""
+        retry_after = self.limiter.retry_after_s(address)
+        if retry_after is not None:
+            self._failed("rate_limited")
+            raise AuthFailure("rate_limited", "too many failed attempts; try again later", retry_after_s=retry_after)
+        if not origin_allowed(headers.get("origin"), host=headers.get("host"), scheme=scheme,
+                              allowed_origins=self.allowed_origins):
+            self._failed("origin")
+            raise AuthFailure("forbidden", "origin not allowed")
+        if query_has_token(query_string):
+            self.limiter.record_failure(address)
+            self._failed("query_token")
+            raise AuthFailure("unauthorized", "tokens are not accepted in the URL; use the Authorization header "
+                                              "or the hooocus.token.* subprotocol")
+        token = bearer_token(headers) or subprotocol_token(subprotocols)
+        principal = self.tokens.verify(token)
+        if principal is None:
+            self.limiter.record_failure(address)
+            self._failed("missing_token" if token is None else "bad_token")
+            raise AuthFailure("unauthorized", "missing or invalid token")
+        return principal
+
+    def _failed(self, reason: str) -> None:
+        if self.on_failure is not None:
+            self.on_failure(reason)

@@ -1,0 +1,171 @@
+"""``hooocus serve``: one process that owns the engine and serves /v1/ws, the HTTP API, the page and /mcp.
+
+Tokens come from ``--tokens-file`` (or ``tokens_file`` in settings) or ``HOOOCUS_TOKENS``, one per line
+``NAME TOKEN SCOPES``. With none configured the server refuses to start on a non-loopback host; on
+loopback it generates one token and prints it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import uvicorn
+
+from engine.errors import HooocusError
+from engine.runtime import Runtime
+from engine.settings import Settings, load_settings
+from hooocus_ws.app import create_app
+from hooocus_ws.auth import RedactingFilter
+from hooocus_ws.tokens import TokenStore
+
+log = logging.getLogger("hooocus.serve")
+
+LOOPBACK_HOST_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` sub-command to the ``hooocus`` parser (handler in ``func``)."""
+    p = subparsers.add_parser("serve", help="serve the websocket + HTTP API (and /mcp) over one engine")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8188; 0 = any free port)")
+    p.add_argument("--model", help="base model: a name, path, repo id or 'demo' (default: settings)")
+    p.add_argument("--tokens-file", type=Path, help="file of 'NAME TOKEN SCOPES' lines")
+    p.add_argument("--allowed-origin", action="append", dest="allowed_origins", metavar="ORIGIN",
+                   help="browser origin allowed to connect besides the server's own; repeat for several")
+    p.add_argument("--allowed-host", action="append", dest="allowed_hosts", metavar="HOST",
+                   help="Host header value to accept ('*' = any); default: loopback names on loopback")
+    p.add_argument("--queue-size", type=int, help="jobs waiting at most (default 16)")
+    p.add_argument("--public-url", help="absolute base for image URLs, e.g. https://gpu.example.org")
+    p.add_argument("--config", type=Path, help="hooocus.toml to read (default: ./hooocus.toml)")
+    p.add_argument("--data-dir", type=Path, help="data folder (models, outputs)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run_serve)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOST_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    cli = {"host": args.host, "port": args.port, "tokens_file": args.tokens_file,
+           "allowed_origins": tuple(args.allowed_origins) if args.allowed_origins else None,
+           "allowed_hosts": tuple(args.allowed_hosts) if args.allowed_hosts else None,
+           "queue_size": args.queue_size, "public_url": args.public_url, "data_dir": args.data_dir,
+           "device": args.device, "log_level": args.log_level}
+    settings, _ = load_settings(cli=cli, env=env, toml_path=args.config)
+    return settings
+
+
+def resolve_tokens(settings: Settings, *, out: TextIO) -> TokenStore:
+    """The configured tokens; or, on loopback only, one generated token printed once to ``out``."""
+    if settings.tokens_file is not None:
+        store = TokenStore.from_file(settings.tokens_file)
+    elif settings.tokens:
+        store = TokenStore.parse(settings.tokens, source="HOOOCUS_TOKENS")
+    else:
+        store = TokenStore()
+    if len(store):
+        return store
+    if not is_loopback(settings.host):
+        raise HooocusError(f"refusing to serve on {settings.host} without tokens: give --tokens-file or "
+                           "HOOOCUS_TOKENS ('NAME TOKEN SCOPES' lines)", code="unauthorized")
+    store, token = TokenStore.generated("local")
+    print("hooocus: no tokens configured; this run's token (all scopes, loopback only):", file=out)
+    print(f"  {token}", file=out, flush=True)
+    return store
+
+
+def default_allowed_hosts(settings: Settings) -> tuple[str, ...] | None:
+    if settings.allowed_hosts:
+        return settings.allowed_hosts
+    if is_loopback(settings.host):  # DNS rebinding: a loopback server answers only to loopback names
+        return ("127.0.0.1", "localhost", "::1", "[::1]")
+    return None
+
+
+def uvicorn_config(app: Any, *, host: str, port: int, max_message_bytes: int, log_level: str = "info",
+                   ping_interval_s: float = 20.0, ping_timeout_s: float = 20.0,
+                   graceful_shutdown_s: float | None = 30.0) -> uvicorn.Config:
+    """The one uvicorn setup (also used by the tests and the conformance run): sans-io websockets,
+    ``ws_max_size`` as the hard frame cap (close 1009), no per-message-deflate, protocol pings."""
+    config = uvicorn.Config(app, host=host, port=port, ws="websockets-sansio", ws_max_size=max_message_bytes,
+                            ws_per_message_deflate=False, ws_ping_interval=ping_interval_s,
+                            ws_ping_timeout=ping_timeout_s, lifespan="on", log_level=log_level,
+                            timeout_graceful_shutdown=graceful_shutdown_s, server_header=False,
+                            proxy_headers=False)
+    install_log_redaction()
+    return config
+
+
+def install_log_redaction() -> None:
+    """uvicorn logs request paths with their query strings; mask anything that looks like a credential."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
+
+
+@dataclass
+class Prepared:
+    config: uvicorn.Config
+    runtime: Runtime
+    settings: Settings
+
+
+def prepare_server(args: argparse.Namespace, *, env: Mapping[str, str] | None = None, out: TextIO = sys.stdout,
+                   runtime: Runtime | None = None) -> Prepared:
+    """Everything ``serve`` does before running uvicorn (tests call this without serving)."""
+    settings = settings_from_args(args, env)
+    tokens = resolve_tokens(settings, out=out)
+    if runtime is None:
+        from engine.runtime import create_runtime
+
+        runtime = create_runtime(settings, model=args.model)
+    allowed_hosts = default_allowed_hosts(settings)
+    mcp_mount = None
+    try:
+        from hooocus_mcp.http import create_mcp_mount
+    except ImportError as exc:
+        log.warning("MCP endpoint disabled: %s", exc)
+    else:
+        mcp_mount = create_mcp_mount(runtime, tokens, allowed_hosts=allowed_hosts or (),
+                                     allowed_origins=settings.allowed_origins)
+    app = create_app(runtime, tokens=tokens, allowed_origins=settings.allowed_origins, allowed_hosts=allowed_hosts,
+                     mcp_mount=mcp_mount)
+    config = uvicorn_config(app, host=settings.host, port=settings.port,
+                            max_message_bytes=settings.max_message_bytes, log_level=settings.log_level,
+                            graceful_shutdown_s=settings.shutdown_grace_s + 5.0)
+    return Prepared(config=config, runtime=runtime, settings=settings)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    prepared = prepare_server(args)
+    logging.basicConfig(level=getattr(logging, prepared.settings.log_level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.Server(prepared.config).run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hooocus_ws serve ...`` (the same command as ``hooocus serve``)."""
+    parser = argparse.ArgumentParser(prog="hooocus")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HooocusError as exc:
+        print(f"hooocus: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2

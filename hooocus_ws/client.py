@@ -1,0 +1,427 @@
+"""Python client for ``hooocus.v1``: an async client and a thin sync wrapper.
+
+    async with await HooocusClient.connect("ws://127.0.0.1:8188/v1/ws", token) as client:
+        stream = await client.generate({"prompt": "a red fox in snow"})
+        async for event in stream:          # dicts: started, progress, image (with "data"), done ...
+            ...
+        result = await stream.result()      # JobResult: images with bytes, seeds, sha256
+
+After a dropped connection nothing is lost: connect again and ``await client.resume(stream)``
+(= ``subscribe(job_id, after_seq=stream.last_job_seq)``); the server replays what was missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from engine.errors import HooocusError, JobCancelled
+from hooocus_ws.protocol import FRAME_IMAGE, FRAME_PREVIEW, PROTOCOL, ProtocolError, decode_frame
+
+T = TypeVar("T")
+_TERMINAL = frozenset({"done", "cancelled", "error"})
+
+
+@dataclass(frozen=True)
+class ClientImage:
+    index: int
+    seed: int
+    sha256: str
+    width: int
+    height: int
+    mime: str
+    data: bytes = field(repr=False)
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class PreviewImage:
+    index: int
+    step: int
+    mime: str
+    width: int
+    height: int
+    data: bytes = field(repr=False)
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    state: str  # done | cancelled | failed
+    images: list[ClientImage]
+    seeds: list[int]
+    params: dict[str, Any]
+
+    def __iter__(self) -> Iterator[ClientImage]:
+        return iter(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class ConnectionLost(HooocusError):
+    """The websocket closed; jobs go on on the server. Reconnect and ``resume`` the stream."""
+
+    code = "connection_lost"
+
+
+class JobStream:
+    """Events of one job as the server sends them, starting with ``accepted`` (after generate).
+    Async-iterate for events; ``await result()``."""
+
+    def __init__(self, job_id: str, *, position: int = 0, duplicate: bool = False) -> None:
+        self.job_id = job_id
+        self.position = position
+        self.duplicate = duplicate
+        self.last_job_seq = 0
+        self.state = "queued"
+        self.params: dict[str, Any] = {}
+        self.seeds: list[int] = []
+        self.images: dict[int, ClientImage] = {}
+        self.latest_preview: PreviewImage | None = None
+        self.on_preview: Callable[[PreviewImage], None] | None = None
+        self._events: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
+        self._result: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
+        self._result.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)  # no "never retrieved"
+
+    # -- fed by the client's reader ------------------------------------------------------------------
+
+    def _feed(self, event: dict[str, Any]) -> None:
+        job_seq = event.get("job_seq")
+        if isinstance(job_seq, int):
+            if job_seq <= self.last_job_seq:
+                return  # a replayed event this stream already has
+            self.last_job_seq = job_seq
+        kind = event["type"]
+        if kind == "started":
+            self.state = "running"
+            self.params = event.get("params", {})
+            self.seeds = [int(s) for s in event.get("seeds", [])]
+        elif kind == "queue":
+            self.position = event["position"]
+        elif kind == "image":
+            self.images[event["index"]] = ClientImage(
+                index=event["index"], seed=int(event["seed"]), sha256=event["sha256"], width=event["width"],
+                height=event["height"], mime=event["mime"], data=event.get("data", b""), url=event.get("url"))
+        self._events.put_nowait(event)
+        if kind in _TERMINAL and not self._result.done():
+            self._finish(event)
+
+    def _finish(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        images = [self.images[i] for i in sorted(self.images)]
+        if kind == "done":
+            self.state = "done"
+            self._result.set_result(JobResult(self.job_id, "done", images, self.seeds, self.params))
+        elif kind == "cancelled":
+            self.state = "cancelled"
+            exc = JobCancelled(event.get("reason", "user"))
+            exc.partial = JobResult(self.job_id, "cancelled", images, self.seeds, self.params)  # type: ignore[attr-defined]
+            self._result.set_exception(exc)
+        else:
+            self.state = "failed"
+            self._result.set_exception(HooocusError(event.get("message", "the job failed"),
+                                                    code=event.get("code", "internal_error"),
+                                                    details={"job_id": self.job_id, "error_id": event.get("error_id")}))
+
+    def _preview(self, preview: PreviewImage) -> None:
+        self.latest_preview = preview
+        if self.on_preview is not None:
+            self.on_preview(preview)
+
+    def _lost(self, exc: BaseException) -> None:
+        if not self._result.done():
+            self._result.set_exception(exc)
+            self._events.put_nowait(exc)
+
+    # -- public --------------------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self._result.done()
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            if self._result.done() and self._events.empty():
+                return
+            item = await self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item["type"] in _TERMINAL:
+                return
+
+    async def result(self, timeout_s: float | None = None) -> JobResult:
+        """The finished job. Raises HooocusError (failed), JobCancelled (``.partial`` has what was
+        done), ConnectionLost, or TimeoutError."""
+        return await asyncio.wait_for(asyncio.shield(self._result), timeout_s)
+
+
+class HooocusClient:
+    def __init__(self, ws: ClientConnection, hello: dict[str, Any], *, timeout_s: float) -> None:
+        self._ws = ws
+        self.hello = hello
+        self.timeout_s = timeout_s
+        self._ids = itertools.count(1)
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._streams: dict[str, JobStream] = {}
+        self._pending_image: dict[tuple[str, int], dict[str, Any]] = {}
+        self._closed_exc: BaseException | None = None
+        self._reader = asyncio.create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, url: str, token: str, *, timeout_s: float = 30.0, max_size: int | None = 64 * 2**20,
+                      header_auth: bool = True) -> HooocusClient:
+        """Open ``url`` (``ws://host:port/v1/ws``) with ``token`` (Authorization header, or the
+        subprotocol when ``header_auth`` is False) and wait for the server's hello."""
+        subprotocols = [PROTOCOL] if header_auth else [PROTOCOL, "hooocus.token." + token]
+        headers = {"Authorization": f"Bearer {token}"} if header_auth else None
+        ws = await connect(url, additional_headers=headers, subprotocols=subprotocols,  # type: ignore[arg-type]
+                           compression=None, max_size=max_size, open_timeout=timeout_s,
+                           close_timeout=min(timeout_s, 10.0))
+        try:
+            hello = json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
+        except BaseException:
+            await ws.close()
+            raise
+        if hello.get("type") != "hello":
+            await ws.close()
+            raise ProtocolError(f"expected hello, got {hello.get('type')!r}")
+        return cls(ws, hello, timeout_s=timeout_s)
+
+    async def __aenter__(self) -> HooocusClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    async def _request(self, message: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        if self._closed_exc is not None:
+            raise ConnectionLost("the connection is closed")
+        request_id = f"r{next(self._ids)}"
+        message = {**message, "id": request_id}
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        timeout_s = timeout_s or self.timeout_s
+        try:
+            await asyncio.wait_for(self._ws.send(json.dumps(message)), timeout_s)
+            reply = await asyncio.wait_for(future, timeout_s)
+        except ConnectionClosed as exc:
+            raise ConnectionLost(f"the connection closed ({exc})") from None
+        finally:
+            self._pending.pop(request_id, None)
+        if reply["type"] == "error":
+            raise HooocusError(reply.get("message", "error"), code=reply.get("code", "internal_error"),
+                               loc=tuple(reply["loc"]) if reply.get("loc") is not None else None,
+                               details=reply.get("details"))
+        return reply
+
+    async def generate(self, params: dict[str, Any], *, request_id: str | None = None,
+                       cancel_on_disconnect: bool = False) -> JobStream:
+        """Queue a job; returns its stream once the server has accepted it (HooocusError otherwise)."""
+        message: dict[str, Any] = {"type": "generate", "params": params}
+        if request_id is not None:
+            message["request_id"] = request_id
+        if cancel_on_disconnect:
+            message["cancel_on_disconnect"] = True
+        # The stream must exist before the job's first event can arrive: the reader creates it
+        # from the `accepted` reply, which the server always sends before the job's events.
+        reply = await self._request(message)
+        return reply["_stream"]
+
+    async def cancel(self, job_id: str) -> str:
+        """Ask to cancel; returns the job's state when the request arrived."""
+        reply = await self._request({"type": "cancel", "job_id": job_id})
+        return str(reply.get("state"))
+
+    async def interrupt(self) -> str | None:
+        reply = await self._request({"type": "interrupt"})
+        return reply.get("job_id")
+
+    async def subscribe(self, job_id: str, after_seq: int = 0) -> JobStream:
+        """Attach to a job; the server replays its events with job_seq > ``after_seq``."""
+        stream = self._streams.get(job_id)
+        if stream is None or stream.finished:
+            stream = JobStream(job_id)
+            stream.last_job_seq = after_seq
+            self._streams[job_id] = stream
+        await self._request({"type": "subscribe", "job_id": job_id, "after_seq": after_seq})
+        return stream
+
+    async def resume(self, old: JobStream) -> JobStream:
+        """Continue ``old`` (from a lost connection) on this one, without losing or doubling events."""
+        stream = JobStream(old.job_id, position=old.position)
+        stream.last_job_seq = old.last_job_seq
+        stream.params, stream.seeds, stream.images = old.params, old.seeds, dict(old.images)
+        stream.state = old.state
+        self._streams[old.job_id] = stream
+        await self._request({"type": "subscribe", "job_id": old.job_id, "after_seq": old.last_job_seq})
+        return stream
+
+    async def set_preview(self, **settings: Any) -> None:
+        await self._request({"type": "set_preview", **settings})
+
+    async def ping(self) -> None:
+        await self._request({"type": "ping"})
+
+    async def close(self) -> None:
+        await self._ws.close()
+        try:
+            await asyncio.wait_for(self._reader, self.timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            self._reader.cancel()
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            async for raw in self._ws:
+                if isinstance(raw, bytes):
+                    self._on_frame(raw)
+                else:
+                    self._on_message(json.loads(raw))
+            exc: BaseException = ConnectionLost("the server closed the connection")
+        except ConnectionClosed as closed:
+            exc = ConnectionLost(f"the connection closed ({closed})")
+        except Exception as other:  # a protocol bug on either side: fail loudly to every waiter
+            exc = ConnectionLost(f"client reader failed: {other!r}")
+        self._closed_exc = exc
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        for stream in self._streams.values():
+            stream._lost(exc)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        re = message.get("re")
+        if kind == "accepted":
+            job_id = message["job_id"]
+            if job_id not in self._streams or self._streams[job_id].finished:
+                self._streams[job_id] = JobStream(job_id, position=message.get("position", 0),
+                                                  duplicate=message.get("duplicate", False))
+            # The stream's first event names the job even while it waits in the queue.
+            self._streams[job_id]._feed(message)
+            # Hand the stream itself to generate(): a fast job may finish (and leave _streams)
+            # before generate() resumes.
+            message = {**message, "_stream": self._streams[job_id]}
+        if re is not None and re in self._pending:
+            future = self._pending[re]
+            if not future.done():
+                future.set_result(message)
+            if kind != "error" or message.get("job_id") is None:
+                return
+        job_id = message.get("job_id")
+        stream = self._streams.get(job_id) if job_id else None
+        if stream is None or kind in ("accepted", "ack"):
+            return
+        if kind == "image":
+            # The bytes follow in the next binary frame; deliver the event with them.
+            self._pending_image[(job_id, message["index"])] = message
+            return
+        self._feed(stream, message)
+
+    def _feed(self, stream: JobStream, message: dict[str, Any]) -> None:
+        stream._feed(message)
+        if stream.finished and self._streams.get(stream.job_id) is stream:
+            del self._streams[stream.job_id]  # a long-lived client must not keep every finished job's images
+
+    def _on_frame(self, frame: bytes) -> None:
+        kind, header, payload = decode_frame(frame)
+        job_id = header.get("job_id")
+        stream = self._streams.get(job_id) if isinstance(job_id, str) else None
+        if kind == FRAME_IMAGE:
+            message = self._pending_image.pop((job_id, header.get("index")), None)  # type: ignore[arg-type]
+            if message is not None and stream is not None:
+                self._feed(stream, {**message, "data": payload})
+        elif kind == FRAME_PREVIEW and stream is not None:
+            stream._preview(PreviewImage(index=header["index"], step=header.get("step", 0), mime=header["mime"],
+                                         width=header["width"], height=header["height"], data=payload))
+
+
+class SyncJobStream:
+    def __init__(self, client: SyncHooocusClient, stream: JobStream) -> None:
+        self._client = client
+        self._stream = stream
+
+    @property
+    def job_id(self) -> str:
+        return self._stream.job_id
+
+    @property
+    def last_job_seq(self) -> int:
+        return self._stream.last_job_seq
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        iterator = self._stream.__aiter__()
+
+        async def next_event() -> dict[str, Any]:
+            return await iterator.__anext__()
+
+        while True:
+            try:
+                yield self._client._run(next_event())
+            except StopAsyncIteration:
+                return
+
+    def result(self, timeout_s: float | None = None) -> JobResult:
+        return self._client._run(self._stream.result(timeout_s))
+
+
+class SyncHooocusClient:
+    """The async client on a private event loop thread, for scripts and the CLI."""
+
+    def __init__(self, url: str, token: str, *, timeout_s: float = 30.0) -> None:
+        self.timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="hooocus-client", daemon=True)
+        self._thread.start()
+        try:
+            self._client: HooocusClient = self._run(HooocusClient.connect(url, token, timeout_s=timeout_s))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro: Any, timeout_s: float | None = None) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout_s)
+
+    def generate(self, params: dict[str, Any], *, request_id: str | None = None) -> SyncJobStream:
+        return SyncJobStream(self, self._run(self._client.generate(params, request_id=request_id)))
+
+    def cancel(self, job_id: str) -> str:
+        return str(self._run(self._client.cancel(job_id)))
+
+    def subscribe(self, job_id: str, after_seq: int = 0) -> SyncJobStream:
+        return SyncJobStream(self, self._run(self._client.subscribe(job_id, after_seq)))
+
+    def close(self) -> None:
+        try:
+            self._run(self._client.close(), timeout_s=self.timeout_s)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=self.timeout_s)
+        self._loop.close()
+
+    def __enter__(self) -> SyncHooocusClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,284 @@
+"""HTTP companions of the websocket (same app, same tokens as ``Authorization: Bearer``).
+
+``POST /v1/generate``, ``GET|DELETE /v1/jobs/{id}``, ``GET /v1/images/{sha256}.{ext}`` (token or
+signed URL), ``GET /v1/options``, ``GET /healthz``, ``GET /metrics``, ``GET /openapi.json``,
+``GET /v1/protocol.json``. Every error is ``{"error": {code, message, loc?}}`` with the status from
+``engine.errors.HTTP_STATUS_BY_CODE``; a traceback never reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from engine.errors import HTTP_STATUS_BY_CODE, HooocusError, InvalidRequest, NotFound
+from engine.events import TERMINAL_EVENTS, Event
+from engine.jobs import Job, JobState
+from engine.request import GenerationRequest
+from hooocus_ws import service
+from hooocus_ws.context import ServerContext
+from hooocus_ws.protocol import protocol_schema
+from hooocus_ws.tokens import Principal
+
+log = logging.getLogger("hooocus.http")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def context(request: Request) -> ServerContext:
+    return request.app.state.hooocus  # type: ignore[no-any-return]
+
+
+def error_response(exc: HooocusError) -> JSONResponse:
+    """The one mapping from a HooocusError to an HTTP response (and for handshake denials)."""
+    status = HTTP_STATUS_BY_CODE.get(exc.code, 400)
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="hooocus"'
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+    return JSONResponse({"error": exc.to_dict()}, status_code=status, headers=headers)
+
+
+def guarded(handler: Handler) -> Handler:
+    """Turn HooocusErrors into their HTTP form and anything else into an opaque internal_error."""
+
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except HooocusError as exc:
+            return error_response(exc)
+        except Exception:
+            error_id = secrets.token_hex(6)
+            log.exception("HTTP %s %s failed (error_id %s)", request.method, request.url.path, error_id)
+            return error_response(HooocusError(f"internal error (error_id {error_id})", code="internal_error"))
+
+    wrapper.__name__ = handler.__name__
+    wrapper.__doc__ = handler.__doc__
+    return wrapper
+
+
+def authenticate(request: Request) -> Principal:
+    ctx = context(request)
+    client = request.client.host if request.client else "unknown"
+    return ctx.gate.authenticate(headers=request.headers, address=client, scheme=request.url.scheme,
+                                 query_string=request.scope.get("query_string", b""))
+
+
+async def read_json_body(request: Request, max_bytes: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise InvalidRequest(f"request body larger than {max_bytes} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise InvalidRequest(f"request body larger than {max_bytes} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise HooocusError("the body is not valid JSON", code="invalid_request") from None
+
+
+async def wait_for_job(job: Job, timeout_s: float) -> bool:
+    """True once ``job`` has finished, False after ``timeout_s``. Never blocks the loop."""
+    loop = asyncio.get_running_loop()
+    finished = asyncio.Event()
+
+    def listener(event: Event) -> None:  # worker thread
+        if isinstance(event, TERMINAL_EVENTS):
+            try:
+                loop.call_soon_threadsafe(finished.set)
+            except RuntimeError:
+                pass
+
+    unsubscribe = job.subscribe(listener, after_seq=None)
+    try:
+        if job.state.terminal:
+            return True
+        try:
+            await asyncio.wait_for(finished.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+    finally:
+        unsubscribe()
+
+
+# -- routes ------------------------------------------------------------------------------------------
+
+
+@guarded
+async def generate(request: Request) -> Response:
+    """Queue a GenerationRequest; by default wait and return the images' URLs, seeds and resolved params.
+
+    Extra body keys: ``wait`` (bool, default true), ``request_id`` (idempotency key).
+    ``Accept: image/*`` returns the first image's bytes instead of JSON.
+    """
+    ctx = context(request)
+    principal = authenticate(request)
+    body = await read_json_body(request, ctx.limits.max_http_body_bytes)
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object (a GenerationRequest)")
+    wait = body.pop("wait", True)
+    if not isinstance(wait, bool):
+        raise InvalidRequest("wait must be true or false", loc=("wait",))
+    request_id = body.pop("request_id", None)
+    job, position, duplicate = service.submit_job(ctx, principal, body, request_id)
+    ctx.metrics.http_generate += 1
+    if not wait or not await wait_for_job(job, ctx.limits.http_wait_timeout_s):
+        return JSONResponse({"job_id": job.job_id, "state": job.state.value, "position": position,
+                             "duplicate": duplicate, "status_url": f"/v1/jobs/{job.job_id}"}, status_code=202)
+    if job.state == JobState.FAILED:
+        error = job.error or {}
+        exc = HooocusError(error.get("message", "the job failed"), code=error.get("code", "internal_error"),
+                           details={"job_id": job.job_id, "error_id": error.get("error_id")})
+        return error_response(exc)
+    if job.state == JobState.CANCELLED:
+        summary = service.job_summary(ctx, job)
+        return JSONResponse({"error": {"code": "cancelled", "message": "the job was cancelled"}, **summary},
+                            status_code=HTTP_STATUS_BY_CODE["cancelled"])
+    accept = request.headers.get("accept", "")
+    if "image/" in accept and "application/json" not in accept and job.images:
+        first = job.images[0]
+        return Response(first.data, media_type=first.mime,
+                        headers={"X-Hooocus-Job-Id": job.job_id, "X-Hooocus-Seed": str(first.seed),
+                                 "X-Hooocus-Sha256": first.sha256})
+    return JSONResponse(service.job_summary(ctx, job))
+
+
+@guarded
+async def get_job(request: Request) -> Response:
+    """Status, progress, seeds, resolved params and image URLs of one of the caller's jobs."""
+    ctx = context(request)
+    principal = authenticate(request)
+    job = service.visible_job(ctx, principal, request.path_params["job_id"])
+    return JSONResponse(service.job_summary(ctx, job))
+
+
+@guarded
+async def delete_job(request: Request) -> Response:
+    """Cancel a queued or running job (own with cancel:own, any with cancel:any)."""
+    ctx = context(request)
+    principal = authenticate(request)
+    job = service.check_cancel_allowed(ctx, principal, request.path_params["job_id"])
+    before = service.cancel_job(ctx, job, reason="user")
+    return JSONResponse({"job_id": job.job_id, "state_before": before.value, "cancelled": not before.terminal})
+
+
+@guarded
+async def get_image(request: Request) -> Response:
+    """An image by content hash; a bearer token or a valid ``exp``/``sig`` pair is required."""
+    ctx = context(request)
+    name = request.path_params["name"]
+    sha256, _, ext = name.partition(".")
+    query = request.query_params
+    if "sig" in query or "exp" in query:
+        if not ctx.signer.verify(request.url.path, query.get("exp"), query.get("sig")):
+            raise HooocusError("the image link is invalid or has expired", code="forbidden")
+    else:
+        authenticate(request)
+    image = ctx.runtime.images.get(sha256)
+    ext = {"jpg": "jpeg"}.get(ext.lower(), ext.lower())
+    if image is None or image.extension != ext:
+        raise NotFound(f"no image {name!r}")
+    return Response(image.data, media_type=image.mime,
+                    headers={"Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{image.sha256}"',
+                             "X-Content-Type-Options": "nosniff"})
+
+
+@guarded
+async def options(request: Request) -> Response:
+    """What a caller may choose (models, styles, samplers, aspect ratios ...), from the runner."""
+    ctx = context(request)
+    authenticate(request)
+    return JSONResponse(ctx.runtime.engine.runner.options())
+
+
+async def healthz(request: Request) -> Response:
+    ctx = context(request)
+    engine = ctx.runtime.engine
+    stats = engine.stats()
+    ok = engine.accepting and not ctx.closing
+    return JSONResponse({"status": "ok" if ok else "shutting_down", "queue_depth": stats.queue_depth,
+                         "running": stats.running_job_id is not None}, status_code=200 if ok else 503)
+
+
+@guarded
+async def metrics(request: Request) -> Response:
+    ctx = context(request)
+    authenticate(request)
+    return PlainTextResponse(ctx.metrics.render(ctx.runtime.engine), media_type="text/plain; version=0.0.4")
+
+
+async def protocol_json(request: Request) -> Response:
+    return JSONResponse(protocol_schema())
+
+
+def _generate_body_schema() -> dict[str, Any]:
+    schema = GenerationRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    schema["properties"]["wait"] = {"type": "boolean", "default": True,
+                                    "description": "false: answer 202 {job_id} at once"}
+    schema["properties"]["request_id"] = {"type": "string", "maxLength": 128,
+                                          "description": "idempotency key: a retry returns the first job"}
+    return schema
+
+
+def openapi_document() -> dict[str, Any]:
+    components = GenerationRequest.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {})
+    error = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"}, "loc": {"type": "array"}}}}}
+    components["GenerateBody"] = _generate_body_schema()
+    components["Error"] = error
+    err = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    job_param = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    secured = [{"bearer": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Hooocus HTTP API", "version": "1",
+                 "description": "HTTP companions of the hooocus.v1 websocket (/v1/ws, see /v1/protocol.json)."},
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/v1/generate": {"post": {
+                "summary": "Generate images (waits by default)", "security": secured,
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/GenerateBody"}}}},
+                "responses": {"200": {"description": "the finished job (JSON) or, with Accept: image/*, the "
+                                                     "first image's bytes"},
+                              "202": {"description": "queued (wait=false, or still running after the wait limit)"},
+                              "401": err, "409": err, "422": err, "429": err, "503": err}}},
+            "/v1/jobs/{job_id}": {
+                "get": {"summary": "Job status and progress", "security": secured, "parameters": job_param,
+                        "responses": {"200": {"description": "job"}, "404": err}},
+                "delete": {"summary": "Cancel a job", "security": secured, "parameters": job_param,
+                           "responses": {"200": {"description": "cancel requested"}, "404": err}}},
+            "/v1/images/{name}": {"get": {
+                "summary": "An image by sha256 ({sha256}.{ext}); bearer token or exp+sig query",
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                               {"name": "exp", "in": "query", "schema": {"type": "integer"}},
+                               {"name": "sig", "in": "query", "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "image bytes"}, "403": err, "404": err}}},
+            "/v1/options": {"get": {"summary": "Models, styles, samplers, aspect ratios, defaults",
+                                    "security": secured, "responses": {"200": {"description": "options"}}}},
+            "/healthz": {"get": {"summary": "Liveness/readiness", "responses": {"200": {"description": "ok"},
+                                                                              "503": {"description": "draining"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "security": secured,
+                                 "responses": {"200": {"description": "text/plain; version=0.0.4"}}}},
+            "/v1/protocol.json": {"get": {"summary": "JSON Schema of the websocket protocol",
+                                          "responses": {"200": {"description": "schema"}}}},
+        },
+    }
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())

@@ -1,0 +1,412 @@
+"""The ``hooocus.v1`` websocket protocol: client messages, server messages, binary frames, JSON Schema.
+
+Text frames carry one JSON object each, with a ``type``. Binary frames carry images only, in one
+self-describing layout (api_anchors §10.4, simplified as in issue 4):
+
+    byte 0     protocol version (1)
+    byte 1     kind (1 = preview, 2 = final image)
+    bytes 2-5  big-endian u32 N
+    N bytes    UTF-8 JSON header {job_id, job_seq, index, step?, seed?, mime, width, height, sha256?}
+    rest       the encoded image
+
+Client messages are validated here, once (house style A9.3 #4): ``extra="forbid"``, so a typo is an
+``invalid_message`` error with a field path, never a silent default. Server messages are plain dicts
+built by the session; the pydantic models below describe them for the published JSON Schema and
+for the tests, which check every message the server sends against them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import HooocusError
+from engine.request import GenerationRequest
+
+PROTOCOL = "hooocus.v1"
+PROTOCOL_VERSION = 1
+#: Browsers cannot set headers on ``new WebSocket``; they offer ``[PROTOCOL, TOKEN_SUBPROTOCOL_PREFIX + token]``.
+TOKEN_SUBPROTOCOL_PREFIX = "hooocus.token."
+
+FRAME_PREVIEW = 1
+FRAME_IMAGE = 2
+_FRAME_HEAD = struct.Struct(">BBI")
+MAX_FRAME_HEADER_BYTES = 64 * 1024
+
+ClientId = Annotated[str, Field(min_length=1, max_length=128)] | int
+JobId = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class ProtocolError(HooocusError):
+    """A message that is not valid ``hooocus.v1`` (bad JSON, unknown type, wrong fields)."""
+
+    code = "invalid_message"
+
+
+# -- client -> server ------------------------------------------------------------------------------
+
+_CLIENT = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerateMessage(BaseModel):
+    """Queue a job. ``params`` is a GenerationRequest, validated separately so its errors carry
+    ``loc`` = ["params", field, ...] and code ``invalid_request``."""
+
+    model_config = _CLIENT
+    type: Literal["generate"]
+    id: ClientId | None = None
+    params: dict[str, Any]
+    #: Idempotency key: a retry with the same key (same principal, within the retention time)
+    #: returns the first job instead of queuing another.
+    request_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    #: Cancel the job if this connection closes before it ends (default: the job goes on).
+    cancel_on_disconnect: bool = False
+
+
+class CancelMessage(BaseModel):
+    model_config = _CLIENT
+    type: Literal["cancel"]
+    id: ClientId | None = None
+    job_id: JobId
+
+
+class InterruptMessage(BaseModel):
+    """Stop whatever job is running (admin scope)."""
+
+    model_config = _CLIENT
+    type: Literal["interrupt"]
+    id: ClientId | None = None
+
+
+class SubscribeMessage(BaseModel):
+    """Attach to a job (after a reconnect): replay its events with ``job_seq > after_seq``, then follow it."""
+
+    model_config = _CLIENT
+    type: Literal["subscribe"]
+    id: ClientId | None = None
+    job_id: JobId
+    after_seq: Annotated[int, Field(ge=0)] = 0
+
+
+class UnsubscribeMessage(BaseModel):
+    model_config = _CLIENT
+    type: Literal["unsubscribe"]
+    id: ClientId | None = None
+    job_id: JobId
+
+
+class PreviewSettings(BaseModel):
+    """Per-connection preview policy. A slow connection only ever gets the newest preview."""
+
+    model_config = _CLIENT
+    enabled: bool = True
+    max_side: Annotated[int, Field(ge=16, le=1024)] = 256
+    format: Literal["jpeg", "webp"] = "jpeg"
+    quality: Annotated[int, Field(ge=1, le=100)] = 75
+    min_interval_ms: Annotated[int, Field(ge=0, le=60_000)] = 100
+
+
+class SetPreviewMessage(BaseModel):
+    """Change this connection's preview settings; fields left out keep their value."""
+
+    model_config = _CLIENT
+    type: Literal["set_preview"]
+    id: ClientId | None = None
+    enabled: bool | None = None
+    max_side: Annotated[int, Field(ge=16, le=1024)] | None = None
+    format: Literal["jpeg", "webp"] | None = None
+    quality: Annotated[int, Field(ge=1, le=100)] | None = None
+    min_interval_ms: Annotated[int, Field(ge=0, le=60_000)] | None = None
+
+
+class PingMessage(BaseModel):
+    model_config = _CLIENT
+    type: Literal["ping"]
+    id: ClientId | None = None
+
+
+ClientMessage = (GenerateMessage | CancelMessage | InterruptMessage | SubscribeMessage | UnsubscribeMessage
+                 | SetPreviewMessage | PingMessage)
+CLIENT_MESSAGES: dict[str, type[BaseModel]] = {
+    "generate": GenerateMessage, "cancel": CancelMessage, "interrupt": InterruptMessage,
+    "subscribe": SubscribeMessage, "unsubscribe": UnsubscribeMessage, "set_preview": SetPreviewMessage,
+    "ping": PingMessage,
+}
+
+
+def parse_client_message(text: str | bytes) -> ClientMessage:
+    """Parse one text frame. Raises :class:`ProtocolError` (code ``invalid_json`` or ``invalid_message``)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("the message is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("a message must be a JSON object with a 'type'", loc=())
+    kind = data.get("type")
+    model = CLIENT_MESSAGES.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise ProtocolError(f"unknown message type {kind!r}; known: {', '.join(CLIENT_MESSAGES)}", loc=("type",))
+    try:
+        return model.model_validate(data)  # type: ignore[return-value]
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        text_parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors]
+        raise ProtocolError("; ".join(text_parts), loc=tuple(errors[0]["loc"]) if errors else None) from None
+
+
+def message_id(text: str) -> str | int | None:
+    """Best-effort ``id`` of a message that failed validation, so the error can still carry ``re``."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    value = data.get("id") if isinstance(data, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and 0 < len(value) <= 128:
+        return value
+    return None
+
+
+# -- binary frames -----------------------------------------------------------------------------------
+
+
+def encode_frame(kind: int, header: dict[str, Any], payload: bytes) -> bytes:
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _FRAME_HEAD.pack(PROTOCOL_VERSION, kind, len(head)) + head + payload
+
+
+def decode_frame(frame: bytes) -> tuple[int, dict[str, Any], bytes]:
+    """(kind, header, payload). Raises :class:`ProtocolError` for anything that is not a v1 frame."""
+    if len(frame) < _FRAME_HEAD.size:
+        raise ProtocolError("binary frame shorter than its 6-byte head")
+    version, kind, header_len = _FRAME_HEAD.unpack_from(frame)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported binary frame version {version}")
+    if kind not in (FRAME_PREVIEW, FRAME_IMAGE):
+        raise ProtocolError(f"unknown binary frame kind {kind}")
+    end = _FRAME_HEAD.size + header_len
+    if header_len > MAX_FRAME_HEADER_BYTES or end > len(frame):
+        raise ProtocolError("binary frame header length out of range")
+    try:
+        header = json.loads(frame[_FRAME_HEAD.size:end].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ProtocolError("binary frame header is not UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("binary frame header is not a JSON object")
+    return kind, header, frame[end:]
+
+
+# -- server -> client (schema only; the session builds plain dicts) ----------------------------------
+
+_SERVER = ConfigDict(extra="forbid")
+ServerSeq = Annotated[int, Field(ge=1, description="per-connection, 1, 2, 3, ...")]
+JobSeq = Annotated[int, Field(ge=1, description="the job's own event number; give it to subscribe.after_seq")]
+Re = Annotated[str | int | None, Field(description="the id of the client message this answers")]
+
+
+class Limits(BaseModel):
+    model_config = _SERVER
+    max_message_bytes: int
+    max_queue: int
+    max_queued_per_principal: int | None
+    messages_per_s: float
+    event_retention_s: float
+
+
+class HelloOut(BaseModel):
+    model_config = _SERVER
+    type: Literal["hello"]
+    seq: ServerSeq
+    protocol: Literal["hooocus.v1"]
+    principal: str
+    scopes: list[str]
+    limits: Limits
+    preview: PreviewSettings
+
+
+class AcceptedOut(BaseModel):
+    model_config = _SERVER
+    type: Literal["accepted"]
+    seq: ServerSeq
+    re: Re = None
+    job_id: str
+    position: Annotated[int, Field(ge=0, description="0 = running next")]
+    duplicate: bool = False
+
+
+class QueueOut(BaseModel):
+    model_config = _SERVER
+    type: Literal["queue"]
+    seq: ServerSeq
+    job_id: str
+    job_seq: JobSeq
+    position: int
+
+
+class StartedOut(BaseModel):
+    model_config = _SERVER
+    type: Literal["started"]
+    seq: ServerSeq
+    job_id: str
+    job_seq: JobSeq
+    params: dict[str, Any]
+    seeds: list[str]
+    total_steps: int
+
+
+class ProgressOut(BaseModel):
+    model_config = _SERVER
+    type: Literal["progress"]
+    seq: ServerSeq
+    job_id: str
+    job_seq: JobSeq
+    step: int
+    total_steps: int
+    stage: str
+    image_index: int
+    image_count: int
+
+
+class ImageOut(BaseModel):
+    """Followed at once by a binary frame of kind 2 with the image bytes."""
+
+    model_config = _SERVER
+    type: Literal["image"]
+    seq: ServerSeq
+    job_id: str
+    job_seq: JobSeq
+    index: int
+    seed: str
+    sha256: str
+    width: int
+    height: int
+    mime: str
+    size_bytes: int
+    url: str
+
+
+class DoneOut(BaseModel):
+    model_config = _SERVER
+    type: Literal["done"]
+    seq: ServerSeq
+    job_id: str
+    job_seq: JobSeq
+    images_done: int
+
+
+class CancelledOut(BaseModel):
+    model_config = _SERVER
+    type: Literal["cancelled"]
+    seq: ServerSeq
+    job_id: str
+    job_seq: JobSeq
+    images_done: int
+    reason: str
+
+
+class ErrorOut(BaseModel):
+    """A request that failed (with ``re``) or a job that failed (with ``job_id``, terminal)."""
+
+    model_config = _SERVER
+    type: Literal["error"]
+    seq: ServerSeq
+    re: Re = None
+    job_id: str | None = None
+    job_seq: int | None = None
+    code: str
+    message: str
+    loc: list[str | int] | None = None
+    details: Any = None
+    error_id: str | None = None
+    retry_after_s: float | None = None
+    images_done: int | None = None
+
+
+class WarningOut(BaseModel):
+    model_config = _SERVER
+    type: Literal["warning"]
+    seq: ServerSeq
+    job_id: str
+    job_seq: JobSeq
+    code: str
+    message: str
+
+
+class AckOut(BaseModel):
+    """Reply to cancel / interrupt / subscribe / unsubscribe / set_preview. ``state`` is the job's
+    state when the request arrived."""
+
+    model_config = _SERVER
+    type: Literal["ack"]
+    seq: ServerSeq
+    re: Re = None
+    job_id: str | None = None
+    state: str | None = None
+
+
+class PongOut(BaseModel):
+    model_config = _SERVER
+    type: Literal["pong"]
+    seq: ServerSeq
+    re: Re = None
+
+
+class FrameHeader(BaseModel):
+    """The JSON header of a binary frame."""
+
+    model_config = _SERVER
+    job_id: str
+    job_seq: int
+    index: int
+    step: int | None = None
+    seed: str | None = None
+    mime: str
+    width: int
+    height: int
+    sha256: str | None = None
+
+
+SERVER_MESSAGES: dict[str, type[BaseModel]] = {
+    "hello": HelloOut, "accepted": AcceptedOut, "queue": QueueOut, "started": StartedOut,
+    "progress": ProgressOut, "image": ImageOut, "done": DoneOut, "cancelled": CancelledOut,
+    "error": ErrorOut, "warning": WarningOut, "ack": AckOut, "pong": PongOut,
+}
+
+
+def validate_server_message(message: dict[str, Any]) -> BaseModel:
+    """Check one server message against the published schema (used by the tests)."""
+    return SERVER_MESSAGES[message["type"]].model_validate(message)
+
+
+def protocol_schema() -> dict[str, Any]:
+    """The JSON Schema document served at ``GET /v1/protocol.json``."""
+    defs: dict[str, Any] = {}
+
+    def ref(model: type[BaseModel]) -> dict[str, str]:
+        schema = model.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(schema.pop("$defs", {}))
+        defs[model.__name__] = schema
+        return {"$ref": f"#/$defs/{model.__name__}"}
+
+    client = {name: ref(model) for name, model in CLIENT_MESSAGES.items()}
+    server = {name: ref(model) for name, model in SERVER_MESSAGES.items()}
+    ref(GenerationRequest)
+    ref(FrameHeader)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "hooocus.v1",
+        "title": "hooocus.v1 websocket protocol",
+        "description": "Text frames: one JSON object with 'type'. Binary frames: [u8 version=1][u8 kind 1=preview "
+                       "2=image][u32 BE N][N bytes UTF-8 JSON FrameHeader][image bytes]. generate.params is a "
+                       "GenerationRequest. See docs/protocol.md.",
+        "client_messages": {"oneOf": list(client.values()), "discriminator": {"propertyName": "type"}},
+        "server_messages": {"oneOf": list(server.values()), "discriminator": {"propertyName": "type"}},
+        "binary_frame_header": {"$ref": "#/$defs/FrameHeader"},
+        "generation_request": {"$ref": "#/$defs/GenerationRequest"},
+        "frame_kinds": {"preview": FRAME_PREVIEW, "image": FRAME_IMAGE},
+        "$defs": defs,
+    }

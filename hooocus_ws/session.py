@@ -1,0 +1,428 @@
+"""One websocket connection: a reader, a writer, a bounded outbox and the jobs it follows.
+
+Threading (house style A9.3 #9): engine listeners run on the GPU worker thread and only
+``loop.call_soon_threadsafe`` into :meth:`Session._on_event`; everything else here runs on the
+event loop. The worker never waits for a client.
+
+Outbox: a FIFO of messages that are never dropped (accepted, progress, image, done, errors ...)
+plus a single preview slot where a newer preview replaces an unsent one (latest wins), so a slow
+client costs at most one preview of memory. If the FIFO itself grows past its bound the client is
+hopelessly behind: the connection is closed with 1008 and the jobs go on (they belong to the
+principal; ``subscribe`` re-attaches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from engine.errors import HooocusError
+from engine.events import (
+    TERMINAL_EVENTS,
+    Cancelled,
+    Done,
+    Event,
+    Failed,
+    ImageReady,
+    Preview,
+    Progress,
+    Queued,
+    Started,
+    Warning_,
+)
+from engine.jobs import Job
+from hooocus_ws import service
+from hooocus_ws.context import ServerContext
+from hooocus_ws.protocol import (
+    FRAME_IMAGE,
+    FRAME_PREVIEW,
+    PROTOCOL,
+    CancelMessage,
+    ClientMessage,
+    GenerateMessage,
+    InterruptMessage,
+    PingMessage,
+    ProtocolError,
+    SetPreviewMessage,
+    SubscribeMessage,
+    UnsubscribeMessage,
+    encode_frame,
+    message_id,
+    parse_client_message,
+)
+from hooocus_ws.tokens import Principal
+
+log = logging.getLogger("hooocus.ws")
+
+_MESSAGE_OVERHEAD_BYTES = 256  # rough size of one JSON message, for the outbox byte bound
+_conn_ids = itertools.count(1)
+
+
+class TokenBucket:
+    """``rate_per_s`` sustained, ``burst`` at once. ``clock`` injectable for tests."""
+
+    def __init__(self, rate_per_s: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock()
+
+    def take(self) -> float | None:
+        """None if a token was available, else the seconds until one will be."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate_per_s)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return None
+        return (1.0 - self._tokens) / self.rate_per_s
+
+
+class Session:
+    def __init__(self, websocket: WebSocket, ctx: ServerContext, principal: Principal) -> None:
+        self.ws = websocket
+        self.ctx = ctx
+        self.principal = principal
+        self.conn_id = f"c{next(_conn_ids)}"
+        self.preview = ctx.default_preview
+        self._loop = asyncio.get_running_loop()
+        self._fifo: collections.deque[tuple[dict[str, Any], bytes | None]] = collections.deque()
+        self._fifo_bytes = 0
+        self._overflow = False
+        self._preview_slot: Preview | None = None
+        self._last_preview_at = float("-inf")
+        self._wake = asyncio.Event()
+        self._draining = False
+        self._seq = 0
+        self._subs: dict[str, tuple[int, Callable[[], None]]] = {}
+        self._sub_tokens = itertools.count(1)
+        self._cancel_on_disconnect: set[str] = set()
+        self._last_position: dict[str, int] = {}
+        self._bucket = TokenBucket(ctx.limits.messages_per_s, ctx.limits.message_burst)
+        self._errors_in_a_row = 0
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the (already accepted) connection until either side ends it."""
+        metrics = self.ctx.metrics
+        metrics.ws_connections += 1
+        metrics.ws_connections_total += 1
+        limits = self.ctx.limits
+        engine = self.ctx.runtime.engine
+        self._push({"type": "hello", "protocol": PROTOCOL, "principal": self.principal.name,
+                    "scopes": sorted(self.principal.scopes),
+                    "limits": {"max_message_bytes": limits.max_message_bytes, "max_queue": engine.max_queue,
+                               "max_queued_per_principal": engine.max_queued_per_owner,
+                               "messages_per_s": limits.messages_per_s,
+                               "event_retention_s": limits.event_retention_s},
+                    "preview": self.preview.model_dump()})
+        close: tuple[int, str] | None = None
+        try:
+            async with anyio.create_task_group() as tasks:
+
+                async def read() -> None:
+                    nonlocal close
+                    wanted = await self._read_loop()
+                    if wanted is not None:
+                        # Let the writer flush what is queued (e.g. the error that explains the close);
+                        # it ends the group itself once the outbox is empty.
+                        close = wanted
+                        self._draining = True
+                        self._wake.set()
+                        await anyio.sleep(limits.close_timeout_s)
+                    tasks.cancel_scope.cancel()
+
+                async def write() -> None:
+                    nonlocal close
+                    wanted = await self._write_loop()
+                    close = close or wanted
+                    tasks.cancel_scope.cancel()
+
+                tasks.start_soon(read, name=f"ws-reader-{self.conn_id}")
+                tasks.start_soon(write, name=f"ws-writer-{self.conn_id}")
+        finally:
+            self._closed = True
+            self._detach_all()
+            metrics.ws_connections -= 1
+        if close is not None and self.ws.application_state == WebSocketState.CONNECTED:
+            with anyio.move_on_after(limits.close_timeout_s):
+                try:
+                    await self.ws.close(code=close[0], reason=close[1])
+                except (RuntimeError, OSError, WebSocketDisconnect):
+                    pass
+
+    def _detach_all(self) -> None:
+        for job_id in list(self._subs):
+            self._unsubscribe(job_id)
+        engine = self.ctx.runtime.engine
+        for job_id in self._cancel_on_disconnect:
+            engine.cancel(job_id, reason="disconnect")
+        self._cancel_on_disconnect.clear()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> tuple[int, str] | None:
+        """Handle client messages; returns the close (code, reason) the server wants, or None
+        when the client went away. Idle connections are policed by protocol pings (uvicorn)."""
+        limits = self.ctx.limits
+        metrics = self.ctx.metrics
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            text = message.get("text")
+            if text is None:
+                return 1003, "binary frames are not accepted; send JSON text"
+            if len(text) > limits.max_message_bytes or len(text.encode("utf-8")) > limits.max_message_bytes:
+                metrics.ws_messages_rejected["message_too_big"] += 1
+                return 1009, f"message larger than {limits.max_message_bytes} bytes"
+            metrics.ws_messages_in += 1
+            retry_after = self._bucket.take()
+            if retry_after is not None:
+                self._send_error(message_id(text), "rate_limited", "too many messages; slow down",
+                                 retry_after_s=round(retry_after, 3))
+            else:
+                try:
+                    parsed = parse_client_message(text)
+                except ProtocolError as exc:
+                    self._send_error(message_id(text), exc.code, exc.message, loc=exc.loc)
+                else:
+                    self._dispatch(parsed)
+            if self._errors_in_a_row >= limits.max_consecutive_errors:
+                return 1008, "too many invalid messages in a row"
+
+    def _dispatch(self, msg: ClientMessage) -> None:
+        try:
+            if isinstance(msg, GenerateMessage):
+                self._generate(msg)
+            elif isinstance(msg, CancelMessage):
+                self._cancel(msg)
+            elif isinstance(msg, SubscribeMessage):
+                self._subscribe(msg)
+            elif isinstance(msg, UnsubscribeMessage):
+                known = msg.job_id in self._subs
+                self._unsubscribe(msg.job_id)
+                self._push({"type": "ack", "re": msg.id, "job_id": msg.job_id, "state": "unsubscribed" if known
+                            else "not_subscribed"})
+            elif isinstance(msg, SetPreviewMessage):
+                changes = msg.model_dump(exclude={"type", "id"}, exclude_none=True)
+                self.preview = self.preview.model_copy(update=changes)
+                if not self.preview.enabled:
+                    self._preview_slot = None
+                self._push({"type": "ack", "re": msg.id})
+            elif isinstance(msg, InterruptMessage):
+                if not self.principal.can("admin"):
+                    raise service.forbidden("interrupt needs the 'admin' scope")
+                job_id = self.ctx.runtime.engine.interrupt(reason="admin")
+                self._push({"type": "ack", "re": msg.id, "job_id": job_id})
+            elif isinstance(msg, PingMessage):
+                self._push({"type": "pong", "re": msg.id})
+            self._errors_in_a_row = 0
+        except HooocusError as exc:
+            self._send_error(msg.id, exc.code, exc.message, loc=exc.loc, details=exc.details)
+        except Exception:  # never a traceback to the client, never a dead connection
+            error_id = secrets.token_hex(6)
+            log.exception("ws message failed (conn %s, error_id %s)", self.conn_id, error_id)
+            self._send_error(msg.id, "internal_error", f"internal error (error_id {error_id})", error_id=error_id)
+
+    def _generate(self, msg: GenerateMessage) -> None:
+        params = dict(msg.params)
+        request_id = msg.request_id
+        if "request_id" in params:  # accepted inside params too, for clients that build one dict
+            inner = params.pop("request_id")
+            if request_id is not None and inner != request_id:
+                raise ProtocolError("request_id given twice with different values", loc=("request_id",))
+            request_id = inner
+        try:
+            job, position, duplicate = service.submit_job(self.ctx, self.principal, params, request_id)
+        except HooocusError as exc:
+            if exc.loc is not None and exc.code != "forbidden":
+                exc.loc = ("params", *exc.loc)
+                if isinstance(exc.details, list):
+                    exc.details = [{**d, "loc": ["params", *d.get("loc", [])]} if isinstance(d, dict) else d
+                                   for d in exc.details]
+            raise
+        self._push({"type": "accepted", "re": msg.id, "job_id": job.job_id, "position": position,
+                    "duplicate": duplicate})
+        if msg.cancel_on_disconnect:
+            self._cancel_on_disconnect.add(job.job_id)
+        if job.job_id not in self._subs:
+            self._last_position[job.job_id] = position
+            self._subscribe_job(job, after_seq=0)
+
+    def _cancel(self, msg: CancelMessage) -> None:
+        job = service.check_cancel_allowed(self.ctx, self.principal, msg.job_id)
+        # Follow the job first so this connection hears the resulting `cancelled` event.
+        if job.job_id not in self._subs and not job.state.terminal:
+            self._subscribe_job(job, after_seq=None)
+        self._push({"type": "ack", "re": msg.id, "job_id": job.job_id, "state": job.state.value})
+        service.cancel_job(self.ctx, job, reason="user")
+
+    def _subscribe(self, msg: SubscribeMessage) -> None:
+        job = service.visible_job(self.ctx, self.principal, msg.job_id)
+        self._unsubscribe(job.job_id)
+        self._last_position.pop(job.job_id, None)
+        self._push({"type": "ack", "re": msg.id, "job_id": job.job_id, "state": job.state.value})
+        token = self._subscribe_job(job, after_seq=msg.after_seq)
+        preview = job.latest_preview
+        if preview is not None and not job.state.terminal and preview.seq > msg.after_seq:
+            # After the replay (call_soon keeps order), the newest preview, if the job is still running.
+            self._loop.call_soon(self._on_event, token, preview)
+
+    # -- job events --------------------------------------------------------------------------------
+
+    def _subscribe_job(self, job: Job, *, after_seq: int | None) -> int:
+        token = next(self._sub_tokens)
+        loop = self._loop
+
+        def listener(event: Event) -> None:  # worker thread (or the loop thread during replay)
+            if self._closed:
+                return
+            try:
+                loop.call_soon_threadsafe(self._on_event, token, event)
+            except RuntimeError:  # the loop is closed: the connection is long gone
+                pass
+
+        # Replayed events only reach _on_event later (call_soon), when this entry is in place.
+        self._subs[job.job_id] = (token, job.subscribe(listener, after_seq=after_seq))
+        return token
+
+    def _unsubscribe(self, job_id: str) -> None:
+        entry = self._subs.pop(job_id, None)
+        if entry is not None:
+            entry[1]()
+        self._last_position.pop(job_id, None)
+
+    def _on_event(self, token: int, event: Event) -> None:
+        """Turn one engine event into outbox entries (event loop thread)."""
+        job_id = event.job_id
+        entry = self._subs.get(job_id)
+        if self._closed or entry is None or entry[0] != token:
+            return  # a stale callback from an earlier subscription
+        if isinstance(event, Preview):
+            if self.preview.enabled and event.rgb is not None:
+                if self._preview_slot is not None:
+                    self.ctx.metrics.previews_dropped += 1
+                self._preview_slot = event
+                self._wake.set()
+            return
+        base = {"job_id": job_id, "job_seq": event.seq}
+        binary: bytes | None = None
+        if isinstance(event, Queued):
+            if self._last_position.get(job_id) == event.position:
+                return
+            self._last_position[job_id] = event.position
+            message = {"type": "queue", **base, "position": event.position}
+        elif isinstance(event, Started):
+            message = {"type": "started", **base, "params": event.params, "seeds": [str(s) for s in event.seeds],
+                       "total_steps": event.total_steps}
+        elif isinstance(event, Progress):
+            message = {"type": "progress", **base, "step": event.step, "total_steps": event.total_steps,
+                       "stage": event.stage, "image_index": event.image_index, "image_count": event.image_count}
+        elif isinstance(event, ImageReady):
+            entry_dict = service.image_entry(self.ctx, event)
+            message = {"type": "image", **base, **entry_dict}
+            binary = encode_frame(FRAME_IMAGE, {"job_id": job_id, "job_seq": event.seq, "index": event.index,
+                                                "seed": str(event.seed), "mime": event.mime, "width": event.width,
+                                                "height": event.height, "sha256": event.sha256}, event.data)
+        elif isinstance(event, Done):
+            message = {"type": "done", **base, "images_done": event.images_done}
+        elif isinstance(event, Cancelled):
+            message = {"type": "cancelled", **base, "images_done": event.images_done, "reason": event.reason}
+        elif isinstance(event, Failed):
+            message = {"type": "error", **base, "code": event.code, "message": event.message,
+                       "error_id": event.error_id or None, "images_done": event.images_done}
+        elif isinstance(event, Warning_):
+            message = {"type": "warning", **base, "code": event.code, "message": event.message}
+        else:
+            return
+        self._push(message, binary)
+        if isinstance(event, TERMINAL_EVENTS):
+            if self._preview_slot is not None and self._preview_slot.job_id == job_id:
+                self._preview_slot = None
+            self._cancel_on_disconnect.discard(job_id)
+            self._unsubscribe(job_id)
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def _push(self, message: dict[str, Any], binary: bytes | None = None) -> None:
+        if self._overflow:
+            return
+        limits = self.ctx.limits
+        size = _MESSAGE_OVERHEAD_BYTES + (len(binary) if binary else 0)
+        if len(self._fifo) >= limits.outbox_max_messages or self._fifo_bytes + size > limits.outbox_max_bytes:
+            self._overflow = True
+            log.warning("outbox overflow on %s; closing the connection (the jobs go on)", self.conn_id)
+        else:
+            self._fifo.append((message, binary))
+            self._fifo_bytes += size
+        self._wake.set()
+
+    def _send_error(self, re: Any, code: str, message: str, **extra: Any) -> None:
+        self._errors_in_a_row += 1
+        self.ctx.metrics.ws_messages_rejected[code] += 1
+        out: dict[str, Any] = {"type": "error", "re": re, "code": code, "message": message}
+        for key, value in extra.items():
+            if value is not None:
+                out[key] = list(value) if key == "loc" else value
+        self._push(out)
+
+    async def _write_loop(self) -> tuple[int, str] | None:
+        limits = self.ctx.limits
+        try:
+            while True:
+                self._wake.clear()
+                if self._overflow:
+                    return 1008, "client too slow: outbox overflow; re-attach with subscribe"
+                if self._fifo:
+                    message, binary = self._fifo.popleft()
+                    self._fifo_bytes -= _MESSAGE_OVERHEAD_BYTES + (len(binary) if binary else 0)
+                    self._seq += 1
+                    message["seq"] = self._seq
+                    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+                    with anyio.fail_after(limits.send_timeout_s):
+                        await self.ws.send_text(text)
+                        if binary is not None:
+                            await self.ws.send_bytes(binary)
+                    continue
+                if self._draining:
+                    return None
+                timeout: float | None = None
+                preview = self._preview_slot
+                if preview is not None and self.preview.enabled:
+                    wait_s = self._last_preview_at + self.preview.min_interval_ms / 1000.0 - time.monotonic()
+                    if wait_s <= 0:
+                        self._preview_slot = None
+                        await self._send_preview(preview)
+                        continue
+                    timeout = wait_s
+                with anyio.move_on_after(timeout):
+                    await self._wake.wait()
+        except TimeoutError:
+            log.warning("send timed out on %s; closing", self.conn_id)
+            return 1008, "client too slow: send timed out"
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            return None
+
+    async def _send_preview(self, preview: Preview) -> None:
+        settings = self.preview
+        data, width, height, mime = await self.ctx.previews.encode(preview, settings)
+        header = {"job_id": preview.job_id, "job_seq": preview.seq, "index": preview.image_index,
+                  "step": preview.step, "mime": mime, "width": width, "height": height}
+        with anyio.fail_after(self.ctx.limits.send_timeout_s):
+            await self.ws.send_bytes(encode_frame(FRAME_PREVIEW, header, data))
+        self._last_preview_at = time.monotonic()
+        self.ctx.metrics.previews_sent += 1

@@ -1,0 +1,81 @@
+"""``hooocus serve``: tokens (file, env, generated on loopback only), uvicorn settings, the parser."""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import pytest
+
+from engine.errors import HooocusError
+from hooocus_ws import cli
+from hooocus_ws.auth import RedactingFilter
+from tests.ws.conftest import ALICE, TOKENS_TEXT, make_runtime
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hooocus")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_register_adds_serve_with_every_flag():
+    args = parse("--host", "0.0.0.0", "--port", "9000", "--model", "demo", "--tokens-file", "t.txt",
+                 "--allowed-origin", "https://a.example", "--allowed-origin", "https://b.example",
+                 "--queue-size", "3", "--config", "h.toml")
+    assert args.func is cli.run_serve
+    assert (args.host, args.port, args.model, str(args.tokens_file), args.queue_size) == \
+        ("0.0.0.0", 9000, "demo", "t.txt", 3)
+    assert args.allowed_origins == ["https://a.example", "https://b.example"]
+
+
+def test_refuses_a_public_host_without_tokens(tmp_path):
+    with pytest.raises(HooocusError) as info:
+        cli.prepare_server(parse("--host", "0.0.0.0", "--data-dir", str(tmp_path)), env={},
+                           runtime=make_runtime(tmp_path))
+    assert info.value.code == "unauthorized"
+    assert cli.main(["serve", "--host", "192.168.1.20", "--data-dir", str(tmp_path)]) == 2
+
+
+def test_loopback_without_tokens_prints_one_fresh_token(tmp_path):
+    out = io.StringIO()
+    prepared = cli.prepare_server(parse("--data-dir", str(tmp_path)), env={}, out=out, runtime=make_runtime(tmp_path))
+    token = out.getvalue().split()[-1]
+    gate = prepared.config.app.state.hooocus.gate
+    assert len(gate.tokens) == 1 and gate.tokens.verify(token).scopes >= {"generate", "admin"}
+    assert out.getvalue().count(token) == 1
+
+
+def test_tokens_from_env_and_file(tmp_path):
+    env = {"HOOOCUS_TOKENS": TOKENS_TEXT}
+    prepared = cli.prepare_server(parse("--host", "0.0.0.0", "--data-dir", str(tmp_path)), env=env,
+                                  runtime=make_runtime(tmp_path))
+    assert prepared.config.app.state.hooocus.gate.tokens.verify(ALICE).name == "alice"
+    path = tmp_path / "tokens.txt"
+    path.write_text("carol carol-token-0123456789 generate\n")
+    out = io.StringIO()
+    prepared = cli.prepare_server(parse("--tokens-file", str(path), "--data-dir", str(tmp_path)), env=env, out=out,
+                                  runtime=make_runtime(tmp_path))
+    gate = prepared.config.app.state.hooocus.gate
+    assert gate.tokens.verify("carol-token-0123456789").name == "carol" and gate.tokens.verify(ALICE) is None
+    assert out.getvalue() == ""  # nothing generated, nothing printed
+
+
+def test_uvicorn_settings(tmp_path):
+    prepared = cli.prepare_server(parse("--port", "0", "--data-dir", str(tmp_path)), env={}, out=io.StringIO(),
+                                  runtime=make_runtime(tmp_path))
+    config = prepared.config
+    assert config.ws == "websockets-sansio" and config.ws_per_message_deflate is False
+    assert config.ws_max_size == prepared.settings.max_message_bytes == 64 * 1024
+    assert config.host == "127.0.0.1" and config.proxy_headers is False
+    assert cli.default_allowed_hosts(prepared.settings) == ("127.0.0.1", "localhost", "::1", "[::1]")
+    import logging
+
+    assert any(isinstance(f, RedactingFilter) for f in logging.getLogger("uvicorn.error").filters)
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                                ("127.0.0.2", True), ("0.0.0.0", False), ("10.1.2.3", False),
+                                                ("example.org", False)])
+def test_is_loopback(host, loopback):
+    assert cli.is_loopback(host) is loopback

@@ -1,0 +1,172 @@
+"""HTTP companions: POST /v1/generate, jobs, signed image URLs, health, metrics, OpenAPI, the page."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+from PIL import Image
+from starlette.testclient import TestClient
+
+from engine.testing import FakeRunner, StepGate
+from hooocus_ws.signing import UrlSigner
+from tests.ws.conftest import ALICE, BOB, READER, auth, make_app, make_runtime
+
+
+def test_generate_waits_and_returns_urls_seeds_and_params(client):
+    response = client.post("/v1/generate", headers=auth(ALICE), json={"prompt": "a fox", "image_number": 2,
+                                                                       "seed": 2**60, "steps": 2})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["state"] == "done" and body["seeds"] == [str(2**60), str(2**60 + 1)]
+    assert body["params"]["prompt"] == "a fox"
+    assert [image["seed"] for image in body["images"]] == body["seeds"]
+    for image in body["images"]:
+        data = client.get(image["url"]).content  # signed: no token needed
+        assert hashlib.sha256(data).hexdigest() == image["sha256"]
+        assert Image.open(io.BytesIO(data)).size == (image["width"], image["height"])
+
+
+def test_generate_with_accept_image_returns_the_first_image(client):
+    response = client.post("/v1/generate", headers={**auth(ALICE), "accept": "image/png"},
+                           json={"seed": 7, "steps": 1})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.content.startswith(b"\x89PNG") and response.headers["x-hooocus-seed"] == "7"
+
+
+def test_generate_without_wait_then_poll_and_cancel(tmp_path):
+    gate = StepGate(2)
+    runtime = make_runtime(tmp_path, FakeRunner(on_step=gate))
+    with TestClient(make_app(runtime)) as client:
+        response = client.post("/v1/generate", headers=auth(ALICE), json={"steps": 5, "wait": False})
+        assert response.status_code == 202
+        job_id = response.json()["job_id"]
+        assert response.json()["status_url"] == f"/v1/jobs/{job_id}"
+        assert gate.reached.wait(10)
+        status = client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).json()
+        assert status["state"] == "running" and status["progress"]["step"] == 1 and "owner" not in status
+        cancel = client.delete(f"/v1/jobs/{job_id}", headers=auth(ALICE)).json()
+        assert cancel == {"job_id": job_id, "state_before": "running", "cancelled": True}
+        gate.release()
+        assert runtime.engine.get_job(job_id).wait(10)
+        assert client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).json()["state"] == "cancelled"
+        again = client.delete(f"/v1/jobs/{job_id}", headers=auth(ALICE)).json()
+        assert again["cancelled"] is False and again["state_before"] == "cancelled"
+
+
+def test_request_id_is_idempotent_over_http(client, runtime):
+    first = client.post("/v1/generate", headers=auth(ALICE), json={"steps": 1, "request_id": "k1"}).json()
+    second = client.post("/v1/generate", headers=auth(ALICE), json={"steps": 1, "request_id": "k1"}).json()
+    assert first["job_id"] == second["job_id"] and len(runtime.engine.jobs()) == 1
+
+
+def test_http_errors_have_codes_and_paths(client, runtime):
+    assert client.post("/v1/generate", json={}).status_code == 401
+    bad = client.post("/v1/generate", headers=auth(ALICE), json={"width": 1001, "height": 1024})
+    assert bad.status_code == 422
+    assert bad.json()["error"]["code"] == "invalid_request" and bad.json()["error"]["loc"] == ["width"]
+    assert client.post("/v1/generate", headers=auth(ALICE), json={"wait": "yes"}).json()["error"]["loc"] == ["wait"]
+    not_json = client.post("/v1/generate", headers=auth(ALICE), content=b"{")
+    assert not_json.status_code == 422 and not_json.json()["error"]["code"] == "invalid_request"
+    assert client.post("/v1/generate", headers=auth(ALICE), json=[1]).status_code == 422
+    too_big = client.post("/v1/generate", headers=auth(ALICE), json={"prompt": "x" * 300_000})
+    assert too_big.status_code == 422 and "larger" in too_big.json()["error"]["message"]
+    assert client.post("/v1/generate", headers=auth(READER), json={}).status_code == 403
+    assert client.get("/v1/jobs/j_nope", headers=auth(ALICE)).status_code == 404
+    assert runtime.engine.jobs() == []
+
+
+def test_failed_job_over_http_has_no_traceback(tmp_path):
+    runtime = make_runtime(tmp_path, FakeRunner(faults={("boom", 1): RuntimeError("secret internals")}))
+    with TestClient(make_app(runtime)) as client:
+        response = client.post("/v1/generate", headers=auth(ALICE), json={"prompt": "boom", "steps": 2})
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["code"] == "internal_error" and "secret" not in response.text
+        assert error["details"]["error_id"] in error["message"]
+
+
+def test_image_urls_need_a_valid_signature_or_a_token(client, runtime):
+    body = client.post("/v1/generate", headers=auth(ALICE), json={"steps": 1}).json()
+    url = body["images"][0]["url"]
+    path = url.split("?")[0]
+    assert client.get(url).status_code == 200
+    assert client.get(path).status_code == 401
+    assert client.get(path, headers=auth(BOB)).status_code == 200  # content-addressed: any valid token
+    assert client.get(url.replace("sig=", "sig=x")).status_code == 403
+    assert client.get(path.replace(".png", ".jpeg"), headers=auth(ALICE)).status_code == 404
+    assert client.get("/v1/images/../../etc/passwd.png", headers=auth(ALICE)).status_code == 404
+
+
+def test_signed_urls_expire_and_bind_key_and_path():
+    signed = UrlSigner(b"k", clock=lambda: 1000.0).sign("/v1/images/a.png", ttl_s=10)
+    query = dict(part.split("=", 1) for part in signed.split("?", 1)[1].split("&"))
+    assert query["exp"] == "1010"
+    assert UrlSigner(b"k", clock=lambda: 1009.0).verify("/v1/images/a.png", query["exp"], query["sig"])
+    assert not UrlSigner(b"k", clock=lambda: 1011.0).verify("/v1/images/a.png", query["exp"], query["sig"])
+    assert not UrlSigner(b"other", clock=lambda: 1009.0).verify("/v1/images/a.png", query["exp"], query["sig"])
+    assert not UrlSigner(b"k", clock=lambda: 1009.0).verify("/v1/images/b.png", query["exp"], query["sig"])
+    assert not UrlSigner(b"k", clock=lambda: 1009.0).verify("/v1/images/a.png", "2000", query["sig"])
+
+
+def test_health_metrics_openapi_and_page(client):
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert client.get("/metrics").status_code == 401
+    client.post("/v1/generate", headers=auth(ALICE), json={"steps": 2})
+    metrics = client.get("/metrics", headers=auth(ALICE))
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert "hooocus_queue_depth 0" in text and 'hooocus_jobs_total{outcome="done"} 1' in text
+    assert "hooocus_steps_total 2" in text and 'hooocus_auth_failures_total{reason="missing_token"} 1' in text
+    openapi = client.get("/openapi.json").json()
+    assert openapi["openapi"].startswith("3.") and {"/v1/generate", "/v1/jobs/{job_id}"} <= set(openapi["paths"])
+    assert "width" in openapi["components"]["schemas"]["GenerateBody"]["properties"]
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="token"' in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "WebSocket" in client.get("/static/app.js").text
+
+
+def test_options_come_from_the_runner(client):
+    options = client.get("/v1/options", headers=auth(ALICE)).json()
+    assert "Fooocus V2" in options["styles"] and "Speed" in options["performances"]
+
+
+def test_health_reports_shutdown(runtime):
+    client = TestClient(make_app(runtime))
+    with client:
+        pass
+    assert runtime.engine.accepting is False
+    assert client.get("/healthz").status_code == 503
+
+
+class FakeMcpMount:
+    """Stands in for hooocus_mcp.http.create_mcp_mount(...): an ASGI app plus a lifespan to enter."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    async def app(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    def lifespan(self):
+        import contextlib
+
+        @contextlib.asynccontextmanager
+        async def span():
+            self.events.append("enter")
+            yield
+            self.events.append("exit")
+
+        return span()
+
+
+def test_mcp_mount_is_served_and_its_lifespan_entered(runtime):
+    mount = FakeMcpMount()
+    with TestClient(make_app(runtime, mcp_mount=mount)) as client:
+        assert mount.events == ["enter"]
+        assert client.post("/mcp").status_code == 200
+        assert client.get("/mcp/anything").status_code == 200
+    assert mount.events == ["enter", "exit"]
