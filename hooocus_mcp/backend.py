@@ -1,0 +1,179 @@
+"""What the MCP tools need from an engine, and the in-process implementation.
+
+The tools talk to a :class:`Backend`, so they do not care whether the engine lives in this process
+(:class:`LocalBackend`: the same engine and queue as the websocket front door) or in a running
+``hooocus serve`` reached over the websocket (:class:`hooocus_mcp.remote.RemoteBackend`).
+
+Engine listeners run on the GPU worker thread; :class:`LocalBackend` hands events to the event loop
+with ``loop.call_soon_threadsafe`` and never blocks the worker. Async code here never calls torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import numpy as np
+
+from engine.errors import HooocusError, NotFound
+from engine.events import TERMINAL_EVENTS, Event, Preview, Progress, Started
+from engine.jobs import Job
+from engine.request import GenerationRequest
+from engine.runtime import Runtime
+from engine.store import StoredImage
+from hooocus_ws.tokens import Principal
+
+
+class Forbidden(HooocusError):
+    code = "forbidden"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One finished image, without its bytes."""
+
+    index: int
+    seed: str
+    sha256: str
+    mime: str
+    width: int
+    height: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A JSON-friendly snapshot of one job, the same for every backend."""
+
+    job_id: str
+    state: str  # queued | running | done | cancelled | failed (engine.jobs.JobState values)
+    queue_position: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[str, ...] = ()
+    done_steps: int = 0
+    total_steps: int = 0
+    images: tuple[ImageInfo, ...] = ()
+    error: dict[str, Any] | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "cancelled", "failed")
+
+
+def steps_done(progress: Progress) -> int:
+    """Steps finished over all images of a job, from one progress event (images have equal steps)."""
+    return progress.image_index * progress.total_steps + progress.step
+
+
+class Backend(Protocol):
+    """The engine as the MCP tools see it. ``caller`` owns the jobs it submits."""
+
+    async def options(self) -> dict[str, Any]: ...
+
+    async def submit(self, request: GenerationRequest, caller: Principal) -> str:
+        """Queue a job; raise HooocusError (invalid_request, unknown_style, queue_full ...)."""
+
+    def follow(self, job_id: str, caller: Principal) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Event]]:
+        """The job's events from the start (replayed), then live, ending after the terminal event."""
+
+    async def job(self, job_id: str, caller: Principal) -> JobView: ...
+
+    async def cancel(self, job_id: str, caller: Principal) -> bool:
+        """Cancel a queued or running job; False if it had already finished."""
+
+    async def image(self, sha256: str) -> StoredImage | None: ...
+
+    async def preview(self, job_id: str, caller: Principal) -> np.ndarray | None:
+        """The latest in-progress preview (uint8 RGB) or None."""
+
+
+class LocalBackend:
+    """The engine of this process (``Runtime``): one queue shared with the websocket front door."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def options(self) -> dict[str, Any]:
+        # The real runner may scan model folders: keep file IO off the event loop.
+        return await anyio.to_thread.run_sync(self.runtime.engine.runner.options)
+
+    async def submit(self, request: GenerationRequest, caller: Principal) -> str:
+        if not caller.can("generate"):
+            raise Forbidden("this token may not generate images (scope 'generate' missing)")
+        return self.runtime.engine.submit(request, owner=caller.name).job_id
+
+    def _job(self, job_id: str, caller: Principal, *, any_scope: str = "admin") -> Job:
+        # Someone else's job is "not found", so ids cannot be probed (reliability matrix #16).
+        job = self.runtime.engine.get_job(job_id)
+        if job is None or (job.owner != caller.name and not caller.can(any_scope)):
+            raise NotFound(f"no job {job_id!r}; job ids come from generate_image")
+        return job
+
+    @contextlib.asynccontextmanager
+    async def follow(self, job_id: str, caller: Principal) -> AsyncIterator[AsyncIterator[Event]]:
+        job = self._job(job_id, caller)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def on_event(event: Event) -> None:  # worker thread: never block, skip previews
+            if not isinstance(event, Preview):
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        unsubscribe = job.subscribe(on_event, after_seq=0)
+
+        async def events() -> AsyncIterator[Event]:
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, TERMINAL_EVENTS):
+                    return
+
+        try:
+            yield events()
+        finally:
+            unsubscribe()
+
+    async def job(self, job_id: str, caller: Principal) -> JobView:
+        return job_view(self._job(job_id, caller), self.runtime.engine.queue_position(job_id))
+
+    async def cancel(self, job_id: str, caller: Principal) -> bool:
+        job = self._job(job_id, caller, any_scope="cancel:any")
+        if job.owner == caller.name and not (caller.can("cancel:own") or caller.can("cancel:any")):
+            raise Forbidden("this token may not cancel jobs (scope 'cancel:own' missing)")
+        return self.runtime.engine.cancel(job_id)
+
+    async def image(self, sha256: str) -> StoredImage | None:
+        return self.runtime.images.get(sha256)
+
+    async def preview(self, job_id: str, caller: Principal) -> np.ndarray | None:
+        preview = self._job(job_id, caller).latest_preview
+        return None if preview is None else preview.rgb
+
+
+def job_view(job: Job, queue_position: int | None) -> JobView:
+    """Snapshot an engine job (any thread)."""
+    total_steps = 0
+    for event in job.events_after(0):
+        if isinstance(event, Started):
+            total_steps = event.total_steps
+            break
+    progress = job.last_progress
+    done = 0 if progress is None else steps_done(progress)
+    if total_steps == 0 and progress is not None:  # Started fell out of the bounded event log
+        total_steps = progress.total_steps * progress.image_count
+    if job.state.value == "done":
+        done = total_steps
+    images = tuple(ImageInfo(index=img.index, seed=str(img.seed), sha256=img.sha256, mime=img.mime,
+                             width=img.width, height=img.height, size_bytes=len(img.data)) for img in job.images)
+    return JobView(job_id=job.job_id, state=job.state.value, queue_position=queue_position,
+                   params=dict(job.resolved_params), seeds=tuple(str(s) for s in job.seeds),
+                   done_steps=min(done, total_steps) if total_steps else done, total_steps=total_steps,
+                   images=images, error=job.error, created_at=job.created_at, started_at=job.started_at,
+                   finished_at=job.finished_at)

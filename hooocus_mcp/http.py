@@ -1,0 +1,131 @@
+"""Streamable HTTP at ``/mcp`` inside the ``hooocus serve`` app (api_anchors §11.3, §11.4; B4).
+
+One process, one engine, one queue: the tools use a :class:`LocalBackend` over the host's runtime.
+Order of checks for every request, before any JSON-RPC parsing:
+
+1. Host and Origin against allowlists (DNS-rebinding protection, also when bound to 0.0.0.0):
+   bad Host → 421, bad Origin → 403 (the SDK's own validator).
+2. ``Authorization: Bearer`` against the shared :class:`TokenStore` → 401 with ``WWW-Authenticate``
+   when missing or wrong, 403 without the ``generate`` scope. The token is never forwarded
+   anywhere (no passthrough); the principal name owns the jobs.
+
+Responses stream as SSE (``json_response=False``): JSON mode would drop progress notifications.
+Mount ``McpMount.app`` at ``/mcp`` (``Route("/mcp", endpoint=mount.app)`` serves the path without a
+trailing-slash redirect) and enter ``McpMount.lifespan()`` in the host app's lifespan: a mounted
+sub-app's own lifespan never runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.runtime import Runtime
+from hooocus_mcp._sdk import (
+    AccessToken,
+    AuthContextMiddleware,
+    BearerAuthBackend,
+    HooocusMCPServer,
+    RequireAuthMiddleware,
+    StreamableHTTPASGIApp,
+    StreamableHTTPSessionManager,
+    TransportSecurityMiddleware,
+    TransportSecuritySettings,
+)
+from hooocus_mcp.backend import LocalBackend
+from hooocus_mcp.tools import ServerOptions, build_server
+from hooocus_ws.tokens import TokenStore
+
+log = logging.getLogger("hooocus.mcp.http")
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+REQUIRED_SCOPES = ["generate"]
+
+
+class TokenStoreVerifier:
+    """The SDK's ``TokenVerifier`` over our hashed static tokens (same tokens as the websocket)."""
+
+    def __init__(self, tokens: TokenStore) -> None:
+        self._tokens = tokens
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        principal = self._tokens.verify(token)
+        if principal is None:
+            return None
+        # The raw token is not kept: nothing downstream needs it, and nothing may forward it.
+        return AccessToken(token="<redacted>", client_id=principal.name, scopes=sorted(principal.scopes))
+
+
+def security_settings(allowed_hosts: Sequence[str], allowed_origins: Sequence[str]) -> TransportSecuritySettings:
+    """Allowlists in the SDK's format. Loopback names are always allowed (a rebinding attack
+    arrives with the attacker's host name); a host given without a port allows any port."""
+    if "*" in allowed_hosts:
+        log.warning("allowed_hosts '*' does not switch off the Host check of /mcp (DNS-rebinding protection); "
+                    "list the host names clients use")
+    hosts: list[str] = []
+    for host in (*LOOPBACK_HOSTS, *(h for h in allowed_hosts if h != "*")):
+        has_port = "]:" in host if host.startswith("[") else ":" in host
+        hosts += [host] if has_port else [host, f"{host}:*"]
+    origins = [f"http://{h}:*" for h in LOOPBACK_HOSTS] + [f"http://{h}" for h in LOOPBACK_HOSTS]
+    origins += [o.rstrip("/") for o in allowed_origins]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                     allowed_origins=origins)
+
+
+class _GuardedApp:
+    """Host/Origin first, then bearer auth, then the SDK's streamable HTTP handler.
+
+    A class instance (not a function) so Starlette's ``Route`` treats it as a raw ASGI app.
+    """
+
+    def __init__(self, inner: ASGIApp, guard: TransportSecurityMiddleware) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await PlainTextResponse("not found", status_code=404)(scope, receive, send)
+            return
+        rejection = await self._guard.validate_request(Request(scope), is_post=False)
+        if rejection is not None:
+            await rejection(scope, receive, send)
+            return
+        await self._inner(scope, receive, send)
+
+
+@dataclass
+class McpMount:
+    """The MCP endpoint for the host app: ``app`` to mount, ``lifespan()`` to enter once."""
+
+    app: ASGIApp
+    server: HooocusMCPServer
+    session_manager: StreamableHTTPSessionManager
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        async with self.session_manager.run():
+            yield
+
+
+def create_mcp_mount(runtime: Runtime, tokens: TokenStore, *, allowed_hosts: Sequence[str] = (),
+                     allowed_origins: Sequence[str] = (), options: ServerOptions | None = None) -> McpMount:
+    """Build (not start) the ``/mcp`` endpoint over ``runtime``'s engine and image store."""
+    server = build_server(LocalBackend(runtime), options)
+    settings = security_settings(allowed_hosts, allowed_origins)
+    # streamable_http_app() creates the session manager; we serve its handler through our own
+    # guard instead of the returned Starlette app so the path does not matter to us.
+    server.streamable_http_app(streamable_http_path="/", json_response=False, transport_security=settings)
+    manager = server.session_manager
+    authed = AuthenticationMiddleware(
+        AuthContextMiddleware(RequireAuthMiddleware(StreamableHTTPASGIApp(manager), REQUIRED_SCOPES)),
+        backend=BearerAuthBackend(TokenStoreVerifier(tokens)),
+    )
+    app = _GuardedApp(authed, TransportSecurityMiddleware(settings))
+    return McpMount(app=app, server=server, session_manager=manager)

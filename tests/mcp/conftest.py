@@ -1,0 +1,76 @@
+"""Fixtures for the MCP front door: a started runtime over the torch-free FakeRunner, principals,
+and a real uvicorn server on 127.0.0.1 for the HTTP tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import uvicorn
+
+from engine.jobs import Engine
+from engine.runtime import Runtime
+from engine.settings import Settings
+from engine.store import ImageStore
+from engine.testing import FakeRunner
+from hooocus_ws.tokens import Principal
+
+STDIO = Principal("stdio", frozenset({"generate", "cancel:own"}))
+ALICE_TOKEN = "alice-token-0123456789abcdef"
+BOB_TOKEN = "bob-token-0123456789abcdefgh"
+TOKENS_TEXT = f"alice {ALICE_TOKEN}\nbob {BOB_TOKEN}\n"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the backends hand engine events over with asyncio's call_soon_threadsafe
+
+
+def make_runtime(runner: FakeRunner) -> Runtime:
+    images = ImageStore()
+    return Runtime(Settings(), Engine(runner, image_sink=images.put), images)
+
+
+@pytest.fixture
+def runner() -> FakeRunner:
+    return FakeRunner()
+
+
+@pytest.fixture
+def runtime(runner: FakeRunner) -> Iterator[Runtime]:
+    rt = make_runtime(runner).start()
+    yield rt
+    rt.close()
+
+
+@dataclass
+class LiveServer:
+    url: str
+    server: uvicorn.Server
+
+
+@contextlib.contextmanager
+def live_server(app, *, host: str = "127.0.0.1") -> Iterator[LiveServer]:
+    """Run ``app`` under a real uvicorn on an ephemeral loopback port, in a thread."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ws="websockets-sansio"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveServer(url=f"http://{host}:{port}", server=server)
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
