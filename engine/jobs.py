@@ -47,7 +47,7 @@ log = logging.getLogger("hooocus.jobs")
 Listener = Callable[[Event], None]
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -481,6 +481,12 @@ class Engine:
             del self._jobs[job_id]
 
     def _worker(self) -> None:
+        warmup = getattr(self.runner, "warmup", None)
+        if warmup is not None:
+            try:  # load the default model before the first job; a failure shows in that job instead
+                warmup()
+            except Exception:
+                log.exception("runner warm-up failed")
         while True:
             with self._lock:
                 while not self._queue and not self._stopping:

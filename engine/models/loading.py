@@ -359,7 +359,7 @@ def _own_memory(module: torch.nn.Module, device: torch.device) -> torch.nn.Modul
     if device.type != "cpu":
         return module.to(device)
     for sub in module.modules():
-        for name, param in sub._parameters.items():
+        for _name, param in sub._parameters.items():
             if param is not None:
                 param.data = param.data.clone()
         for name, buffer in sub._buffers.items():

@@ -68,7 +68,7 @@ def _manual_hidden_states(text_model: CLIPTextModel, ids: torch.Tensor,
         h = layer.layer_norm1(x)
         heads, head_dim = attn.num_heads, attn.head_dim
 
-        def split(t: torch.Tensor) -> torch.Tensor:
+        def split(t: torch.Tensor, heads: int = heads, head_dim: int = head_dim) -> torch.Tensor:
             return t.view(t.shape[0], seq, heads, head_dim).transpose(1, 2)
 
         q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
