@@ -24,12 +24,20 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from engine.acceleration import AccelerationConfig, Accelerator
 from engine.conditioning.assembly import PromptTask, process_resolved
 from engine.conditioning.encode import TextEncoders, TextEncodingCache, encode_texts
 from engine.conditioning.expansion import FooocusExpansion, load_expansion
 from engine.conditioning.styles import StyleLibrary
 from engine.conditioning.wildcards import WildcardLibrary
-from engine.constants import MIME_BY_FORMAT, PERFORMANCE_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES, SDXL_ASPECT_RATIOS
+from engine.constants import (
+    DEFAULT_ASPECT_RATIO,
+    MIME_BY_FORMAT,
+    PERFORMANCE_NAMES,
+    SAMPLER_NAMES,
+    SCHEDULER_NAMES,
+    SDXL_ASPECT_RATIOS,
+)
 from engine.denoiser import Guidance, SDXLDenoiser, Stage, base_branch, refiner_branch
 from engine.errors import AssetsMissing, HooocusError, UnknownLora, UnknownModel
 from engine.events import ImageReady
@@ -97,12 +105,20 @@ class SDXLRunner:
         self.wildcards = WildcardLibrary(_existing(settings.wildcard_dirs, settings.data_dir / "wildcards"))
         self.device = resolve_device(settings.device)
         self.dtype = choose_dtype(self.device, settings.dtype)
+        # acceleration hook: fast paths, torch.compile and low-VRAM residency (engine/acceleration.py)
+        self.accelerator = Accelerator(AccelerationConfig.from_settings(
+            settings, self.device, compile_ahead=(DEFAULT_ASPECT_RATIO, "1024*1024")))
         self._operator_model = model if model is not None else settings.default_model
         self._base: LoadedModel | None = None
         self._refiner: LoadedModel | None = None
         self._expansion: FooocusExpansion | None = None
         self._expansion_checked = False
         self._expansion_warning: str | None = None
+
+    @property
+    def base_components(self) -> SDXLComponents | None:
+        """The loaded base model, None before the first load (diagnostics, the parity test)."""
+        return self._base.components if self._base is not None else None
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -151,7 +167,8 @@ class SDXLRunner:
         if mode_lora is not None and base_name != DEMO_MODEL and not self._lora_installed(mode_lora[0]):
             raise AssetsMissing(
                 f"performance {request.performance!r} needs the LoRA {mode_lora[0]!r}: put it in a LoRA folder "
-                f"({self.settings.models_dir / 'loras'}) or run 'hooocus setup'", loc=("performance",))
+                f"({self.settings.models_dir / 'loras'}) or run 'hooocus setup --only performance-loras/{mode_lora[0]} "
+                f"--data-dir {self.settings.data_dir}'", loc=("performance",))
         for index, lora in enumerate(request.loras):
             if lora.enabled and lora.name != "None":
                 try:
@@ -274,13 +291,14 @@ class SDXLRunner:
         latent_shape = (1, 4, height // 8, width // 8)
         noise, generator = prepare_noise(task.task_seed, latent_shape)
         noise = noise.to(device)
+        self._record(f"image{index}.noise", noise)
         brownian = BrownianNoise(latent_shape, sigma_plan.brownian_sigma_min, sigma_plan.brownian_sigma_max,
                                  task.task_seed, device=device)
         guidance = Guidance(cfg=resolved.cfg, sharpness=resolved.sharpness, adaptive_cfg=resolved.adaptive_cfg,
                             adm_scaler_end=resolved.adm_scaler_end)
         denoiser = SDXLDenoiser(base_stage, ms, guidance, compute_dtype=dtype)
         if self.trace is not None:
-            denoiser.unet_observers.append(self._unet_observer(index))
+            denoiser.unet_observers.append(self._unet_observer(index, denoiser))
         steps = len(sigma_plan.sigmas) - 1
         switch = resolved.switch_step
         joint = refiner_stage is not None and resolved.refiner_swap_method != "separate"
@@ -290,6 +308,8 @@ class SDXLRunner:
         def callback(state: dict[str, Any]) -> None:
             ctx.check_cancelled()
             i = int(state["i"]) + step_offset
+            self._record(f"image{index}.step{i:02d}.x", state["x"])
+            self._record(f"image{index}.step{i:02d}.denoised", state["denoised"])
             if joint and i == switch:  # spec §8 quirk: the swap fires after step `switch` ran on the base
                 denoiser.stage = refiner_stage
             # joint: step `switch` itself still runs on the base; separate: the refiner starts at it
@@ -393,12 +413,15 @@ class SDXLRunner:
         if current is not None and current.key == key:
             return current
         setattr(self, slot, None)  # free the old weights before loading the new ones
+        if current is not None:
+            self.accelerator.forget(current.components)  # acceleration hook
         del current
         self.recover_after_oom()
         log.info("loading %s model %s", kind, name)
-        components = load_sdxl(spec, kind=kind, device=self.device, dtype=self.dtype, registry=self.registry,
-                               tokenizer_dir=self._tokenizer_dir(), hf_cache_dir=self.settings.hf_cache_dir,
-                               vae_path=vae_path)
+        components = load_sdxl(spec, kind=kind, device=self.accelerator.load_device, dtype=self.dtype,
+                               registry=self.registry, tokenizer_dir=self._tokenizer_dir(),
+                               hf_cache_dir=self.settings.hf_cache_dir, vae_path=vae_path)
+        self.accelerator.apply(components)  # acceleration hook
         loaded = LoadedModel(components, key)
         setattr(self, slot, loaded)
         return loaded
@@ -462,6 +485,7 @@ class SDXLRunner:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
             self._expansion, self._expansion_warning = load_expansion(
                 self.settings.resolved_expansion_dir, device=self.device, dtype=dtype)
+            self._expansion = self.accelerator.expansion(self._expansion)  # acceleration hook
             if self._expansion_warning:
                 log.warning("%s", self._expansion_warning)
         return self._expansion is not None
@@ -472,12 +496,14 @@ class SDXLRunner:
         if self.trace is not None:
             self.trace.record(name, value.detach().clone() if isinstance(value, torch.Tensor) else value)
 
-    def _unet_observer(self, index: int):
+    def _unet_observer(self, index: int, denoiser: SDXLDenoiser):
         calls = {"n": 0}
 
         def observe(timestep: torch.Tensor, x_in: torch.Tensor, eps: torch.Tensor, rows: list[int]) -> None:
-            self._record(f"image{index}.unet{calls['n']:02d}", {"timestep": timestep.clone(),
-                                                                 "x_in": x_in.clone(), "eps": eps.clone()})
+            # Fooocus's cond_or_uncond labels per batch row: 0 = positive, 1 = negative.
+            cond_or_uncond = [0 if row == id(denoiser.stage.positive) else 1 for row in rows]
+            self._record(f"image{index}.unet{calls['n']:02d}", {"timestep": timestep.clone(), "x_in": x_in.clone(),
+                                                                 "eps": eps.clone(), "cond_or_uncond": cond_or_uncond})
             calls["n"] += 1
 
         return observe

@@ -9,7 +9,10 @@ What it installs under the data folder (see :data:`DATA_LAYOUT`):
   weights are published only as a pickle (``fooocus_expansion.bin``). Set-up converts them to
   ``model.safetensors`` and unpickles them only after their sha256 equals the pinned value, with
   ``torch.load(weights_only=True)`` on the bytes it hashed. An unpinned pickle is never opened;
-- the CLIP tokenizer files single-file checkpoints need.
+- the CLIP tokenizer files single-file checkpoints need;
+- optionally (``--only performance-loras`` or ``--all``, never by default): the LoRAs of the fast
+  performance modes (Extreme Speed, Lightning, Hyper-SD), which Fooocus downloads on first use
+  (spec §9), from the same URLs.
 
 Every transfer has timeouts, resumes from a ``*.part`` file with an HTTP Range request, shows a
 tqdm bar, and is checked against its pinned sha256 before it is renamed into place (a mismatch
@@ -37,9 +40,9 @@ from urllib.parse import urlsplit, urlunsplit
 from engine.errors import AssetsMissing, HooocusError, InvalidRequest, ModelInvalid, UnsafeFile
 
 __all__ = [
-    "Asset", "AssetStatus", "DATA_LAYOUT", "DEFAULT_ASSETS", "EXPANSION_LICENCE_NOTICE", "FOOOCUS_COMMIT",
-    "add_arguments", "cli_setup", "convert_pickle_to_safetensors", "download_file", "plan_setup", "run_setup",
-    "select_assets", "sha256_file",
+    "ALL_ASSETS", "Asset", "EXPANSION_ASSETS", "PERFORMANCE_LORA_ASSETS", "AssetStatus", "DATA_LAYOUT", "DEFAULT_ASSETS", "EXPANSION_LICENCE_NOTICE",
+    "FOOOCUS_COMMIT", "OPTIONAL_ASSETS", "PERFORMANCE_LORA_GROUP", "add_arguments", "cli_setup",
+    "convert_pickle_to_safetensors", "download_file", "plan_setup", "run_setup", "select_assets", "sha256_file",
 ]
 
 FOOOCUS_COMMIT = "59f183ab9b8e4a4bbf0fb8bc43886e19e8dfdfae"  # Fooocus 2.5.5, the spec's reference
@@ -89,6 +92,8 @@ class Asset:
     local_paths: tuple[str, ...] = ()
     #: "pickle_to_safetensors": the download is a pickle that set-up converts into ``dest``.
     convert: ConvertKind | None = None
+    #: Installed only when asked for by name or group (``--only``) or with ``--all``.
+    optional: bool = False
 
     def download_dest(self, data_dir: Path) -> Path:
         """Where the bytes from ``url`` land: ``dest``, or downloads/<file> for a conversion."""
@@ -200,6 +205,51 @@ DEFAULT_ASSETS: tuple[Asset, ...] = (
           ("sai.json", "94102101a5de335ffe14803b621a59501e79b607ca2c0c01a134f8c3b22d7732", 1632),
       )),
 )
+# The Fooocus V2 expansion (weights, word list, tokenizer) is CC-BY-NC 4.0 outside Fooocus (spec §0):
+# never installed by default, only with --only expansion or --all, and set-up prints the notice then.
+EXPANSION_ASSETS: tuple[Asset, ...] = tuple(replace(a, optional=True) for a in DEFAULT_ASSETS if a.group == "expansion")
+DEFAULT_ASSETS = tuple(a for a in DEFAULT_ASSETS if a.group != "expansion")
+
+PERFORMANCE_LORA_GROUP = "performance-loras"
+
+
+def _performance_lora(file_name: str, url: str, sha256: str, size_bytes: int, licence: str) -> Asset:
+    return Asset(name=f"{PERFORMANCE_LORA_GROUP}/{file_name}", group=PERFORMANCE_LORA_GROUP, url=url, sha256=sha256,
+                 dest=f"{DATA_LAYOUT['loras']}/{file_name}", size_bytes=size_bytes, licence=licence,
+                 local_paths=(f"models/loras/{file_name}", f"models/Lora/{file_name}"), optional=True)
+
+
+#: The LoRAs of the fast performance modes (spec §9), from the URLs Fooocus 2.5.5 downloads them
+#: from on first use of the mode (modules/config.py downloading_sdxl_*_lora): LCM from
+#: lllyasviel/misc, Lightning and Hyper-SD from mashb1t/misc (spec §0.3). Pins, from public manifests:
+#: - Lightning: sha256 bf56cf26...6b79, 393 854 592 bytes. Listed for this file name in SimpleSDXL's
+#:   models_info (a Fooocus fork), and the same sha256 is the pinned hash of the upstream
+#:   ByteDance/SDXL-Lightning sdxl_lightning_4step_lora.safetensors in refiners' conversion table and
+#:   the git-lfs oid in a Hugging Face CDN URL of that file: mashb1t's copy is the upstream file.
+#: - Hyper-SD: sha256 12f81a27...d76e, 787 359 648 bytes, in SimpleSDXL's models_info, and the same
+#:   sha256 is the 4-step Hyper-SDXL LoRA in an independent model database (MIR).
+#: - LCM: sha256 c3dbf7eb...1329, 393 854 624 bytes, in SimpleSDXL's models_info (several versions of
+#:   it); the size matches what other tools list for the SDXL LCM LoRA. Only one project's manifest
+#:   gives the sha256 (lllyasviel's file is not latent-consistency's pytorch_lora_weights, a764e685...).
+#: The same manifest lists our default checkpoint and offset LoRA with the pins above.
+PERFORMANCE_LORA_ASSETS: tuple[Asset, ...] = (
+    _performance_lora("sdxl_lcm_lora.safetensors",
+                      "https://huggingface.co/lllyasviel/misc/resolve/main/sdxl_lcm_lora.safetensors",
+                      "c3dbf7eb26dd00ae6b6b95da69be9f1cb95a3b2c5bcf9be82323227a19b91329", 393854624,
+                      "SDXL LCM LoRA (latent-consistency): its own licence, see its model page (not checked)"),
+    _performance_lora("sdxl_lightning_4step_lora.safetensors",
+                      "https://huggingface.co/mashb1t/misc/resolve/main/sdxl_lightning_4step_lora.safetensors",
+                      "bf56cf2657efb15e465d81402ed481d1e11c4677e4bcce1bc11fe71ad8506b79", 393854592,
+                      "SDXL-Lightning (ByteDance): its own licence, see its model page (not checked)"),
+    _performance_lora("sdxl_hyper_sd_4step_lora.safetensors",
+                      "https://huggingface.co/mashb1t/misc/resolve/main/sdxl_hyper_sd_4step_lora.safetensors",
+                      "12f81a27d00a751a40d68fd15597091896c5a90f3bd632fb6c475607cbdad76e", 787359648,
+                      "Hyper-SD (ByteDance): its own licence, see its model page (not checked)"),
+)
+
+#: Everything set-up knows; without ``--only``/``--all`` it installs the non-optional ones (DEFAULT_ASSETS).
+OPTIONAL_ASSETS: tuple[Asset, ...] = (*EXPANSION_ASSETS, *PERFORMANCE_LORA_ASSETS)
+ALL_ASSETS: tuple[Asset, ...] = (*DEFAULT_ASSETS, *OPTIONAL_ASSETS)
 
 #: Files up to this size are re-hashed whenever the plan looks at them; bigger ones only with --verify.
 _ALWAYS_HASH_BYTES = 64 << 20
@@ -234,17 +284,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def select_assets(assets: Iterable[Asset], only: Sequence[str] | None) -> list[Asset]:
-    """The assets named by ``only`` (asset names or groups); all of them when ``only`` is empty."""
+def select_assets(assets: Iterable[Asset], only: Sequence[str] | None, *,
+                  include_optional: bool = False) -> list[Asset]:
+    """The assets named by ``only`` (asset names or groups, optional ones included); when ``only``
+    is empty, every non-optional asset (and the optional ones too with ``include_optional``)."""
     assets = list(assets)
     if not only:
-        return assets
+        return [a for a in assets if include_optional or not a.optional]
     known = {a.name for a in assets} | {a.group for a in assets}
     unknown = [name for name in only if name not in known]
     if unknown:
         raise InvalidRequest(f"unknown asset or group {', '.join(map(repr, unknown))}; "
                              f"groups: {', '.join(sorted({a.group for a in assets}))}")
     return [a for a in assets if a.name in only or a.group in only]
+
+
+def _choose(assets: Iterable[Asset] | None, only: Sequence[str] | None) -> list[Asset]:
+    """``assets`` as given (filtered by ``only``), or the default selection from ALL_ASSETS."""
+    if assets is None:
+        return select_assets(ALL_ASSETS, only)
+    return select_assets(assets, only, include_optional=True)
 
 
 def _converted_source_sha256(path: Path) -> str | None:
@@ -285,7 +344,7 @@ def _status(asset: Asset, data_dir: Path, *, verify: bool) -> AssetStatus:
 def plan_setup(data_dir: Path, *, assets: Iterable[Asset] | None = None, only: Sequence[str] | None = None,
                verify: bool = False) -> list[AssetStatus]:
     """What is present, partly downloaded, missing or different from its pin under ``data_dir``."""
-    chosen = select_assets(DEFAULT_ASSETS if assets is None else assets, only)
+    chosen = _choose(assets, only)
     return [_status(a, Path(data_dir), verify=verify) for a in chosen]
 
 
@@ -455,7 +514,7 @@ def run_setup(data_dir: Path, *, assets: Iterable[Asset] | None = None, only: Se
     """
     echo = echo or (lambda message: print(message, file=sys.stderr))
     data_dir = Path(data_dir)
-    chosen = select_assets(DEFAULT_ASSETS if assets is None else assets, only)
+    chosen = _choose(assets, only)
     plan = plan_setup(data_dir, assets=chosen, verify=verify)
     todo = [s for s in plan if s.state != "present"]
     if any(s.asset.licence == _LICENCE_NC for s in todo):
@@ -550,7 +609,10 @@ def _human(size_bytes: int | None) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hooocus setup`` flags (``--data-dir`` comes from the common flags)."""
     groups = ", ".join(sorted({a.group for a in DEFAULT_ASSETS}))
-    parser.add_argument("--only", action="append", metavar="NAME", help=f"an asset or group ({groups}); repeat")
+    optional = ", ".join(sorted({a.group for a in OPTIONAL_ASSETS}))
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help=f"an asset or group ({groups}; optional: {optional}); repeat")
+    parser.add_argument("--all", action="store_true", help=f"also install the optional groups ({optional})")
     parser.add_argument("--fooocus-dir", action="append", type=Path, default=[], metavar="PATH",
                         help="link files from an existing Fooocus (or ComfyUI / A1111) folder instead of downloading")
     parser.add_argument("--yes", action="store_true", help="download without asking")
@@ -581,7 +643,7 @@ def cli_setup(args: argparse.Namespace | Sequence[str], settings: Any = None) ->
 
         data_dir = Path(getattr(args, "data_dir", None) or default_data_dir())
     try:
-        assets = select_assets(DEFAULT_ASSETS, args.only)
+        assets = select_assets(ALL_ASSETS, args.only, include_optional=args.all)
     except HooocusError as exc:
         print(f"hooocus setup: {exc.message}", file=sys.stderr)
         return 2
@@ -593,6 +655,10 @@ def cli_setup(args: argparse.Namespace | Sequence[str], settings: Any = None) ->
         extra = f" ({status.bytes_present} bytes so far)" if status.state == "partial" else ""
         print(f"  {status.state:<8} {status.asset.name:<55} {_human(status.asset.size_bytes):>10}{extra}")
     todo = [s for s in plan if s.state != "present"]
+    chosen = {a.name for a in assets}
+    left_out = sorted({a.group for a in ALL_ASSETS if a.optional and a.name not in chosen})
+    if left_out:
+        print(f"  optional, not selected: {', '.join(left_out)} (add --only GROUP or --all)")
     if args.list or not todo:
         print("everything is in place" if not todo else f"{len(todo)} files to install")
         return 0

@@ -2,14 +2,16 @@
 
 Covers: a good download, a checksum mismatch, a broken transfer resumed from the .part (in the
 same run and in a later run), a server that ignores Range, offline set-up naming every missing
-file, linking from a Fooocus folder, the pinned-pickle conversion, and pickles that must never be
-opened (a ``__reduce__`` payload that would create a marker file).
+file, linking from a Fooocus folder, the pinned-pickle conversion, pickles that must never be
+opened (a ``__reduce__`` payload that would create a marker file), and the optional
+performance-mode LoRAs (installed only on request, where the runner looks for them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -22,9 +24,14 @@ import pytest
 
 from engine.errors import AssetsMissing, UnsafeFile
 from engine.setup_assets import (
+    ALL_ASSETS,
     DEFAULT_ASSETS,
+    EXPANSION_ASSETS,
     EXPANSION_LICENCE_NOTICE,
     FOOOCUS_COMMIT,
+    OPTIONAL_ASSETS,
+    PERFORMANCE_LORA_ASSETS,
+    PERFORMANCE_LORA_GROUP,
     Asset,
     ChecksumMismatch,
     cli_setup,
@@ -32,6 +39,7 @@ from engine.setup_assets import (
     download_file,
     plan_setup,
     run_setup,
+    select_assets,
 )
 
 
@@ -190,7 +198,7 @@ def test_server_that_ignores_range_restarts_cleanly(server: FakeServer, tmp_path
 
 
 def test_offline_names_every_missing_file_and_where_to_put_it(closed_port_url: str, tmp_path: Path) -> None:
-    assets = [replace(a, url=closed_port_url + urlsplit(a.url).path) for a in DEFAULT_ASSETS
+    assets = [replace(a, url=closed_port_url + urlsplit(a.url).path) for a in (*DEFAULT_ASSETS, *EXPANSION_ASSETS)
               if a.group in ("styles", "expansion")]
     messages: list[str] = []
     with pytest.raises(AssetsMissing) as excinfo:
@@ -301,13 +309,14 @@ def test_pinned_pickle_with_code_is_still_refused(tmp_path: Path) -> None:
 
 def test_default_assets_are_pinned_fooocus_files(fooocus_data: Path) -> None:
     """Data-file pins equal the unchanged copies in shared/fooocus-data; every pickle is pinned."""
-    names = [a.name for a in DEFAULT_ASSETS]
-    assert len(names) == len(set(names)) and len({a.dest for a in DEFAULT_ASSETS}) == len(DEFAULT_ASSETS)
+    CORE_AND_EXPANSION = (*DEFAULT_ASSETS, *EXPANSION_ASSETS)  # the expansion is optional but pinned too
+    names = [a.name for a in CORE_AND_EXPANSION]
+    assert len(names) == len(set(names)) and len({a.dest for a in CORE_AND_EXPANSION}) == len(CORE_AND_EXPANSION)
     shared = {"sdxl_styles": "sdxl_styles", "wildcards": "wildcards", "presets": "presets",
               "models/prompt_expansion/fooocus_expansion": "gpt2_tokenizer", "ldm_patched/modules/sd1_tokenizer":
               "clip_tokenizer"}
     checked = 0
-    for asset in DEFAULT_ASSETS:
+    for asset in CORE_AND_EXPANSION:
         assert asset.sha256 is not None and len(asset.sha256) == 64
         if asset.url.startswith("https://raw.githubusercontent.com/"):
             assert f"/lllyasviel/Fooocus/{FOOOCUS_COMMIT}/" in asset.url
@@ -317,7 +326,7 @@ def test_default_assets_are_pinned_fooocus_files(fooocus_data: Path) -> None:
             assert _sha(copy.read_bytes()) == asset.sha256 and copy.stat().st_size == asset.size_bytes
             checked += 1
     assert checked == len([p for p in fooocus_data.rglob("*") if p.is_file() and p.name != "README.md"])
-    pickles = [a for a in DEFAULT_ASSETS if a.convert]
+    pickles = [a for a in CORE_AND_EXPANSION if a.convert]
     assert [a.name for a in pickles] == ["expansion/model.safetensors"] and pickles[0].url.endswith(".bin")
 
 
@@ -348,3 +357,73 @@ def test_cli_offline_and_usage(closed_port_url: str, tmp_path: Path, capsys: pyt
     assert "unknown asset or group" in capsys.readouterr().err
     assert cli_setup(["--data-dir", str(tmp_path), "--only", "presets"]) == 2  # no --yes, no terminal
     assert "--yes" in capsys.readouterr().err
+
+
+# -- optional: the performance-mode LoRAs ------------------------------------------------------------
+
+
+def test_performance_loras_are_optional_pinned_and_match_the_modes() -> None:
+    from engine.modes import PERFORMANCE_MODES
+
+    wanted = sorted(mode.lora_file for mode in PERFORMANCE_MODES.values() if mode.lora_file)
+    assert sorted(Path(a.dest).name for a in PERFORMANCE_LORA_ASSETS) == wanted and len(wanted) == 3
+    for asset in PERFORMANCE_LORA_ASSETS:
+        assert asset.optional and asset.group == PERFORMANCE_LORA_GROUP and asset.convert is None
+        assert asset.dest == f"models/loras/{Path(asset.dest).name}" and asset.url.endswith("/" + Path(asset.dest).name)
+        assert asset.url.startswith("https://huggingface.co/") and asset.size_bytes and asset.size_bytes > 100 << 20
+        assert asset.sha256 is not None and re.fullmatch(r"[0-9a-f]{64}", asset.sha256)
+    assert not any(a.optional for a in DEFAULT_ASSETS)
+    assert ALL_ASSETS == (*DEFAULT_ASSETS, *OPTIONAL_ASSETS)
+    assert len({a.name for a in ALL_ASSETS}) == len({a.dest for a in ALL_ASSETS}) == len(ALL_ASSETS)
+
+
+def test_optional_assets_are_selected_only_on_request() -> None:
+    assert select_assets(ALL_ASSETS, None) == list(DEFAULT_ASSETS)
+    assert select_assets(ALL_ASSETS, None, include_optional=True) == list(ALL_ASSETS)
+    assert select_assets(ALL_ASSETS, [PERFORMANCE_LORA_GROUP]) == list(PERFORMANCE_LORA_ASSETS)
+    # the non-commercial expansion is never part of the default selection (spec §0)
+    assert select_assets(ALL_ASSETS, ["expansion"]) == list(EXPANSION_ASSETS) and EXPANSION_ASSETS
+    assert all(a.optional and a.group == "expansion" for a in EXPANSION_ASSETS)
+    one = PERFORMANCE_LORA_ASSETS[1]
+    assert select_assets(ALL_ASSETS, [one.name]) == [one]
+    assert [s.asset for s in plan_setup(Path("/nonexistent"))] == list(DEFAULT_ASSETS)
+
+
+def test_cli_lists_optional_groups_and_installs_them_only_when_asked(server: FakeServer, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [a.name for a in PERFORMANCE_LORA_ASSETS]
+    assert cli_setup(["--data-dir", str(tmp_path), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert not any(name in out for name in names)
+    assert f"optional, not selected: expansion, {PERFORMANCE_LORA_GROUP}" in out
+    for flags in (["--only", PERFORMANCE_LORA_GROUP], ["--all"]):
+        assert cli_setup(["--data-dir", str(tmp_path), "--list", *flags]) == 0
+        out = capsys.readouterr().out
+        assert all(re.search(rf"missing\s+{re.escape(name)}", out) for name in names)
+        assert not re.search(rf"optional, not selected:.*{PERFORMANCE_LORA_GROUP}", out)
+    # Served by a mirror with test bytes (their pins swapped for the test bytes' sha256): the files
+    # land where the runner's LoRA search finds them.
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import engine.setup_assets as setup_assets
+    from engine.models.registry import ModelRegistry
+    from engine.settings import Settings
+
+    stand_ins = []
+    for asset in PERFORMANCE_LORA_ASSETS:
+        source = tmp_path / "src" / Path(asset.dest).name
+        source.parent.mkdir(exist_ok=True)
+        save_file({"lora_unet.x.lora_down.weight": np.ones((2, 2), dtype=np.float16)}, str(source))
+        data = source.read_bytes()
+        server.files[urlsplit(asset.url).path] = data
+        stand_ins.append(replace(asset, sha256=_sha(data), size_bytes=len(data)))
+    monkeypatch.setattr(setup_assets, "OPTIONAL_ASSETS", (*EXPANSION_ASSETS, *stand_ins))
+    monkeypatch.setattr(setup_assets, "ALL_ASSETS", (*DEFAULT_ASSETS, *EXPANSION_ASSETS, *stand_ins))
+    data_dir = tmp_path / "data"
+    assert cli_setup(["--data-dir", str(data_dir), "--yes", "--no-progress", "--mirror", server.base_url,
+                      "--only", PERFORMANCE_LORA_GROUP]) == 0
+    assert "set-up complete" in capsys.readouterr().out
+    installed = ModelRegistry.from_settings(Settings(data_dir=data_dir)).names("loras")
+    assert sorted(installed) == sorted(Path(a.dest).name for a in PERFORMANCE_LORA_ASSETS)
