@@ -98,6 +98,12 @@ class NotFound(HooocusError):
     code = "not_found"
 
 
+class Forbidden(HooocusError):
+    """The token is valid but lacks the scope this action needs."""
+
+    code = "forbidden"
+
+
 class ShuttingDown(HooocusError):
     code = "shutting_down"
 

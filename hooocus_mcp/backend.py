@@ -19,17 +19,13 @@ from typing import Any, Protocol
 import anyio
 import numpy as np
 
-from engine.errors import HooocusError, NotFound
+from engine.errors import Forbidden, NotFound
 from engine.events import TERMINAL_EVENTS, Event, Preview, Progress, Started
 from engine.jobs import Job
 from engine.request import GenerationRequest
 from engine.runtime import Runtime
 from engine.store import StoredImage
 from hooocus_ws.tokens import Principal
-
-
-class Forbidden(HooocusError):
-    code = "forbidden"
 
 
 @dataclass(frozen=True)

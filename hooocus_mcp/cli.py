@@ -9,7 +9,6 @@ every log line goes to stderr.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -39,8 +38,10 @@ def register(subparsers: Any) -> None:
 
 
 def _log_to_stderr(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # stdout is the MCP channel: every record goes to stderr, with context and secrets masked.
+    from engine.logging_setup import configure_logging
+
+    configure_logging(level, stream=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,12 +3,21 @@
 A factory, no globals: everything the routes need lives in one :class:`ServerContext` on
 ``app.state.hooocus``. The lifespan starts the runtime's worker and (if given) enters the MCP
 mount's lifespan — a mounted app's own lifespan never runs (house style A9.1).
+
+Graceful shutdown (SIGTERM) has two halves. :func:`drain` runs first, while the sockets are still
+open (``hooocus_ws.cli.HooocusServer`` calls it before uvicorn's own shutdown): no new jobs,
+queued jobs end ``cancelled`` with reason ``shutting_down``, the running job gets
+``shutdown_grace_s`` to finish, and every connection's outbox is flushed so clients hear how their
+jobs ended. Then uvicorn closes the websockets with 1012 and the lifespan closes the runtime and
+the job history.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +33,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from engine.errors import ShuttingDown
+from engine.history import JobHistory
 from engine.runtime import Runtime
 from hooocus_ws import http
 from hooocus_ws.auth import AuthFailure, AuthGate, FailedAuthLimiter
@@ -89,26 +99,45 @@ async def index_page(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
 
 
+async def drain(ctx: ServerContext, *, flush_timeout_s: float | None = None) -> None:
+    """The first half of a graceful shutdown (see the module docstring). Idempotent."""
+    ctx.closing = True
+    if ctx.manage_runtime:
+        grace_s = ctx.shutdown_grace_s
+        await anyio.to_thread.run_sync(lambda: ctx.runtime.close(grace_s=grace_s))
+    # The jobs' last events were handed to the loop before close() returned; give every
+    # connection a bounded moment to write them before the sockets close.
+    deadline = time.monotonic() + (ctx.limits.close_timeout_s if flush_timeout_s is None else flush_timeout_s)
+    await asyncio.sleep(0)
+    while any(session.has_pending_output for session in list(ctx.sessions)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterable[str] = (),
                allowed_hosts: Sequence[str] | None = None, mcp_mount: McpMount | None = None,
                limits: ServerLimits | None = None, signer: UrlSigner | None = None,
                default_preview: PreviewSettings | None = None, auth_limiter: FailedAuthLimiter | None = None,
                public_url: str | None = None, shutdown_grace_s: float | None = None,
-               manage_runtime: bool = True, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+               manage_runtime: bool = True, history: JobHistory | None = None,
+               extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
     """Build the app. ``allowed_hosts`` None or containing "*" disables the Host check;
-    ``manage_runtime`` False leaves starting/closing the runtime to the caller (benchmarks, tests)."""
+    ``manage_runtime`` False leaves starting/closing the runtime (and ``history``) to the caller
+    (benchmarks, tests). ``history`` is attached to the engine here, so it records every job."""
     settings = runtime.settings
     if limits is None:
         limits = ServerLimits(max_message_bytes=settings.max_message_bytes,
                               event_retention_s=settings.event_retention_s)
     gate = AuthGate(tokens=tokens, limiter=auth_limiter or FailedAuthLimiter(),
                     allowed_origins=tuple(allowed_origins))
+    grace_s = settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
     ctx = ServerContext(runtime=runtime, gate=gate, limits=limits,
                         signer=signer or UrlSigner(settings.url_signing_key),
                         default_preview=default_preview or PreviewSettings(),
-                        public_url=public_url if public_url is not None else settings.public_url)
+                        public_url=public_url if public_url is not None else settings.public_url,
+                        history=history, manage_runtime=manage_runtime, shutdown_grace_s=grace_s)
     gate.on_failure = lambda reason: ctx.metrics.auth_failures.update([reason])
-    grace_s = settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
+    if history is not None:
+        history.attach(runtime.engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -124,11 +153,15 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
             ctx.closing = True
             if manage_runtime:
                 # Queued jobs end as cancelled(shutting_down); the running one gets grace_s, then is cancelled.
+                # (A no-op when drain() already did it.) The history closes last: it records those events.
                 await anyio.to_thread.run_sync(lambda: runtime.close(grace_s=grace_s))
+                if history is not None:
+                    history.close()
 
     routes: list[BaseRoute] = [
         WebSocketRoute("/v1/ws", websocket_endpoint),
         Route("/v1/generate", http.generate, methods=["POST"]),
+        Route("/v1/jobs", http.list_jobs, methods=["GET"]),
         Route("/v1/jobs/{job_id}", http.get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}", http.delete_job, methods=["DELETE"]),
         Route("/v1/images/{name}", http.get_image, methods=["GET"]),

@@ -3,15 +3,22 @@
 Tokens come from ``--tokens-file`` (or ``tokens_file`` in settings) or ``HOOOCUS_TOKENS``, one per line
 ``NAME TOKEN SCOPES``. With none configured the server refuses to start on a non-loopback host; on
 loopback it generates one token and prints it once.
+
+Jobs, their outcome and image files are recorded in ``<data_dir>/history.sqlite3`` (images written
+to the output folder in dated folders), so ``GET /v1/jobs`` lists them after a restart. SIGTERM
+shuts down gracefully (:class:`HooocusServer`) and the process exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
+import signal
+import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,9 +26,11 @@ from typing import Any, TextIO
 import uvicorn
 
 from engine.errors import HooocusError
+from engine.history import JobHistory
+from engine.logging_setup import configure_logging
 from engine.runtime import Runtime
 from engine.settings import Settings, load_settings
-from hooocus_ws.app import create_app
+from hooocus_ws.app import create_app, drain
 from hooocus_ws.auth import RedactingFilter
 from hooocus_ws.tokens import TokenStore
 
@@ -44,7 +53,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--queue-size", type=int, help="jobs waiting at most (default 16)")
     p.add_argument("--public-url", help="absolute base for image URLs, e.g. https://gpu.example.org")
     p.add_argument("--config", type=Path, help="hooocus.toml to read (default: ./hooocus.toml)")
-    p.add_argument("--data-dir", type=Path, help="data folder (models, outputs)")
+    p.add_argument("--data-dir", type=Path, help="data folder (models, outputs, history.sqlite3)")
+    p.add_argument("--output-dir", type=Path, help="where finished images are written (default: DATA_DIR/outputs)")
+    p.add_argument("--output-max-bytes", type=int, metavar="BYTES",
+                   help="delete the oldest written images above this total size")
+    p.add_argument("--output-max-age-days", type=float, metavar="DAYS", help="delete written images older than this")
+    p.add_argument("--shutdown-grace-s", type=float, metavar="S",
+                   help="on SIGTERM, how long the running job may take to finish (default 30)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
@@ -64,7 +79,9 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
            "allowed_origins": tuple(args.allowed_origins) if args.allowed_origins else None,
            "allowed_hosts": tuple(args.allowed_hosts) if args.allowed_hosts else None,
            "queue_size": args.queue_size, "public_url": args.public_url, "data_dir": args.data_dir,
-           "device": args.device, "log_level": args.log_level}
+           "device": args.device, "log_level": args.log_level, "output_dir": args.output_dir,
+           "output_max_bytes": args.output_max_bytes, "output_max_age_days": args.output_max_age_days,
+           "shutdown_grace_s": args.shutdown_grace_s}
     settings, _ = load_settings(cli=cli, env=env, toml_path=args.config)
     return settings
 
@@ -105,9 +122,38 @@ def uvicorn_config(app: Any, *, host: str, port: int, max_message_bytes: int, lo
                             ws_per_message_deflate=False, ws_ping_interval=ping_interval_s,
                             ws_ping_timeout=ping_timeout_s, lifespan="on", log_level=log_level,
                             timeout_graceful_shutdown=graceful_shutdown_s, server_header=False,
-                            proxy_headers=False)
+                            proxy_headers=False, log_config=None)  # our root handler (masking) gets uvicorn's records
     install_log_redaction()
     return config
+
+
+class HooocusServer(uvicorn.Server):
+    """uvicorn with our graceful shutdown: ``before_shutdown`` (:func:`hooocus_ws.app.drain`) runs
+    after the listening sockets close and before uvicorn closes the connections (websockets: 1012),
+    and a SIGTERM that was handled this way ends the process with exit code 0."""
+
+    def __init__(self, config: uvicorn.Config, *,
+                 before_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+        super().__init__(config)
+        self._before_shutdown = before_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in getattr(self, "servers", []):
+            server.close()  # stop accepting connections at once; uvicorn closes them again (a no-op)
+        if self._before_shutdown is not None and not self.force_exit:
+            try:
+                await self._before_shutdown()
+            except Exception:  # the rest of the shutdown must still happen
+                log.exception("graceful drain failed")
+        await super().shutdown(sockets=sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the captured signal after its shutdown, which would kill the process
+            # with SIGTERM's default action; our shutdown is complete, so SIGTERM means exit 0.
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
 def install_log_redaction() -> None:
@@ -123,17 +169,26 @@ class Prepared:
     config: uvicorn.Config
     runtime: Runtime
     settings: Settings
+    history: JobHistory | None = None
+
+    def server(self) -> HooocusServer:
+        """The uvicorn server with our graceful shutdown."""
+        ctx = self.config.app.state.hooocus
+        return HooocusServer(self.config, before_shutdown=lambda: drain(ctx))
 
 
 def prepare_server(args: argparse.Namespace, *, env: Mapping[str, str] | None = None, out: TextIO = sys.stdout,
-                   runtime: Runtime | None = None) -> Prepared:
-    """Everything ``serve`` does before running uvicorn (tests call this without serving)."""
+                   runtime: Runtime | None = None, with_history: bool = True) -> Prepared:
+    """Everything ``serve`` does before running uvicorn (tests call this without serving).
+    ``with_history`` opens ``<data_dir>/history.sqlite3``; serving closes it on shutdown."""
     settings = settings_from_args(args, env)
     tokens = resolve_tokens(settings, out=out)
     if runtime is None:
         from engine.runtime import create_runtime
 
         runtime = create_runtime(settings, model=args.model)
+    # Opening it marks jobs a crashed previous run left unfinished as failed (interrupted), and logs that.
+    history = JobHistory.from_settings(settings) if with_history else None
     allowed_hosts = default_allowed_hosts(settings)
     mcp_mount = None
     try:
@@ -144,19 +199,24 @@ def prepare_server(args: argparse.Namespace, *, env: Mapping[str, str] | None = 
         mcp_mount = create_mcp_mount(runtime, tokens, allowed_hosts=allowed_hosts or (),
                                      allowed_origins=settings.allowed_origins)
     app = create_app(runtime, tokens=tokens, allowed_origins=settings.allowed_origins, allowed_hosts=allowed_hosts,
-                     mcp_mount=mcp_mount)
+                     mcp_mount=mcp_mount, history=history, shutdown_grace_s=settings.shutdown_grace_s)
     config = uvicorn_config(app, host=settings.host, port=settings.port,
                             max_message_bytes=settings.max_message_bytes, log_level=settings.log_level,
                             graceful_shutdown_s=settings.shutdown_grace_s + 5.0)
-    return Prepared(config=config, runtime=runtime, settings=settings)
+    return Prepared(config=config, runtime=runtime, settings=settings, history=history)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    prepared = prepare_server(args)
-    logging.basicConfig(level=getattr(logging, prepared.settings.log_level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.Server(prepared.config).run()
+def serve(prepared: Prepared) -> int:
+    """Run the prepared server until SIGINT/SIGTERM; 0 after a graceful shutdown."""
+    prepared.server().run()
     return 0
+
+
+def run_serve(args: argparse.Namespace, *, runtime: Runtime | None = None) -> int:
+    # Logging first, so the set-up (history recovery, MCP) is logged through the masking handler.
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level)
+    return serve(prepare_server(args, runtime=runtime))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

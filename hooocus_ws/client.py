@@ -1,34 +1,45 @@
 """Python client for ``hooocus.v1``: an async client and a thin sync wrapper.
 
     async with await HooocusClient.connect("ws://127.0.0.1:8188/v1/ws", token) as client:
-        stream = await client.generate({"prompt": "a red fox in snow"})
+        stream = await client.generate({"prompt": "a red fox in snow"},
+                                       on_event=lambda e: print(e["type"]))  # or a callback
         async for event in stream:          # dicts: started, progress, image (with "data"), done ...
             ...
         result = await stream.result()      # JobResult: images with bytes, seeds, sha256
+        result.save("outputs")              # dated folders, as Fooocus lays them out
 
 After a dropped connection nothing is lost: connect again and ``await client.resume(stream)``
 (= ``subscribe(job_id, after_seq=stream.last_job_seq)``); the server replays what was missed.
+
+Scripts without asyncio use :class:`SyncHooocusClient` (same methods, blocking; what
+``hooocus generate --server URL`` uses) or the one-call :func:`generate_images_sync`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from engine.errors import HooocusError, JobCancelled
+from engine.events import ImageReady
+from engine.outputs import write_image
 from hooocus_ws.protocol import FRAME_IMAGE, FRAME_PREVIEW, PROTOCOL, ProtocolError, decode_frame
 
 T = TypeVar("T")
 _TERMINAL = frozenset({"done", "cancelled", "error"})
+log = logging.getLogger("hooocus.client")
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,15 @@ class ClientImage:
     mime: str
     data: bytes = field(repr=False)
     url: str | None = None
+
+    def to_event(self, job_id: str = "") -> ImageReady:
+        """As the engine's :class:`~engine.events.ImageReady` (what ``engine.outputs`` writes)."""
+        return ImageReady(job_id=job_id, index=self.index, seed=self.seed, data=self.data, mime=self.mime,
+                          width=self.width, height=self.height, sha256=self.sha256)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write into ``out_dir/YYYY-MM-DD/`` (atomically); returns the file's path."""
+        return write_image(Path(out_dir), self.to_event())
 
 
 @dataclass(frozen=True)
@@ -67,11 +87,36 @@ class JobResult:
     def __len__(self) -> int:
         return len(self.images)
 
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """Write every image into ``out_dir/YYYY-MM-DD/``; returns the paths in image order."""
+        return [image.save(out_dir) for image in self.images]
+
+
+EventCallback = Callable[[dict[str, Any]], None]
+PreviewCallback = Callable[[PreviewImage], None]
+_Callbacks = tuple[EventCallback | None, PreviewCallback | None]
+
+
+def _call_safely(callback: Callable[[Any], None], value: Any) -> None:
+    try:
+        callback(value)
+    except Exception:
+        log.exception("a client callback failed")
+
 
 class ConnectionLost(HooocusError):
     """The websocket closed; jobs go on on the server. Reconnect and ``resume`` the stream."""
 
     code = "connection_lost"
+
+
+def _refusal(status: int, body: bytes | None) -> HooocusError:
+    try:
+        error = json.loads(body or b"")["error"]
+        return HooocusError(str(error["message"]), code=str(error["code"]))
+    except (ValueError, KeyError, TypeError):
+        return HooocusError(f"the server refused the connection (HTTP {status})",
+                            code="unauthorized" if status == 401 else "connection_lost")
 
 
 class JobStream:
@@ -88,6 +133,9 @@ class JobStream:
         self.seeds: list[int] = []
         self.images: dict[int, ClientImage] = {}
         self.latest_preview: PreviewImage | None = None
+        #: Called (on the client's event loop) with each new event dict / each preview. An exception
+        #: from a callback is logged and does not stop the stream.
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
         self.on_preview: Callable[[PreviewImage], None] | None = None
         self._events: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
         self._result: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
@@ -113,6 +161,8 @@ class JobStream:
                 index=event["index"], seed=int(event["seed"]), sha256=event["sha256"], width=event["width"],
                 height=event["height"], mime=event["mime"], data=event.get("data", b""), url=event.get("url"))
         self._events.put_nowait(event)
+        if self.on_event is not None:
+            _call_safely(self.on_event, event)
         if kind in _TERMINAL and not self._result.done():
             self._finish(event)
 
@@ -136,7 +186,7 @@ class JobStream:
     def _preview(self, preview: PreviewImage) -> None:
         self.latest_preview = preview
         if self.on_preview is not None:
-            self.on_preview(preview)
+            _call_safely(self.on_preview, preview)
 
     def _lost(self, exc: BaseException) -> None:
         if not self._result.done():
@@ -178,6 +228,7 @@ class HooocusClient:
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._streams: dict[str, JobStream] = {}
         self._pending_image: dict[tuple[str, int], dict[str, Any]] = {}
+        self._callbacks: dict[str, _Callbacks] = {}
         self._closed_exc: BaseException | None = None
         self._reader = asyncio.create_task(self._read_loop())
 
@@ -188,9 +239,14 @@ class HooocusClient:
         subprotocol when ``header_auth`` is False) and wait for the server's hello."""
         subprotocols = [PROTOCOL] if header_auth else [PROTOCOL, "hooocus.token." + token]
         headers = {"Authorization": f"Bearer {token}"} if header_auth else None
-        ws = await connect(url, additional_headers=headers, subprotocols=subprotocols,  # type: ignore[arg-type]
-                           compression=None, max_size=max_size, open_timeout=timeout_s,
-                           close_timeout=min(timeout_s, 10.0))
+        try:
+            ws = await connect(url, additional_headers=headers, subprotocols=subprotocols,  # type: ignore[arg-type]
+                               compression=None, max_size=max_size, open_timeout=timeout_s,
+                               close_timeout=min(timeout_s, 10.0))
+        except InvalidStatus as exc:  # the server refused the handshake: its JSON error, its code
+            raise _refusal(exc.response.status_code, exc.response.body) from None
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise ConnectionLost(f"cannot connect to {url}: {exc or type(exc).__name__}") from None
         try:
             hello = json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
         except BaseException:
@@ -209,13 +265,16 @@ class HooocusClient:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    async def _request(self, message: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+    async def _request(self, message: dict[str, Any], timeout_s: float | None = None, *,
+                       callbacks: _Callbacks | None = None) -> dict[str, Any]:
         if self._closed_exc is not None:
             raise ConnectionLost("the connection is closed")
         request_id = f"r{next(self._ids)}"
         message = {**message, "id": request_id}
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        if callbacks is not None:
+            self._callbacks[request_id] = callbacks
         timeout_s = timeout_s or self.timeout_s
         try:
             await asyncio.wait_for(self._ws.send(json.dumps(message)), timeout_s)
@@ -224,6 +283,7 @@ class HooocusClient:
             raise ConnectionLost(f"the connection closed ({exc})") from None
         finally:
             self._pending.pop(request_id, None)
+            self._callbacks.pop(request_id, None)
         if reply["type"] == "error":
             raise HooocusError(reply.get("message", "error"), code=reply.get("code", "internal_error"),
                                loc=tuple(reply["loc"]) if reply.get("loc") is not None else None,
@@ -231,16 +291,19 @@ class HooocusClient:
         return reply
 
     async def generate(self, params: dict[str, Any], *, request_id: str | None = None,
-                       cancel_on_disconnect: bool = False) -> JobStream:
-        """Queue a job; returns its stream once the server has accepted it (HooocusError otherwise)."""
+                       cancel_on_disconnect: bool = False, on_event: EventCallback | None = None,
+                       on_preview: PreviewCallback | None = None) -> JobStream:
+        """Queue a job; returns its stream once the server has accepted it (HooocusError otherwise).
+        ``on_event`` / ``on_preview`` are called on this client's event loop for every event
+        (from ``accepted`` on) / every preview, as an alternative to iterating the stream."""
         message: dict[str, Any] = {"type": "generate", "params": params}
         if request_id is not None:
             message["request_id"] = request_id
         if cancel_on_disconnect:
             message["cancel_on_disconnect"] = True
         # The stream must exist before the job's first event can arrive: the reader creates it
-        # from the `accepted` reply, which the server always sends before the job's events.
-        reply = await self._request(message)
+        # (with the callbacks) from the `accepted` reply, which the server sends before the job's events.
+        reply = await self._request(message, callbacks=(on_event, on_preview))
         return reply["_stream"]
 
     async def cancel(self, job_id: str) -> str:
@@ -252,22 +315,28 @@ class HooocusClient:
         reply = await self._request({"type": "interrupt"})
         return reply.get("job_id")
 
-    async def subscribe(self, job_id: str, after_seq: int = 0) -> JobStream:
-        """Attach to a job; the server replays its events with job_seq > ``after_seq``."""
+    async def subscribe(self, job_id: str, after_seq: int = 0, *, on_event: EventCallback | None = None,
+                        on_preview: PreviewCallback | None = None) -> JobStream:
+        """Attach to a job (e.g. from another process, or after a restart of this one); the server
+        replays its events with job_seq > ``after_seq``, then follows it live."""
         stream = self._streams.get(job_id)
         if stream is None or stream.finished:
             stream = JobStream(job_id)
             stream.last_job_seq = after_seq
             self._streams[job_id] = stream
+        stream.on_event = on_event or stream.on_event
+        stream.on_preview = on_preview or stream.on_preview
         await self._request({"type": "subscribe", "job_id": job_id, "after_seq": after_seq})
         return stream
 
     async def resume(self, old: JobStream) -> JobStream:
-        """Continue ``old`` (from a lost connection) on this one, without losing or doubling events."""
+        """Continue ``old`` (from a lost connection) on this one, without losing or doubling events.
+        The callbacks of ``old`` carry over."""
         stream = JobStream(old.job_id, position=old.position)
         stream.last_job_seq = old.last_job_seq
         stream.params, stream.seeds, stream.images = old.params, old.seeds, dict(old.images)
         stream.state = old.state
+        stream.on_event, stream.on_preview = old.on_event, old.on_preview
         self._streams[old.job_id] = stream
         await self._request({"type": "subscribe", "job_id": old.job_id, "after_seq": old.last_job_seq})
         return stream
@@ -314,6 +383,10 @@ class HooocusClient:
             if job_id not in self._streams or self._streams[job_id].finished:
                 self._streams[job_id] = JobStream(job_id, position=message.get("position", 0),
                                                   duplicate=message.get("duplicate", False))
+            on_event, on_preview = self._callbacks.pop(re, (None, None)) if re is not None else (None, None)
+            if on_event is not None or on_preview is not None:
+                self._streams[job_id].on_event = on_event
+                self._streams[job_id].on_preview = on_preview
             # The stream's first event names the job even while it waits in the queue.
             self._streams[job_id]._feed(message)
             # Hand the stream itself to generate(): a fast job may finish (and leave _streams)
@@ -400,14 +473,21 @@ class SyncHooocusClient:
         future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result(timeout_s)
 
-    def generate(self, params: dict[str, Any], *, request_id: str | None = None) -> SyncJobStream:
-        return SyncJobStream(self, self._run(self._client.generate(params, request_id=request_id)))
+    def generate(self, params: dict[str, Any], *, request_id: str | None = None,
+                 on_event: EventCallback | None = None, on_preview: PreviewCallback | None = None) -> SyncJobStream:
+        """As :meth:`HooocusClient.generate`; the callbacks run on the client's private loop thread."""
+        return SyncJobStream(self, self._run(self._client.generate(params, request_id=request_id, on_event=on_event,
+                                                                   on_preview=on_preview)))
 
     def cancel(self, job_id: str) -> str:
         return str(self._run(self._client.cancel(job_id)))
 
-    def subscribe(self, job_id: str, after_seq: int = 0) -> SyncJobStream:
-        return SyncJobStream(self, self._run(self._client.subscribe(job_id, after_seq)))
+    def subscribe(self, job_id: str, after_seq: int = 0, *, on_event: EventCallback | None = None) -> SyncJobStream:
+        return SyncJobStream(self, self._run(self._client.subscribe(job_id, after_seq, on_event=on_event)))
+
+    def resume(self, old: SyncJobStream) -> SyncJobStream:
+        """Continue a stream of a lost connection (another client) on this one."""
+        return SyncJobStream(self, self._run(self._client.resume(old._stream)))
 
     def close(self) -> None:
         try:
@@ -425,3 +505,19 @@ class SyncHooocusClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def generate_images_sync(url: str, token: str, params: dict[str, Any], *, timeout_s: float = 3600.0,
+                         on_event: EventCallback | None = None) -> list[ImageReady]:
+    """Generate on a running ``hooocus serve`` and wait: the finished images (bytes included), as
+    :class:`~engine.events.ImageReady`. Raises HooocusError (the job failed, or the request was
+    refused), JobCancelled, ConnectionLost or TimeoutError (after ``timeout_s``, the job is cancelled)."""
+    with SyncHooocusClient(url, token, timeout_s=min(timeout_s, 30.0)) as client:
+        stream = client.generate(params, on_event=on_event)
+        try:
+            result = stream.result(timeout_s=timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(HooocusError, TimeoutError):
+                client.cancel(stream.job_id)
+            raise
+    return [image.to_event(result.job_id) for image in result.images]

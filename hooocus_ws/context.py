@@ -6,7 +6,9 @@ import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from engine.history import JobHistory
 from engine.runtime import Runtime
 from hooocus_ws.auth import AuthGate
 from hooocus_ws.metrics import Metrics
@@ -76,7 +78,15 @@ class ServerContext:
     metrics: Metrics = field(default_factory=Metrics)
     previews: PreviewEncoder = field(default_factory=PreviewEncoder)
     public_url: str | None = None
+    #: The SQLite job history (GET /v1/jobs, finished jobs after a restart); None = live jobs only.
+    history: JobHistory | None = None
+    #: Whether the app starts and closes the runtime (and the history) itself.
+    manage_runtime: bool = True
+    #: How long a graceful shutdown lets the running job finish before cancelling it.
+    shutdown_grace_s: float = 30.0
     closing: bool = False
+    #: Open websocket sessions (hooocus_ws.session.Session), so a shutdown can let their outboxes flush.
+    sessions: set[Any] = field(default_factory=set)
     idempotency: IdempotencyCache = field(init=False)
 
     def __post_init__(self) -> None:

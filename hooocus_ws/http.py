@@ -1,7 +1,7 @@
 """HTTP companions of the websocket (same app, same tokens as ``Authorization: Bearer``).
 
-``POST /v1/generate``, ``GET|DELETE /v1/jobs/{id}``, ``GET /v1/images/{sha256}.{ext}`` (token or
-signed URL), ``GET /v1/options``, ``GET /healthz``, ``GET /metrics``, ``GET /openapi.json``,
+``POST /v1/generate``, ``GET /v1/jobs`` (history, newest first), ``GET|DELETE /v1/jobs/{id}``,
+``GET /v1/images/{sha256}.{ext}`` (token or signed URL; falls back to the files the history wrote), ``GET /v1/options``, ``GET /healthz``, ``GET /metrics``, ``GET /openapi.json``,
 ``GET /v1/protocol.json``. Every error is ``{"error": {code, message, loc?}}`` with the status from
 ``engine.errors.HTTP_STATUS_BY_CODE``; a traceback never reaches a client.
 """
@@ -15,10 +15,12 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio.to_thread
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
-from engine.errors import HTTP_STATUS_BY_CODE, HooocusError, InvalidRequest, NotFound
+from engine.constants import MIME_BY_FORMAT
+from engine.errors import HTTP_STATUS_BY_CODE, Forbidden, HooocusError, InvalidRequest, NotFound
 from engine.events import TERMINAL_EVENTS, Event
 from engine.jobs import Job, JobState
 from engine.request import GenerationRequest
@@ -156,12 +158,24 @@ async def generate(request: Request) -> Response:
 
 
 @guarded
-async def get_job(request: Request) -> Response:
-    """Status, progress, seeds, resolved params and image URLs of one of the caller's jobs."""
+async def list_jobs(request: Request) -> Response:
+    """The caller's jobs (everyone's for admins), newest first: ``?limit=50&before=<job_id>``."""
     ctx = context(request)
     principal = authenticate(request)
-    job = service.visible_job(ctx, principal, request.path_params["job_id"])
-    return JSONResponse(service.job_summary(ctx, job))
+    limit = service.parse_list_limit(request.query_params.get("limit"))
+    before = request.query_params.get("before") or None
+    page = await anyio.to_thread.run_sync(lambda: service.list_jobs(ctx, principal, limit=limit, before=before))
+    return JSONResponse(page)
+
+
+@guarded
+async def get_job(request: Request) -> Response:
+    """Status, progress, seeds, resolved params and image URLs of one of the caller's jobs
+    (admins: anyone's); finished jobs come from the history, so they survive a restart."""
+    ctx = context(request)
+    principal = authenticate(request)
+    job_id = request.path_params["job_id"]
+    return JSONResponse(await anyio.to_thread.run_sync(service.job_record, ctx, principal, job_id))
 
 
 @guarded
@@ -183,16 +197,26 @@ async def get_image(request: Request) -> Response:
     query = request.query_params
     if "sig" in query or "exp" in query:
         if not ctx.signer.verify(request.url.path, query.get("exp"), query.get("sig")):
-            raise HooocusError("the image link is invalid or has expired", code="forbidden")
+            raise Forbidden("the image link is invalid or has expired")
     else:
         authenticate(request)
-    image = ctx.runtime.images.get(sha256)
     ext = {"jpg": "jpeg"}.get(ext.lower(), ext.lower())
-    if image is None or image.extension != ext:
+    image = ctx.runtime.images.get(sha256)
+    if image is not None and image.extension == ext:
+        return Response(image.data, media_type=image.mime, headers=_image_headers(image.sha256))
+    # Not in memory (an older job, or a restart): the file the history wrote, if it is still there.
+    path = None
+    if image is None and ctx.history is not None:
+        path = await anyio.to_thread.run_sync(ctx.history.image_path, sha256)
+    if path is None or path.suffix.lower() != f".{ext}":
         raise NotFound(f"no image {name!r}")
-    return Response(image.data, media_type=image.mime,
-                    headers={"Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{image.sha256}"',
-                             "X-Content-Type-Options": "nosniff"})
+    return FileResponse(path, media_type=MIME_BY_FORMAT.get(ext, "application/octet-stream"),
+                        headers=_image_headers(sha256.lower()))
+
+
+def _image_headers(sha256: str) -> dict[str, str]:
+    return {"Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{sha256}"',
+            "X-Content-Type-Options": "nosniff"}
 
 
 @guarded
@@ -257,6 +281,14 @@ def openapi_document() -> dict[str, Any]:
                                                      "first image's bytes"},
                               "202": {"description": "queued (wait=false, or still running after the wait limit)"},
                               "401": err, "409": err, "422": err, "429": err, "503": err}}},
+            "/v1/jobs": {"get": {
+                "summary": "The caller's jobs (admins: everyone's), newest first, from the job history",
+                "security": secured,
+                "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                           "maximum": 500, "default": 50}},
+                               {"name": "before", "in": "query", "schema": {"type": "string"},
+                                "description": "cursor: next_before of the previous page"}],
+                "responses": {"200": {"description": "{jobs: [...], next_before}"}, "401": err, "422": err}}},
             "/v1/jobs/{job_id}": {
                 "get": {"summary": "Job status and progress", "security": secured, "parameters": job_param,
                         "responses": {"200": {"description": "job"}, "404": err}},

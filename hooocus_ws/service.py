@@ -3,22 +3,37 @@
 Jobs belong to the token's principal (``job.owner == principal.name``), not to a socket. Someone
 else's job is ``not_found`` unless the caller holds the scope that covers it, so a job id is
 never an existence oracle (reliability matrix row 16).
+
+Finished jobs are read back from the SQLite history (``ctx.history``) when there is one, so they
+outlive both the in-memory retention window and a restart; unfinished ones come from the engine.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
-from engine.errors import HooocusError, InvalidRequest, NotFound
-from engine.events import ImageReady, Queued
+from engine.constants import MIME_BY_FORMAT
+from engine.errors import Forbidden, InvalidRequest, NotFound
+from engine.events import TERMINAL_EVENTS, Event, ImageReady, Queued
+from engine.history import MAX_LIST_LIMIT
 from engine.jobs import Job, JobState
 from hooocus_ws.context import ServerContext
 from hooocus_ws.tokens import Principal
 
+log = logging.getLogger("hooocus.ws.jobs")
 
-def forbidden(message: str) -> HooocusError:
-    return HooocusError(message, code="forbidden")
+_EXTENSION_BY_MIME = {mime: fmt for fmt, mime in MIME_BY_FORMAT.items()}
+_TERMINAL_STATES = frozenset(state.value for state in JobState if state.terminal)
+
+
+def _log_outcome(job: Job, event: Event) -> None:
+    # Worker thread; one short record per finished job, tagged with the job and its owner.
+    if isinstance(event, TERMINAL_EVENTS):
+        extra = {"job_id": job.job_id, "principal": job.owner}
+        detail = getattr(event, "reason", None) or getattr(event, "code", None)
+        log.info("job %s %s%s", job.job_id, event.kind, f" ({detail})" if detail else "", extra=extra)
 
 
 def submit_job(ctx: ServerContext, principal: Principal, params: dict[str, Any],
@@ -26,7 +41,7 @@ def submit_job(ctx: ServerContext, principal: Principal, params: dict[str, Any],
     """Queue ``params`` for ``principal``: (job, queue position, duplicate?). A repeated
     ``request_id`` within the retention window returns the first job (idempotent retry)."""
     if not principal.can("generate"):
-        raise forbidden("this token may not generate (scope 'generate' missing)")
+        raise Forbidden("this token may not generate (scope 'generate' missing)")
     engine = ctx.runtime.engine
     if request_id is not None:
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
@@ -38,6 +53,12 @@ def submit_job(ctx: ServerContext, principal: Principal, params: dict[str, Any],
     job = engine.submit(params, owner=principal.name)
     if request_id is not None:
         ctx.idempotency.put(principal.name, request_id, job.job_id)
+    extra = {"job_id": job.job_id, "principal": principal.name}
+    log.info("job %s queued", job.job_id, extra=extra)
+    # Prompts are user data: only at DEBUG, and only as extras (logging_setup hides them above DEBUG).
+    log.debug("job %s request", job.job_id, extra={**extra, "prompt": job.request.prompt,
+                                                    "negative_prompt": job.request.negative_prompt})
+    job.subscribe(lambda event: _log_outcome(job, event), after_seq=0)
     first = job.events_after(0)
     position = first[0].position if first and isinstance(first[0], Queued) else 0
     return job, position, False
@@ -60,7 +81,7 @@ def check_cancel_allowed(ctx: ServerContext, principal: Principal, job_id: str) 
     if job is None or not (own or principal.can("cancel:any")):
         raise NotFound(f"no job {job_id!r}")
     if own and not (principal.can("cancel:own") or principal.can("cancel:any")):
-        raise forbidden("this token may not cancel jobs (scope 'cancel:own' missing)")
+        raise Forbidden("this token may not cancel jobs (scope 'cancel:own' missing)")
     return job
 
 
@@ -85,3 +106,88 @@ def job_summary(ctx: ServerContext, job: Job) -> dict[str, Any]:
     info["images"] = [image_entry(ctx, image) for image in list(job.images)]
     info["position"] = ctx.runtime.engine.queue_position(job.job_id)
     return info
+
+
+# -- history (GET /v1/jobs, GET /v1/jobs/{id}) ------------------------------------------------------------
+
+
+def history_entry(ctx: ServerContext, record: dict[str, Any], *, admin: bool) -> dict[str, Any]:
+    """A history record in the shape of :func:`job_summary`; owner and file paths only for admins."""
+    entry = dict(record)
+    entry["position"] = None
+    if not admin:
+        entry.pop("owner", None)
+    images = []
+    for image in record["images"]:
+        image = dict(image)
+        image["url"] = ctx.image_url(image["sha256"], _EXTENSION_BY_MIME.get(image["mime"], "bin"))
+        if not admin:
+            image.pop("path", None)
+        images.append(image)
+    entry["images"] = images
+    return entry
+
+
+def _live_entry(ctx: ServerContext, job: Job, *, admin: bool) -> dict[str, Any]:
+    entry = job_summary(ctx, job)
+    if admin:
+        entry["owner"] = job.owner
+    return entry
+
+
+def job_record(ctx: ServerContext, principal: Principal, job_id: str) -> dict[str, Any]:
+    """``GET /v1/jobs/{id}``: live while unfinished, else from the history (after a restart too).
+    Missing, or someone else's without the admin scope: ``not_found``."""
+    admin = principal.can("admin")
+    job = ctx.runtime.engine.get_job(job_id)
+    if job is not None and not (job.owner == principal.name or admin):
+        raise NotFound(f"no job {job_id!r}")
+    if job is not None and not job.state.terminal:
+        return job_summary(ctx, job)
+    record = ctx.history.get_job(job_id) if ctx.history is not None else None
+    # A live job whose final row is not written yet (or whose write failed) is shown live.
+    if record is not None and (job is None or record["state"] in _TERMINAL_STATES):
+        if record["owner"] != principal.name and not admin:
+            raise NotFound(f"no job {job_id!r}")
+        return history_entry(ctx, record, admin=admin)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job_summary(ctx, visible_job(ctx, principal, job_id))
+
+
+def parse_list_limit(raw: str | None, default: int = 50) -> int:
+    if raw is None:
+        return default
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}", loc=("limit",))
+    return limit
+
+
+def list_jobs(ctx: ServerContext, principal: Principal, *, limit: int, before: str | None) -> dict[str, Any]:
+    """``GET /v1/jobs``: the caller's jobs (everyone's for admins), newest first, ``limit`` per page;
+    ``next_before`` is the cursor for the next page (None once a page comes back short). Blocking (SQLite)."""
+    admin = principal.can("admin")
+    owner = None if admin else principal.name
+    engine = ctx.runtime.engine
+    jobs: list[dict[str, Any]] = []
+    if ctx.history is not None:
+        for record in ctx.history.list_jobs(owner=owner, limit=limit, before=before):
+            live = engine.get_job(record["job_id"])
+            if live is not None and not live.state.terminal:  # live progress and queue position
+                jobs.append(_live_entry(ctx, live, admin=admin))
+            else:
+                jobs.append(history_entry(ctx, record, admin=admin))
+    else:  # no history: the jobs the engine still remembers
+        mine = [job for job in reversed(engine.jobs()) if owner is None or job.owner == owner]
+        if before is not None:
+            ids = [job.job_id for job in mine]
+            if before not in ids:
+                raise InvalidRequest(f"unknown cursor {before!r}", loc=("before",))
+            mine = mine[ids.index(before) + 1:]
+        jobs += [_live_entry(ctx, job, admin=admin) for job in mine[:limit]]
+    next_before = jobs[-1]["job_id"] if len(jobs) == limit else None
+    return {"jobs": jobs, "next_before": next_before}

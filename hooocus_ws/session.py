@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from engine.errors import HooocusError
+from engine.errors import Forbidden, HooocusError
 from engine.events import (
     TERMINAL_EVENTS,
     Cancelled,
@@ -41,6 +41,7 @@ from engine.events import (
     Warning_,
 )
 from engine.jobs import Job
+from engine.logging_setup import log_context
 from hooocus_ws import service
 from hooocus_ws.context import ServerContext
 from hooocus_ws.protocol import (
@@ -112,11 +113,22 @@ class Session:
         self._bucket = TokenBucket(ctx.limits.messages_per_s, ctx.limits.message_burst)
         self._errors_in_a_row = 0
         self._closed = False
+        self._sending = False
+
+    @property
+    def has_pending_output(self) -> bool:
+        """True while never-dropped messages wait in the outbox or are being written."""
+        return bool(self._fifo) or self._sending
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve the (already accepted) connection until either side ends it."""
+        # Every record this connection logs (its tasks inherit the context) names the principal.
+        with log_context(principal=self.principal.name):
+            await self._run()
+
+    async def _run(self) -> None:
         metrics = self.ctx.metrics
         metrics.ws_connections += 1
         metrics.ws_connections_total += 1
@@ -130,6 +142,7 @@ class Session:
                                "event_retention_s": limits.event_retention_s},
                     "preview": self.preview.model_dump()})
         close: tuple[int, str] | None = None
+        self.ctx.sessions.add(self)
         try:
             async with anyio.create_task_group() as tasks:
 
@@ -155,6 +168,7 @@ class Session:
                 tasks.start_soon(write, name=f"ws-writer-{self.conn_id}")
         finally:
             self._closed = True
+            self.ctx.sessions.discard(self)
             self._detach_all()
             metrics.ws_connections -= 1
         if close is not None and self.ws.application_state == WebSocketState.CONNECTED:
@@ -225,7 +239,7 @@ class Session:
                 self._push({"type": "ack", "re": msg.id})
             elif isinstance(msg, InterruptMessage):
                 if not self.principal.can("admin"):
-                    raise service.forbidden("interrupt needs the 'admin' scope")
+                    raise Forbidden("interrupt needs the 'admin' scope")
                 job_id = self.ctx.runtime.engine.interrupt(reason="admin")
                 self._push({"type": "ack", "re": msg.id, "job_id": job_id})
             elif isinstance(msg, PingMessage):
@@ -393,10 +407,14 @@ class Session:
                     self._seq += 1
                     message["seq"] = self._seq
                     text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-                    with anyio.fail_after(limits.send_timeout_s):
-                        await self.ws.send_text(text)
-                        if binary is not None:
-                            await self.ws.send_bytes(binary)
+                    self._sending = True
+                    try:
+                        with anyio.fail_after(limits.send_timeout_s):
+                            await self.ws.send_text(text)
+                            if binary is not None:
+                                await self.ws.send_bytes(binary)
+                    finally:
+                        self._sending = False
                     continue
                 if self._draining:
                     return None

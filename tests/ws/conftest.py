@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.testclient import TestClient
 
 from engine.jobs import Engine, Runner
@@ -20,8 +19,8 @@ from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.store import ImageStore
 from engine.testing import FakeRunner
-from hooocus_ws.app import create_app
-from hooocus_ws.cli import uvicorn_config
+from hooocus_ws.app import create_app, drain
+from hooocus_ws.cli import HooocusServer, uvicorn_config
 from hooocus_ws.context import ServerLimits
 from hooocus_ws.protocol import decode_frame, validate_server_message
 from hooocus_ws.tokens import TokenStore
@@ -133,7 +132,7 @@ def open_session(client: TestClient, token: str = ALICE, **kwargs: Any) -> tuple
 
 @dataclass
 class LiveServer:
-    server: uvicorn.Server
+    server: HooocusServer
     thread: threading.Thread
     runtime: Runtime
 
@@ -160,7 +159,8 @@ def start_server(app: Any, runtime: Runtime, *, max_message_bytes: int = 64 * 10
     config = uvicorn_config(app, host="127.0.0.1", port=0, max_message_bytes=max_message_bytes,
                             log_level="warning", ping_interval_s=ping_interval_s, ping_timeout_s=ping_timeout_s,
                             graceful_shutdown_s=graceful_shutdown_s)
-    server = uvicorn.Server(config)
+    # What `hooocus serve` runs: drain (jobs end, outboxes flush) before the sockets close with 1012.
+    server = HooocusServer(config, before_shutdown=lambda: drain(app.state.hooocus))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + 15

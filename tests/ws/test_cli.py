@@ -29,6 +29,18 @@ def test_register_adds_serve_with_every_flag():
     assert args.allowed_origins == ["https://a.example", "https://b.example"]
 
 
+def test_output_limits_and_grace_reach_the_settings_and_the_history(tmp_path):
+    args = parse("--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "imgs"), "--output-max-bytes", "5000",
+                 "--output-max-age-days", "7.5", "--shutdown-grace-s", "3")
+    prepared = cli.prepare_server(args, env={}, out=io.StringIO(), runtime=make_runtime(tmp_path))
+    history = prepared.history
+    assert (history.output_dir, history.output_max_bytes, history.output_max_age_days) == (tmp_path / "imgs", 5000,
+                                                                                            7.5)
+    assert prepared.config.app.state.hooocus.shutdown_grace_s == 3.0
+    assert prepared.config.timeout_graceful_shutdown == 8.0
+    history.close()
+
+
 def test_refuses_a_public_host_without_tokens(tmp_path):
     with pytest.raises(HooocusError) as info:
         cli.prepare_server(parse("--host", "0.0.0.0", "--data-dir", str(tmp_path)), env={},
@@ -68,6 +80,12 @@ def test_uvicorn_settings(tmp_path):
     assert config.ws == "websockets-sansio" and config.ws_per_message_deflate is False
     assert config.ws_max_size == prepared.settings.max_message_bytes == 64 * 1024
     assert config.host == "127.0.0.1" and config.proxy_headers is False
+    assert config.log_config is None  # uvicorn's records go through our root handler (masking)
+    assert isinstance(prepared.server(), cli.HooocusServer)
+    ctx = config.app.state.hooocus
+    assert ctx.history is prepared.history and prepared.history.db_path == tmp_path / "history.sqlite3"
+    assert ctx.shutdown_grace_s == prepared.settings.shutdown_grace_s
+    prepared.history.close()
     assert cli.default_allowed_hosts(prepared.settings) == ("127.0.0.1", "localhost", "::1", "[::1]")
     import logging
 

@@ -167,6 +167,7 @@ def test_mcp_mount_is_served_and_its_lifespan_entered(runtime):
     mount = FakeMcpMount()
     with TestClient(make_app(runtime, mcp_mount=mount)) as client:
         assert mount.events == ["enter"]
-        assert client.post("/mcp").status_code == 200
+        bare = client.post("/mcp", follow_redirects=False)  # no 307 to /mcp/: clients are given "/mcp"
+        assert bare.status_code == 200 and bare.text == "/mcp"
         assert client.get("/mcp/anything").status_code == 200
     assert mount.events == ["enter", "exit"]

@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from engine.errors import HooocusError, JobCancelled
 from engine.jobs import JobState, RunContext
 from engine.testing import FakeRunner, StepGate
-from hooocus_ws.client import HooocusClient, SyncHooocusClient
+from hooocus_ws.client import HooocusClient, SyncHooocusClient, generate_images_sync
 from hooocus_ws.context import ServerLimits
 from hooocus_ws.protocol import FRAME_PREVIEW, PreviewSettings, decode_frame, validate_server_message
 from tests.ws.conftest import ALICE, BOB, auth, make_runtime, run_async
@@ -249,11 +249,16 @@ def test_graceful_shutdown_cancels_queued_then_running_and_closes_1012(tmp_path,
         gate.release()
         started = time.monotonic()
         live.server.should_exit = True
+        ended = []
         with pytest.raises(ConnectionClosed) as info:
             while True:
-                await asyncio.wait_for(ws.recv(), 10)
+                raw = await asyncio.wait_for(ws.recv(), 10)
+                if isinstance(raw, str) and json.loads(raw)["type"] == "cancelled":
+                    ended.append((json.loads(raw)["job_id"], json.loads(raw)["reason"]))
         await asyncio.to_thread(live.thread.join, 15)
         assert time.monotonic() - started < 10
+        # The client heard how every job ended before the socket closed (drain runs first).
+        assert sorted(ended) == sorted((job_id, "shutting_down") for job_id in ids)
         return ids, info.value.rcvd.code
 
     ids, code = run_async(scenario(), timeout_s=60)
@@ -331,3 +336,24 @@ def test_sync_client(tmp_path, live_factory):
         replay = client.subscribe(stream.job_id)
         assert [e["type"] for e in replay][-1] == "done"
     assert not any(t.name == "hooocus-client" and t.is_alive() for t in threading.enumerate())
+
+
+def test_generate_images_sync_callbacks_and_a_refused_handshake(tmp_path, live_factory):
+    live = live_factory(make_runtime(tmp_path, FakeRunner()))
+    kinds: list[str] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        kinds.append(event["type"])
+        raise RuntimeError("a broken callback must not break the stream")
+
+    images = generate_images_sync(live.ws_url, ALICE, {"steps": 2, "seed": 9, "image_number": 2}, timeout_s=20,
+                                  on_event=on_event)
+    assert [(image.index, image.seed) for image in images] == [(0, 9), (1, 10)]
+    assert all(image.data.startswith(b"\x89PNG") and image.job_id for image in images)
+    assert kinds[0] == "accepted" and kinds[-1] == "done" and kinds.count("progress") == 4
+    with pytest.raises(HooocusError) as info:
+        generate_images_sync(live.ws_url, "wrong-token-0123456789abcdef", {"steps": 1}, timeout_s=10)
+    assert info.value.code == "unauthorized"
+    with pytest.raises(HooocusError) as refused:
+        generate_images_sync(live.ws_url, ALICE, {"styles": ["No Such Style"]}, timeout_s=10)
+    assert refused.value.code == "unknown_style"

@@ -1,0 +1,33 @@
+"""``python -m tests.ops.fake_serve [--fake-step-ms MS] serve ARGS...``: ``hooocus serve`` as shipped
+(settings, tokens, history, logging, graceful shutdown) with the torch-free FakeRunner, so a test can
+keep one job running and others queued for as long as it needs. Test-only entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from engine.jobs import Engine
+from engine.runtime import Runtime
+from engine.store import ImageStore
+from engine.testing import FakeRunner
+from hooocus_ws import cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--fake-step-ms", type=float, default=50.0)
+    fake, rest = own.parse_known_args(argv)
+    parser = argparse.ArgumentParser(prog="fake_serve")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(rest)
+    settings = cli.settings_from_args(args)
+    images = ImageStore()
+    engine = Engine(FakeRunner(step_delay_s=fake.fake_step_ms / 1000.0), max_queue=settings.queue_size,
+                    max_queued_per_owner=settings.max_queued_per_principal, image_sink=images.put)
+    return cli.run_serve(args, runtime=Runtime(settings=settings, engine=engine, images=images))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
