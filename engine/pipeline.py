@@ -214,7 +214,7 @@ class SDXLRunner:
             ctx.request, default_model=self.default_model_name,
             default_styles=self.settings.default_styles or self.styles.default_styles(expansion_available=expansion_ok),
             style_library=self.styles, rng=random.SystemRandom(), available_loras=self.registry.names("loras"),
-            expansion_available=expansion_ok)
+            expansion_available=expansion_ok, fooocus_quirks=self.settings.fooocus_quirks)
         for code, message in resolved.warnings:
             ctx.warning(code, message)
         if resolved.use_expansion and self._expansion is not None:

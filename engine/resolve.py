@@ -110,7 +110,7 @@ def task_seeds(seed: int, image_number: int, *, disable_seed_increment: bool = F
 def resolve_request(request: GenerationRequest, *, default_model: str, default_styles: Sequence[str],
                     style_library: StyleLibrary, rng: random.Random | None = None,
                     available_loras: Sequence[str] | None = None,
-                    expansion_available: bool = True) -> ResolvedRequest:
+                    expansion_available: bool = True, fooocus_quirks: bool = True) -> ResolvedRequest:
     """Fooocus's handler order (spec §1):
 
     1. styles (request's or ``default_styles``), canonical; 'Fooocus V2' sets ``use_expansion``;
@@ -146,7 +146,11 @@ def resolve_request(request: GenerationRequest, *, default_model: str, default_s
 
     width, height = request.size
     steps = request.steps if request.steps is not None else mode.steps
-    switch_step = int(round(steps * settings.refiner_switch))
+    # [quirk] Fooocus computes the switch from the performance's own steps even when the steps are
+    # overridden (async_worker apply_overrides reads async_task.steps; the parity runs record
+    # switch 15 for 6 overridden steps of Speed). Copied under fooocus_quirks; off = from `steps`.
+    switch_base_steps = mode.steps if fooocus_quirks else steps
+    switch_step = int(round(switch_base_steps * settings.refiner_switch))
     if request.refiner_switch_step is not None:
         switch_step = request.refiner_switch_step
 

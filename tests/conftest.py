@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -41,3 +43,16 @@ def _torch_single_thread() -> None:
     except ImportError:  # pragma: no cover
         return
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def parity_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full-size parity checkpoint: $HOOOCUS_PARITY_CHECKPOINT, else regenerated once per session
+    with the parity folder's own recipe (never copied into the repo; ~80 s, 6.9 GB in a temp folder)."""
+    given = os.environ.get("HOOOCUS_PARITY_CHECKPOINT")
+    if given:
+        return Path(given)
+    path = tmp_path_factory.mktemp("parity-checkpoint") / "sdxl_fidelity_random.safetensors"
+    subprocess.run([sys.executable, str(parity_dir() / "make_checkpoint.py"), str(path)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return path

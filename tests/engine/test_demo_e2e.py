@@ -168,7 +168,9 @@ def test_vae_out_of_memory_retries_with_tiled_decode(engine: Engine, monkeypatch
 
 @pytest.mark.parametrize("method", ["joint", "separate"])
 def test_refiner_swap_changes_the_model_at_the_switch_step(engine: Engine, method: str) -> None:
-    job = run(engine, seed=4, steps=6, refiner_model="demo-refiner", refiner_switch=0.5, refiner_swap_method=method)
+    # an explicit swap step (Fooocus overwrite_switch): with overridden steps Fooocus would take the
+    # switch from the performance's 30 steps (spec §1 step 7 quirk) and never swap within 6 steps
+    job = run(engine, seed=4, steps=6, refiner_model="demo-refiner", refiner_switch_step=3, refiner_swap_method=method)
     assert job.state is JobState.DONE, job.info()["error"]
     stages = [(e.stage, e.step) for e in job.events_after(0) if isinstance(e, Progress) and e.stage != "encode"]
     refine_from = 5 if method == "joint" else 4  # spec §8: joint runs switch+1 base steps

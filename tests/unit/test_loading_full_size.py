@@ -10,7 +10,6 @@ output; ``unet00`` is fed the recorded inputs and ADM vector).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,17 +54,6 @@ print(json.dumps({
     "image": rel(image.permute(0, 2, 3, 1), load_file(run / "decoded_float.safetensors")["image"]),
 }))
 """
-
-
-@pytest.fixture(scope="session")
-def parity_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    given = os.environ.get("HOOOCUS_PARITY_CHECKPOINT")
-    if given:
-        return Path(given)
-    path = tmp_path_factory.mktemp("parity-checkpoint") / "sdxl_fidelity_random.safetensors"
-    subprocess.run([sys.executable, str(parity_dir() / "make_checkpoint.py"), str(path)], check=True,
-                   stdout=subprocess.DEVNULL)
-    return path
 
 
 @pytest.mark.slow

@@ -19,11 +19,11 @@ from engine.resolve import ResolvedRequest, resolve_request
 LIBRARY = StyleLibrary.load([])  # our own set: loads a packaged file, fast
 
 
-def _resolve(rng: random.Random | None = None, **fields: Any) -> ResolvedRequest:
+def _resolve(rng: random.Random | None = None, fooocus_quirks: bool = True, **fields: Any) -> ResolvedRequest:
     fields.setdefault("seed", 7)
     return resolve_request(GenerationRequest(**fields), default_model="base.safetensors",
                            default_styles=("Hooocus Enhance", "Hooocus Sharp"), style_library=LIBRARY,
-                           rng=rng or random.Random(0))
+                           rng=rng or random.Random(0), fooocus_quirks=fooocus_quirks)
 
 
 def test_defaults() -> None:
@@ -64,8 +64,15 @@ def test_refiner_equal_to_base_is_dropped() -> None:
                                                            (27, 0.5, 14), (60, 0.75, 45)])
 def test_switch_step_rounds_like_python(steps: int, switch: float, expected: int) -> None:
     # int(round(x)) with Python's round-half-to-even (12.5 -> 12, 13.5 -> 14).
-    assert _resolve(steps=steps, refiner_switch=switch).switch_step == expected
+    assert _resolve(steps=steps, refiner_switch=switch, fooocus_quirks=False).switch_step == expected
     assert _resolve(steps=steps, refiner_switch=switch, refiner_switch_step=3).switch_step == 3
+
+
+def test_switch_step_quirk_uses_the_performance_steps() -> None:
+    # spec §1 step 7 as Fooocus 2.5.5 runs it (parity runs: 6 overridden steps of Speed -> switch 15)
+    assert _resolve(steps=6, refiner_switch=0.5).switch_step == 15
+    assert _resolve(steps=6, refiner_switch=0.5, performance="Quality").switch_step == 30
+    assert _resolve(steps=6, refiner_switch=0.5, fooocus_quirks=False).switch_step == 3
 
 
 def test_size_from_width_height_or_aspect_ratio() -> None:
