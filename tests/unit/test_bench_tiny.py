@@ -1,0 +1,87 @@
+"""bench/gpu.py --tiny: the GPU benchmark's code paths on CPU, so the script never rots.
+
+The fast test runs this process's stock-diffusers case and the "cold" child (our engine end to
+end with the compile dispatcher, the UNet TFLOP/s case, the static-cache expansion) in ≈30 s;
+the slow one runs every case, each child process included (≈60 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.paths import fooocus_data_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_bench() -> ModuleType:
+    """bench/gpu.py as a module (it imports nothing heavy at module level)."""
+    spec = importlib.util.spec_from_file_location("hooocus_bench_gpu", REPO / "bench" / "gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu = _load_bench()
+
+COLD_CASES = ("diffusers_stock_e2e_s", "hooocus_e2e_s", "hooocus_unet_tflops", "expansion_60tok_s", "peak_gib",
+              "cold_start_s")
+
+
+def run_bench(tmp_path: Path, *extra: str, timeout_s: float) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    command = [sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--out-dir", str(tmp_path),
+               "--assets", str(fooocus_data_dir()), *extra]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = list(tmp_path.glob("*-cpu-tiny.json"))
+    assert len(files) == 1, done.stdout[-2000:]
+    data = json.loads(files[0].read_text())
+    assert "Hooocus GPU benchmark on cpu" in done.stdout  # the table is printed last
+    return data
+
+
+def check_common(data: dict) -> None:
+    assert {"gpu", "torch", "diffusers", "cases"} <= data.keys()
+    assert tuple(data["cases"]) == gpu.CASE_KEYS  # every documented key, in order
+    assert data["gpu"] == "cpu" and data["tiny"] is True and data["errors"] == []
+
+
+def test_bench_tiny_cold_path(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "--skip", "compiled,warm,lowvram", timeout_s=240)
+    check_common(data)
+    for key in COLD_CASES:
+        assert isinstance(data["cases"][key], float) and data["cases"][key] > 0, key
+    details = data["details"]
+    assert details["hooocus_e2e_s"]["recompiles_between_images"] == 0  # no recompiles between images
+    assert details["hooocus_e2e_s"]["calls"]["unet"]["compiled"] > 0  # the compiled path really ran
+    assert details["hooocus_unet_tflops"]["recompiles"] == 0
+    assert details["expansion_60tok_s"]["new_tokens"] == gpu.EXPANSION_NEW_TOKENS
+    assert details["expansion_60tok_s"]["same_text_as_eager"] is True
+    assert sorted(s.split(":")[0] for s in data["skipped"]) == ["compiled", "lowvram", "warm"]
+    assert data["ratios"]["hooocus_vs_stock (goal <= 0.45, stretch 0.35)"] is not None
+
+
+@pytest.mark.slow
+def test_bench_tiny_every_case(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, timeout_s=600)
+    check_common(data)
+    for key in gpu.CASE_KEYS:
+        assert isinstance(data["cases"][key], float) and data["cases"][key] > 0, key
+    assert data["skipped"] == []
+    assert all(value is not None for value in data["ratios"].values())
+
+
+def test_strip_internal_arguments() -> None:
+    argv = ["--tiny", "--child", "cold", "--out-dir=/x", "--budget-s", "9", "--runs", "2"]
+    assert gpu.strip_internal(argv) == ["--tiny", "--runs", "2"]
