@@ -84,6 +84,8 @@ class SDXLDenoiser:
         self.model_sampling = model_sampling
         self.guidance = guidance
         self.compute_dtype = compute_dtype
+        #: The guidance function (spec §5+§6); the accelerator may swap in a compiled equivalent.
+        self.guide = sharpness_sampling_function
         #: Observers for tests/parity: called with (timestep, x_in, eps, branch rows) per UNet call.
         self.unet_observers: list = []
 
@@ -105,7 +107,7 @@ class SDXLDenoiser:
         eps_neg, eps_pos = self._unet(stage, x_in, timestep, [stage.negative, stage.positive], emphasized)
         x0_pos = ms.calculate_denoised(sigma, eps_pos, x)
         x0_neg = ms.calculate_denoised(sigma, eps_neg, x)
-        return sharpness_sampling_function(x, x0_pos, x0_neg, cfg=self.guidance.cfg,
+        return self.guide(x, x0_pos, x0_neg, cfg=self.guidance.cfg,
                                            sharpness=self.guidance.sharpness,
                                            adaptive_cfg=self.guidance.adaptive_cfg, timestep=timestep)
 

@@ -297,6 +297,7 @@ class SDXLRunner:
         guidance = Guidance(cfg=resolved.cfg, sharpness=resolved.sharpness, adaptive_cfg=resolved.adaptive_cfg,
                             adm_scaler_end=resolved.adm_scaler_end)
         denoiser = SDXLDenoiser(base_stage, ms, guidance, compute_dtype=dtype)
+        denoiser.guide = self.accelerator.guidance()
         if self.trace is not None:
             denoiser.unet_observers.append(self._unet_observer(index, denoiser))
         steps = len(sigma_plan.sigmas) - 1
