@@ -210,10 +210,11 @@ class SDXLRunner:
     def _run(self, ctx: RunContext) -> None:
         ctx.check_cancelled()
         expansion_ok = self._expansion_available()
+        available_loras = self.registry.names("loras")  # one folder scan per job
         resolved = resolve_request(
             ctx.request, default_model=self.default_model_name,
             default_styles=self.settings.default_styles or self.styles.default_styles(expansion_available=expansion_ok),
-            style_library=self.styles, rng=random.SystemRandom(), available_loras=self.registry.names("loras"),
+            style_library=self.styles, rng=random.SystemRandom(), available_loras=available_loras,
             expansion_available=expansion_ok, fooocus_quirks=self.settings.fooocus_quirks)
         for code, message in resolved.warnings:
             ctx.warning(code, message)
@@ -228,7 +229,7 @@ class SDXLRunner:
                                           f"{resolved.performance} without it")
             resolved = dataclasses.replace(resolved, performance_lora=None, loras=resolved.user_loras)
         plan = process_resolved(resolved, style_library=self.styles, wildcards=self.wildcards,
-                                expansion=self._expansion, available_loras=self.registry.names("loras"))
+                                expansion=self._expansion, available_loras=available_loras)
         base = self._load_base(resolved.base_model, vae=resolved.vae)
         refiner = self._load_refiner(resolved.refiner_model) if resolved.refiner_model else None
         self._apply_loras(base, plan.loras, ctx)
