@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Where the reference data lives; tests that isolate themselves from HOOOCUS_* settings keep these.
+TEST_DATA_VARIABLES = frozenset({"HOOOCUS_SHARED", "HOOOCUS_REFDATA", "HOOOCUS_PARITY", "HOOOCUS_PARITY_CHECKPOINT"})
 
 
 def shared_dir() -> Path:

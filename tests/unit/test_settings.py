@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from engine.errors import InvalidRequest
 from engine.settings import Settings, load_settings
+from tests.paths import TEST_DATA_VARIABLES
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_config_show_prints_values_sources_and_masks_tokens(home: Path, monkeypa
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     from engine.cli import main
 
-    for name in [n for n in os.environ if n.startswith("HOOOCUS_")]:
+    for name in [n for n in os.environ if n.startswith("HOOOCUS_") and n not in TEST_DATA_VARIABLES]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("HOOOCUS_TOKENS", "alice very-secret-value all")
