@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from engine.constants import OUTPUT_FORMATS, PERFORMANCE_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES
+from engine.constants import DEMO_MODEL, DEMO_REFINER, OUTPUT_FORMATS, PERFORMANCE_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES
 from engine.errors import HooocusError, UnknownModel
 
 if TYPE_CHECKING:
@@ -22,8 +22,7 @@ if TYPE_CHECKING:
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-#: engine.pipeline.DEMO_MODEL and DEMO_REFINER (not imported: that would import torch for every command).
-DEMO_MODELS: tuple[str, ...] = ("demo", "demo-refiner")
+DEMO_MODELS: tuple[str, ...] = (DEMO_MODEL, DEMO_REFINER)
 
 
 class CliError(Exception):

@@ -76,3 +76,8 @@ MAX_STEPS = 200
 MAX_PROMPT_CHARS = 8192
 
 FOOOCUS_VERSION = "Fooocus v2.5.5"
+
+#: The built-in random-weight demo model, by name (engine/models/demo.py), and the same model in the
+#: refiner role so refiner swaps can be tried offline.
+DEMO_MODEL = "demo"
+DEMO_REFINER = "demo-refiner"

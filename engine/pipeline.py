@@ -32,6 +32,8 @@ from engine.conditioning.styles import StyleLibrary
 from engine.conditioning.wildcards import WildcardLibrary
 from engine.constants import (
     DEFAULT_ASPECT_RATIO,
+    DEMO_MODEL,
+    DEMO_REFINER,
     MIME_BY_FORMAT,
     PERFORMANCE_NAMES,
     SAMPLER_NAMES,
@@ -60,9 +62,6 @@ from engine.settings import Settings
 
 log = logging.getLogger("hooocus.pipeline")
 
-DEMO_MODEL = "demo"
-#: The demo model in the refiner role (a tiny random SDXL refiner), so refiner swaps can be tried offline.
-DEMO_REFINER = "demo-refiner"
 #: spec §4 / §8: the SDXL refiner's aesthetic scores.
 REFINER_POSITIVE_AESTHETIC = 6.0
 REFINER_NEGATIVE_AESTHETIC = 2.5
@@ -222,7 +221,7 @@ class SDXLRunner:
             notice = self._expansion.take_notice()
             if notice:
                 ctx.warning("non_commercial", notice)
-        if (resolved.performance_lora is not None and base_name_is_demo(resolved)
+        if (resolved.performance_lora is not None and resolved.base_model == DEMO_MODEL
                 and not self._lora_installed(resolved.performance_lora[0])):
             # The demo model cannot use a real LoRA anyway: run the mode's sampler settings without it.
             ctx.warning("assets_missing", f"{resolved.performance_lora[0]} is not installed; the demo model runs "
@@ -310,8 +309,9 @@ class SDXLRunner:
         def callback(state: dict[str, Any]) -> None:
             ctx.check_cancelled()
             i = int(state["i"]) + step_offset
-            self._record(f"image{index}.step{i:02d}.x", state["x"])
-            self._record(f"image{index}.step{i:02d}.denoised", state["denoised"])
+            if self.trace is not None:  # no name formatting or copies per step unless observed
+                self._record(f"image{index}.step{i:02d}.x", state["x"])
+                self._record(f"image{index}.step{i:02d}.denoised", state["denoised"])
             if joint and i == switch:  # spec §8 quirk: the swap fires after step `switch` ran on the base
                 denoiser.stage = refiner_stage
             # joint: step `switch` itself still runs on the base; separate: the refiner starts at it
@@ -509,10 +509,6 @@ class SDXLRunner:
             calls["n"] += 1
 
         return observe
-
-
-def base_name_is_demo(resolved: ResolvedRequest) -> bool:
-    return resolved.base_model == DEMO_MODEL
 
 
 def _existing(configured: tuple[Path, ...], default: Path) -> list[Path]:

@@ -21,9 +21,8 @@ from engine.constants import MIME_BY_FORMAT
 from engine.errors import HooocusError, UnknownModel, UnknownStyle
 from engine.events import ImageReady
 from engine.jobs import RunContext
+from engine.modes import PERFORMANCE_MODES
 from engine.request import GenerationRequest
-
-_STEPS_BY_PERFORMANCE = {"Quality": 60, "Speed": 30, "Extreme Speed": 8, "Lightning": 4, "Hyper-SD": 4}
 
 
 class FakeOutOfMemoryError(RuntimeError):
@@ -69,7 +68,7 @@ class FakeRunner:
                 "defaults": GenerationRequest().model_dump(mode="json")}
 
     def steps_for(self, request: GenerationRequest) -> int:
-        return request.steps or _STEPS_BY_PERFORMANCE[request.performance]
+        return request.steps or PERFORMANCE_MODES[request.performance].steps
 
     def run(self, ctx: RunContext) -> None:
         with self._active_lock:

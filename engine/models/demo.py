@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from engine.constants import DEMO_MODEL
 from engine.models.configs import scheduler_config
 from engine.models.loading import (
     CONFIGS_METADATA_KEY,
@@ -40,7 +41,7 @@ from engine.models.loading import (
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
-DEMO_NAME = "demo"
+DEMO_NAME = DEMO_MODEL
 _SEED_TAG = "hooocus-demo-v1"
 _CLIP_WIDTH = 32
 _TIME_EMBED_DIM = 8

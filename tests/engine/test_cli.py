@@ -251,7 +251,7 @@ def test_demo_model_names_are_the_runners() -> None:
     from engine import pipeline
     from engine.cli import DEMO_MODELS
 
-    assert DEMO_MODELS == (pipeline.DEMO_MODEL, pipeline.DEMO_REFINER)
+    assert DEMO_MODELS == (pipeline.DEMO_MODEL, pipeline.DEMO_REFINER) and pipeline.DEMO_MODEL == "demo"
 
 
 # -- --from-image / --from-log ------------------------------------------------------------------------
