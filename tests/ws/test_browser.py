@@ -9,7 +9,6 @@ checks share one test (one runtime, one browser) because a demo job at the small
 
 from __future__ import annotations
 
-import json
 import shutil
 import urllib.request
 from pathlib import Path
