@@ -47,7 +47,7 @@ log = logging.getLogger("hooocus.ws")
 
 STATIC_DIR = Path(__file__).parent / "static"
 _PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' ws: wss:; "
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
                                "style-src 'self' 'unsafe-inline'; script-src 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
