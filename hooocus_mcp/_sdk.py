@@ -32,6 +32,9 @@ from mcp_types import (
     TextContent,
     ToolAnnotations,
 )
+from pydantic import ValidationError
+
+from engine.errors import pydantic_error_to_hooocus
 
 __all__ = [
     "AccessToken", "Annotations", "AuthContextMiddleware", "BearerAuthBackend", "CallToolResult", "Client",
@@ -57,12 +60,25 @@ def sniff_image_mime(data: bytes) -> str | None:
 
 
 class HooocusMCPServer(MCPServer):
-    """``MCPServer`` whose image resources carry their real MIME type.
+    """``MCPServer`` whose image resources carry their real MIME type and whose argument errors
+    read like every other door's.
 
     A resource template has one fixed ``mime_type``, but a job may write PNG, JPEG or WEBP, so
-    ``hooocus://images/{sha256}`` reads get the type sniffed from the bytes. Everything else is
-    the SDK's own behaviour.
+    ``hooocus://images/{sha256}`` reads get the type sniffed from the bytes. Tool arguments that
+    fail the input schema come back as ``invalid_request: <field path>: <problem>`` (the engine's
+    formatting, as the websocket and HTTP doors give it) instead of pydantic's multi-line dump
+    with its model name and documentation URL. Everything else is the SDK's own behaviour.
     """
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            # The SDK wraps the argument ValidationError in a ToolError (its __cause__).
+            if isinstance(exc.__cause__, ValidationError):
+                err = pydantic_error_to_hooocus(exc.__cause__)
+                raise ToolError(f"{err.code}: {err.message}") from exc.__cause__
+            raise
 
     async def read_resource(self, uri: Any, context: Any = None) -> Any:
         result = await super().read_resource(uri, context)

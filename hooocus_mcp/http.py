@@ -41,7 +41,7 @@ from hooocus_mcp._sdk import (
 )
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.tools import ServerOptions, build_server
-from hooocus_ws.tokens import TokenStore
+from hooocus_ws.tokens import KNOWN_SCOPES, TokenStore
 
 log = logging.getLogger("hooocus.mcp.http")
 
@@ -60,7 +60,10 @@ class TokenStoreVerifier:
         if principal is None:
             return None
         # The raw token is not kept: nothing downstream needs it, and nothing may forward it.
-        return AccessToken(token="<redacted>", client_id=principal.name, scopes=sorted(principal.scopes))
+        # The SDK's RequireAuthMiddleware compares scope strings literally, so hand it every scope
+        # the principal holds by Principal.can (the one rule for all doors: admin implies all).
+        scopes = sorted(s for s in KNOWN_SCOPES | principal.scopes if principal.can(s))
+        return AccessToken(token="<redacted>", client_id=principal.name, scopes=scopes)
 
 
 def security_settings(allowed_hosts: Sequence[str], allowed_origins: Sequence[str]) -> TransportSecuritySettings:
