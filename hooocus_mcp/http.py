@@ -32,12 +32,13 @@ from hooocus_mcp._sdk import (
     AccessToken,
     AuthContextMiddleware,
     BearerAuthBackend,
+    BoundedSessionManager,
     HooocusMCPServer,
     RequireAuthMiddleware,
     StreamableHTTPASGIApp,
-    StreamableHTTPSessionManager,
     TransportSecurityMiddleware,
     TransportSecuritySettings,
+    bounded_session_manager,
 )
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.tools import ServerOptions, build_server
@@ -109,23 +110,36 @@ class McpMount:
 
     app: ASGIApp
     server: HooocusMCPServer
-    session_manager: StreamableHTTPSessionManager
+    session_manager: BoundedSessionManager
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         async with self.session_manager.run():
-            yield
+            try:
+                yield
+            finally:
+                await self.close_sessions()
+
+    async def close_sessions(self) -> int:
+        """End every MCP session now. The host calls this when it starts to drain, so that open
+        SSE streams (a client's GET stream lasts as long as its session) end at once instead of
+        holding the server's graceful-shutdown wait; the lifespan exit does it again (a no-op)."""
+        return await self.session_manager.terminate_all()
 
 
 def create_mcp_mount(runtime: Runtime, tokens: TokenStore, *, allowed_hosts: Sequence[str] = (),
                      allowed_origins: Sequence[str] = (), options: ServerOptions | None = None) -> McpMount:
-    """Build (not start) the ``/mcp`` endpoint over ``runtime``'s engine and image store."""
+    """Build (not start) the ``/mcp`` endpoint over ``runtime``'s engine and image store.
+    Session limits and the idle timeout come from ``runtime.settings`` (``mcp_*``)."""
     server = build_server(LocalBackend(runtime), options)
     settings = security_settings(allowed_hosts, allowed_origins)
-    # streamable_http_app() creates the session manager; we serve its handler through our own
-    # guard instead of the returned Starlette app so the path does not matter to us.
-    server.streamable_http_app(streamable_http_path="/", json_response=False, transport_security=settings)
-    manager = server.session_manager
+    limits = runtime.settings
+    # Our own session manager (per-principal caps) instead of the one streamable_http_app() would
+    # make; we serve its handler through our own guard, so the path does not matter to us.
+    manager = bounded_session_manager(server, json_response=False, security_settings=settings,
+                                      max_sessions=limits.mcp_max_sessions,
+                                      max_sessions_per_principal=limits.mcp_max_sessions_per_principal,
+                                      session_idle_timeout=limits.mcp_session_idle_s)
     authed = AuthenticationMiddleware(
         AuthContextMiddleware(RequireAuthMiddleware(StreamableHTTPASGIApp(manager), REQUIRED_SCOPES)),
         backend=BearerAuthBackend(TokenStoreVerifier(tokens)),
