@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,17 +29,22 @@ from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.stdio import _claim_fd, _open_stdin_diversion, stdio_server
 from mcp.server.streamable_http import MCP_SESSION_ID_HEADER, StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
 from mcp_types import (
     Annotations,
     CallToolResult,
+    ErrorData,
     ImageContent,
+    JSONRPCError,
     ResourceLink,
     TextContent,
     ToolAnnotations,
+    jsonrpc_message_adapter,
 )
 from pydantic import ValidationError
 from starlette.datastructures import Headers
@@ -53,7 +59,8 @@ __all__ = [
     "RequireAuthMiddleware", "ResourceLink", "ResourceNotFoundError", "StdioServerParameters",
     "BoundedSessionManager", "bounded_session_manager", "StreamableHTTPASGIApp", "StreamableHTTPSessionManager", "TextContent", "ToolAnnotations", "ToolError",
     "TokenVerifier", "TransportSecurityMiddleware", "TransportSecuritySettings", "get_access_token",
-    "sniff_image_mime", "streamable_http_client",
+    "sniff_image_mime", "streamable_http_client", "ErrorData", "JSONRPCError", "SessionMessage",
+    "claim_stdin", "jsonrpc_message_adapter", "run_server_on_streams", "stdio_server",
 ]
 
 log = logging.getLogger("hooocus.mcp.sessions")
@@ -191,6 +198,19 @@ class BoundedSessionManager(StreamableHTTPSessionManager):
         for session_id, transport in sessions:
             await self._discard_session(session_id, transport)
         return len(sessions)
+
+
+def claim_stdin() -> tuple[Any, Any]:
+    """fd 0 as a binary stream for the MCP wire, with fd 0 itself pointed at the null device while
+    we serve (what ``stdio_server()`` does when given no stdin), and the function that restores it
+    (None when stdin is not a real descriptor, e.g. under pytest)."""
+    return _claim_fd(0, sys.stdin, "rb", _open_stdin_diversion)
+
+
+async def run_server_on_streams(server: MCPServer, read_stream: Any, write_stream: Any) -> None:
+    """What ``MCPServer.run_stdio_async`` does inside its ``stdio_server()`` block."""
+    lowlevel = server._lowlevel_server  # noqa: SLF001 - the SDK's own run_stdio_async does the same
+    await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
 
 
 def bounded_session_manager(server: MCPServer, **kw: Any) -> BoundedSessionManager:
