@@ -69,18 +69,31 @@ class TokenStoreVerifier:
 
 def security_settings(allowed_hosts: Sequence[str], allowed_origins: Sequence[str]) -> TransportSecuritySettings:
     """Allowlists in the SDK's format. Loopback names are always allowed (a rebinding attack
-    arrives with the attacker's host name); a host given without a port allows any port."""
+    arrives with the attacker's host name); a host given without a port allows any port. A page
+    served from an allowed host name may call /mcp too: ``http(s)://<allowed host>`` is an allowed
+    Origin (same names as the Host list: a rebinding attacker cannot send one of them)."""
     if "*" in allowed_hosts:
         log.warning("allowed_hosts '*' does not switch off the Host check of /mcp (DNS-rebinding protection); "
                     "list the host names clients use")
     hosts: list[str] = []
+    origins = [f"http://{h}:*" for h in LOOPBACK_HOSTS] + [f"http://{h}" for h in LOOPBACK_HOSTS]
     for host in (*LOOPBACK_HOSTS, *(h for h in allowed_hosts if h != "*")):
+        host = f"[{host}]" if host.count(":") > 1 and not host.startswith("[") else host  # bare IPv6
         has_port = "]:" in host if host.startswith("[") else ":" in host
         hosts += [host] if has_port else [host, f"{host}:*"]
-    origins = [f"http://{h}:*" for h in LOOPBACK_HOSTS] + [f"http://{h}" for h in LOOPBACK_HOSTS]
+        origins += [f"{scheme}://{name}" for scheme in ("http", "https") for name in hosts[-2 if not has_port else -1:]]
     origins += [o.rstrip("/") for o in allowed_origins]
-    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
-                                     allowed_origins=origins)
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=list(dict.fromkeys(hosts)),
+                                     allowed_origins=list(dict.fromkeys(origins)))
+
+
+def public_host(public_url: str | None) -> str | None:
+    """The host[:port] of the configured public URL, which clients behind it send as Host."""
+    if not public_url:
+        return None
+    from urllib.parse import urlsplit
+
+    return urlsplit(public_url).netloc.rpartition("@")[2] or None
 
 
 class _GuardedApp:
@@ -132,8 +145,9 @@ def create_mcp_mount(runtime: Runtime, tokens: TokenStore, *, allowed_hosts: Seq
     """Build (not start) the ``/mcp`` endpoint over ``runtime``'s engine and image store.
     Session limits and the idle timeout come from ``runtime.settings`` (``mcp_*``)."""
     server = build_server(LocalBackend(runtime), options)
-    settings = security_settings(allowed_hosts, allowed_origins)
     limits = runtime.settings
+    public = public_host(limits.public_url)
+    settings = security_settings([*allowed_hosts, *([public] if public else [])], allowed_origins)
     # Our own session manager (per-principal caps) instead of the one streamable_http_app() would
     # make; we serve its handler through our own guard, so the path does not matter to us.
     manager = bounded_session_manager(server, json_response=False, security_settings=settings,

@@ -171,3 +171,37 @@ async def test_cancelling_the_http_call_cancels_the_engine_job(mode: str) -> Non
                 assert after.structured_content["status"] == "completed"
     finally:
         runtime.close()
+
+
+@pytest.mark.parametrize("headers", [
+    {"host": "gpu.example.com", "origin": "https://gpu.example.com"},
+    {"host": "gpu.example.com:8188", "origin": "http://gpu.example.com:8188"},
+])
+async def test_a_page_on_an_allowed_host_may_call_mcp(live: LiveServer, headers: dict) -> None:
+    # Before: 403 "Invalid Origin header" for a remote client on the allowed name itself.
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(f"{live.url}/mcp", json=INIT,
+                                   headers={**SSE_JSON, "authorization": f"Bearer {ALICE_TOKEN}", **headers})
+    assert response.status_code == 200 and "mcp-session-id" in response.headers
+
+
+async def test_the_public_url_host_is_allowed_and_others_are_not(runner: FakeRunner) -> None:
+    from engine.jobs import Engine
+    from engine.settings import Settings
+    from engine.store import ImageStore
+
+    images = ImageStore()
+    runtime = Runtime(Settings(public_url="https://hooocus.example.org/"), Engine(runner, image_sink=images.put),
+                      images).start()
+    try:
+        mount = create_mcp_mount(runtime, TokenStore.parse(TOKENS_TEXT))
+        with live_server(host_app(mount)) as live:
+            async with httpx2.AsyncClient() as http:
+                async def post(host: str) -> int:
+                    return (await http.post(f"{live.url}/mcp", json=INIT, headers={
+                        **SSE_JSON, "authorization": f"Bearer {ALICE_TOKEN}", "host": host})).status_code
+
+                assert await post("hooocus.example.org") == 200
+                assert await post("evil.example") == 421
+    finally:
+        runtime.close()
