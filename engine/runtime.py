@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.jobs import Engine, Runner
 from engine.settings import Settings
@@ -25,15 +26,17 @@ class Runtime:
         self.engine.close(grace_s=grace_s)
 
 
-def create_runtime(settings: Settings, *, runner: Runner | None = None, model: str | None = None) -> Runtime:
+def create_runtime(settings: Settings, *, runner: Runner | None = None, model: str | None = None,
+                   image_folder: Path | None = None) -> Runtime:
     """Build (not start) the runtime. Without ``runner`` the SDXL runner is created for ``model``
     (a name, path, repo id or "demo"; None = settings.default_model). Loading weights happens
-    lazily on the worker thread, so this returns quickly."""
+    lazily on the worker thread, so this returns quickly. ``image_folder`` keeps the image store
+    on disk too (``hooocus mcp``: the next process reads images by hash)."""
     if runner is None:
         from engine.pipeline import SDXLRunner  # torch is imported only here
 
         runner = SDXLRunner(settings, model=model)
-    images = ImageStore(folder=None)
+    images = ImageStore(folder=image_folder)
     engine = Engine(runner, max_queue=settings.queue_size, max_queued_per_owner=settings.max_queued_per_principal,
                     image_sink=images.put)
     return Runtime(settings=settings, engine=engine, images=images)

@@ -88,6 +88,17 @@ class Settings(BaseModel):
     event_retention_s: float = Field(default=600.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log_level: str = "info"
+    #: MCP over HTTP (/mcp): open sessions in all, and per token name. At a principal's cap its
+    #: least recently used idle session is ended for the new one; with none idle, or at the
+    #: total, a new session gets 429 (hooocus_mcp._sdk.BoundedSessionManager).
+    mcp_max_sessions: int = Field(default=256, ge=1, le=100_000)
+    mcp_max_sessions_per_principal: int = Field(default=8, ge=1, le=10_000)
+    #: A session with no request in flight for this long is closed (the SDK's default is 30 min,
+    #: which kept abandoned sessions alive); the client re-initializes on the 404 that follows.
+    mcp_session_idle_s: float = Field(default=600.0, gt=0, le=86_400)
+    #: ``hooocus mcp`` (stdio): the longest JSON-RPC line read from stdin; longer ones are
+    #: answered with a JSON-RPC error and skipped without being held in memory.
+    mcp_stdio_max_line_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
     # -- derived paths --------------------------------------------------------------------------
 

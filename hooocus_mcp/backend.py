@@ -91,10 +91,25 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """The engine of this process (``Runtime``): one queue shared with the websocket front door."""
+    """The engine of this process (``Runtime``): one queue shared with the websocket front door.
 
-    def __init__(self, runtime: Runtime) -> None:
+    ``history`` (an :class:`engine.history.JobHistory`, optional) answers for jobs this engine does
+    not know: ``hooocus mcp`` over stdio runs one process per host session (the MCP Inspector: one
+    per call), so a job started by an earlier process is read back from the history.
+    """
+
+    def __init__(self, runtime: Runtime, *, history: Any = None) -> None:
         self.runtime = runtime
+        self.history = history
+
+    def _recorded(self, job_id: str, caller: Principal) -> dict[str, Any] | None:
+        """The history's record of a job this engine does not run, if ``caller`` may see it."""
+        if self.history is None or self.runtime.engine.get_job(job_id) is not None:
+            return None
+        record = self.history.get_job(job_id)
+        if record is None or (record["owner"] != caller.name and not caller.can("admin")):
+            return None
+        return record
 
     async def options(self) -> dict[str, Any]:
         # The real runner may scan model folders: keep file IO off the event loop.
@@ -114,6 +129,9 @@ class LocalBackend:
 
     @contextlib.asynccontextmanager
     async def follow(self, job_id: str, caller: Principal) -> AsyncIterator[AsyncIterator[Event]]:
+        if self._recorded(job_id, caller) is not None:  # an earlier process's job: nothing to follow
+            yield _no_events()
+            return
         job = self._job(job_id, caller)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -137,9 +155,14 @@ class LocalBackend:
             unsubscribe()
 
     async def job(self, job_id: str, caller: Principal) -> JobView:
+        record = self._recorded(job_id, caller)
+        if record is not None:
+            return recorded_job_view(record)
         return job_view(self._job(job_id, caller), self.runtime.engine.queue_position(job_id))
 
     async def cancel(self, job_id: str, caller: Principal) -> bool:
+        if self._recorded(job_id, caller) is not None:
+            return False  # finished, or interrupted with the process that ran it
         job = self._job(job_id, caller, any_scope="cancel:any")
         if job.owner == caller.name and not (caller.can("cancel:own") or caller.can("cancel:any")):
             raise Forbidden("this token may not cancel jobs (scope 'cancel:own' missing)")
@@ -151,6 +174,28 @@ class LocalBackend:
     async def preview(self, job_id: str, caller: Principal) -> np.ndarray | None:
         preview = self._job(job_id, caller).latest_preview
         return None if preview is None else preview.rgb
+
+
+async def _no_events() -> AsyncIterator[Event]:
+    return
+    yield  # an async generator that ends at once
+
+
+def recorded_job_view(record: dict[str, Any]) -> JobView:
+    """A :class:`JobView` of an ``engine.history`` record (a job of an earlier process).
+
+    A record still "queued"/"running" belongs to a process that is gone or busy elsewhere; it is
+    shown as the history has it. Step counts are not recorded: a done job shows steps x images."""
+    images = tuple(ImageInfo(index=i["index"], seed=str(i["seed"]), sha256=i["sha256"], mime=i["mime"],
+                             width=i["width"], height=i["height"], size_bytes=i["size_bytes"])
+                   for i in record.get("images", ()))
+    params = dict(record.get("params") or {})
+    steps = params.get("steps") if isinstance(params.get("steps"), int) else 0
+    total = steps * len(images) if record["state"] == "done" else 0
+    return JobView(job_id=record["job_id"], state=record["state"], params=params,
+                   seeds=tuple(str(s) for s in record.get("seeds") or ()), done_steps=total, total_steps=total,
+                   images=images, error=record.get("error"), created_at=record.get("created_at"),
+                   started_at=record.get("started_at"), finished_at=record.get("finished_at"))
 
 
 def job_view(job: Job, queue_position: int | None) -> JobView:

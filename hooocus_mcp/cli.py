@@ -3,7 +3,14 @@
 Two modes (api_anchors §11.3): embedded (this process owns an engine: ``--model NAME|demo``) or
 proxy (``--connect ws://host:port/v1/ws`` forwards to a running ``hooocus serve``, with the token
 read from the environment variable named by ``--token-env``). stdout carries MCP messages only;
-every log line goes to stderr.
+every log line goes to stderr. stdin lines are capped (``mcp_stdio_max_line_bytes``) and malformed
+JSON-RPC is answered or logged (:mod:`hooocus_mcp.stdio`).
+
+Embedded mode keeps its work in the data folder, as ``hooocus serve`` does: the job history
+(``<data_dir>/history.sqlite3``, images also in the output folder) and the image store's folder
+(``<data_dir>/images``). Hosts such as the MCP Inspector start one process per call, so the next
+process must still answer ``get_job`` and ``hooocus://images/<sha256>`` for a job an earlier one
+ran. When stdin closes, the running job gets ``shutdown_grace_s`` to finish and be recorded.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,30 +65,53 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"hooocus mcp: --connect needs a token in ${args.token_env}")
         from hooocus_mcp.remote import RemoteBackend
 
-        anyio.run(serve_stdio_remote, RemoteBackend.for_url(args.connect, token))
+        anyio.run(serve_stdio_remote, RemoteBackend.for_url(args.connect, token), settings.mcp_stdio_max_line_bytes)
         return 0
     from engine.runtime import create_runtime
 
-    runtime = create_runtime(settings, model=args.model).start()
-    try:
-        serve_stdio_local(runtime)
-    finally:
-        runtime.close(grace_s=0.0)
+    serve_embedded(create_runtime(settings, model=args.model, image_folder=stdio_image_folder(settings)))
     return 0
 
 
-def serve_stdio_local(runtime: Any) -> None:
-    """Serve MCP on stdin/stdout over ``runtime`` until stdin closes."""
+def serve_embedded(runtime: Any) -> None:
+    """Embedded mode over a built (not started) runtime: open the data folder's job history, serve
+    until stdin closes, give the running job ``shutdown_grace_s``, close everything."""
+    from engine.history import JobHistory
+
+    settings = runtime.settings
+    history = JobHistory.from_settings(settings)
+    try:
+        history.attach(runtime.engine)  # before the first submit: it records every job
+        runtime.start()
+        try:
+            serve_stdio_local(runtime, history=history)
+        finally:
+            runtime.close(grace_s=settings.shutdown_grace_s)
+    finally:
+        history.close()
+
+
+def stdio_image_folder(settings: Any) -> Path:
+    """Where ``hooocus mcp`` keeps full images by content hash, for the next process to read."""
+    return Path(settings.data_dir) / "images"
+
+
+def serve_stdio_local(runtime: Any, *, history: Any = None) -> None:
+    """Serve MCP on stdin/stdout over ``runtime`` until stdin closes. ``history`` (a
+    :class:`engine.history.JobHistory`) answers for jobs this process does not know."""
     from hooocus_mcp.backend import LocalBackend
+    from hooocus_mcp.stdio import serve_stdio
 
-    server = build_server(LocalBackend(runtime), ServerOptions(default_caller=STDIO_CALLER))
-    anyio.run(server.run_stdio_async)
+    server = build_server(LocalBackend(runtime, history=history), ServerOptions(default_caller=STDIO_CALLER))
+    anyio.run(partial(serve_stdio, server, max_line_bytes=runtime.settings.mcp_stdio_max_line_bytes))
 
 
-async def serve_stdio_remote(backend: Any) -> None:
+async def serve_stdio_remote(backend: Any, max_line_bytes: int = 4 * 1024 * 1024) -> None:
+    from hooocus_mcp.stdio import serve_stdio
+
     server = build_server(backend, ServerOptions(default_caller=STDIO_CALLER))
     try:
-        await server.run_stdio_async()
+        await serve_stdio(server, max_line_bytes=max_line_bytes)
     finally:
         await backend.aclose()
 

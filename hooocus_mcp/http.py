@@ -32,16 +32,17 @@ from hooocus_mcp._sdk import (
     AccessToken,
     AuthContextMiddleware,
     BearerAuthBackend,
+    BoundedSessionManager,
     HooocusMCPServer,
     RequireAuthMiddleware,
     StreamableHTTPASGIApp,
-    StreamableHTTPSessionManager,
     TransportSecurityMiddleware,
     TransportSecuritySettings,
+    bounded_session_manager,
 )
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.tools import ServerOptions, build_server
-from hooocus_ws.tokens import TokenStore
+from hooocus_ws.tokens import KNOWN_SCOPES, TokenStore
 
 log = logging.getLogger("hooocus.mcp.http")
 
@@ -60,23 +61,39 @@ class TokenStoreVerifier:
         if principal is None:
             return None
         # The raw token is not kept: nothing downstream needs it, and nothing may forward it.
-        return AccessToken(token="<redacted>", client_id=principal.name, scopes=sorted(principal.scopes))
+        # The SDK's RequireAuthMiddleware compares scope strings literally, so hand it every scope
+        # the principal holds by Principal.can (the one rule for all doors: admin implies all).
+        scopes = sorted(s for s in KNOWN_SCOPES | principal.scopes if principal.can(s))
+        return AccessToken(token="<redacted>", client_id=principal.name, scopes=scopes)
 
 
 def security_settings(allowed_hosts: Sequence[str], allowed_origins: Sequence[str]) -> TransportSecuritySettings:
     """Allowlists in the SDK's format. Loopback names are always allowed (a rebinding attack
-    arrives with the attacker's host name); a host given without a port allows any port."""
+    arrives with the attacker's host name); a host given without a port allows any port. A page
+    served from an allowed host name may call /mcp too: ``http(s)://<allowed host>`` is an allowed
+    Origin (same names as the Host list: a rebinding attacker cannot send one of them)."""
     if "*" in allowed_hosts:
         log.warning("allowed_hosts '*' does not switch off the Host check of /mcp (DNS-rebinding protection); "
                     "list the host names clients use")
     hosts: list[str] = []
+    origins = [f"http://{h}:*" for h in LOOPBACK_HOSTS] + [f"http://{h}" for h in LOOPBACK_HOSTS]
     for host in (*LOOPBACK_HOSTS, *(h for h in allowed_hosts if h != "*")):
+        host = f"[{host}]" if host.count(":") > 1 and not host.startswith("[") else host  # bare IPv6
         has_port = "]:" in host if host.startswith("[") else ":" in host
         hosts += [host] if has_port else [host, f"{host}:*"]
-    origins = [f"http://{h}:*" for h in LOOPBACK_HOSTS] + [f"http://{h}" for h in LOOPBACK_HOSTS]
+        origins += [f"{scheme}://{name}" for scheme in ("http", "https") for name in hosts[-2 if not has_port else -1:]]
     origins += [o.rstrip("/") for o in allowed_origins]
-    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
-                                     allowed_origins=origins)
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=list(dict.fromkeys(hosts)),
+                                     allowed_origins=list(dict.fromkeys(origins)))
+
+
+def public_host(public_url: str | None) -> str | None:
+    """The host[:port] of the configured public URL, which clients behind it send as Host."""
+    if not public_url:
+        return None
+    from urllib.parse import urlsplit
+
+    return urlsplit(public_url).netloc.rpartition("@")[2] or None
 
 
 class _GuardedApp:
@@ -106,23 +123,37 @@ class McpMount:
 
     app: ASGIApp
     server: HooocusMCPServer
-    session_manager: StreamableHTTPSessionManager
+    session_manager: BoundedSessionManager
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         async with self.session_manager.run():
-            yield
+            try:
+                yield
+            finally:
+                await self.close_sessions()
+
+    async def close_sessions(self) -> int:
+        """End every MCP session now. The host calls this when it starts to drain, so that open
+        SSE streams (a client's GET stream lasts as long as its session) end at once instead of
+        holding the server's graceful-shutdown wait; the lifespan exit does it again (a no-op)."""
+        return await self.session_manager.terminate_all()
 
 
 def create_mcp_mount(runtime: Runtime, tokens: TokenStore, *, allowed_hosts: Sequence[str] = (),
                      allowed_origins: Sequence[str] = (), options: ServerOptions | None = None) -> McpMount:
-    """Build (not start) the ``/mcp`` endpoint over ``runtime``'s engine and image store."""
+    """Build (not start) the ``/mcp`` endpoint over ``runtime``'s engine and image store.
+    Session limits and the idle timeout come from ``runtime.settings`` (``mcp_*``)."""
     server = build_server(LocalBackend(runtime), options)
-    settings = security_settings(allowed_hosts, allowed_origins)
-    # streamable_http_app() creates the session manager; we serve its handler through our own
-    # guard instead of the returned Starlette app so the path does not matter to us.
-    server.streamable_http_app(streamable_http_path="/", json_response=False, transport_security=settings)
-    manager = server.session_manager
+    limits = runtime.settings
+    public = public_host(limits.public_url)
+    settings = security_settings([*allowed_hosts, *([public] if public else [])], allowed_origins)
+    # Our own session manager (per-principal caps) instead of the one streamable_http_app() would
+    # make; we serve its handler through our own guard, so the path does not matter to us.
+    manager = bounded_session_manager(server, json_response=False, security_settings=settings,
+                                      max_sessions=limits.mcp_max_sessions,
+                                      max_sessions_per_principal=limits.mcp_max_sessions_per_principal,
+                                      session_idle_timeout=limits.mcp_session_idle_s)
     authed = AuthenticationMiddleware(
         AuthContextMiddleware(RequireAuthMiddleware(StreamableHTTPASGIApp(manager), REQUIRED_SCOPES)),
         backend=BearerAuthBackend(TokenStoreVerifier(tokens)),

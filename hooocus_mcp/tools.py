@@ -205,6 +205,19 @@ class ProgressReporter:
 
 # -- the server ---------------------------------------------------------------------------------------
 
+def package_version() -> str:
+    """The installed ``hooocus`` version for ``serverInfo.version`` (clients show it and log it);
+    ``engine.__version__`` when running from a checkout that was never installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("hooocus")
+    except importlib.metadata.PackageNotFoundError:
+        import engine
+
+        return str(getattr(engine, "__version__", "0+unknown"))
+
+
 def caller_of(default: Principal) -> Principal:
     """The bearer principal over HTTP (set by the SDK's auth middleware), else ``default``."""
     token = get_access_token()
@@ -250,7 +263,7 @@ def build_server(backend: Backend, options: ServerOptions | None = None) -> Hooo
     """An MCP server whose tools drive ``backend``. Transport-agnostic (stdio, HTTP, in-memory)."""
     opts = options or ServerOptions()
     mcp = HooocusMCPServer(
-        opts.name, log_level="WARNING",
+        opts.name, version=package_version(), log_level="WARNING",
         instructions=("Text-to-image with Fooocus-quality SDXL. Call generate_image with a prompt; it returns small "
                       "thumbnails and hooocus://images/<sha256> links to the full images. list_options shows the "
                       "styles, models, samplers and sizes you may choose."),

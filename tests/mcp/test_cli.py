@@ -36,3 +36,14 @@ def test_bad_combinations_exit_2_with_one_line(argv: list[str], message: str, ca
     assert cli.main([*argv, "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr()
     assert message in err.err and "Traceback" not in err.err and err.out == ""
+
+
+def test_embedded_mode_keeps_images_in_the_data_folder(tmp_path) -> None:
+    from engine.runtime import create_runtime
+    from engine.settings import Settings
+    from engine.testing import FakeRunner
+
+    settings = Settings(data_dir=tmp_path)
+    runtime = create_runtime(settings, runner=FakeRunner(), image_folder=cli.stdio_image_folder(settings))
+    assert runtime.images.folder == tmp_path / "images" and runtime.images.folder.is_dir()
+    assert create_runtime(settings, runner=FakeRunner()).images.folder is None  # serve: unchanged

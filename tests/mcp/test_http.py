@@ -25,6 +25,9 @@ from tests.mcp.conftest import ALICE_TOKEN, BOB_TOKEN, TOKENS_TEXT, LiveServer, 
 pytestmark = pytest.mark.anyio
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+ADMIN_TOKEN = "root-token-0123456789abcdefgh"
+#: An admin token that lists no other scope: admin implies every scope (Principal.can).
+SERVE_TOKENS = TOKENS_TEXT + f"root {ADMIN_TOKEN} admin\n"
 SSE_JSON = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 
 
@@ -39,7 +42,7 @@ def host_app(mount: McpMount) -> Starlette:
 
 @contextlib.contextmanager
 def serving(runtime: Runtime, *, bind: str = "127.0.0.1") -> Iterator[LiveServer]:
-    mount = create_mcp_mount(runtime, TokenStore.parse(TOKENS_TEXT), allowed_hosts=["gpu.example.com"],
+    mount = create_mcp_mount(runtime, TokenStore.parse(SERVE_TOKENS), allowed_hosts=["gpu.example.com"],
                              allowed_origins=["https://app.example.com"])
     with live_server(host_app(mount), host=bind) as live:
         if bind == "0.0.0.0":  # noqa: S104 - the point of the test; connect over loopback
@@ -90,6 +93,24 @@ async def test_allowed_host_and_origin_pass(live: LiveServer, headers: dict) -> 
         response = await http.post(f"{live.url}/mcp", json=INIT,
                                    headers={**SSE_JSON, "authorization": f"Bearer {ALICE_TOKEN}", **headers})
     assert response.status_code == 200 and "mcp-session-id" in response.headers
+
+
+async def test_admin_only_token_may_use_mcp_and_see_every_job(live: LiveServer, runtime: Runtime) -> None:
+    # Before: 403 insufficient_scope "Required scope: generate" for a token whose scopes are just "admin".
+    async with mcp_client(live, ALICE_TOKEN) as alice, mcp_client(live, ADMIN_TOKEN) as root:
+        made = await alice.call_tool("generate_image", {"prompt": "mine", "performance": "Lightning"})
+        own = await root.call_tool("generate_image", {"prompt": "admin's", "performance": "Lightning"})
+        peek = await root.call_tool("get_job", {"job_id": made.structured_content["job_id"]})
+    assert own.structured_content["status"] == "completed"
+    assert runtime.engine.get_job(own.structured_content["job_id"]).owner == "root"
+    assert not peek.is_error and peek.structured_content["status"] == "completed"
+
+
+async def test_verifier_grants_admin_every_scope_and_others_only_theirs() -> None:
+    verifier = TokenStoreVerifier(TokenStore.parse(SERVE_TOKENS))
+    root, alice = await verifier.verify_token(ADMIN_TOKEN), await verifier.verify_token(ALICE_TOKEN)
+    assert root is not None and set(root.scopes) == {"admin", "generate", "cancel:own", "cancel:any"}
+    assert alice is not None and set(alice.scopes) == {"generate", "cancel:own"}
 
 
 async def test_verifier_keeps_no_raw_token() -> None:
@@ -148,5 +169,39 @@ async def test_cancelling_the_http_call_cancels_the_engine_job(mode: str) -> Non
                 assert await anyio.to_thread.run_sync(victim.wait, 5) and victim.state is JobState.CANCELLED
                 after = await client.call_tool("generate_image", {"prompt": "next", "performance": "Lightning"})
                 assert after.structured_content["status"] == "completed"
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("headers", [
+    {"host": "gpu.example.com", "origin": "https://gpu.example.com"},
+    {"host": "gpu.example.com:8188", "origin": "http://gpu.example.com:8188"},
+])
+async def test_a_page_on_an_allowed_host_may_call_mcp(live: LiveServer, headers: dict) -> None:
+    # Before: 403 "Invalid Origin header" for a remote client on the allowed name itself.
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(f"{live.url}/mcp", json=INIT,
+                                   headers={**SSE_JSON, "authorization": f"Bearer {ALICE_TOKEN}", **headers})
+    assert response.status_code == 200 and "mcp-session-id" in response.headers
+
+
+async def test_the_public_url_host_is_allowed_and_others_are_not(runner: FakeRunner) -> None:
+    from engine.jobs import Engine
+    from engine.settings import Settings
+    from engine.store import ImageStore
+
+    images = ImageStore()
+    runtime = Runtime(Settings(public_url="https://hooocus.example.org/"), Engine(runner, image_sink=images.put),
+                      images).start()
+    try:
+        mount = create_mcp_mount(runtime, TokenStore.parse(TOKENS_TEXT))
+        with live_server(host_app(mount)) as live:
+            async with httpx2.AsyncClient() as http:
+                async def post(host: str) -> int:
+                    return (await http.post(f"{live.url}/mcp", json=INIT, headers={
+                        **SSE_JSON, "authorization": f"Bearer {ALICE_TOKEN}", "host": host})).status_code
+
+                assert await post("hooocus.example.org") == 200
+                assert await post("evil.example") == 421
     finally:
         runtime.close()

@@ -123,6 +123,32 @@ async def test_progress_strictly_increases_and_ends_at_total(runtime: Runtime, m
     assert values[-1] == (12, 12) and all(total == 12 for _, total in values)
 
 
+@pytest.mark.parametrize("args, expected", [
+    ({"prompt": "x", "width": 13, "height": 64}, "invalid_request: width: Input should be a multiple of 8"),
+    ({}, "invalid_request: prompt: Field required"),
+    ({"prompt": "x", "image_number": "lots"}, "invalid_request: image_number: Input should be a valid integer"),
+    ({"prompt": "x", "styles": ["a", 7]}, "invalid_request: styles.1: Input should be a valid string"),
+])
+async def test_schema_errors_read_like_the_other_doors(runtime: Runtime, args: dict, expected: str) -> None:
+    # Before: "Error executing tool generate_image: 1 validation error for generate_imageArguments ...
+    # For further information visit https://errors.pydantic.dev/...".
+    async with Client(server_for(runtime)) as client:
+        result = await client.call_tool("generate_image", args)
+    text = result.content[0].text
+    assert result.is_error and text.startswith(expected)
+    assert "\n" not in text and "pydantic" not in text and "Arguments" not in text
+    assert runtime.engine.jobs() == []
+
+
+async def test_server_info_carries_the_package_version(runtime: Runtime) -> None:
+    import importlib.metadata
+
+    async with Client(server_for(runtime), mode="legacy") as client:
+        info = client.server_info
+    assert info is not None and info.name == "hooocus"
+    assert info.version == importlib.metadata.version("hooocus") and info.version != ""
+
+
 @pytest.mark.parametrize("args, needle", [
     ({"prompt": "x", "width": 1001, "height": 1000}, "multiple of 8"),
     ({"prompt": "x", "width": 1024}, "give both width and height"),
