@@ -88,6 +88,9 @@ class Settings(BaseModel):
     event_retention_s: float = Field(default=600.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log_level: str = "info"
+    #: Reverse proxies (addresses or CIDRs) whose X-Forwarded-For names the real client; the
+    #: failed-auth limiter counts per client address. Empty = the TCP peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
 
     # -- derived paths --------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.datastructures import Headers
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -36,7 +37,7 @@ from engine.errors import ShuttingDown
 from engine.history import JobHistory
 from engine.runtime import Runtime
 from hooocus_ws import http
-from hooocus_ws.auth import AuthFailure, AuthGate, FailedAuthLimiter
+from hooocus_ws.auth import AuthFailure, AuthGate, FailedAuthLimiter, bearer_token, parse_networks
 from hooocus_ws.context import ServerContext, ServerLimits
 from hooocus_ws.protocol import PROTOCOL, PreviewSettings
 from hooocus_ws.session import Session
@@ -72,11 +73,47 @@ class _AsgiApp:
         await self.app(scope, receive, send)
 
 
+class _McpAuthLimit:
+    """Put /mcp behind the same failed-auth limiter as the websocket and HTTP routes. The MCP
+    mount checks tokens itself; here a valid bearer always passes, a missing/invalid one from an
+    address over its failure budget gets 429 before reaching the mount, and each 401 the mount
+    answers counts as a failure of the caller's address."""
+
+    def __init__(self, app: Any, gate: AuthGate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        token = bearer_token(headers)
+        if self.gate.tokens.verify(token) is not None:
+            await self.app(scope, receive, send)
+            return
+        peer = scope.get("client")
+        address = self.gate.address_of(peer[0] if peer else None, headers)
+        try:
+            self.gate.refuse_if_blocked(address)
+        except AuthFailure as exc:
+            await http.error_response(exc)(scope, receive, send)
+            return
+        reason = "missing_token" if token is None else "bad_token"
+
+        async def counting_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                self.gate.record_failure(address, reason)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 async def websocket_endpoint(websocket: WebSocket) -> None:
     """``/v1/ws``: authenticate at the handshake (before accept), then serve a :class:`Session`."""
     ctx: ServerContext = websocket.app.state.hooocus
     offered = websocket.scope.get("subprotocols", [])
-    client = websocket.client.host if websocket.client else "unknown"
+    client = ctx.gate.address_of(websocket.client.host if websocket.client else None, websocket.headers)
     try:
         if ctx.closing:
             raise ShuttingDown("the server is shutting down")
@@ -128,7 +165,8 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
         limits = ServerLimits(max_message_bytes=settings.max_message_bytes,
                               event_retention_s=settings.event_retention_s)
     gate = AuthGate(tokens=tokens, limiter=auth_limiter or FailedAuthLimiter(),
-                    allowed_origins=tuple(allowed_origins))
+                    allowed_origins=tuple(allowed_origins),
+                    trusted_proxies=parse_networks(settings.trusted_proxies))
     grace_s = settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
     ctx = ServerContext(runtime=runtime, gate=gate, limits=limits,
                         signer=signer or UrlSigner(settings.url_signing_key),
@@ -176,7 +214,7 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
     ]
     if mcp_mount is not None:
         # Both /mcp (what MCP clients are usually given) and /mcp/...; the mount ignores the path.
-        mcp_app = _AsgiApp(mcp_mount.app)
+        mcp_app = _AsgiApp(_McpAuthLimit(mcp_mount.app, gate))
         routes += [Route("/mcp", endpoint=mcp_app), Mount("/mcp", app=mcp_app)]
     middleware = []
     if allowed_hosts is not None and "*" not in allowed_hosts:

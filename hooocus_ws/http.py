@@ -70,7 +70,7 @@ def guarded(handler: Handler) -> Handler:
 
 def authenticate(request: Request) -> Principal:
     ctx = context(request)
-    client = request.client.host if request.client else "unknown"
+    client = ctx.gate.address_of(request.client.host if request.client else None, request.headers)
     return ctx.gate.authenticate(headers=request.headers, address=client, scheme=request.url.scheme,
                                  query_string=request.scope.get("query_string", b""))
 

@@ -171,3 +171,36 @@ def test_mcp_mount_is_served_and_its_lifespan_entered(runtime):
         assert bare.status_code == 200 and bare.text == "/mcp"
         assert client.get("/mcp/anything").status_code == 200
     assert mount.events == ["enter", "exit"]
+
+
+class Mcp401Mount(FakeMcpMount):
+    """A mount that, like the real one, answers 401 without a valid bearer token."""
+
+    def __init__(self, tokens) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.reached = 0
+
+    async def app(self, scope, receive, send) -> None:
+        from hooocus_ws.auth import bearer_token
+        from starlette.datastructures import Headers
+
+        self.reached += 1
+        ok = self.tokens.verify(bearer_token(Headers(scope=scope))) is not None
+        await send({"type": "http.response.start", "status": 200 if ok else 401, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_mcp_failures_count_and_a_valid_token_always_passes(runtime, tokens):
+    """Issue 11.1: 30 bad bearer tokens on /mcp were never limited."""
+    mount = Mcp401Mount(tokens)
+    with TestClient(make_app(runtime, mcp_mount=mount), client=("10.0.0.3", 1)) as client:
+        statuses = [client.post("/mcp", headers=auth("bad-token-0123456789abc")).status_code for _ in range(30)]
+        assert statuses[:10] == [401] * 10 and set(statuses[10:]) == {429}
+        assert mount.reached == 10  # blocked attempts never reach the mount
+        blocked = client.post("/mcp")
+        assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+        assert blocked.json()["error"]["code"] == "rate_limited"
+        assert client.post("/mcp", headers=auth(ALICE)).status_code == 200
+        # The websocket/HTTP routes share the budget.
+        assert client.get("/metrics").status_code == 429

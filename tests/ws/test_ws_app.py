@@ -79,12 +79,52 @@ def test_failed_attempts_are_rate_limited_per_address(runtime):
     with attacker, other:
         for _ in range(10):
             assert denial(attacker, headers=auth("wrong-token-0123456789")).status_code == 401
-        blocked = denial(attacker, headers=auth(ALICE))  # even the right token waits out the window
+        blocked = denial(attacker, headers=auth("wrong-token-0123456789"))  # further failures wait
         assert blocked.status_code == 429
         assert int(blocked.headers["retry-after"]) >= 1
-        assert attacker.get("/v1/options", headers=auth(ALICE)).status_code == 429  # HTTP shares the limiter
+        assert attacker.get("/v1/options").status_code == 429  # HTTP shares the limiter
         with connect(other, ALICE) as ws:  # another address is unaffected
             assert WsReader(ws).recv()["type"] == "hello"
+
+
+def test_tokenless_noise_never_locks_out_a_valid_token(runtime):
+    """Issue 11.1: ten tokenless requests from one address (a reverse proxy: everyone's address)
+    used to make every later request from it 429, valid tokens and admin included."""
+    app = make_app(runtime)
+    shared = TestClient(app, client=("10.0.0.9", 1000))
+    with shared:
+        for _ in range(12):
+            assert shared.get("/metrics").status_code in (401, 429)
+        assert shared.get("/metrics").status_code == 429  # further failures are refused
+        assert shared.get("/v1/options", headers=auth(ALICE)).status_code == 200
+        assert shared.get("/metrics", headers=auth(ADMIN)).status_code == 200
+        with connect(shared, ADMIN) as ws:
+            assert WsReader(ws).recv()["type"] == "hello"
+        assert denial(shared).status_code == 429
+
+
+def test_forwarded_address_counts_only_behind_a_trusted_proxy(tmp_path):
+    from engine.jobs import Engine
+    from engine.runtime import Runtime
+    from engine.settings import Settings
+    from engine.store import ImageStore
+
+    settings = Settings(data_dir=tmp_path, trusted_proxies=("10.1.0.0/16",))
+    images = ImageStore()
+    runtime = Runtime(settings=settings, engine=Engine(FakeRunner(), image_sink=images.put), images=images)
+    app = make_app(runtime)
+    proxy = TestClient(app, client=("10.1.2.3", 1000))
+    stranger = TestClient(app, client=("192.0.2.7", 1000))
+    with proxy, stranger:
+        for _ in range(10):
+            assert proxy.get("/metrics", headers={"X-Forwarded-For": "1.1.1.1, 203.0.113.5"}).status_code == 401
+        # The proxy's right-most untrusted hop (203.0.113.5) is blocked, its other clients are not.
+        assert proxy.get("/metrics", headers={"X-Forwarded-For": "203.0.113.5"}).status_code == 429
+        assert proxy.get("/metrics", headers={"X-Forwarded-For": "203.0.113.6, 10.1.9.9"}).status_code == 401
+        # An untrusted peer's X-Forwarded-For is ignored: it cannot dodge its own budget by forging one.
+        for i in range(10):
+            stranger.get("/metrics", headers={"X-Forwarded-For": f"198.51.100.{i}"})
+        assert stranger.get("/metrics", headers={"X-Forwarded-For": "198.51.100.99"}).status_code == 429
 
 
 def test_token_in_query_is_refused_and_never_logged(client, caplog):
