@@ -43,26 +43,29 @@ class ServerLimits:
 
 
 class IdempotencyCache:
-    """(principal, request_id) -> job_id for ``ttl_s``; bounded, oldest entries out first."""
+    """(principal, request_id) -> (job_id, params fingerprint) for ``ttl_s``; bounded, oldest out first.
+    The fingerprint lets a reuse of the key with different parameters be refused (``conflict``)
+    instead of silently answering with the first job."""
 
     def __init__(self, *, ttl_s: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._clock = clock
-        self._items: collections.OrderedDict[tuple[str, str], tuple[str, float]] = collections.OrderedDict()
+        self._items: collections.OrderedDict[tuple[str, str], tuple[str, str, float]] = collections.OrderedDict()
 
-    def get(self, owner: str, request_id: str) -> str | None:
+    def get(self, owner: str, request_id: str) -> tuple[str, str] | None:
+        """(job_id, fingerprint) of the first use of the key, or None."""
         now = self._clock()
         while self._items:  # expire from the oldest end
-            key, (_, expires) = next(iter(self._items.items()))
+            key, (_, _, expires) = next(iter(self._items.items()))
             if expires > now:
                 break
             del self._items[key]
         hit = self._items.get((owner, request_id))
-        return hit[0] if hit is not None else None
+        return (hit[0], hit[1]) if hit is not None else None
 
-    def put(self, owner: str, request_id: str, job_id: str) -> None:
-        self._items[(owner, request_id)] = (job_id, self._clock() + self.ttl_s)
+    def put(self, owner: str, request_id: str, job_id: str, fingerprint: str = "") -> None:
+        self._items[(owner, request_id)] = (job_id, fingerprint, self._clock() + self.ttl_s)
         self._items.move_to_end((owner, request_id))
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)

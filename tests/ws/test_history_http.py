@@ -115,3 +115,11 @@ def test_without_a_history_the_list_shows_the_engines_jobs(tmp_path):
         page = client.get(f"/v1/jobs?limit=1&before={ids[2]}", headers=auth(ALICE)).json()
         assert [job["job_id"] for job in page["jobs"]] == [ids[0]] and page["next_before"] == ids[0]
         assert client.get(f"/v1/images/{'0' * 64}.png", headers=auth(ALICE)).status_code == 404
+
+
+def test_a_finished_job_keeps_its_progress_after_a_restart(tmp_path, finished):
+    """Issue 11 (HTTP): ``progress`` used to become null once a job was done."""
+    with serve(tmp_path) as client:
+        record = client.get(f"/v1/jobs/{finished[0]}", headers=auth(ALICE)).json()
+    assert record["state"] == "done"
+    assert record["progress"]["step"] == record["progress"]["total_steps"] >= 1

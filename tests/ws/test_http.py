@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 
 from engine.testing import FakeRunner, StepGate
 from hooocus_ws.signing import UrlSigner
-from tests.ws.conftest import ALICE, BOB, READER, auth, make_app, make_runtime
+from tests.ws.conftest import ADMIN, ALICE, BOB, READER, auth, make_app, make_runtime
 
 
 def test_generate_waits_and_returns_urls_seeds_and_params(client):
@@ -204,3 +204,72 @@ def test_mcp_failures_count_and_a_valid_token_always_passes(runtime, tokens):
         assert client.post("/mcp", headers=auth(ALICE)).status_code == 200
         # The websocket/HTTP routes share the budget.
         assert client.get("/metrics").status_code == 429
+
+
+def test_cancelled_generate_returns_an_error_object_with_the_reason(tmp_path):
+    """Issue 11.5: the summary's ``error: None`` used to overwrite the error object (409 ``"error": null``)."""
+    import threading
+
+    gate = StepGate(1)
+    runtime = make_runtime(tmp_path, FakeRunner(on_step=gate))
+    with TestClient(make_app(runtime)) as client:
+        answer: dict[str, object] = {}
+        waiter = threading.Thread(target=lambda: answer.update(
+            r=client.post("/v1/generate", headers=auth(ALICE), json={"steps": 4})))
+        waiter.start()
+        assert gate.reached.wait(10)
+        job_id = runtime.engine.jobs()[0].job_id
+        assert client.delete(f"/v1/jobs/{job_id}", headers=auth(ALICE)).json()["cancelled"] is True
+        gate.release()
+        waiter.join(10)
+        response = answer["r"]
+        assert response.status_code == 409
+        body = response.json()
+        assert body["error"]["code"] == "cancelled" and body["error"]["reason"] == "user"
+        assert body["job_id"] == job_id and body["state"] == "cancelled"
+
+
+def test_request_id_reused_with_other_params_is_a_conflict(client, runtime):
+    first = client.post("/v1/generate", headers=auth(ALICE), json={"steps": 1, "seed": 1, "request_id": "k"})
+    same = client.post("/v1/generate", headers=auth(ALICE), json={"seed": 1, "steps": 1, "request_id": "k"})
+    assert same.json()["job_id"] == first.json()["job_id"]  # key order does not matter
+    other = client.post("/v1/generate", headers=auth(ALICE), json={"steps": 2, "seed": 1, "request_id": "k"})
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "conflict" and other.json()["error"]["loc"] == ["request_id"]
+    assert len(runtime.engine.jobs()) == 1
+
+
+def test_queue_full_answers_with_retry_after(tmp_path):
+    gate = StepGate(1)
+    runtime = make_runtime(tmp_path, FakeRunner(on_step=gate), queue_size=1)
+    with TestClient(make_app(runtime)) as client:
+        try:
+            assert client.post("/v1/generate", headers=auth(ALICE), json={"wait": False}).status_code == 202
+            assert gate.reached.wait(10)
+            assert client.post("/v1/generate", headers=auth(BOB), json={"wait": False}).status_code == 202
+            full = client.post("/v1/generate", headers=auth(BOB), json={"wait": False})
+            assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+            assert int(full.headers["retry-after"]) >= 1
+        finally:
+            gate.release()
+
+
+def test_admin_sees_the_owner_of_a_running_job(tmp_path):
+    gate = StepGate(1)
+    runtime = make_runtime(tmp_path, FakeRunner(on_step=gate))
+    with TestClient(make_app(runtime)) as client:
+        try:
+            job_id = client.post("/v1/generate", headers=auth(ALICE), json={"wait": False}).json()["job_id"]
+            assert gate.reached.wait(10)
+            assert client.get(f"/v1/jobs/{job_id}", headers=auth(ADMIN)).json()["owner"] == "alice"
+            assert "owner" not in client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).json()
+        finally:
+            gate.release()
+
+
+def test_openapi_lists_401_for_images():
+    from hooocus_ws.http import openapi_document
+
+    responses = openapi_document()["paths"]["/v1/images/{name}"]["get"]["responses"]
+    assert {"401", "403", "404"} <= set(responses)
+
