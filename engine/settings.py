@@ -91,6 +91,12 @@ class Settings(BaseModel):
     #: Reverse proxies (addresses or CIDRs) whose X-Forwarded-For names the real client; the
     #: failed-auth limiter counts per client address. Empty = the TCP peer is the client.
     trusted_proxies: tuple[str, ...] = ()
+    #: A connection must finish its request headers within this long, else it is closed.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    #: Open connections (HTTP + websocket) from one address; trusted proxies are exempt.
+    max_connections_per_address: int = Field(default=64, ge=1)
+    #: Open websocket connections per token principal (each holds an outbox of its jobs' events).
+    max_ws_per_principal: int = Field(default=8, ge=1)
 
     # -- derived paths --------------------------------------------------------------------------
 

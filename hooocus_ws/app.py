@@ -33,7 +33,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from engine.errors import ShuttingDown
+from engine.errors import HooocusError, ShuttingDown
 from engine.history import JobHistory
 from engine.runtime import Runtime
 from hooocus_ws import http
@@ -109,6 +109,13 @@ class _McpAuthLimit:
         await self.app(scope, receive, counting_send)
 
 
+async def _deny(websocket: WebSocket, exc: HooocusError) -> None:
+    try:
+        await websocket.send_denial_response(http.error_response(exc))
+    except RuntimeError:  # a server without the denial-response extension: 403 via close-before-accept
+        await websocket.close(code=1008)
+
+
 async def websocket_endpoint(websocket: WebSocket) -> None:
     """``/v1/ws``: authenticate at the handshake (before accept), then serve a :class:`Session`."""
     ctx: ServerContext = websocket.app.state.hooocus
@@ -122,14 +129,24 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                                           subprotocols=offered)
     except (AuthFailure, ShuttingDown) as exc:
         log.info("websocket handshake refused from %s: %s", client, exc.code)
-        try:
-            await websocket.send_denial_response(http.error_response(exc))
-        except RuntimeError:  # a server without the denial-response extension: 403 via close-before-accept
-            await websocket.close(code=1008)
+        await _deny(websocket, exc)
         return
-    # Echo only the protocol name, never the token subprotocol.
-    await websocket.accept(subprotocol=PROTOCOL if PROTOCOL in offered else None)
-    await Session(websocket, ctx, principal).run()
+    if ctx.ws_per_principal[principal.name] >= ctx.limits.max_ws_per_principal:
+        log.info("websocket handshake refused from %s: %s has %d open connections", client, principal.name,
+                 ctx.ws_per_principal[principal.name])
+        await _deny(websocket, AuthFailure("rate_limited", f"too many open websocket connections for this token "
+                                                           f"(limit {ctx.limits.max_ws_per_principal}); close one "
+                                                           "first", retry_after_s=1.0))
+        return
+    ctx.ws_per_principal[principal.name] += 1  # counted before the first await: no race between handshakes
+    try:
+        # Echo only the protocol name, never the token subprotocol.
+        await websocket.accept(subprotocol=PROTOCOL if PROTOCOL in offered else None)
+        await Session(websocket, ctx, principal).run()
+    finally:
+        ctx.ws_per_principal[principal.name] -= 1
+        if ctx.ws_per_principal[principal.name] <= 0:
+            del ctx.ws_per_principal[principal.name]
 
 
 async def index_page(request: Request) -> Response:
@@ -163,7 +180,8 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
     settings = runtime.settings
     if limits is None:
         limits = ServerLimits(max_message_bytes=settings.max_message_bytes,
-                              event_retention_s=settings.event_retention_s)
+                              event_retention_s=settings.event_retention_s,
+                              max_ws_per_principal=settings.max_ws_per_principal)
     gate = AuthGate(tokens=tokens, limiter=auth_limiter or FailedAuthLimiter(),
                     allowed_origins=tuple(allowed_origins),
                     trusted_proxies=parse_networks(settings.trusted_proxies))

@@ -92,7 +92,7 @@ def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
     return tuple(networks)
 
 
-def _in_networks(address: str, networks: Sequence[Network]) -> bool:
+def in_networks(address: str, networks: Sequence[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address.strip().strip("[]"))
     except ValueError:
@@ -105,13 +105,13 @@ def client_address(peer: str | None, headers: Mapping[str, str], trusted_proxies
     the TCP peer is a trusted proxy, and then only up to the first hop (from the right) that is not
     trusted: every hop left of it was written by the untrusted client and could be forged."""
     address = peer or "unknown"
-    if not trusted_proxies or not _in_networks(address, trusted_proxies):
+    if not trusted_proxies or not in_networks(address, trusted_proxies):
         return address
     forwarded = headers.get("x-forwarded-for")
     if not forwarded:
         return address
     for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
-        if not _in_networks(hop, trusted_proxies):
+        if not in_networks(hop, trusted_proxies):
             return hop
         address = hop
     return address

@@ -31,7 +31,8 @@ from engine.logging_setup import configure_logging
 from engine.runtime import Runtime
 from engine.settings import Settings, load_settings
 from hooocus_ws.app import create_app, drain
-from hooocus_ws.auth import RedactingFilter
+from hooocus_ws.auth import RedactingFilter, parse_networks
+from hooocus_ws.connlimits import ConnectionTracker, protocol_classes
 from hooocus_ws.tokens import TokenStore
 
 log = logging.getLogger("hooocus.serve")
@@ -115,10 +116,15 @@ def default_allowed_hosts(settings: Settings) -> tuple[str, ...] | None:
 
 def uvicorn_config(app: Any, *, host: str, port: int, max_message_bytes: int, log_level: str = "info",
                    ping_interval_s: float = 20.0, ping_timeout_s: float = 20.0,
-                   graceful_shutdown_s: float | None = 30.0) -> uvicorn.Config:
+                   graceful_shutdown_s: float | None = 30.0, header_timeout_s: float = 10.0,
+                   max_connections_per_address: int = 64, trusted_proxies: Sequence[str] = ()) -> uvicorn.Config:
     """The one uvicorn setup (also used by the tests and the conformance run): sans-io websockets,
-    ``ws_max_size`` as the hard frame cap (close 1009), no per-message-deflate, protocol pings."""
-    config = uvicorn.Config(app, host=host, port=port, ws="websockets-sansio", ws_max_size=max_message_bytes,
+    ``ws_max_size`` as the hard frame cap (close 1009), no per-message-deflate, protocol pings, and
+    our header-read timeout and per-address connection cap (:mod:`hooocus_ws.connlimits`)."""
+    tracker = ConnectionTracker(max_connections_per_address, exempt=parse_networks(trusted_proxies))
+    http_class, ws_class = protocol_classes(tracker, header_timeout_s=header_timeout_s)
+    config = uvicorn.Config(app, host=host, port=port, http=http_class, ws=ws_class,
+                            ws_max_size=max_message_bytes,
                             ws_per_message_deflate=False, ws_ping_interval=ping_interval_s,
                             ws_ping_timeout=ping_timeout_s, lifespan="on", log_level=log_level,
                             timeout_graceful_shutdown=graceful_shutdown_s, server_header=False,
@@ -156,12 +162,30 @@ class HooocusServer(uvicorn.Server):
             self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
+class ClientFaultTracebackFilter(logging.Filter):
+    """uvicorn logs a full traceback when a client sends a text frame that is not UTF-8 (it closes
+    the connection with 1007 correctly). That is the client's fault, not ours: keep one line."""
+
+    CLIENT_FAULT_MESSAGES = frozenset({"Invalid UTF-8 sequence received from client."})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.msg in self.CLIENT_FAULT_MESSAGES:
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def install_log_redaction() -> None:
-    """uvicorn logs request paths with their query strings; mask anything that looks like a credential."""
+    """uvicorn logs request paths with their query strings; mask anything that looks like a credential.
+    Client faults that uvicorn logs with a traceback are cut to one line."""
     for name in ("uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(RedactingFilter())
+    error_logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ClientFaultTracebackFilter) for f in error_logger.filters):
+        error_logger.addFilter(ClientFaultTracebackFilter())
 
 
 @dataclass
@@ -202,7 +226,10 @@ def prepare_server(args: argparse.Namespace, *, env: Mapping[str, str] | None = 
                      mcp_mount=mcp_mount, history=history, shutdown_grace_s=settings.shutdown_grace_s)
     config = uvicorn_config(app, host=settings.host, port=settings.port,
                             max_message_bytes=settings.max_message_bytes, log_level=settings.log_level,
-                            graceful_shutdown_s=settings.shutdown_grace_s + 5.0)
+                            graceful_shutdown_s=settings.shutdown_grace_s + 5.0,
+                            header_timeout_s=settings.header_timeout_s,
+                            max_connections_per_address=settings.max_connections_per_address,
+                            trusted_proxies=settings.trusted_proxies)
     return Prepared(config=config, runtime=runtime, settings=settings, history=history)
 
 

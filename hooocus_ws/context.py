@@ -40,6 +40,9 @@ class ServerLimits:
     #: POST /v1/generate waits at most this long, then answers 202 with the job id.
     http_wait_timeout_s: float = 600.0
     max_http_body_bytes: int = 256 * 1024
+    #: Open websockets per principal: each one holds an outbox (16 stalled sockets following one
+    #: job held 155 MB until the ping timeout dropped them).
+    max_ws_per_principal: int = 8
 
 
 class IdempotencyCache:
@@ -91,6 +94,8 @@ class ServerContext:
     #: Open websocket sessions (hooocus_ws.session.Session), so a shutdown can let their outboxes flush.
     sessions: set[Any] = field(default_factory=set)
     idempotency: IdempotencyCache = field(init=False)
+    #: Open (accepted) websockets per principal name; entries leave when they reach zero.
+    ws_per_principal: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def __post_init__(self) -> None:
         self.idempotency = IdempotencyCache(ttl_s=self.limits.event_retention_s)

@@ -77,7 +77,9 @@ def test_uvicorn_settings(tmp_path):
     prepared = cli.prepare_server(parse("--port", "0", "--data-dir", str(tmp_path)), env={}, out=io.StringIO(),
                                   runtime=make_runtime(tmp_path))
     config = prepared.config
-    assert config.ws == "websockets-sansio" and config.ws_per_message_deflate is False
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    assert issubclass(config.ws, WebSocketsSansIOProtocol) and config.ws_per_message_deflate is False
     assert config.ws_max_size == prepared.settings.max_message_bytes == 64 * 1024
     assert config.host == "127.0.0.1" and config.proxy_headers is False
     assert config.log_config is None  # uvicorn's records go through our root handler (masking)
@@ -97,3 +99,18 @@ def test_uvicorn_settings(tmp_path):
                                                 ("example.org", False)])
 def test_is_loopback(host, loopback):
     assert cli.is_loopback(host) is loopback
+
+
+def test_a_hash_inside_a_token_is_a_start_up_error_naming_the_line(tmp_path, capsys):
+    """Issue 11.8: ``carol abc#def0123456789xyz admin`` used to become token ``abc`` ... with default scopes."""
+    path = tmp_path / "tokens.txt"
+    path.write_text("# comment line\ncarol carol-token-0123456789 generate  # trailing comment is fine\n"
+                    "dave dave-tok#en-0123456789 admin\n")
+    assert cli.main(["serve", "--tokens-file", str(path), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:3" in err and "'#'" in err
+    path.write_text("# comment line\ncarol carol-token-0123456789 generate,cancel:own  # trailing comment\n")
+    from hooocus_ws.tokens import TokenStore
+
+    store = TokenStore.from_file(path)
+    assert store.verify("carol-token-0123456789").scopes == frozenset({"generate", "cancel:own"})

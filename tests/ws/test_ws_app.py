@@ -593,3 +593,19 @@ def test_client_vanishing_right_after_the_handshake_is_harmless(client, runtime)
         reader.recv()
         reader.send({"type": "ping", "id": 1})
         assert reader.recv()["type"] == "pong"
+
+
+def test_websockets_per_principal_are_capped(runtime):
+    """Issue 11.3: 16 stalled sockets following one job held 155 MB; a principal gets a bounded number."""
+    with TestClient(make_app(runtime, limits=ServerLimits(max_ws_per_principal=2))) as client:
+        first, _ = open_session(client, ALICE)
+        second, _ = open_session(client, ALICE)
+        refused = denial(client, headers=auth(ALICE))
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        with connect(client, BOB) as ws:  # another principal is unaffected
+            assert WsReader(ws).recv()["type"] == "hello"
+        first.__exit__(None, None, None)
+        third, _ = open_session(client, ALICE)  # a closed connection frees its slot
+        for cm in (second, third):
+            cm.__exit__(None, None, None)
+        assert client.app.state.hooocus.ws_per_principal == {}
