@@ -333,6 +333,15 @@ class JobHistory:
                 return path
         return None
 
+    def image_owners(self, sha256: str) -> frozenset[str]:
+        """The principals whose recorded jobs produced an image with this content hash."""
+        sha256 = sha256.lower()
+        if not _SHA256_RE.match(sha256):
+            return frozenset()
+        rows = self._query("SELECT DISTINCT jobs.owner FROM images JOIN jobs ON jobs.job_id = images.job_id "
+                           "WHERE images.sha256 = ?", (sha256,))
+        return frozenset(row[0] for row in rows)
+
     def _with_images(self, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
         if not rows:
             return []

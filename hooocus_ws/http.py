@@ -198,7 +198,9 @@ async def delete_job(request: Request) -> Response:
 
 @guarded
 async def get_image(request: Request) -> Response:
-    """An image by content hash; a bearer token or a valid ``exp``/``sig`` pair is required."""
+    """An image by content hash: a valid ``exp``/``sig`` pair (a shareable link), or the bearer
+    token of a principal whose job produced it, or an admin's. Anyone else gets ``not_found``, as
+    for a missing image (its PNG metadata holds the prompt; a hash must not be an existence oracle)."""
     ctx = context(request)
     name = request.path_params["name"]
     sha256, _, ext = name.partition(".")
@@ -207,7 +209,9 @@ async def get_image(request: Request) -> Response:
         if not ctx.signer.verify(request.url.path, query.get("exp"), query.get("sig")):
             raise Forbidden("the image link is invalid or has expired")
     else:
-        authenticate(request)
+        principal = authenticate(request)
+        if not principal.can("admin") and not await _owns_image(ctx, principal, sha256):
+            raise NotFound(f"no image {name!r}")
     ext = {"jpg": "jpeg"}.get(ext.lower(), ext.lower())
     image = ctx.runtime.images.get(sha256)
     if image is not None and image.extension == ext:
@@ -220,6 +224,14 @@ async def get_image(request: Request) -> Response:
         raise NotFound(f"no image {name!r}")
     return FileResponse(path, media_type=MIME_BY_FORMAT.get(ext, "application/octet-stream"),
                         headers=_image_headers(sha256.lower()))
+
+
+async def _owns_image(ctx: ServerContext, principal: Principal, sha256: str) -> bool:
+    if principal.name in ctx.runtime.images.owners(sha256):
+        return True
+    if ctx.history is None:
+        return False
+    return principal.name in await anyio.to_thread.run_sync(ctx.history.image_owners, sha256)
 
 
 def _image_headers(sha256: str) -> dict[str, str]:

@@ -92,7 +92,12 @@ def test_image_urls_need_a_valid_signature_or_a_token(client, runtime):
     path = url.split("?")[0]
     assert client.get(url).status_code == 200
     assert client.get(path).status_code == 401
-    assert client.get(path, headers=auth(BOB)).status_code == 200  # content-addressed: any valid token
+    # Issue 11.7: the PNG metadata holds the prompt, so only the owner (or an admin) may read by hash;
+    # anyone else gets the same 404 as for a missing image. The signed URL is for sharing.
+    assert client.get(path, headers=auth(ALICE)).status_code == 200
+    assert client.get(path, headers=auth(ADMIN)).status_code == 200
+    bob = client.get(path, headers=auth(BOB))
+    assert bob.status_code == 404 and bob.json()["error"]["code"] == "not_found"
     assert client.get(url.replace("sig=", "sig=x")).status_code == 403
     assert client.get(path.replace(".png", ".jpeg"), headers=auth(ALICE)).status_code == 404
     assert client.get("/v1/images/../../etc/passwd.png", headers=auth(ALICE)).status_code == 404
