@@ -21,12 +21,12 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.datastructures import Headers
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
@@ -70,6 +70,48 @@ class _AsgiApp:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def host_name(host_header: str) -> str:
+    """The name part of a Host header: ``[::1]:8188`` -> ``[::1]``, ``a.example:80`` -> ``a.example``."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() else host
+
+
+def host_allowed(host_header: str | None, allowed_hosts: Sequence[str]) -> bool:
+    """``allowed_hosts`` entries are names (any port) or ``*.domain`` patterns."""
+    if not host_header:
+        return False
+    name = host_name(host_header)
+    for pattern in allowed_hosts:
+        pattern = host_name(pattern)
+        if name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return True
+    return False
+
+
+class _AllowedHosts:
+    """DNS-rebinding defence for every route (HTTP, the websocket and /mcp alike): a request whose
+    Host is not in the allowlist gets 403 before anything else runs. The Origin check compares
+    against the request's own Host, so it is only as good as this one."""
+
+    def __init__(self, app: Any, allowed_hosts: Sequence[str]) -> None:
+        self.app = app
+        self.allowed_hosts = tuple(allowed_hosts)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = Headers(scope=scope).get("host")
+            if not host_allowed(host, self.allowed_hosts):
+                log.info("refused a request for host %r (not in allowed_hosts)", (host or "")[:100])
+                await http.error_response(AuthFailure("forbidden", "host not allowed; the server's allowed_hosts "
+                                                                   "setting lists the names it answers to"))(
+                    scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -182,14 +224,19 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
         limits = ServerLimits(max_message_bytes=settings.max_message_bytes,
                               event_retention_s=settings.event_retention_s,
                               max_ws_per_principal=settings.max_ws_per_principal)
+    public_url = public_url if public_url is not None else settings.public_url
+    origins = tuple(allowed_origins)
+    if public_url:  # behind a TLS proxy the page's origin is https://public while we see ws://
+        public = urlsplit(public_url)
+        origins += (f"{public.scheme}://{public.netloc}",)
     gate = AuthGate(tokens=tokens, limiter=auth_limiter or FailedAuthLimiter(),
-                    allowed_origins=tuple(allowed_origins),
+                    allowed_origins=origins,
                     trusted_proxies=parse_networks(settings.trusted_proxies))
     grace_s = settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
     ctx = ServerContext(runtime=runtime, gate=gate, limits=limits,
                         signer=signer or UrlSigner(settings.url_signing_key),
                         default_preview=default_preview or PreviewSettings(),
-                        public_url=public_url if public_url is not None else settings.public_url,
+                        public_url=public_url,
                         history=history, manage_runtime=manage_runtime, shutdown_grace_s=grace_s)
     gate.on_failure = lambda reason: ctx.metrics.auth_failures.update([reason])
     if history is not None:
@@ -236,7 +283,7 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
         routes += [Route("/mcp", endpoint=mcp_app), Mount("/mcp", app=mcp_app)]
     middleware = []
     if allowed_hosts is not None and "*" not in allowed_hosts:
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
+        middleware.append(Middleware(_AllowedHosts, allowed_hosts=list(allowed_hosts)))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.hooocus = ctx
     return app

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -106,12 +107,27 @@ def resolve_tokens(settings: Settings, *, out: TextIO) -> TokenStore:
     return store
 
 
-def default_allowed_hosts(settings: Settings) -> tuple[str, ...] | None:
+def default_allowed_hosts(settings: Settings) -> tuple[str, ...]:
+    """The Host names HTTP, the websocket and /mcp answer to (DNS-rebinding defence).
+
+    ``allowed_hosts`` when configured (``"*"`` switches the check off, except on /mcp). Otherwise
+    the loopback names, plus, on a non-loopback bind, the bound address itself (unless it is the
+    wildcard 0.0.0.0 / ::) and the host of ``public_url``: a foreign Host is never accepted by
+    default, even when bound to every interface."""
     if settings.allowed_hosts:
         return settings.allowed_hosts
-    if is_loopback(settings.host):  # DNS rebinding: a loopback server answers only to loopback names
-        return ("127.0.0.1", "localhost", "::1", "[::1]")
-    return None
+    names = ["127.0.0.1", "localhost", "::1", "[::1]"]
+    if not is_loopback(settings.host):
+        bound = settings.host.strip("[]")
+        if bound not in ("0.0.0.0", "::", ""):
+            names.append(f"[{bound}]" if ":" in bound else bound)
+        if settings.public_url:
+            public_host = urlsplit(settings.public_url).hostname
+            if public_host:
+                names.append(f"[{public_host}]" if ":" in public_host else public_host)
+        log.warning("serving on %s: only these Host names are answered: %s; list the names clients use with "
+                    "--allowed-host (allowed_hosts)", settings.host, ", ".join(names))
+    return tuple(dict.fromkeys(names))
 
 
 def uvicorn_config(app: Any, *, host: str, port: int, max_message_bytes: int, log_level: str = "info",
@@ -220,10 +236,11 @@ def prepare_server(args: argparse.Namespace, *, env: Mapping[str, str] | None = 
     except ImportError as exc:
         log.warning("MCP endpoint disabled: %s", exc)
     else:
-        mcp_mount = create_mcp_mount(runtime, tokens, allowed_hosts=allowed_hosts or (),
+        mcp_mount = create_mcp_mount(runtime, tokens, allowed_hosts=allowed_hosts,
                                      allowed_origins=settings.allowed_origins)
     app = create_app(runtime, tokens=tokens, allowed_origins=settings.allowed_origins, allowed_hosts=allowed_hosts,
-                     mcp_mount=mcp_mount, history=history, shutdown_grace_s=settings.shutdown_grace_s)
+                     mcp_mount=mcp_mount, history=history, shutdown_grace_s=settings.shutdown_grace_s,
+                     public_url=settings.public_url)
     config = uvicorn_config(app, host=settings.host, port=settings.port,
                             max_message_bytes=settings.max_message_bytes, log_level=settings.log_level,
                             graceful_shutdown_s=settings.shutdown_grace_s + 5.0,

@@ -161,8 +161,9 @@ def test_origin_allowlist(runtime):
 
 def test_host_allowlist_against_dns_rebinding(runtime):
     with TestClient(make_app(runtime, allowed_hosts=["127.0.0.1"])) as client:  # Host: testserver
-        assert client.get("/healthz").status_code == 400
-        assert denial(client, headers=auth(ALICE)).status_code == 400
+        refused = client.get("/healthz")
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+        assert denial(client, headers=auth(ALICE)).status_code == 403
     with TestClient(make_app(runtime, allowed_hosts=["127.0.0.1"]), base_url="http://127.0.0.1") as client:
         assert client.get("/healthz").status_code == 200
 
