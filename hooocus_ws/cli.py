@@ -151,8 +151,11 @@ def uvicorn_config(app: Any, *, host: str, port: int, max_message_bytes: int, lo
 
 class HooocusServer(uvicorn.Server):
     """uvicorn with our graceful shutdown: ``before_shutdown`` (:func:`hooocus_ws.app.drain`) runs
-    after the listening sockets close and before uvicorn closes the connections (websockets: 1012),
-    and a SIGTERM that was handled this way ends the process with exit code 0."""
+    first, while the listener is still open, so a load balancer's ``/healthz`` gets 503 during the
+    drain and new work is refused with ``shutting_down`` (not a connection error); then uvicorn
+    closes the listener and the connections (websockets: 1012). A SIGTERM that was handled this way
+    ends the process with exit code 0. A SIGTERM during the model warm-up waits for the load to
+    finish (it cannot be interrupted), then drains."""
 
     def __init__(self, config: uvicorn.Config, *,
                  before_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -160,8 +163,6 @@ class HooocusServer(uvicorn.Server):
         self._before_shutdown = before_shutdown
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        for server in getattr(self, "servers", []):
-            server.close()  # stop accepting connections at once; uvicorn closes them again (a no-op)
         if self._before_shutdown is not None and not self.force_exit:
             try:
                 await self._before_shutdown()

@@ -106,3 +106,42 @@ def test_invalid_utf8_text_frame_logs_one_line(tmp_path: Path, caplog):
         live.stop()
     utf8 = [r for r in caplog.records if "UTF-8" in r.getMessage()]
     assert utf8 and all(r.exc_info is None and r.exc_text is None for r in utf8)
+
+
+def test_healthz_answers_503_while_draining(tmp_path: Path):
+    """Issue 11.11: docs/protocol.md promises 503 from /healthz during the drain; the listener used to
+    close at once, so a load balancer saw connection errors instead."""
+    import threading
+
+    from engine.testing import FakeRunner, StepGate
+
+    gate = StepGate(1)
+    runtime = make_runtime(tmp_path, FakeRunner(on_step=gate))
+    live = start_server(make_app(runtime, shutdown_grace_s=WAIT_S), runtime)
+    released = threading.Event()
+    try:
+        job = runtime.engine.submit({"steps": 2}, owner="alice")
+        assert gate.reached.wait(WAIT_S)
+        assert httpx.get(f"{live.http_url}/healthz", timeout=WAIT_S).status_code == 200
+        live.server.should_exit = True  # what SIGTERM does; the running job holds the drain open
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            response = httpx.get(f"{live.http_url}/healthz", timeout=WAIT_S)
+            if response.status_code == 503:
+                break
+            assert time.monotonic() < deadline, "never answered 503 while draining"
+            time.sleep(0.02)
+        assert response.json()["status"] == "shutting_down"
+        refused = httpx.post(f"{live.http_url}/v1/generate", json={"wait": False}, timeout=WAIT_S,
+                             headers={"Authorization": f"Bearer {ALICE}"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        gate.release()
+        released.set()
+        assert job.wait(WAIT_S) and job.state.value == "done"  # the grace let it finish
+        live.thread.join(WAIT_S)
+        assert not live.thread.is_alive()
+    finally:
+        if not released.is_set():
+            gate.release()
+        if live.thread.is_alive():
+            live.stop()
