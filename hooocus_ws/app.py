@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from engine.errors import HooocusError
 from hooocus_ws.auth import (
     AuthFailure,
     AuthGate,
@@ -18,7 +19,6 @@ from hooocus_ws.auth import (
     query_has_token,
     subprotocol_token,
 )
-from engine.errors import HooocusError
 from hooocus_ws.tokens import TokenStore
 from tests.ws.conftest import ALICE, TOKENS_TEXT
 

@@ -71,7 +71,7 @@ def test_demo_cancel_mid_sampling(demo_client):
 
 def test_unknown_vae_names_its_field(demo_client):
     """Issue 11.12: an unknown ``vae`` was refused with ``loc: null``."""
-    from tests.ws.conftest import auth, ALICE
+    from tests.ws.conftest import ALICE, auth
 
     response = demo_client.post("/v1/generate", headers=auth(ALICE), json={**PARAMS, "vae": "no-such-vae"})
     assert response.status_code == 422
@@ -80,7 +80,7 @@ def test_unknown_vae_names_its_field(demo_client):
 
 def test_unknown_style_hint_names_the_http_options_route(demo_client):
     """Issue 11 (HTTP): the hint named only the MCP tool list_options."""
-    from tests.ws.conftest import auth, ALICE
+    from tests.ws.conftest import ALICE, auth
 
     response = demo_client.post("/v1/generate", headers=auth(ALICE), json={**PARAMS, "styles": ["No Such Style"]})
     assert response.status_code == 422 and "GET /v1/options" in response.json()["error"]["message"]

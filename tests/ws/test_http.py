@@ -187,8 +187,9 @@ class Mcp401Mount(FakeMcpMount):
         self.reached = 0
 
     async def app(self, scope, receive, send) -> None:
-        from hooocus_ws.auth import bearer_token
         from starlette.datastructures import Headers
+
+        from hooocus_ws.auth import bearer_token
 
         self.reached += 1
         ok = self.tokens.verify(bearer_token(Headers(scope=scope))) is not None
