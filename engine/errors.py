@@ -25,6 +25,7 @@ HTTP_STATUS_BY_CODE: dict[str, int] = {
     "unauthorized": 401,
     "forbidden": 403,
     "cancelled": 409,
+    "conflict": 409,
     "out_of_memory": 503,
     "shutting_down": 503,
     "internal_error": 500,

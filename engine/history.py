@@ -78,11 +78,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX images_by_sha256 ON images (sha256)",
         "CREATE INDEX images_by_path ON images (path)",
     ),
+    # A finished job keeps its last progress (GET /v1/jobs/{id} used to show null once it was done).
+    ("ALTER TABLE jobs ADD COLUMN progress_json TEXT",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _JOB_COLUMNS = ("job_id, owner, state, created_at, started_at, finished_at, request_json, resolved_json, "
-                "seeds_json, error_json")
+                "seeds_json, error_json, progress_json")
 _IMAGE_COLUMNS = "job_id, idx, seed, sha256, mime, width, height, size_bytes, path"
 
 
@@ -216,9 +218,14 @@ class JobHistory:
                                              "message": f"job cancelled ({event.reason})"}
             else:
                 state, error = "failed", {"code": event.code, "message": event.message, "error_id": event.error_id}
-            self._execute("UPDATE jobs SET state = ?, finished_at = ?, error_json = ? WHERE job_id = ?",
+            progress = job.last_progress
+            progress_json = None if progress is None else _dumps({
+                "step": progress.step, "total_steps": progress.total_steps, "stage": progress.stage,
+                "image_index": progress.image_index, "image_count": progress.image_count})
+            self._execute("UPDATE jobs SET state = ?, finished_at = ?, error_json = ?, progress_json = ? "
+                          "WHERE job_id = ?",
                           (state, job.finished_at or self._clock(), None if error is None else _dumps(error),
-                           job.job_id), job_id=job.job_id)
+                           progress_json, job.job_id), job_id=job.job_id)
         # Queued, Progress, Preview and Warning_ events are not stored.
 
     def _record_image(self, job: Job, image: ImageReady) -> None:
@@ -306,7 +313,7 @@ class JobHistory:
         return self._with_images(rows)
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
-        """One job in the shape of :meth:`engine.jobs.Job.info` (``progress`` always None) plus
+        """One job in the shape of :meth:`engine.jobs.Job.info` (``progress``: the last one seen) plus
         ``request`` (as submitted) and a ``path`` per image (None when not written or pruned).
         A cancelled job's ``error`` is ``{"code": "cancelled", "reason": ...}``."""
         rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
@@ -325,6 +332,15 @@ class JobHistory:
             if path.is_file():
                 return path
         return None
+
+    def image_owners(self, sha256: str) -> frozenset[str]:
+        """The principals whose recorded jobs produced an image with this content hash."""
+        sha256 = sha256.lower()
+        if not _SHA256_RE.match(sha256):
+            return frozenset()
+        rows = self._query("SELECT DISTINCT jobs.owner FROM images JOIN jobs ON jobs.job_id = images.job_id "
+                           "WHERE images.sha256 = ?", (sha256,))
+        return frozenset(row[0] for row in rows)
 
     def _with_images(self, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
         if not rows:
@@ -347,7 +363,7 @@ class JobHistory:
             "finished_at": row["finished_at"],
             "seeds": _loads(row["seeds_json"]) or [],
             "params": _loads(row["resolved_json"]) or {},
-            "progress": None,
+            "progress": _loads(row["progress_json"]),
             "images": images[row["job_id"]],
             "error": _loads(row["error_json"]),
             "request": _loads(row["request_json"]),

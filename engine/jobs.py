@@ -257,7 +257,7 @@ class RunContext:
     def image(self, image: ImageReady) -> None:
         image = replace(image, job_id=self.job_id)
         if self._engine.image_sink is not None:
-            self._engine.image_sink(image)
+            self._engine.image_sink(image, owner=self.job.owner)  # the store serves it to its owner only
         self.job.emit(image)
 
     def warning(self, code: str, message: str) -> None:
@@ -302,12 +302,13 @@ class Engine:
     """The shared engine: a bounded FIFO queue and exactly one worker thread running ``runner``."""
 
     def __init__(self, runner: Runner, *, max_queue: int = 16, max_queued_per_owner: int | None = None,
-                 max_history: int = 512, image_sink: Callable[[ImageReady], None] | None = None) -> None:
+                 max_history: int = 512, image_sink: Callable[..., None] | None = None) -> None:
         self.runner = runner
         self.max_queue = max_queue
         self.max_queued_per_owner = max_queued_per_owner
         self.max_history = max_history
-        #: Called on the worker thread for every finished image before clients hear of it.
+        #: Called on the worker thread for every finished image before clients hear of it, as
+        #: ``image_sink(image, owner=job_owner)`` (e.g. ``ImageStore.put``).
         self.image_sink = image_sink
         self._queue: collections.deque[Job] = collections.deque()
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()

@@ -160,7 +160,11 @@ class SDXLRunner:
         if request.styles is not None:
             self.styles.check(request.styles)
         if request.vae is not None:
-            self.registry.resolve("vae", request.vae)
+            try:
+                self.registry.resolve("vae", request.vae)
+            except HooocusError as exc:
+                exc.loc = ("vae",)  # the registry does not know which field the name came from
+                raise
         mode_lora = PERFORMANCE_MODES[request.performance].lora
         base_name = request.base_model or self.default_model_name
         if mode_lora is not None and base_name != DEMO_MODEL and not self._lora_installed(mode_lora[0]):

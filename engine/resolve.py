@@ -99,7 +99,8 @@ def _canonical_lora(name: str, available: Sequence[str], index: int) -> str:
     for candidate in available:
         if name == PurePath(candidate).stem:
             return candidate
-    raise UnknownLora(f"unknown LoRA {name!r}; list_options shows the installed LoRAs", loc=("loras", index, "name"))
+    raise UnknownLora(f"unknown LoRA {name!r}; the options list (GET /v1/options, MCP list_options) shows the "
+                      "installed LoRAs", loc=("loras", index, "name"))
 
 
 def task_seeds(seed: int, image_number: int, *, disable_seed_increment: bool = False) -> tuple[int, ...]:

@@ -99,6 +99,15 @@ class Settings(BaseModel):
     #: ``hooocus mcp`` (stdio): the longest JSON-RPC line read from stdin; longer ones are
     #: answered with a JSON-RPC error and skipped without being held in memory.
     mcp_stdio_max_line_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    #: Reverse proxies (addresses or CIDRs) whose X-Forwarded-For names the real client; the
+    #: failed-auth limiter counts per client address. Empty = the TCP peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
+    #: A connection must finish its request headers within this long, else it is closed.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    #: Open connections (HTTP + websocket) from one address; trusted proxies are exempt.
+    max_connections_per_address: int = Field(default=64, ge=1)
+    #: Open websocket connections per token principal (each holds an outbox of its jobs' events).
+    max_ws_per_principal: int = Field(default=8, ge=1)
 
     # -- derived paths --------------------------------------------------------------------------
 

@@ -86,6 +86,9 @@ class Backend(Protocol):
 
     async def image(self, sha256: str) -> StoredImage | None: ...
 
+    async def may_read_image(self, sha256: str, caller: Principal) -> bool:
+        """Whether ``caller`` produced the image (or is admin): its PNG metadata holds the prompt."""
+
     async def preview(self, job_id: str, caller: Principal) -> np.ndarray | None:
         """The latest in-progress preview (uint8 RGB) or None."""
 
@@ -170,6 +173,9 @@ class LocalBackend:
 
     async def image(self, sha256: str) -> StoredImage | None:
         return self.runtime.images.get(sha256)
+
+    async def may_read_image(self, sha256: str, caller: Principal) -> bool:
+        return caller.can("admin") or caller.name in self.runtime.images.owners(sha256)
 
     async def preview(self, job_id: str, caller: Principal) -> np.ndarray | None:
         preview = self._job(job_id, caller).latest_preview

@@ -205,7 +205,7 @@ class RemoteBackend:
                 if event is None:
                     continue
                 if isinstance(event, ImageReady) and event.data:
-                    self._images.put(event)  # readable as a resource while the job goes on
+                    self._images.put(event, owner=job.owner)  # readable as a resource while the job goes on
                 job.record(event)
         except Exception as exc:  # noqa: BLE001 - a broken stream ends the job, not the MCP server
             log.warning("remote job %s: %s", job.job_id, exc)
@@ -262,6 +262,9 @@ class RemoteBackend:
 
     async def image(self, sha256: str) -> StoredImage | None:
         return self._images.get(sha256)
+
+    async def may_read_image(self, sha256: str, caller: Principal) -> bool:
+        return caller.can("admin") or caller.name in self._images.owners(sha256)
 
     async def preview(self, job_id: str, caller: Principal) -> np.ndarray | None:
         self._job(job_id, caller)

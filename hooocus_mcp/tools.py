@@ -443,7 +443,7 @@ def build_server(backend: Backend, options: ServerOptions | None = None) -> Hooo
                   description="A full-size generated image (PNG unless the job asked for JPEG/WEBP).")
     async def read_image(sha256: str) -> bytes:
         stored = await backend.image(sha256)
-        if stored is None:
+        if stored is None or not await backend.may_read_image(sha256, caller_of(opts.default_caller)):
             raise ResourceNotFoundError(f"no image {sha256!r} (images are kept in memory for a while)")
         return stored.data
 

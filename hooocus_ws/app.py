@@ -21,22 +21,23 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import anyio.to_thread
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from engine.errors import ShuttingDown
+from engine.errors import HooocusError, ShuttingDown
 from engine.history import JobHistory
 from engine.runtime import Runtime
 from hooocus_ws import http
-from hooocus_ws.auth import AuthFailure, AuthGate, FailedAuthLimiter
+from hooocus_ws.auth import AuthFailure, AuthGate, FailedAuthLimiter, bearer_token, parse_networks
 from hooocus_ws.context import ServerContext, ServerLimits
 from hooocus_ws.protocol import PROTOCOL, PreviewSettings
 from hooocus_ws.session import Session
@@ -61,6 +62,8 @@ class McpMount(Protocol):
 
     def lifespan(self) -> contextlib.AbstractAsyncContextManager[Any]: ...
 
+    async def close_sessions(self) -> int: ...
+
 
 class _AsgiApp:
     """Hide what kind of callable an ASGI app is, so Route never mistakes it for a request handler."""
@@ -72,11 +75,96 @@ class _AsgiApp:
         await self.app(scope, receive, send)
 
 
+def host_name(host_header: str) -> str:
+    """The name part of a Host header: ``[::1]:8188`` -> ``[::1]``, ``a.example:80`` -> ``a.example``."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() else host
+
+
+def host_allowed(host_header: str | None, allowed_hosts: Sequence[str]) -> bool:
+    """``allowed_hosts`` entries are names (any port) or ``*.domain`` patterns."""
+    if not host_header:
+        return False
+    name = host_name(host_header)
+    for pattern in allowed_hosts:
+        pattern = host_name(pattern)
+        if name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return True
+    return False
+
+
+class _AllowedHosts:
+    """DNS-rebinding defence for every route (HTTP, the websocket and /mcp alike): a request whose
+    Host is not in the allowlist gets 403 before anything else runs. The Origin check compares
+    against the request's own Host, so it is only as good as this one."""
+
+    def __init__(self, app: Any, allowed_hosts: Sequence[str]) -> None:
+        self.app = app
+        self.allowed_hosts = tuple(allowed_hosts)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = Headers(scope=scope).get("host")
+            if not host_allowed(host, self.allowed_hosts):
+                log.info("refused a request for host %r (not in allowed_hosts)", (host or "")[:100])
+                await http.error_response(AuthFailure("forbidden", "host not allowed; the server's allowed_hosts "
+                                                                   "setting lists the names it answers to"))(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _McpAuthLimit:
+    """Put /mcp behind the same failed-auth limiter as the websocket and HTTP routes. The MCP
+    mount checks tokens itself; here a valid bearer always passes, a missing/invalid one from an
+    address over its failure budget gets 429 before reaching the mount, and each 401 the mount
+    answers counts as a failure of the caller's address."""
+
+    def __init__(self, app: Any, gate: AuthGate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        token = bearer_token(headers)
+        if self.gate.tokens.verify(token) is not None:
+            await self.app(scope, receive, send)
+            return
+        peer = scope.get("client")
+        address = self.gate.address_of(peer[0] if peer else None, headers)
+        try:
+            self.gate.refuse_if_blocked(address)
+        except AuthFailure as exc:
+            await http.error_response(exc)(scope, receive, send)
+            return
+        reason = "missing_token" if token is None else "bad_token"
+
+        async def counting_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                self.gate.record_failure(address, reason)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+async def _deny(websocket: WebSocket, exc: HooocusError) -> None:
+    try:
+        await websocket.send_denial_response(http.error_response(exc))
+    except RuntimeError:  # a server without the denial-response extension: 403 via close-before-accept
+        await websocket.close(code=1008)
+
+
 async def websocket_endpoint(websocket: WebSocket) -> None:
     """``/v1/ws``: authenticate at the handshake (before accept), then serve a :class:`Session`."""
     ctx: ServerContext = websocket.app.state.hooocus
     offered = websocket.scope.get("subprotocols", [])
-    client = websocket.client.host if websocket.client else "unknown"
+    client = ctx.gate.address_of(websocket.client.host if websocket.client else None, websocket.headers)
     try:
         if ctx.closing:
             raise ShuttingDown("the server is shutting down")
@@ -85,14 +173,24 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                                           subprotocols=offered)
     except (AuthFailure, ShuttingDown) as exc:
         log.info("websocket handshake refused from %s: %s", client, exc.code)
-        try:
-            await websocket.send_denial_response(http.error_response(exc))
-        except RuntimeError:  # a server without the denial-response extension: 403 via close-before-accept
-            await websocket.close(code=1008)
+        await _deny(websocket, exc)
         return
-    # Echo only the protocol name, never the token subprotocol.
-    await websocket.accept(subprotocol=PROTOCOL if PROTOCOL in offered else None)
-    await Session(websocket, ctx, principal).run()
+    if ctx.ws_per_principal[principal.name] >= ctx.limits.max_ws_per_principal:
+        log.info("websocket handshake refused from %s: %s has %d open connections", client, principal.name,
+                 ctx.ws_per_principal[principal.name])
+        await _deny(websocket, AuthFailure("rate_limited", f"too many open websocket connections for this token "
+                                                           f"(limit {ctx.limits.max_ws_per_principal}); close one "
+                                                           "first", retry_after_s=1.0))
+        return
+    ctx.ws_per_principal[principal.name] += 1  # counted before the first await: no race between handshakes
+    try:
+        # Echo only the protocol name, never the token subprotocol.
+        await websocket.accept(subprotocol=PROTOCOL if PROTOCOL in offered else None)
+        await Session(websocket, ctx, principal).run()
+    finally:
+        ctx.ws_per_principal[principal.name] -= 1
+        if ctx.ws_per_principal[principal.name] <= 0:
+            del ctx.ws_per_principal[principal.name]
 
 
 async def index_page(request: Request) -> Response:
@@ -105,6 +203,8 @@ async def drain(ctx: ServerContext, *, flush_timeout_s: float | None = None) -> 
     if ctx.manage_runtime:
         grace_s = ctx.shutdown_grace_s
         await anyio.to_thread.run_sync(lambda: ctx.runtime.close(grace_s=grace_s))
+    for hook in list(ctx.on_drain):
+        await hook()
     # The jobs' last events were handed to the loop before close() returned; give every
     # connection a bounded moment to write them before the sockets close.
     deadline = time.monotonic() + (ctx.limits.close_timeout_s if flush_timeout_s is None else flush_timeout_s)
@@ -126,18 +226,27 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
     settings = runtime.settings
     if limits is None:
         limits = ServerLimits(max_message_bytes=settings.max_message_bytes,
-                              event_retention_s=settings.event_retention_s)
+                              event_retention_s=settings.event_retention_s,
+                              max_ws_per_principal=settings.max_ws_per_principal)
+    public_url = public_url if public_url is not None else settings.public_url
+    origins = tuple(allowed_origins)
+    if public_url:  # behind a TLS proxy the page's origin is https://public while we see ws://
+        public = urlsplit(public_url)
+        origins += (f"{public.scheme}://{public.netloc}",)
     gate = AuthGate(tokens=tokens, limiter=auth_limiter or FailedAuthLimiter(),
-                    allowed_origins=tuple(allowed_origins))
+                    allowed_origins=origins,
+                    trusted_proxies=parse_networks(settings.trusted_proxies))
     grace_s = settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
     ctx = ServerContext(runtime=runtime, gate=gate, limits=limits,
                         signer=signer or UrlSigner(settings.url_signing_key),
                         default_preview=default_preview or PreviewSettings(),
-                        public_url=public_url if public_url is not None else settings.public_url,
+                        public_url=public_url,
                         history=history, manage_runtime=manage_runtime, shutdown_grace_s=grace_s)
     gate.on_failure = lambda reason: ctx.metrics.auth_failures.update([reason])
     if history is not None:
         history.attach(runtime.engine)
+    if mcp_mount is not None:
+        ctx.on_drain.append(mcp_mount.close_sessions)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -176,11 +285,11 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
     ]
     if mcp_mount is not None:
         # Both /mcp (what MCP clients are usually given) and /mcp/...; the mount ignores the path.
-        mcp_app = _AsgiApp(mcp_mount.app)
+        mcp_app = _AsgiApp(_McpAuthLimit(mcp_mount.app, gate))
         routes += [Route("/mcp", endpoint=mcp_app), Mount("/mcp", app=mcp_app)]
     middleware = []
     if allowed_hosts is not None and "*" not in allowed_hosts:
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
+        middleware.append(Middleware(_AllowedHosts, allowed_hosts=list(allowed_hosts)))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.hooocus = ctx
     return app

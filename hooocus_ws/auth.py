@@ -4,8 +4,12 @@
   ``hooocus.token.TOKEN`` next to ``hooocus.v1`` (never echoed back). A token in the query string
   is refused outright: URLs end up in logs.
 - Tokens are checked by :class:`TokenStore` (SHA-256 digests, constant-time compare).
-- Failed attempts are counted per client address in a sliding window; over the limit the address
-  gets 429 with ``Retry-After`` until old failures age out. Other addresses are unaffected.
+- Failed attempts are counted per client address in a sliding window; over the limit the address's
+  further *failed* attempts get 429 with ``Retry-After`` until old failures age out. A valid token
+  always gets in, so tokenless noise from a shared address (a reverse proxy, a NAT) can never lock
+  real users out; guessing stays hopeless because tokens are at least 16 random characters.
+- The client address is the TCP peer, or, when the peer is one of ``trusted_proxies``, the
+  right-most ``X-Forwarded-For`` hop that is not itself a trusted proxy (:func:`client_address`).
 - A present ``Origin`` must be the server's own origin or in the allowlist (cross-site websocket
   hijacking; CORS does not apply to websockets). No ``Origin`` (a non-browser client) is fine.
 """
@@ -13,10 +17,11 @@
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
@@ -70,6 +75,46 @@ class FailedAuthLimiter:
                 self._failures.popitem(last=False)
         times.append(now)
         self._failures.move_to_end(address)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
+    """``trusted_proxies`` entries (addresses or CIDRs) as networks; a bad entry is a start-up error."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise HooocusError(f"trusted_proxies: {entry!r} is not an IP address or CIDR",
+                               code="invalid_request", loc=("trusted_proxies",)) from None
+    return tuple(networks)
+
+
+def in_networks(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_address(peer: str | None, headers: Mapping[str, str], trusted_proxies: Sequence[Network]) -> str:
+    """The address failed attempts are counted against. ``X-Forwarded-For`` is honoured only when
+    the TCP peer is a trusted proxy, and then only up to the first hop (from the right) that is not
+    trusted: every hop left of it was written by the untrusted client and could be forged."""
+    address = peer or "unknown"
+    if not trusted_proxies or not in_networks(address, trusted_proxies):
+        return address
+    forwarded = headers.get("x-forwarded-for")
+    if not forwarded:
+        return address
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        if not in_networks(hop, trusted_proxies):
+            return hop
+        address = hop
+    return address
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
@@ -158,28 +203,44 @@ class AuthGate:
     allowed_origins: tuple[str, ...] = ()
     #: Called with the reason after each failed attempt (metrics).
     on_failure: Callable[[str], None] | None = None
+    #: Proxies whose ``X-Forwarded-For`` names the real client (see :func:`client_address`).
+    trusted_proxies: tuple[Network, ...] = ()
 
-    def authenticate(self, *, headers: Mapping[str, str], address: str, scheme: str, query_string: bytes | str = b"",
-                     subprotocols: Iterable[str] = ()) -> Principal:
-        """The caller's principal, or :class:`AuthFailure` (rate_limited / forbidden / unauthorized)."""
+    def address_of(self, peer: str | None, headers: Mapping[str, str]) -> str:
+        return client_address(peer, headers, self.trusted_proxies)
+
+    def refuse_if_blocked(self, address: str) -> None:
+        """429 for an address over its failure budget (call only for a failed attempt)."""
         retry_after = self.limiter.retry_after_s(address)
         if retry_after is not None:
             self._failed("rate_limited")
             raise AuthFailure("rate_limited", "too many failed attempts; try again later", retry_after_s=retry_after)
+
+    def record_failure(self, address: str, reason: str) -> None:
+        self.limiter.record_failure(address)
+        self._failed(reason)
+
+    def authenticate(self, *, headers: Mapping[str, str], address: str, scheme: str, query_string: bytes | str = b"",
+                     subprotocols: Iterable[str] = ()) -> Principal:
+        """The caller's principal, or :class:`AuthFailure` (forbidden / rate_limited / unauthorized).
+
+        A valid token is never rate limited; only a failed attempt from an address over its budget
+        gets ``rate_limited`` (and is not counted again, so the block ends one window after the
+        last counted failure)."""
         if not origin_allowed(headers.get("origin"), host=headers.get("host"), scheme=scheme,
                               allowed_origins=self.allowed_origins):
             self._failed("origin")
             raise AuthFailure("forbidden", "origin not allowed")
         if query_has_token(query_string):
-            self.limiter.record_failure(address)
-            self._failed("query_token")
+            self.refuse_if_blocked(address)
+            self.record_failure(address, "query_token")
             raise AuthFailure("unauthorized", "tokens are not accepted in the URL; use the Authorization header "
                                               "or the hooocus.token.* subprotocol")
         token = bearer_token(headers) or subprotocol_token(subprotocols)
         principal = self.tokens.verify(token)
         if principal is None:
-            self.limiter.record_failure(address)
-            self._failed("missing_token" if token is None else "bad_token")
+            self.refuse_if_blocked(address)
+            self.record_failure(address, "missing_token" if token is None else "bad_token")
             raise AuthFailure("unauthorized", "missing or invalid token")
         return principal
 

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -31,7 +32,8 @@ from engine.logging_setup import configure_logging
 from engine.runtime import Runtime
 from engine.settings import Settings, load_settings
 from hooocus_ws.app import create_app, drain
-from hooocus_ws.auth import RedactingFilter
+from hooocus_ws.auth import RedactingFilter, parse_networks
+from hooocus_ws.connlimits import ConnectionTracker, protocol_classes
 from hooocus_ws.tokens import TokenStore
 
 log = logging.getLogger("hooocus.serve")
@@ -105,20 +107,40 @@ def resolve_tokens(settings: Settings, *, out: TextIO) -> TokenStore:
     return store
 
 
-def default_allowed_hosts(settings: Settings) -> tuple[str, ...] | None:
+def default_allowed_hosts(settings: Settings) -> tuple[str, ...]:
+    """The Host names HTTP, the websocket and /mcp answer to (DNS-rebinding defence).
+
+    ``allowed_hosts`` when configured (``"*"`` switches the check off, except on /mcp). Otherwise
+    the loopback names, plus, on a non-loopback bind, the bound address itself (unless it is the
+    wildcard 0.0.0.0 / ::) and the host of ``public_url``: a foreign Host is never accepted by
+    default, even when bound to every interface."""
     if settings.allowed_hosts:
         return settings.allowed_hosts
-    if is_loopback(settings.host):  # DNS rebinding: a loopback server answers only to loopback names
-        return ("127.0.0.1", "localhost", "::1", "[::1]")
-    return None
+    names = ["127.0.0.1", "localhost", "::1", "[::1]"]
+    if not is_loopback(settings.host):
+        bound = settings.host.strip("[]")
+        if bound not in ("0.0.0.0", "::", ""):
+            names.append(f"[{bound}]" if ":" in bound else bound)
+        if settings.public_url:
+            public_host = urlsplit(settings.public_url).hostname
+            if public_host:
+                names.append(f"[{public_host}]" if ":" in public_host else public_host)
+        log.warning("serving on %s: only these Host names are answered: %s; list the names clients use with "
+                    "--allowed-host (allowed_hosts)", settings.host, ", ".join(names))
+    return tuple(dict.fromkeys(names))
 
 
 def uvicorn_config(app: Any, *, host: str, port: int, max_message_bytes: int, log_level: str = "info",
                    ping_interval_s: float = 20.0, ping_timeout_s: float = 20.0,
-                   graceful_shutdown_s: float | None = 30.0) -> uvicorn.Config:
+                   graceful_shutdown_s: float | None = 30.0, header_timeout_s: float = 10.0,
+                   max_connections_per_address: int = 64, trusted_proxies: Sequence[str] = ()) -> uvicorn.Config:
     """The one uvicorn setup (also used by the tests and the conformance run): sans-io websockets,
-    ``ws_max_size`` as the hard frame cap (close 1009), no per-message-deflate, protocol pings."""
-    config = uvicorn.Config(app, host=host, port=port, ws="websockets-sansio", ws_max_size=max_message_bytes,
+    ``ws_max_size`` as the hard frame cap (close 1009), no per-message-deflate, protocol pings, and
+    our header-read timeout and per-address connection cap (:mod:`hooocus_ws.connlimits`)."""
+    tracker = ConnectionTracker(max_connections_per_address, exempt=parse_networks(trusted_proxies))
+    http_class, ws_class = protocol_classes(tracker, header_timeout_s=header_timeout_s)
+    config = uvicorn.Config(app, host=host, port=port, http=http_class, ws=ws_class,
+                            ws_max_size=max_message_bytes,
                             ws_per_message_deflate=False, ws_ping_interval=ping_interval_s,
                             ws_ping_timeout=ping_timeout_s, lifespan="on", log_level=log_level,
                             timeout_graceful_shutdown=graceful_shutdown_s, server_header=False,
@@ -129,8 +151,11 @@ def uvicorn_config(app: Any, *, host: str, port: int, max_message_bytes: int, lo
 
 class HooocusServer(uvicorn.Server):
     """uvicorn with our graceful shutdown: ``before_shutdown`` (:func:`hooocus_ws.app.drain`) runs
-    after the listening sockets close and before uvicorn closes the connections (websockets: 1012),
-    and a SIGTERM that was handled this way ends the process with exit code 0."""
+    first, while the listener is still open, so a load balancer's ``/healthz`` gets 503 during the
+    drain and new work is refused with ``shutting_down`` (not a connection error); then uvicorn
+    closes the listener and the connections (websockets: 1012). A SIGTERM that was handled this way
+    ends the process with exit code 0. A SIGTERM during the model warm-up waits for the load to
+    finish (it cannot be interrupted), then drains."""
 
     def __init__(self, config: uvicorn.Config, *,
                  before_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -138,8 +163,6 @@ class HooocusServer(uvicorn.Server):
         self._before_shutdown = before_shutdown
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        for server in getattr(self, "servers", []):
-            server.close()  # stop accepting connections at once; uvicorn closes them again (a no-op)
         if self._before_shutdown is not None and not self.force_exit:
             try:
                 await self._before_shutdown()
@@ -156,12 +179,30 @@ class HooocusServer(uvicorn.Server):
             self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
+class ClientFaultTracebackFilter(logging.Filter):
+    """uvicorn logs a full traceback when a client sends a text frame that is not UTF-8 (it closes
+    the connection with 1007 correctly). That is the client's fault, not ours: keep one line."""
+
+    CLIENT_FAULT_MESSAGES = frozenset({"Invalid UTF-8 sequence received from client."})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.msg in self.CLIENT_FAULT_MESSAGES:
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def install_log_redaction() -> None:
-    """uvicorn logs request paths with their query strings; mask anything that looks like a credential."""
+    """uvicorn logs request paths with their query strings; mask anything that looks like a credential.
+    Client faults that uvicorn logs with a traceback are cut to one line."""
     for name in ("uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(RedactingFilter())
+    error_logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ClientFaultTracebackFilter) for f in error_logger.filters):
+        error_logger.addFilter(ClientFaultTracebackFilter())
 
 
 @dataclass
@@ -196,13 +237,17 @@ def prepare_server(args: argparse.Namespace, *, env: Mapping[str, str] | None = 
     except ImportError as exc:
         log.warning("MCP endpoint disabled: %s", exc)
     else:
-        mcp_mount = create_mcp_mount(runtime, tokens, allowed_hosts=allowed_hosts or (),
+        mcp_mount = create_mcp_mount(runtime, tokens, allowed_hosts=allowed_hosts,
                                      allowed_origins=settings.allowed_origins)
     app = create_app(runtime, tokens=tokens, allowed_origins=settings.allowed_origins, allowed_hosts=allowed_hosts,
-                     mcp_mount=mcp_mount, history=history, shutdown_grace_s=settings.shutdown_grace_s)
+                     mcp_mount=mcp_mount, history=history, shutdown_grace_s=settings.shutdown_grace_s,
+                     public_url=settings.public_url)
     config = uvicorn_config(app, host=settings.host, port=settings.port,
                             max_message_bytes=settings.max_message_bytes, log_level=settings.log_level,
-                            graceful_shutdown_s=settings.shutdown_grace_s + 5.0)
+                            graceful_shutdown_s=settings.shutdown_grace_s + 5.0,
+                            header_timeout_s=settings.header_timeout_s,
+                            max_connections_per_address=settings.max_connections_per_address,
+                            trusted_proxies=settings.trusted_proxies)
     return Prepared(config=config, runtime=runtime, settings=settings, history=history)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,29 +40,35 @@ class ServerLimits:
     #: POST /v1/generate waits at most this long, then answers 202 with the job id.
     http_wait_timeout_s: float = 600.0
     max_http_body_bytes: int = 256 * 1024
+    #: Open websockets per principal: each one holds an outbox (16 stalled sockets following one
+    #: job held 155 MB until the ping timeout dropped them).
+    max_ws_per_principal: int = 8
 
 
 class IdempotencyCache:
-    """(principal, request_id) -> job_id for ``ttl_s``; bounded, oldest entries out first."""
+    """(principal, request_id) -> (job_id, params fingerprint) for ``ttl_s``; bounded, oldest out first.
+    The fingerprint lets a reuse of the key with different parameters be refused (``conflict``)
+    instead of silently answering with the first job."""
 
     def __init__(self, *, ttl_s: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._clock = clock
-        self._items: collections.OrderedDict[tuple[str, str], tuple[str, float]] = collections.OrderedDict()
+        self._items: collections.OrderedDict[tuple[str, str], tuple[str, str, float]] = collections.OrderedDict()
 
-    def get(self, owner: str, request_id: str) -> str | None:
+    def get(self, owner: str, request_id: str) -> tuple[str, str] | None:
+        """(job_id, fingerprint) of the first use of the key, or None."""
         now = self._clock()
         while self._items:  # expire from the oldest end
-            key, (_, expires) = next(iter(self._items.items()))
+            key, (_, _, expires) = next(iter(self._items.items()))
             if expires > now:
                 break
             del self._items[key]
         hit = self._items.get((owner, request_id))
-        return hit[0] if hit is not None else None
+        return (hit[0], hit[1]) if hit is not None else None
 
-    def put(self, owner: str, request_id: str, job_id: str) -> None:
-        self._items[(owner, request_id)] = (job_id, self._clock() + self.ttl_s)
+    def put(self, owner: str, request_id: str, job_id: str, fingerprint: str = "") -> None:
+        self._items[(owner, request_id)] = (job_id, fingerprint, self._clock() + self.ttl_s)
         self._items.move_to_end((owner, request_id))
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
@@ -88,6 +94,11 @@ class ServerContext:
     #: Open websocket sessions (hooocus_ws.session.Session), so a shutdown can let their outboxes flush.
     sessions: set[Any] = field(default_factory=set)
     idempotency: IdempotencyCache = field(init=False)
+    #: Open (accepted) websockets per principal name; entries leave when they reach zero.
+    ws_per_principal: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Awaited by drain() once the jobs are settled, e.g. the /mcp mount ending its sessions so open
+    #: SSE streams do not hold the server's graceful-shutdown wait.
+    on_drain: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.idempotency = IdempotencyCache(ttl_s=self.limits.event_retention_s)

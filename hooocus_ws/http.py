@@ -21,7 +21,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 
 from engine.constants import MIME_BY_FORMAT
 from engine.errors import HTTP_STATUS_BY_CODE, Forbidden, HooocusError, InvalidRequest, NotFound
-from engine.events import TERMINAL_EVENTS, Event
+from engine.events import TERMINAL_EVENTS, Cancelled, Event
 from engine.jobs import Job, JobState
 from engine.request import GenerationRequest
 from hooocus_ws import service
@@ -32,6 +32,10 @@ from hooocus_ws.tokens import Principal
 log = logging.getLogger("hooocus.http")
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+#: Retry-After for a full queue: a slot frees when a job ends, typically seconds to a minute on a
+#: GPU; a short hint keeps clients from hammering and from giving up too early.
+QUEUE_FULL_RETRY_AFTER_S = 10.0
 
 
 def context(request: Request) -> ServerContext:
@@ -45,6 +49,8 @@ def error_response(exc: HooocusError) -> JSONResponse:
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="hooocus"'
     retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is None and exc.code == "queue_full":
+        retry_after = QUEUE_FULL_RETRY_AFTER_S
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
     return JSONResponse({"error": exc.to_dict()}, status_code=status, headers=headers)
@@ -70,7 +76,7 @@ def guarded(handler: Handler) -> Handler:
 
 def authenticate(request: Request) -> Principal:
     ctx = context(request)
-    client = request.client.host if request.client else "unknown"
+    client = ctx.gate.address_of(request.client.host if request.client else None, request.headers)
     return ctx.gate.authenticate(headers=request.headers, address=client, scheme=request.url.scheme,
                                  query_string=request.scope.get("query_string", b""))
 
@@ -145,9 +151,11 @@ async def generate(request: Request) -> Response:
                            details={"job_id": job.job_id, "error_id": error.get("error_id")})
         return error_response(exc)
     if job.state == JobState.CANCELLED:
+        reason = next((e.reason for e in reversed(job.events_after(0)) if isinstance(e, Cancelled)), "user")
+        # The summary's own "error" (None for a cancelled job) must not replace the error object.
         summary = service.job_summary(ctx, job)
-        return JSONResponse({"error": {"code": "cancelled", "message": "the job was cancelled"}, **summary},
-                            status_code=HTTP_STATUS_BY_CODE["cancelled"])
+        summary["error"] = {"code": "cancelled", "reason": reason, "message": f"the job was cancelled ({reason})"}
+        return JSONResponse(summary, status_code=HTTP_STATUS_BY_CODE["cancelled"])
     accept = request.headers.get("accept", "")
     if "image/" in accept and "application/json" not in accept and job.images:
         first = job.images[0]
@@ -190,7 +198,9 @@ async def delete_job(request: Request) -> Response:
 
 @guarded
 async def get_image(request: Request) -> Response:
-    """An image by content hash; a bearer token or a valid ``exp``/``sig`` pair is required."""
+    """An image by content hash: a valid ``exp``/``sig`` pair (a shareable link), or the bearer
+    token of a principal whose job produced it, or an admin's. Anyone else gets ``not_found``, as
+    for a missing image (its PNG metadata holds the prompt; a hash must not be an existence oracle)."""
     ctx = context(request)
     name = request.path_params["name"]
     sha256, _, ext = name.partition(".")
@@ -199,7 +209,9 @@ async def get_image(request: Request) -> Response:
         if not ctx.signer.verify(request.url.path, query.get("exp"), query.get("sig")):
             raise Forbidden("the image link is invalid or has expired")
     else:
-        authenticate(request)
+        principal = authenticate(request)
+        if not principal.can("admin") and not await _owns_image(ctx, principal, sha256):
+            raise NotFound(f"no image {name!r}")
     ext = {"jpg": "jpeg"}.get(ext.lower(), ext.lower())
     image = ctx.runtime.images.get(sha256)
     if image is not None and image.extension == ext:
@@ -212,6 +224,14 @@ async def get_image(request: Request) -> Response:
         raise NotFound(f"no image {name!r}")
     return FileResponse(path, media_type=MIME_BY_FORMAT.get(ext, "application/octet-stream"),
                         headers=_image_headers(sha256.lower()))
+
+
+async def _owns_image(ctx: ServerContext, principal: Principal, sha256: str) -> bool:
+    if principal.name in ctx.runtime.images.owners(sha256):
+        return True
+    if ctx.history is None:
+        return False
+    return principal.name in await anyio.to_thread.run_sync(ctx.history.image_owners, sha256)
 
 
 def _image_headers(sha256: str) -> dict[str, str]:
@@ -295,11 +315,13 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {"summary": "Cancel a job", "security": secured, "parameters": job_param,
                            "responses": {"200": {"description": "cancel requested"}, "404": err}}},
             "/v1/images/{name}": {"get": {
-                "summary": "An image by sha256 ({sha256}.{ext}); bearer token or exp+sig query",
+                "summary": "An image by sha256 ({sha256}.{ext}); the owner's (or an admin's) bearer token, or "
+                           "an exp+sig query", "security": [{"bearer": []}, {}],
                 "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
                                {"name": "exp", "in": "query", "schema": {"type": "integer"}},
                                {"name": "sig", "in": "query", "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "image bytes"}, "403": err, "404": err}}},
+                "responses": {"200": {"description": "image bytes"}, "401": err, "403": err, "404": err,
+                              "429": err}}},
             "/v1/options": {"get": {"summary": "Models, styles, samplers, aspect ratios, defaults",
                                     "security": secured, "responses": {"200": {"description": "options"}}}},
             "/healthz": {"get": {"summary": "Liveness/readiness", "responses": {"200": {"description": "ok"},

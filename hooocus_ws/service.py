@@ -10,12 +10,14 @@ outlive both the in-memory retention window and a restart; unfinished ones come 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from typing import Any
 
 from engine.constants import MIME_BY_FORMAT
-from engine.errors import Forbidden, InvalidRequest, NotFound
+from engine.errors import Forbidden, HooocusError, InvalidRequest, NotFound
 from engine.events import TERMINAL_EVENTS, Event, ImageReady, Queued
 from engine.history import MAX_LIST_LIMIT
 from engine.jobs import Job, JobState
@@ -36,6 +38,12 @@ def _log_outcome(job: Job, event: Event) -> None:
         log.info("job %s %s%s", job.job_id, event.kind, f" ({detail})" if detail else "", extra=extra)
 
 
+def params_fingerprint(params: dict[str, Any]) -> str:
+    """A stable digest of a request's parameters (key order does not matter)."""
+    text = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def submit_job(ctx: ServerContext, principal: Principal, params: dict[str, Any],
                request_id: str | None) -> tuple[Job, int, bool]:
     """Queue ``params`` for ``principal``: (job, queue position, duplicate?). A repeated
@@ -46,13 +54,18 @@ def submit_job(ctx: ServerContext, principal: Principal, params: dict[str, Any],
     if request_id is not None:
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
             raise InvalidRequest("request_id must be a string of 1 to 128 characters", loc=("request_id",))
+        fingerprint = params_fingerprint(params)
         existing = ctx.idempotency.get(principal.name, request_id)
-        job = engine.get_job(existing) if existing else None
-        if job is not None:
+        job = engine.get_job(existing[0]) if existing else None
+        if job is not None and existing is not None:
+            if existing[1] != fingerprint:
+                raise HooocusError(f"request_id {request_id!r} was already used with different parameters "
+                                   f"(job {job.job_id}); use a new request_id", code="conflict",
+                                   loc=("request_id",))
             return job, engine.queue_position(job.job_id) or 0, True
     job = engine.submit(params, owner=principal.name)
     if request_id is not None:
-        ctx.idempotency.put(principal.name, request_id, job.job_id)
+        ctx.idempotency.put(principal.name, request_id, job.job_id, fingerprint)
     extra = {"job_id": job.job_id, "principal": principal.name}
     log.info("job %s queued", job.job_id, extra=extra)
     # Prompts are user data: only at DEBUG, and only as extras (logging_setup hides them above DEBUG).
@@ -143,7 +156,7 @@ def job_record(ctx: ServerContext, principal: Principal, job_id: str) -> dict[st
     if job is not None and not (job.owner == principal.name or admin):
         raise NotFound(f"no job {job_id!r}")
     if job is not None and not job.state.terminal:
-        return job_summary(ctx, job)
+        return _live_entry(ctx, job, admin=admin)
     record = ctx.history.get_job(job_id) if ctx.history is not None else None
     # A live job whose final row is not written yet (or whose write failed) is shown live.
     if record is not None and (job is None or record["state"] in _TERMINAL_STATES):
@@ -152,7 +165,7 @@ def job_record(ctx: ServerContext, principal: Principal, job_id: str) -> dict[st
         return history_entry(ctx, record, admin=admin)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    return job_summary(ctx, visible_job(ctx, principal, job_id))
+    return _live_entry(ctx, visible_job(ctx, principal, job_id), admin=admin)
 
 
 def parse_list_limit(raw: str | None, default: int = 50) -> int:

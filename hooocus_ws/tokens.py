@@ -1,7 +1,9 @@
 """Bearer tokens and principals, shared by the websocket, HTTP and MCP front doors.
 
 Tokens come from a file or ``HOOOCUS_TOKENS``: one per line ``NAME TOKEN SCOPES`` (scopes
-comma-separated: generate, cancel:own, cancel:any, admin); ``#`` starts a comment. Only SHA-256
+comma-separated: generate, cancel:own, cancel:any, admin); ``#`` at the start of a line or after
+whitespace starts a comment, and a ``#`` inside a field is refused (it used to cut a token short
+and drop its scopes without a word). Only SHA-256
 digests are kept in memory, and every check compares digests in constant time against every
 entry, so neither timing nor length leaks which token was close.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,8 @@ from engine.errors import InvalidRequest
 
 KNOWN_SCOPES = frozenset({"generate", "cancel:own", "cancel:any", "admin"})
 DEFAULT_SCOPES = frozenset({"generate", "cancel:own"})
+#: A comment: '#' at the start of the line or after whitespace, to the end of the line.
+_COMMENT_RE = re.compile(r"(^|\s)#.*$")
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,12 @@ class TokenStore:
         entries: list[tuple[Principal, bytes]] = []
         names: set[str] = set()
         for lineno, raw in enumerate(text.splitlines(), 1):
-            line = raw.split("#", 1)[0].strip()
+            line = _COMMENT_RE.sub("", raw).strip()
             if not line:
                 continue
+            if "#" in line:
+                raise InvalidRequest(f"{source}:{lineno}: '#' inside a name, token or scopes; a comment must "
+                                     "start a line or follow a space", loc=("tokens", lineno))
             parts = line.split()
             if len(parts) not in (2, 3):
                 raise InvalidRequest(f"{source}:{lineno}: expected 'NAME TOKEN SCOPES'", loc=("tokens", lineno))

@@ -192,7 +192,8 @@ class StyleLibrary:
         for index, name in enumerate(names):
             legal = self.canonical(name)
             if legal is None:
-                raise UnknownStyle(f"unknown style {name!r}; list_options shows the installed styles",
+                raise UnknownStyle(f"unknown style {name!r}; the options list (GET /v1/options, MCP list_options) "
+                                   "shows the installed styles",
                                    loc=("styles", index))
             out.append(legal)
         return out

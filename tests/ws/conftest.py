@@ -155,10 +155,10 @@ class LiveServer:
 
 
 def start_server(app: Any, runtime: Runtime, *, max_message_bytes: int = 64 * 1024, ping_interval_s: float = 20.0,
-                 ping_timeout_s: float = 20.0, graceful_shutdown_s: float = 5.0) -> LiveServer:
+                 ping_timeout_s: float = 20.0, graceful_shutdown_s: float = 5.0, **config_kwargs: Any) -> LiveServer:
     config = uvicorn_config(app, host="127.0.0.1", port=0, max_message_bytes=max_message_bytes,
                             log_level="warning", ping_interval_s=ping_interval_s, ping_timeout_s=ping_timeout_s,
-                            graceful_shutdown_s=graceful_shutdown_s)
+                            graceful_shutdown_s=graceful_shutdown_s, **config_kwargs)
     # What `hooocus serve` runs: drain (jobs end, outboxes flush) before the sockets close with 1012.
     server = HooocusServer(config, before_shutdown=lambda: drain(app.state.hooocus))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)

@@ -6,13 +6,16 @@ import logging
 
 import pytest
 
+from engine.errors import HooocusError
 from hooocus_ws.auth import (
     AuthFailure,
     AuthGate,
     FailedAuthLimiter,
     RedactingFilter,
     bearer_token,
+    client_address,
     origin_allowed,
+    parse_networks,
     query_has_token,
     subprotocol_token,
 )
@@ -83,9 +86,36 @@ def test_gate_checks_in_order_and_counts_failures():
             gate.authenticate(headers=headers, address="a", scheme="ws")
         assert info.value.code == "unauthorized"
     with pytest.raises(AuthFailure) as info:
-        gate.authenticate(headers={"authorization": f"Bearer {ALICE}"}, address="a", scheme="ws")
+        gate.authenticate(headers={}, address="a", scheme="ws")
     assert info.value.code == "rate_limited" and info.value.retry_after_s > 0
-    assert reasons == ["missing_token", "bad_token", "rate_limited"]
+    # A valid token always gets in, however many failures its address has.
+    assert gate.authenticate(headers={"authorization": f"Bearer {ALICE}"}, address="a", scheme="ws").name == "alice"
+    with pytest.raises(AuthFailure) as info:  # a bad origin is refused before the token matters
+        gate.authenticate(headers={"authorization": f"Bearer {ALICE}", "origin": "https://evil.example",
+                                   "host": "127.0.0.1"}, address="b", scheme="ws")
+    assert info.value.code == "forbidden"
+    assert reasons == ["missing_token", "bad_token", "rate_limited", "origin"]
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "expected"), [
+    ("10.0.0.1", "1.2.3.4", "10.0.0.1"),              # the peer is no proxy: header ignored
+    ("127.0.0.1", None, "127.0.0.1"),
+    ("127.0.0.1", "1.2.3.4", "1.2.3.4"),
+    ("127.0.0.1", "6.6.6.6, 1.2.3.4", "1.2.3.4"),      # the left hops are the client's own claim
+    ("127.0.0.1", "6.6.6.6, 1.2.3.4, 10.9.0.1", "1.2.3.4"),  # skip further trusted hops
+    ("127.0.0.1", "10.9.0.2, 10.9.0.1", "10.9.0.2"),   # all trusted: the left-most we saw
+    ("127.0.0.1", "garbage", "garbage"),
+])
+def test_client_address_honours_forwarded_only_from_trusted_proxies(peer, forwarded, expected):
+    trusted = parse_networks(["127.0.0.1", "10.9.0.0/16"])
+    headers = {} if forwarded is None else {"x-forwarded-for": forwarded}
+    assert client_address(peer, headers, trusted) == expected
+
+
+def test_bad_trusted_proxy_entry_is_a_clear_error():
+    with pytest.raises(HooocusError) as info:
+        parse_networks(["10.0.0.0/8", "proxy.example"])
+    assert "proxy.example" in info.value.message and info.value.loc == ("trusted_proxies",)
 
 
 def test_redacting_filter_masks_tokens_in_access_lines():

@@ -77,7 +77,9 @@ def test_uvicorn_settings(tmp_path):
     prepared = cli.prepare_server(parse("--port", "0", "--data-dir", str(tmp_path)), env={}, out=io.StringIO(),
                                   runtime=make_runtime(tmp_path))
     config = prepared.config
-    assert config.ws == "websockets-sansio" and config.ws_per_message_deflate is False
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    assert issubclass(config.ws, WebSocketsSansIOProtocol) and config.ws_per_message_deflate is False
     assert config.ws_max_size == prepared.settings.max_message_bytes == 64 * 1024
     assert config.host == "127.0.0.1" and config.proxy_headers is False
     assert config.log_config is None  # uvicorn's records go through our root handler (masking)
@@ -97,3 +99,47 @@ def test_uvicorn_settings(tmp_path):
                                                 ("example.org", False)])
 def test_is_loopback(host, loopback):
     assert cli.is_loopback(host) is loopback
+
+
+def test_a_hash_inside_a_token_is_a_start_up_error_naming_the_line(tmp_path, capsys):
+    """Issue 11.8: ``carol abc#def0123456789xyz admin`` used to become token ``abc`` ... with default scopes."""
+    path = tmp_path / "tokens.txt"
+    path.write_text("# comment line\ncarol carol-token-0123456789 generate  # trailing comment is fine\n"
+                    "dave dave-tok#en-0123456789 admin\n")
+    assert cli.main(["serve", "--tokens-file", str(path), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:3" in err and "'#'" in err
+    path.write_text("# comment line\ncarol carol-token-0123456789 generate,cancel:own  # trailing comment\n")
+    from hooocus_ws.tokens import TokenStore
+
+    store = TokenStore.from_file(path)
+    assert store.verify("carol-token-0123456789").scopes == frozenset({"generate", "cancel:own"})
+
+
+def test_a_public_bind_answers_only_to_allowed_hosts_on_http_websocket_and_mcp(tmp_path):
+    """Issue 11.6: bound to a non-loopback address with no allowlist, a ``Host: evil.example`` upgrade
+    passed (the Origin check compares against the request's own Host)."""
+    from starlette.testclient import TestClient, WebSocketDenialResponse
+
+    env = {"HOOOCUS_TOKENS": TOKENS_TEXT}
+    args = parse("--host", "0.0.0.0", "--data-dir", str(tmp_path), "--public-url", "https://gpu.example.org")
+    prepared = cli.prepare_server(args, env=env, runtime=make_runtime(tmp_path), with_history=False)
+    assert "gpu.example.org" in cli.default_allowed_hosts(prepared.settings)
+    bearer = {"Authorization": f"Bearer {ALICE}"}
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                  "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                             "clientInfo": {"name": "t", "version": "0"}}}
+    mcp_headers = {**bearer, "accept": "application/json, text/event-stream"}
+    evil, good = {"host": "evil.example"}, {"host": "gpu.example.org"}
+    with TestClient(prepared.config.app) as client:
+        assert client.get("/v1/options", headers={**bearer, **evil}).status_code == 403
+        with pytest.raises(WebSocketDenialResponse) as info:
+            with client.websocket_connect("/v1/ws", headers={**bearer, **evil, "origin": "http://evil.example"}):
+                pass
+        assert info.value.status_code == 403
+        assert client.post("/mcp", headers={**mcp_headers, **evil}, json=initialize).status_code == 403
+        assert client.get("/v1/options", headers={**bearer, **good}).status_code == 200
+        with client.websocket_connect("/v1/ws", headers={**bearer, **good, "origin": "https://gpu.example.org"}) as ws:
+            assert ws.receive_json()["type"] == "hello"
+        # Remote MCP clients work when their Host is allowed.
+        assert client.post("/mcp", headers={**mcp_headers, **good}, json=initialize).status_code == 200

@@ -15,12 +15,6 @@ from starlette.testclient import TestClient
 from hooocus_ws.protocol import FRAME_IMAGE
 from tests.ws.conftest import WsReader, connect, make_app
 
-try:
-    import engine.pipeline  # noqa: F401
-except ImportError as exc:
-    pytest.skip(f"engine.pipeline is not available yet ({exc}); the demo-model tests wait for it",
-                allow_module_level=True)
-
 PARAMS = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 3, "seed": 11,
           "performance": "Speed", "styles": []}
 
@@ -73,3 +67,20 @@ def test_demo_cancel_mid_sampling(demo_client):
         last = reader.until_type("cancelled", "done", "error")[-1]
     assert last["type"] == "cancelled" and last["images_done"] == 0
     assert not [kind for kind, _, _ in reader.frames if kind == FRAME_IMAGE]
+
+
+def test_unknown_vae_names_its_field(demo_client):
+    """Issue 11.12: an unknown ``vae`` was refused with ``loc: null``."""
+    from tests.ws.conftest import ALICE, auth
+
+    response = demo_client.post("/v1/generate", headers=auth(ALICE), json={**PARAMS, "vae": "no-such-vae"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "unknown_model" and response.json()["error"]["loc"] == ["vae"]
+
+
+def test_unknown_style_hint_names_the_http_options_route(demo_client):
+    """Issue 11 (HTTP): the hint named only the MCP tool list_options."""
+    from tests.ws.conftest import ALICE, auth
+
+    response = demo_client.post("/v1/generate", headers=auth(ALICE), json={**PARAMS, "styles": ["No Such Style"]})
+    assert response.status_code == 422 and "GET /v1/options" in response.json()["error"]["message"]

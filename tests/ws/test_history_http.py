@@ -80,9 +80,12 @@ def test_a_finished_job_and_its_image_after_a_restart(tmp_path, finished):
         served = client.get(image["url"])  # signed; not in the (new, empty) image store: read from disk
         assert served.status_code == 200 and served.headers["content-type"] == "image/png"
         assert hashlib.sha256(served.content).hexdigest() == image["sha256"]
-        with_token = client.get(f"/v1/images/{image['sha256']}.png", headers=auth(BOB))
+        # The owner survives the restart (from the history): alice may read by hash, bob may not.
+        with_token = client.get(f"/v1/images/{image['sha256']}.png", headers=auth(ALICE))
         assert with_token.content == served.content
-        assert client.get(f"/v1/images/{image['sha256']}.jpeg", headers=auth(BOB)).status_code == 404
+        assert client.get(f"/v1/images/{image['sha256']}.png", headers=auth(BOB)).status_code == 404
+        assert client.get(f"/v1/images/{image['sha256']}.png", headers=auth(ADMIN)).status_code == 200
+        assert client.get(f"/v1/images/{image['sha256']}.jpeg", headers=auth(ALICE)).status_code == 404
         assert client.get(f"/v1/jobs/{finished[0]}", headers=auth(BOB)).status_code == 404  # not an oracle
         assert client.get("/v1/jobs/j_unknown", headers=auth(ALICE)).status_code == 404
         admin_view = client.get(f"/v1/jobs/{finished[0]}", headers=auth(ADMIN)).json()
@@ -115,3 +118,11 @@ def test_without_a_history_the_list_shows_the_engines_jobs(tmp_path):
         page = client.get(f"/v1/jobs?limit=1&before={ids[2]}", headers=auth(ALICE)).json()
         assert [job["job_id"] for job in page["jobs"]] == [ids[0]] and page["next_before"] == ids[0]
         assert client.get(f"/v1/images/{'0' * 64}.png", headers=auth(ALICE)).status_code == 404
+
+
+def test_a_finished_job_keeps_its_progress_after_a_restart(tmp_path, finished):
+    """Issue 11 (HTTP): ``progress`` used to become null once a job was done."""
+    with serve(tmp_path) as client:
+        record = client.get(f"/v1/jobs/{finished[0]}", headers=auth(ALICE)).json()
+    assert record["state"] == "done"
+    assert record["progress"]["step"] == record["progress"]["total_steps"] >= 1

@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 
 from engine.testing import FakeRunner, StepGate
 from hooocus_ws.signing import UrlSigner
-from tests.ws.conftest import ALICE, BOB, READER, auth, make_app, make_runtime
+from tests.ws.conftest import ADMIN, ALICE, BOB, READER, auth, make_app, make_runtime
 
 
 def test_generate_waits_and_returns_urls_seeds_and_params(client):
@@ -92,7 +92,12 @@ def test_image_urls_need_a_valid_signature_or_a_token(client, runtime):
     path = url.split("?")[0]
     assert client.get(url).status_code == 200
     assert client.get(path).status_code == 401
-    assert client.get(path, headers=auth(BOB)).status_code == 200  # content-addressed: any valid token
+    # Issue 11.7: the PNG metadata holds the prompt, so only the owner (or an admin) may read by hash;
+    # anyone else gets the same 404 as for a missing image. The signed URL is for sharing.
+    assert client.get(path, headers=auth(ALICE)).status_code == 200
+    assert client.get(path, headers=auth(ADMIN)).status_code == 200
+    bob = client.get(path, headers=auth(BOB))
+    assert bob.status_code == 404 and bob.json()["error"]["code"] == "not_found"
     assert client.get(url.replace("sig=", "sig=x")).status_code == 403
     assert client.get(path.replace(".png", ".jpeg"), headers=auth(ALICE)).status_code == 404
     assert client.get("/v1/images/../../etc/passwd.png", headers=auth(ALICE)).status_code == 404
@@ -171,3 +176,106 @@ def test_mcp_mount_is_served_and_its_lifespan_entered(runtime):
         assert bare.status_code == 200 and bare.text == "/mcp"
         assert client.get("/mcp/anything").status_code == 200
     assert mount.events == ["enter", "exit"]
+
+
+class Mcp401Mount(FakeMcpMount):
+    """A mount that, like the real one, answers 401 without a valid bearer token."""
+
+    def __init__(self, tokens) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.reached = 0
+
+    async def app(self, scope, receive, send) -> None:
+        from starlette.datastructures import Headers
+
+        from hooocus_ws.auth import bearer_token
+
+        self.reached += 1
+        ok = self.tokens.verify(bearer_token(Headers(scope=scope))) is not None
+        await send({"type": "http.response.start", "status": 200 if ok else 401, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_mcp_failures_count_and_a_valid_token_always_passes(runtime, tokens):
+    """Issue 11.1: 30 bad bearer tokens on /mcp were never limited."""
+    mount = Mcp401Mount(tokens)
+    with TestClient(make_app(runtime, mcp_mount=mount), client=("10.0.0.3", 1)) as client:
+        statuses = [client.post("/mcp", headers=auth("bad-token-0123456789abc")).status_code for _ in range(30)]
+        assert statuses[:10] == [401] * 10 and set(statuses[10:]) == {429}
+        assert mount.reached == 10  # blocked attempts never reach the mount
+        blocked = client.post("/mcp")
+        assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+        assert blocked.json()["error"]["code"] == "rate_limited"
+        assert client.post("/mcp", headers=auth(ALICE)).status_code == 200
+        # The websocket/HTTP routes share the budget.
+        assert client.get("/metrics").status_code == 429
+
+
+def test_cancelled_generate_returns_an_error_object_with_the_reason(tmp_path):
+    """Issue 11.5: the summary's ``error: None`` used to overwrite the error object (409 ``"error": null``)."""
+    import threading
+
+    gate = StepGate(1)
+    runtime = make_runtime(tmp_path, FakeRunner(on_step=gate))
+    with TestClient(make_app(runtime)) as client:
+        answer: dict[str, object] = {}
+        waiter = threading.Thread(target=lambda: answer.update(
+            r=client.post("/v1/generate", headers=auth(ALICE), json={"steps": 4})))
+        waiter.start()
+        assert gate.reached.wait(10)
+        job_id = runtime.engine.jobs()[0].job_id
+        assert client.delete(f"/v1/jobs/{job_id}", headers=auth(ALICE)).json()["cancelled"] is True
+        gate.release()
+        waiter.join(10)
+        response = answer["r"]
+        assert response.status_code == 409
+        body = response.json()
+        assert body["error"]["code"] == "cancelled" and body["error"]["reason"] == "user"
+        assert body["job_id"] == job_id and body["state"] == "cancelled"
+
+
+def test_request_id_reused_with_other_params_is_a_conflict(client, runtime):
+    first = client.post("/v1/generate", headers=auth(ALICE), json={"steps": 1, "seed": 1, "request_id": "k"})
+    same = client.post("/v1/generate", headers=auth(ALICE), json={"seed": 1, "steps": 1, "request_id": "k"})
+    assert same.json()["job_id"] == first.json()["job_id"]  # key order does not matter
+    other = client.post("/v1/generate", headers=auth(ALICE), json={"steps": 2, "seed": 1, "request_id": "k"})
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "conflict" and other.json()["error"]["loc"] == ["request_id"]
+    assert len(runtime.engine.jobs()) == 1
+
+
+def test_queue_full_answers_with_retry_after(tmp_path):
+    gate = StepGate(1)
+    runtime = make_runtime(tmp_path, FakeRunner(on_step=gate), queue_size=1)
+    with TestClient(make_app(runtime)) as client:
+        try:
+            assert client.post("/v1/generate", headers=auth(ALICE), json={"wait": False}).status_code == 202
+            assert gate.reached.wait(10)
+            assert client.post("/v1/generate", headers=auth(BOB), json={"wait": False}).status_code == 202
+            full = client.post("/v1/generate", headers=auth(BOB), json={"wait": False})
+            assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+            assert int(full.headers["retry-after"]) >= 1
+        finally:
+            gate.release()
+
+
+def test_admin_sees_the_owner_of_a_running_job(tmp_path):
+    gate = StepGate(1)
+    runtime = make_runtime(tmp_path, FakeRunner(on_step=gate))
+    with TestClient(make_app(runtime)) as client:
+        try:
+            job_id = client.post("/v1/generate", headers=auth(ALICE), json={"wait": False}).json()["job_id"]
+            assert gate.reached.wait(10)
+            assert client.get(f"/v1/jobs/{job_id}", headers=auth(ADMIN)).json()["owner"] == "alice"
+            assert "owner" not in client.get(f"/v1/jobs/{job_id}", headers=auth(ALICE)).json()
+        finally:
+            gate.release()
+
+
+def test_openapi_lists_401_for_images():
+    from hooocus_ws.http import openapi_document
+
+    responses = openapi_document()["paths"]["/v1/images/{name}"]["get"]["responses"]
+    assert {"401", "403", "404"} <= set(responses)
+

@@ -79,12 +79,52 @@ def test_failed_attempts_are_rate_limited_per_address(runtime):
     with attacker, other:
         for _ in range(10):
             assert denial(attacker, headers=auth("wrong-token-0123456789")).status_code == 401
-        blocked = denial(attacker, headers=auth(ALICE))  # even the right token waits out the window
+        blocked = denial(attacker, headers=auth("wrong-token-0123456789"))  # further failures wait
         assert blocked.status_code == 429
         assert int(blocked.headers["retry-after"]) >= 1
-        assert attacker.get("/v1/options", headers=auth(ALICE)).status_code == 429  # HTTP shares the limiter
+        assert attacker.get("/v1/options").status_code == 429  # HTTP shares the limiter
         with connect(other, ALICE) as ws:  # another address is unaffected
             assert WsReader(ws).recv()["type"] == "hello"
+
+
+def test_tokenless_noise_never_locks_out_a_valid_token(runtime):
+    """Issue 11.1: ten tokenless requests from one address (a reverse proxy: everyone's address)
+    used to make every later request from it 429, valid tokens and admin included."""
+    app = make_app(runtime)
+    shared = TestClient(app, client=("10.0.0.9", 1000))
+    with shared:
+        for _ in range(12):
+            assert shared.get("/metrics").status_code in (401, 429)
+        assert shared.get("/metrics").status_code == 429  # further failures are refused
+        assert shared.get("/v1/options", headers=auth(ALICE)).status_code == 200
+        assert shared.get("/metrics", headers=auth(ADMIN)).status_code == 200
+        with connect(shared, ADMIN) as ws:
+            assert WsReader(ws).recv()["type"] == "hello"
+        assert denial(shared).status_code == 429
+
+
+def test_forwarded_address_counts_only_behind_a_trusted_proxy(tmp_path):
+    from engine.jobs import Engine
+    from engine.runtime import Runtime
+    from engine.settings import Settings
+    from engine.store import ImageStore
+
+    settings = Settings(data_dir=tmp_path, trusted_proxies=("10.1.0.0/16",))
+    images = ImageStore()
+    runtime = Runtime(settings=settings, engine=Engine(FakeRunner(), image_sink=images.put), images=images)
+    app = make_app(runtime)
+    proxy = TestClient(app, client=("10.1.2.3", 1000))
+    stranger = TestClient(app, client=("192.0.2.7", 1000))
+    with proxy, stranger:
+        for _ in range(10):
+            assert proxy.get("/metrics", headers={"X-Forwarded-For": "1.1.1.1, 203.0.113.5"}).status_code == 401
+        # The proxy's right-most untrusted hop (203.0.113.5) is blocked, its other clients are not.
+        assert proxy.get("/metrics", headers={"X-Forwarded-For": "203.0.113.5"}).status_code == 429
+        assert proxy.get("/metrics", headers={"X-Forwarded-For": "203.0.113.6, 10.1.9.9"}).status_code == 401
+        # An untrusted peer's X-Forwarded-For is ignored: it cannot dodge its own budget by forging one.
+        for i in range(10):
+            stranger.get("/metrics", headers={"X-Forwarded-For": f"198.51.100.{i}"})
+        assert stranger.get("/metrics", headers={"X-Forwarded-For": "198.51.100.99"}).status_code == 429
 
 
 def test_token_in_query_is_refused_and_never_logged(client, caplog):
@@ -121,8 +161,9 @@ def test_origin_allowlist(runtime):
 
 def test_host_allowlist_against_dns_rebinding(runtime):
     with TestClient(make_app(runtime, allowed_hosts=["127.0.0.1"])) as client:  # Host: testserver
-        assert client.get("/healthz").status_code == 400
-        assert denial(client, headers=auth(ALICE)).status_code == 400
+        refused = client.get("/healthz")
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+        assert denial(client, headers=auth(ALICE)).status_code == 403
     with TestClient(make_app(runtime, allowed_hosts=["127.0.0.1"]), base_url="http://127.0.0.1") as client:
         assert client.get("/healthz").status_code == 200
 
@@ -553,3 +594,19 @@ def test_client_vanishing_right_after_the_handshake_is_harmless(client, runtime)
         reader.recv()
         reader.send({"type": "ping", "id": 1})
         assert reader.recv()["type"] == "pong"
+
+
+def test_websockets_per_principal_are_capped(runtime):
+    """Issue 11.3: 16 stalled sockets following one job held 155 MB; a principal gets a bounded number."""
+    with TestClient(make_app(runtime, limits=ServerLimits(max_ws_per_principal=2))) as client:
+        first, _ = open_session(client, ALICE)
+        second, _ = open_session(client, ALICE)
+        refused = denial(client, headers=auth(ALICE))
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        with connect(client, BOB) as ws:  # another principal is unaffected
+            assert WsReader(ws).recv()["type"] == "hello"
+        first.__exit__(None, None, None)
+        third, _ = open_session(client, ALICE)  # a closed connection frees its slot
+        for cm in (second, third):
+            cm.__exit__(None, None, None)
+        assert client.app.state.hooocus.ws_per_principal == {}
