@@ -167,6 +167,10 @@ class FakeMcpMount:
 
         return span()
 
+    async def close_sessions(self) -> int:
+        self.events.append("close_sessions")
+        return 0
+
 
 def test_mcp_mount_is_served_and_its_lifespan_entered(runtime):
     mount = FakeMcpMount()
@@ -176,6 +180,21 @@ def test_mcp_mount_is_served_and_its_lifespan_entered(runtime):
         assert bare.status_code == 200 and bare.text == "/mcp"
         assert client.get("/mcp/anything").status_code == 200
     assert mount.events == ["enter", "exit"]
+
+
+def test_drain_ends_mcp_sessions_after_the_running_job_settles(runtime):
+    """Issue 11.2: open /mcp streams must not hold a graceful shutdown; drain() ends the sessions once
+    the jobs are settled (a running job's MCP caller still gets its result first)."""
+    import anyio
+
+    from hooocus_ws.app import drain
+
+    mount = FakeMcpMount()
+    app = make_app(runtime, mcp_mount=mount)
+    with TestClient(app):
+        assert mount.events == ["enter"]
+        anyio.run(lambda: drain(app.state.hooocus, flush_timeout_s=0.1))
+        assert mount.events == ["enter", "close_sessions"]
 
 
 class Mcp401Mount(FakeMcpMount):
