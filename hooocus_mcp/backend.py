@@ -175,7 +175,12 @@ class LocalBackend:
         return self.runtime.images.get(sha256)
 
     async def may_read_image(self, sha256: str, caller: Principal) -> bool:
-        return caller.can("admin") or caller.name in self.runtime.images.owners(sha256)
+        if caller.can("admin") or caller.name in self.runtime.images.owners(sha256):
+            return True
+        # An image of an earlier process (stdio: one process per host session) is owned per the history.
+        if self.history is None:
+            return False
+        return caller.name in await anyio.to_thread.run_sync(self.history.image_owners, sha256)
 
     async def preview(self, job_id: str, caller: Principal) -> np.ndarray | None:
         preview = self._job(job_id, caller).latest_preview
