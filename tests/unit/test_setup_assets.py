@@ -213,6 +213,24 @@ def test_offline_names_every_missing_file_and_where_to_put_it(closed_port_url: s
     assert len(excinfo.value.details) == len(assets)
 
 
+def test_offline_names_each_files_own_host(tmp_path: Path) -> None:
+    """Styles come from GitHub, the expansion weights from Hugging Face: when neither answers, each
+    file's reason names its own host, not the first host that failed."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    hosts = {"styles": f"127.0.0.1:{ports[0]}", "expansion": f"127.0.0.1:{ports[1]}"}
+    assets = [replace(a, url=f"http://{hosts[a.group]}{urlsplit(a.url).path}")
+              for a in (*DEFAULT_ASSETS, *EXPANSION_ASSETS) if a.group in hosts]
+    with pytest.raises(AssetsMissing) as excinfo:
+        run_setup(tmp_path, assets=assets, progress=False, timeout_s=5, retries=1, echo=lambda _m: None)
+    reasons = {d["name"]: d["reason"] for d in excinfo.value.details}
+    assert len(reasons) == len(assets)
+    for asset in assets:
+        own, other = hosts[asset.group], hosts["expansion" if asset.group == "styles" else "styles"]
+        assert f"cannot reach {own}" in reasons[asset.name] and other not in reasons[asset.name]
 def test_link_from_a_fooocus_folder_instead_of_downloading(server: FakeServer, tmp_path: Path) -> None:
     fooocus = tmp_path / "Fooocus"
     local = fooocus / "models/checkpoints/model.safetensors"
