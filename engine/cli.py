@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 DEMO_MODELS: tuple[str, ...] = (DEMO_MODEL, DEMO_REFINER)
+BUILTIN_MODEL_NOTE = "tiny random-weight demo: paints abstract noise; 'hooocus setup' installs a real model"
 
 
 class CliError(Exception):
@@ -359,14 +360,22 @@ def _cmd_models(args: argparse.Namespace) -> int:
         for name, path, reason in _refused_weight_files(settings.search_dirs(kind)):  # type: ignore[arg-type]
             rows.append({"kind": kind, "name": name, "path": str(path), "size_bytes": path.stat().st_size,
                          "usable": False, "reason": reason, "sha256": None})
+    files_found = bool(rows)
+    # The built-in models need no file; listing them tells a new user what runs right now, and that
+    # it is not a real model (random weights paint abstract noise).
+    rows += [{"kind": "checkpoints", "name": name, "path": None, "size_bytes": None, "usable": True,
+              "reason": None, "sha256": None, "builtin": True, "note": BUILTIN_MODEL_NOTE} for name in DEMO_MODELS]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
+            if row.get("builtin"):
+                print(f"{row['kind']:<12} {row['name']:<50} {'built in':>13}  {'':<10}  ok ({row['note']})")
+                continue
             status = "ok" if row["usable"] else f"skipped: {row['reason']}"
             sha = (row["sha256"] or "")[:10]
             print(f"{row['kind']:<12} {row['name']:<50} {row['size_bytes'] / 2**20:9.1f} MiB  {sha:<10}  {status}")
-        if not rows:
+        if not files_found:
             print("no model files found; run 'hooocus setup' or point --config at your model folders",
                   file=sys.stderr)
     return 0

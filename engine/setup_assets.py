@@ -520,7 +520,9 @@ def run_setup(data_dir: Path, *, assets: Iterable[Asset] | None = None, only: Se
     if any(s.asset.licence == _LICENCE_NC for s in todo):
         echo(EXPANSION_LICENCE_NOTICE)
     problems: dict[str, str] = {}
-    offline_reason: str | None = None
+    #: host -> why it could not be reached; each host is tried once, and the message names the
+    #: host that actually failed (files come from GitHub and Hugging Face, not one place).
+    unreachable: dict[str, str] = {}
     client = _http_client(timeout_s)
     try:
         for status in todo:
@@ -532,8 +534,9 @@ def run_setup(data_dir: Path, *, assets: Iterable[Asset] | None = None, only: Se
             try:
                 source = _local_source(asset, data_dir, link_from, echo)
                 if source is None:
-                    if offline_reason is not None:
-                        problems[asset.name] = f"not downloaded: {offline_reason}"
+                    host = urlsplit(asset.url).netloc
+                    if host in unreachable:
+                        problems[asset.name] = f"not downloaded: {unreachable[host]}"
                         continue
                     need = (asset.size_bytes or 0) - status.bytes_present
                     target = asset.download_dest(data_dir)
@@ -552,8 +555,9 @@ def run_setup(data_dir: Path, *, assets: Iterable[Asset] | None = None, only: Se
                     if source.parent == data_dir / DATA_LAYOUT["downloads"]:
                         source.unlink()  # keep no pickle around once its tensors are safe
             except _Unreachable as exc:
-                offline_reason = f"cannot reach {urlsplit(asset.url).netloc} ({exc}); offline?"
-                problems[asset.name] = f"not downloaded: {offline_reason}"
+                host = urlsplit(asset.url).netloc
+                unreachable[host] = f"cannot reach {host} ({exc}); offline?"
+                problems[asset.name] = f"not downloaded: {unreachable[host]}"
             except HooocusError as exc:
                 problems[asset.name] = exc.message
     finally:

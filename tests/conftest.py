@@ -15,25 +15,28 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.paths import fooocus_data_dir, parity_dir, refdata_dir  # noqa: E402,F401
+from tests.paths import fooocus_data_dir, parity_dir, parity_skip_reason, refdata_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def refdata() -> Path:
     path = refdata_dir()
     if not path.is_dir():
-        pytest.fail(f"golden data folder {path} not found; set HOOOCUS_REFDATA")
+        pytest.fail(f"golden data folder {path} not found; set HOOOCUS_REFDATA (default tests/data/refdata)")
     return path
 
 
 @pytest.fixture(scope="session")
 def fooocus_data() -> Path:
-    return fooocus_data_dir()
+    path = fooocus_data_dir()
+    if not path.is_dir():
+        pytest.fail(f"Fooocus data folder {path} not found; set HOOOCUS_FOOOCUS_DATA (default tests/data/fooocus-data)")
+    return path
 
 
 @pytest.fixture(scope="session")
-def clip_tokenizer_dir() -> Path:
-    return fooocus_data_dir() / "clip_tokenizer"
+def clip_tokenizer_dir(fooocus_data: Path) -> Path:
+    return fooocus_data / "clip_tokenizer"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,7 +51,11 @@ def _torch_single_thread() -> None:
 @pytest.fixture(scope="session")
 def parity_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The full-size parity checkpoint: $HOOOCUS_PARITY_CHECKPOINT, else regenerated once per session
-    with the parity folder's own recipe (never copied into the repo; ~80 s, 6.9 GB in a temp folder)."""
+    with the parity folder's own recipe (never copied into the repo; ~80 s, 6.9 GB in a temp folder).
+    Skips, with the parity tests' one reason, when the parity folder is absent."""
+    reason = parity_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
     given = os.environ.get("HOOOCUS_PARITY_CHECKPOINT")
     if given:
         return Path(given)

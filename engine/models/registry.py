@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from engine.constants import DEMO_MODEL, DEMO_REFINER
 from engine.errors import HooocusError, UnknownLora, UnknownModel
 from engine.models.safety import SAFETENSORS_SUFFIX, check_weight_file, sha256_file
 
@@ -212,6 +213,8 @@ class ModelRegistry:
     def unknown(self, kind: str, name: object) -> HooocusError:
         """The one error for a name that does not resolve (same text whatever the reason)."""
         names = self.names(kind)  # type: ignore[arg-type]
+        if kind == "checkpoints":  # the built-in models always load, so a new user learns they exist
+            names = [*names, DEMO_MODEL, DEMO_REFINER]
         listed = ", ".join(names[:MAX_LISTED_NAMES]) or "(none)"
         if len(names) > MAX_LISTED_NAMES:
             listed += f", ... ({len(names) - MAX_LISTED_NAMES} more)"

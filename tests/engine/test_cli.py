@@ -192,7 +192,7 @@ def _pickle_file(path: Path, marker: Path) -> Path:
     (["--sampler", "nope"], "invalid choice: 'nope'"),
     (["--steps", "abc"], "invalid int value: 'abc'"),
     (["--style", "No Such Style"], "unknown style 'No Such Style'"),
-    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'; available: demo, demo-refiner"),
     (["--model", "./missing/model.safetensors"], "no model file at ./missing/model.safetensors"),
     (["--from-image", "missing.png"], "cannot read missing.png"),
     (["--from-log", "missing.html"], "cannot read missing.html"),
@@ -431,7 +431,11 @@ def test_models_lists_usable_files_and_says_why_others_are_skipped(capsys: pytes
     code, out, err = run(capsys, "models", "--json", "--data-dir", data)
     assert code == 0, err
     rows = {row["name"]: row for row in json.loads(out)}
-    assert set(rows) == {"good_sdxl.safetensors", "style.safetensors", "old.ckpt", "broken.safetensors"}
+    assert set(rows) == {"good_sdxl.safetensors", "style.safetensors", "old.ckpt", "broken.safetensors",
+                         "demo", "demo-refiner"}
+    for name in ("demo", "demo-refiner"):  # built in, always usable, and says it is no real model
+        assert (rows[name]["kind"], rows[name]["usable"], rows[name]["builtin"]) == ("checkpoints", True, True)
+        assert "abstract noise" in rows[name]["note"] and "hooocus setup" in rows[name]["note"]
     for name, path in (("good_sdxl.safetensors", good), ("style.safetensors", lora)):
         assert rows[name]["usable"] and rows[name]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert (rows["old.ckpt"]["kind"], rows["old.ckpt"]["usable"]) == ("checkpoints", False)
@@ -442,8 +446,10 @@ def test_models_lists_usable_files_and_says_why_others_are_skipped(capsys: pytes
     code, out, _err = run(capsys, "models", "--data-dir", data)
     lines = {line.split()[1]: line for line in out.splitlines()}
     assert lines["good_sdxl.safetensors"].endswith(" ok") and "skipped: " in lines["old.ckpt"]
+    assert "built in" in lines["demo"] and "abstract noise" in lines["demo"]
     code, out, err = run(capsys, "models", "--data-dir", tmp_path / "empty")
-    assert (code, out) == (0, "") and "hooocus setup" in err
+    assert code == 0 and "hooocus setup" in err
+    assert [line.split()[:2] for line in out.splitlines()] == [["checkpoints", "demo"], ["checkpoints", "demo-refiner"]]
 
 
 def test_config_show_gives_each_value_its_source_and_masks_secrets(capsys: pytest.CaptureFixture[str],

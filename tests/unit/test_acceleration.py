@@ -38,7 +38,7 @@ from engine.acceleration import (
 from engine.models.demo import build_demo_sdxl
 from engine.sampling.guidance import sharpness_sampling_function
 from engine.settings import Settings
-from tests.paths import fooocus_data_dir
+from tests.paths import STAND_IN_POSITIVE_WORDS, fooocus_data_dir
 
 CPU = torch.device("cpu")
 
@@ -410,7 +410,8 @@ def test_static_cache_expansion_gives_the_same_tokens(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50257, n_positions=256, pad_token_id=50256)
     model = GPT2LMHeadModel(config).eval()
-    words = load_positive_words(source / "prompt_expansion" / "positive.txt")
+    (tmp_path / "positive.txt").write_text("\n".join(STAND_IN_POSITIVE_WORDS), encoding="utf-8")  # not Fooocus's
+    words = load_positive_words(tmp_path / "positive.txt")
     eager = FooocusExpansion.from_components(tokenizer, model, words)
     fast = FooocusExpansion.from_components(tokenizer, StaticCacheGenerator(model), words)
     for seed, prompt in ((1, "a cat"), (2**32 + 7, "a lighthouse at dusk, oil painting"), (99, "portrait")):

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.paths import fooocus_data_dir
+from tests.paths import STAND_IN_POSITIVE_WORDS, fooocus_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,11 +37,22 @@ COLD_CASES = ("diffusers_stock_e2e_s", "hooocus_e2e_s", "hooocus_unet_tflops", "
               "cold_start_s")
 
 
+def bench_assets(folder: Path) -> Path:
+    """--assets in the bench's layout: the repo's tokenizers and a made-up positive.txt (Fooocus's is
+    CC BY-NC 4.0 and never in the repository; the bench times the expansion, whatever its words)."""
+    folder.mkdir()
+    for name in ("clip_tokenizer", "gpt2_tokenizer"):
+        (folder / name).symlink_to(fooocus_data_dir() / name)
+    (folder / "prompt_expansion").mkdir()
+    (folder / "prompt_expansion" / "positive.txt").write_text("\n".join(STAND_IN_POSITIVE_WORDS), encoding="utf-8")
+    return folder
+
+
 def run_bench(tmp_path: Path, *extra: str, timeout_s: float) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)
     command = [sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--out-dir", str(tmp_path),
-               "--assets", str(fooocus_data_dir()), *extra]
+               "--assets", str(bench_assets(tmp_path / "assets")), *extra]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = list(tmp_path.glob("*-cpu-tiny.json"))

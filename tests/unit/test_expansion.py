@@ -25,7 +25,7 @@ from engine.conditioning.expansion import (
     missing_assets,
 )
 from engine.errors import AssetsMissing, UnsafeFile
-from tests.paths import fooocus_data_dir
+from tests.paths import STAND_IN_POSITIVE_WORDS, fooocus_data_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -41,7 +41,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = fooocus_data_dir()
     for name in TOKENIZER_FILES:
         shutil.copy(source / "gpt2_tokenizer" / name, folder / name)
-    shutil.copy(source / "prompt_expansion" / "positive.txt", folder / "positive.txt")
+    # A made-up word list: Fooocus's positive.txt is CC BY-NC 4.0 and never in the repository.
+    (folder / "positive.txt").write_text("\n".join(STAND_IN_POSITIVE_WORDS) + "\n", encoding="utf-8")
     return folder
 
 
@@ -67,9 +68,11 @@ def test_assets_check(model_dir: Path, tmp_path: Path) -> None:
     assert load_expansion(None)[0] is None
 
 
-def test_expansion_rules(expansion: FooocusExpansion, monkeypatch: pytest.MonkeyPatch) -> None:
-    words = load_positive_words(fooocus_data_dir() / "prompt_expansion" / "positive.txt")
+def test_expansion_rules(expansion: FooocusExpansion, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    words = load_positive_words(model_dir / "positive.txt")
+    assert words == list(STAND_IN_POSITIVE_WORDS)
     allowed = set(allowed_token_ids(expansion.tokenizer.get_vocab(), words)) | {COMMA_TOKEN_ID}
+    assert len(allowed) == len(words) + 1  # every stand-in word is one GPT-2 token
     outputs: list[torch.Tensor] = []
     real_generate = expansion.model.generate
 

@@ -39,7 +39,7 @@ from engine.models.loading import (
     vae_decode_dtype,
 )
 from engine.models.registry import ModelRegistry
-from tests.paths import parity_dir, shared_dir
+from tests.paths import sdxl_base_keys_file, sdxl_configs_dir
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -417,7 +417,7 @@ def test_choose_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bundled_configs_equal_the_shared_sdxl_configs() -> None:
-    shared = shared_dir() / "sdxl-configs"
+    shared = sdxl_configs_dir()
     bundled = sorted(p.relative_to(config_dir("base").parent) for p in config_dir("base").parent.rglob("*.json"))
     assert len(bundled) >= 13
     for rel in bundled:
@@ -449,7 +449,7 @@ def test_full_size_sdxl_checkpoint_maps_completely_on_meta(caplog: pytest.LogCap
     conversion and assignment as a real load, on the meta device: every tensor but OpenCLIP's
     logit_scale is consumed, every parameter of the four modules is produced with the right shape,
     nothing is left over and no value is lost or duplicated."""
-    entries = json.loads((parity_dir() / "sdxl_base_keys.json").read_text())
+    entries = json.loads(sdxl_base_keys_file().read_text())
     tensors = {key: torch.empty(shape, device="meta") for key, shape, _dtype in entries}
     numel = {key: tensors[key].numel() for key in tensors}
     read: set[str] = set()

@@ -25,7 +25,7 @@ from engine.models.lora import (
     unmerge_loras,
 )
 from engine.models.patching import DiffPatch
-from tests.paths import shared_dir
+from tests.paths import sdxl_configs_dir
 
 RANK = 4
 ALPHA = 2.0
@@ -336,7 +336,7 @@ def test_ldm_names_agree_with_diffusers_converter_on_full_sdxl() -> None:
     conversion = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
     convert_blocks = getattr(conversion, "_maybe_map_sgm_blocks_to_diffusers", None)
     convert_key = getattr(conversion, "_convert_unet_lora_key", None)
-    config_path = shared_dir() / "sdxl-configs" / "base" / "unet" / "config.json"
+    config_path = sdxl_configs_dir() / "base" / "unet" / "config.json"
     if convert_blocks is None or convert_key is None or not config_path.is_file():
         pytest.skip("diffusers' private converter or the SDXL config is not available")
     from diffusers import UNet2DConditionModel

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from engine.errors import UnknownLora, UnknownModel
 from engine.models.registry import ModelRegistry, detect_checkpoint_kind, is_plain_name
-from tests.paths import parity_dir
+from tests.paths import sdxl_base_keys_file
 
 SDXL_BASE_KEYS = ["model.diffusion_model.input_blocks.0.0.weight",
                   "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
@@ -198,7 +198,7 @@ def test_detect_checkpoint_kind() -> None:
 
 
 def test_detect_real_sdxl_key_list() -> None:
-    keys = [key for key, _shape, _dtype in json.loads((parity_dir() / "sdxl_base_keys.json").read_text())]
+    keys = [key for key, _shape, _dtype in json.loads(sdxl_base_keys_file().read_text())]
     assert detect_checkpoint_kind(keys) == "sdxl_base"
     # The refiner layout: no CLIP-L, bigG moved to embedders.0.
     refiner = [k.replace("conditioner.embedders.1.", "conditioner.embedders.0.") for k in keys
