@@ -252,8 +252,12 @@ def to_fooocus_scheme(items: MetadataList, inp: MetadataInput) -> str:
 
 
 def _a1111_quote(value: str) -> str:
-    """spec §13.3: a value containing ',', newline or ':' is written as a JSON string."""
-    return json.dumps(value) if any(ch in value for ch in ",\n:") else value
+    """spec §13.3: a value containing ',', newline or ':' is written as a JSON string.
+
+    Fooocus writes it with ``ensure_ascii=False``: non-ASCII characters stay as they are (the
+    "fooocus" JSON scheme, unlike this one, keeps ASCII escapes).
+    """
+    return json.dumps(value, ensure_ascii=False) if any(ch in value for ch in ",\n:") else value
 
 
 def a1111_sampler_label(sampler: str, scheduler: str) -> str:

@@ -210,3 +210,17 @@ def test_a1111_quotes_values_with_a_colon() -> None:
     assert 'Raw prompt: "ratio 16:9"' in line and 'Lora hashes: "one: dddddddddd"' in line
     parsed = parse_parameters(metadata_text(inp), "a1111", lora_filenames=["one.safetensors"])
     assert (parsed["prompt"], parsed["lora_combined_1"]) == ("ratio 16:9", "one.safetensors : 0.5")
+
+
+# Hand-derived from Fooocus's rule (issue 12): json.dumps(text, ensure_ascii=False) when the value
+# holds ',', a newline or ':'; otherwise the text as is.
+@pytest.mark.parametrize(("value", "expected"), [
+    ("日本, 東京", '"日本, 東京"'),
+    ("café: crème\n", '"café: crème\\n"'),
+    ("naïve", "naïve"),
+    ('a "b", c', '"a \\"b\\", c"'),
+])
+def test_a1111_quote_keeps_non_ascii(value: str, expected: str) -> None:
+    from engine.metadata import _a1111_quote
+
+    assert _a1111_quote(value) == expected
