@@ -126,6 +126,17 @@ def _metadata_input(data: dict[str, Any], case: dict[str, Any], tables: dict[str
     return MetadataInput(**kwargs)
 
 
+def test_golden_cases_present() -> None:
+    assert CASES, f"no metadata cases under {refdata_dir() / 'metadata'}"
+    assert LOGS, f"no log.html under {refdata_dir() / 'metadata'}"
+
+
+def test_a1111_sampler_names_are_fooocus_tables(refdata: Path) -> None:
+    flags = json.loads((refdata / "tables" / "flags_and_lists.json").read_text())
+    expected = {**flags["KSAMPLER_to_a1111_name"], **flags["SAMPLER_EXTRA_to_a1111_name"]}
+    assert list(A1111_SAMPLER_NAMES.items()) == list(expected.items())  # order decides the back-mapping
+    assert set(CIVITAI_NO_KARRAS) == set(flags["CIVITAI_NO_KARRAS"])
+
 
 @pytest.mark.parametrize(("path", "label"), CASES)
 def test_metadata_list_and_written_string(path: Path, label: str, tables: dict[str, Any]) -> None:

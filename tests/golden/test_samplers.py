@@ -174,7 +174,7 @@ def test_harness_is_the_one_rebuilt_here() -> None:
     assert "calculate_denoised" in HARNESS["analytic_unet"]
     assert "1 - t/999" in HARNESS["analytic_unet"]
     assert ANALYTIC["pattern"] == "0.5*sin(0.3*h + 0.7*w + c)"
-    assert f"0.25/(sigma^2+0.25)".replace("0.25", str(ANALYTIC["data_variance"])) in HARNESS["analytic_unet"]
+    assert "0.25/(sigma^2+0.25)".replace("0.25", str(ANALYTIC["data_variance"])) in HARNESS["analytic_unet"]
 
 
 class AnalyticDenoiser:
