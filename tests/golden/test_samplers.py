@@ -514,3 +514,19 @@ def test_schedule_tolerance_catches_a_wrong_formula() -> None:
     wrong = torch.cat([(hi + ramp * (lo - hi)) ** 6, torch.zeros(1)])
     with pytest.raises(AssertionError):
         torch.testing.assert_close(wrong, good, atol=0, rtol=SIGMA_RTOL)
+
+
+@pytest.mark.parametrize("variant", PLATFORM_VARIANTS, ids=["sigmas", "brownian", "both"])
+def test_recorded_steps_hold_under_platform_perturbations(variant: Variant,
+                                                          trajectory_tensors: dict[str, torch.Tensor],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-step x/denoised checks (ATOL/RTOL) also survive another CPU's 1-3 ulp moves."""
+    stepped = [c for c in CASES if f"{c['name']}__step00_x" in trajectory_tensors]
+    assert stepped, "no case records its steps"
+    for case in stepped:
+        result = _run(case, trajectory_tensors, monkeypatch, variant)
+        for i, (x, denoised) in sorted(result.steps_seen.items()):
+            key = f"{case['name']}__step{i:02d}"
+            if f"{key}_x" in trajectory_tensors:
+                _assert_close(x, trajectory_tensors[f"{key}_x"], f"{key} x")
+                _assert_close(denoised, trajectory_tensors[f"{key}_denoised"], f"{key} denoised")
