@@ -252,8 +252,12 @@ def to_fooocus_scheme(items: MetadataList, inp: MetadataInput) -> str:
 
 
 def _a1111_quote(value: str) -> str:
-    """spec §13.3: a value containing ',', newline or ':' is written as a JSON string."""
-    return json.dumps(value) if any(ch in value for ch in ",\n:") else value
+    """spec §13.3: a value containing ',', newline or ':' is written as a JSON string.
+
+    Fooocus writes it with ``ensure_ascii=False``: non-ASCII characters stay as they are (the
+    "fooocus" JSON scheme, unlike this one, keeps ASCII escapes).
+    """
+    return json.dumps(value, ensure_ascii=False) if any(ch in value for ch in ",\n:") else value
 
 
 def a1111_sampler_label(sampler: str, scheduler: str) -> str:
@@ -332,36 +336,58 @@ class StyleSource(Protocol):
 _PROMPT_MARK = "\x00prompt\x00"
 
 
-def _peel(text: str, template: str) -> str | None:
-    """``text`` with one style template taken off, or None when the template does not fit.
+def _unwrap(text: str, template: str) -> tuple[bool, str, str]:
+    """One style template against ``text``, as Fooocus's ``unwrap_style_text_from_prompt``:
+    ``(matched, text without the template, inner prompt)``.
 
-    A template with the prompt marker must bracket the text (prefix and suffix); one without it
-    (a negative list, or an empty positive) must end the text, and a ', ' left behind by the
-    ', '-join of the texts goes with it.
+    With the prompt marker: split into left/right, ``lp = text.find(left)``,
+    ``rp = text.find(right)`` (each the first occurrence, independently), a match if
+    ``0 <= lp < rp``; the inner text is ``text[lp+len(left):rp]`` and the first occurrence of
+    left+inner+right goes, then one leading and one trailing ", ". A template with the marker twice
+    never matches. Without the marker the template must end the text (then one trailing ", " goes)
+    and the "inner" text is what is left.
     """
     if _PROMPT_MARK in template:
-        head, _, tail = template.partition(_PROMPT_MARK)
-        if _PROMPT_MARK in tail or len(text) < len(head) + len(tail):
-            return None
-        if text.startswith(head) and text.endswith(tail):
-            return text[len(head):len(text) - len(tail)]
-        return None
+        parts = template.split(_PROMPT_MARK)
+        if len(parts) != 2:
+            return False, text, ""
+        left, right = parts
+        lp, rp = text.find(left), text.find(right)
+        if not 0 <= lp < rp:
+            return False, text, ""
+        inner = text[lp + len(left):rp]
+        rest = text.replace(left + inner + right, "", 1)
+        rest = rest[2:] if rest.startswith(", ") else rest
+        rest = rest[:-2] if rest.endswith(", ") else rest
+        return True, rest, inner
     if not text.endswith(template):
-        return None
+        return False, text, ""
     rest = text[:len(text) - len(template)]
-    return rest[:-2] if rest.endswith(", ") else rest
+    rest = rest[:-2] if rest.endswith(", ") else rest
+    return True, rest, rest
+
+
+def _first_word_repeat(prompt: str) -> str | None:
+    """Fooocus's guess of the raw prompt when only an expansion is left: the text before the last
+    occurrence of its first ', '-separated word, if that word occurs more than once (else None)."""
+    first_word = prompt.split(", ")[0]
+    positions = [i for i in range(len(prompt)) if prompt.startswith(first_word, i)]
+    if len(positions) <= 1:
+        return None
+    real_prompt = prompt[:positions[-1]]
+    return real_prompt[:-2] if real_prompt.endswith(", ") else real_prompt
 
 
 def extract_styles_from_prompt(prompt: str, negative_prompt: str,
                                styles: StyleSource | None) -> tuple[list[str], str, str]:
-    """spec §13.6 step 3: peel known style templates off an a1111 full prompt and negative.
+    """spec §13.6 step 3 (Fooocus's ``extract_styles_from_prompt``): style names from a full prompt.
 
-    Repeatedly takes off the first style (library order) whose positive template fits the prompt
-    and whose negative template ends the negative, each style at most once. Returns the found
-    names in the order they were selected (the last selected style's negative is peeled first),
-    and what is left of both texts. This recovers styles only when the full prompt is exactly the
-    styled text: extra prompt lines, an expansion or a user negative after the style negatives
-    stop it, as in Fooocus.
+    Tries the styles in library order; a style matches when its positive template unwraps from the
+    prompt and its negative template from the negative (:func:`_unwrap`); after each match the scan
+    restarts without that style. ``real_prompt`` is the first match's non-empty inner text that
+    differs from the text left. Leftover text then adds 'Fooocus V2' (with a ``real_prompt``, or
+    when the first-word-repeat rule finds one). Returns (names reversed, real_prompt, negative left).
+    Styles with both templates empty are skipped (they say nothing; Fooocus fails on them).
     """
     if styles is None:
         return [], prompt, negative_prompt
@@ -374,22 +400,36 @@ def extract_styles_from_prompt(prompt: str, negative_prompt: str,
         except (HooocusError, KeyError, ValueError):
             continue
         positive, negative = "\n".join(positive_lines), "\n".join(negative_lines)
-        if positive or negative:  # an empty style fits anything and says nothing
+        if positive or negative:
             templates.append((name, positive, negative))
     found: list[str] = []
+    real_prompt = ""
     while True:
         for entry in templates:
             name, positive, negative = entry
-            new_prompt = _peel(prompt, positive)
-            new_negative = _peel(negative_prompt, negative) if new_prompt is not None else None
-            if new_prompt is not None and new_negative is not None:
-                prompt, negative_prompt = new_prompt, new_negative
-                found.append(name)
-                templates.remove(entry)
-                break
+            matched, new_prompt, inner = _unwrap(prompt, positive)
+            if not matched:
+                continue
+            matched, new_negative, _ = _unwrap(negative_prompt, negative)
+            if not matched:
+                continue
+            prompt, negative_prompt = new_prompt, new_negative
+            if real_prompt == "" and inner != "" and inner != prompt:
+                real_prompt = inner
+            found.append(name)
+            templates.remove(entry)
+            break
         else:
             break
-    return list(reversed(found)), prompt, negative_prompt
+    if prompt != "":
+        if real_prompt != "":
+            found.append(FOOOCUS_V2_STYLE)
+        else:
+            repeat = _first_word_repeat(prompt)
+            if repeat is not None:
+                real_prompt = repeat
+                found.append(FOOOCUS_V2_STYLE)
+    return list(reversed(found)), real_prompt, negative_prompt
 
 
 def _file_for_name(value: str, filenames: Collection[str]) -> str | None:

@@ -74,6 +74,22 @@ def load_positive_words(path: Path | str) -> list[str]:
     return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line != ""]
 
 
+#: transformers 4.42's ``clean_up_tokenization``, in its order. Fooocus's pinned transformers applies
+#: it in ``batch_decode`` (GPT-2's tokenizer config leaves it on); transformers 5 no longer does for
+#: BPE tokenizers, so we apply it ourselves to keep Fooocus's expansion text.
+_CLEAN_UP_REPLACEMENTS = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+    (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """Remove the spaces before punctuation and English contractions, as transformers 4.42 did."""
+    for old, new in _CLEAN_UP_REPLACEMENTS:
+        text = text.replace(old, new)
+    return text
+
+
 def expansion_token_budget(prompt_token_count: int) -> int:
     """spec §2.5 step 5: new tokens so the total is ``75 * ceil(L / 75)``."""
     return TOKEN_BLOCK * math.ceil(prompt_token_count / TOKEN_BLOCK) - prompt_token_count
@@ -221,7 +237,9 @@ class FooocusExpansion:
                 temperature=1.0, top_p=1.0, max_new_tokens=prepared.max_new_tokens,
                 pad_token_id=getattr(self.model.config, "pad_token_id", None),
                 logits_processor=LogitsProcessorList([self.processor]))
-        return safe_str(self.tokenizer.batch_decode(features, skip_special_tokens=True)[0])
+        decoded = self.tokenizer.batch_decode(features, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+        # Only this (generate) path gets the clean-up; the zero-new-token return above does not.
+        return safe_str(clean_up_tokenization(decoded))
 
 
 def load_expansion(model_dir: Path | str | None, *, device: str | torch.device = "cpu",

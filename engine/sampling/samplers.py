@@ -671,9 +671,11 @@ def sample_tcd(model: Denoiser, x: Tensor, sigmas: Tensor, *, extra_args: dict[s
     beta_prod_s = 1 - alpha_prod_s
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
         eps = (x - denoised) / sigmas[i]
-        x = alpha_prod_s[i + 1].sqrt() * denoised + beta_prod_s[i + 1].sqrt() * eps  # VP sample at s
+        x_s = alpha_prod_s[i + 1].sqrt() * denoised + beta_prod_s[i + 1].sqrt() * eps  # VP sample at s
+        # Fooocus hands the callback (previews) this VP sample at s, not the x0 prediction.
+        _report(callback, x, i, sigmas[i], sigmas[i], x_s)
+        x = x_s
         if gamma > 0 and sigmas[i + 1] > 0:
             noise = noise_sampler(sigmas[i], sigmas[i + 1])
             # The variance is ≥ 0 in exact math; in float32 it can round to −1e-7 when s = t_next = 0

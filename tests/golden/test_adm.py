@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,42 @@ from engine.conditioning.adm import (
 )
 from tests.paths import refdata_dir
 
-ATOL = 1e-5
+ATOL = 1e-5  # refdata/README.md's start for single float32 functions (pooled copies, sin/cos values)
 EMB_PREFIX = "timestep_embedding_256_of_"
 EMPHASIZED_KEY = "emphasized_numbers_[h,w,crop_h,crop_w,target_h,target_w]"
 CONSISTENT_KEY = "consistent_numbers_[h,w,crop_h,crop_w,target_h,target_w]"
+
+
+def embedding_tolerance(numbers: torch.Tensor) -> torch.Tensor:
+    """Per-element bound for ``timestep_embedding_256(numbers)`` across CPUs: [N, 256].
+
+    Another CPU's float32 ``exp`` gives 5 of the 128 frequencies f_k 1 ulp apart
+    (refdata/README.md). The argument v·f_k then moves by v·ulp(f_k) <= v·f_k·2^-23 < 2·ulp(v·f_k)
+    (ulp(x) > x·2^-24), and |d cos| = |d sin| <= |d arg|. Bound: 2·ulp(|v·f_k|) plus ATOL for the
+    1-ulp difference of sin/cos themselves. At v = 1152 that is 2.5e-4 for k = 0 (measured on the
+    second machine: 3-6e-5); a size 1 px off moves the same element by ~0.5 (test below).
+    """
+    half = 128
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = (numbers.reshape(-1, 1).float() * freqs[None]).abs()
+    ulp = torch.nextafter(args, torch.tensor(math.inf)) - args
+    return (ATOL + 2 * ulp).repeat(1, 2)
+
+
+def assert_embedding_close(actual: torch.Tensor, expected: torch.Tensor, numbers: torch.Tensor) -> None:
+    """``actual``/``expected``: embeddings of ``numbers`` (any shape with numel = len·256)."""
+    tolerance = embedding_tolerance(numbers).reshape(actual.shape)
+    excess = (actual - expected).abs() - tolerance
+    assert bool((excess <= 0).all()), (
+        f"embedding off by {float((actual - expected).abs().max()):.3g}; worst excess {float(excess.max()):.3g}")
+
+
+def assert_adm_close(actual: torch.Tensor, expected: torch.Tensor, halves: list[list[float]]) -> None:
+    """A [1, 2816·k] ADM vector: each half is pooled (ATOL) then the embedding of its six numbers."""
+    for j, numbers in enumerate(halves):
+        half = slice(j * 2816, (j + 1) * 2816)
+        torch.testing.assert_close(actual[:, half][:, :1280], expected[:, half][:, :1280], atol=ATOL, rtol=ATOL)
+        assert_embedding_close(actual[:, half][:, 1280:], expected[:, half][:, 1280:], torch.tensor(numbers))
 
 
 def _adm_dir() -> Path:
@@ -83,14 +116,15 @@ def test_adm_vector_matches_fooocus(case: dict[str, Any], adm_tensors: dict[str,
     vector = sdxl_adm_vector(pooled, case["width"], case["height"], case["prompt_type"],
                              positive_scale=case["positive_adm_scale"], negative_scale=case["negative_adm_scale"])
     assert list(vector.shape) == case["output_shape"]
+    halves = [case[EMPHASIZED_KEY], case[CONSISTENT_KEY]]
     if case.get("tensor_key"):
-        torch.testing.assert_close(vector, adm_tensors[case["tensor_key"]], atol=ATOL, rtol=ATOL)
+        assert_adm_close(vector, adm_tensors[case["tensor_key"]], halves)
     else:
         # No stored vector: the layout must still be [pooled, emb(emphasized), pooled, emb(consistent)].
         emb_e = timestep_embedding_256(torch.tensor(case[EMPHASIZED_KEY])).flatten()
         emb_c = timestep_embedding_256(torch.tensor(case[CONSISTENT_KEY])).flatten()
         expected = torch.cat([pooled[0], emb_e, pooled[0], emb_c])[None]
-        torch.testing.assert_close(vector, expected, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(vector, expected, atol=0, rtol=0)  # same machine, same function
 
 
 @pytest.mark.parametrize("case", _TIMED, ids=[f"end{c['adm_scaler_end']}-t{c['timestep']}" for c in _TIMED])
@@ -106,9 +140,30 @@ def test_timed_adm_switch(case: dict[str, Any]) -> None:
 @pytest.mark.parametrize("key", _EMB_KEYS)
 def test_timestep_embedding_256(key: str, adm_tensors: dict[str, torch.Tensor]) -> None:
     # The key names its inputs: timestep_embedding_256_of_1152_896_0 -> embed(1152), embed(896), embed(0).
-    numbers = [float(v) for v in key[len(EMB_PREFIX):].split("_")]
-    torch.testing.assert_close(timestep_embedding_256(torch.tensor(numbers)), adm_tensors[key],
-                               atol=ATOL, rtol=ATOL)
+    numbers = torch.tensor([float(v) for v in key[len(EMB_PREFIX):].split("_")])
+    assert_embedding_close(timestep_embedding_256(numbers), adm_tensors[key], numbers)
+
+
+def _embedding_with_freqs(numbers: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    args = numbers.reshape(-1, 1) * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+@pytest.mark.parametrize("key", _EMB_KEYS)
+def test_embedding_tolerance_holds_for_another_cpu_and_catches_mistakes(
+        key: str, adm_tensors: dict[str, torch.Tensor]) -> None:
+    """Emulate the second machine (every 20th frequency 1 ulp up or down) and two real mistakes."""
+    numbers = torch.tensor([float(v) for v in key[len(EMB_PREFIX):].split("_")])
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(128, dtype=torch.float32) / 128)
+    for direction in (math.inf, -math.inf):
+        moved = freqs.clone()
+        moved[::20] = torch.nextafter(freqs[::20], torch.tensor(direction))
+        assert_embedding_close(_embedding_with_freqs(numbers, moved), adm_tensors[key], numbers)
+    with pytest.raises(AssertionError):  # a size 1 px off (e.g. a rounding mistake in the scaling)
+        assert_embedding_close(_embedding_with_freqs(numbers + 1, freqs), adm_tensors[key], numbers)
+    with pytest.raises(AssertionError):  # diffusers' default order [sin, cos] instead of [cos, sin]
+        swapped = _embedding_with_freqs(numbers, freqs).roll(128, dims=-1)
+        assert_embedding_close(swapped, adm_tensors[key], numbers)
 
 
 def test_round_to_64_uses_bankers_rounding() -> None:
@@ -161,5 +216,6 @@ def test_diffusers_add_embedding_path_equals_fooocus_vector(case: dict[str, Any]
                      added_cond_kwargs={"text_embeds": pooled, "time_ids": torch.tensor([time_ids], dtype=torch.float32)})
     finally:
         handle.remove()
-    torch.testing.assert_close(seen[0], expected[:, :2816], atol=ATOL, rtol=ATOL)
-    torch.testing.assert_close(seen[1], expected[:, 2816:], atol=ATOL, rtol=ATOL)
+    # diffusers computes its own frequencies: the same cross-CPU/kernel bound applies.
+    assert_adm_close(seen[0], expected[:, :2816], [list(emphasized)])
+    assert_adm_close(seen[1], expected[:, 2816:], [list(consistent)])

@@ -33,6 +33,7 @@ _PROMPT_CASES = _load_cases("emphasis_cases.json")
 _NORM_DATA_PATH = _emphasis_dir() / "token_weight_normalization.json"
 _NORM_DATA: dict[str, Any] = json.loads(_NORM_DATA_PATH.read_text()) if _NORM_DATA_PATH.is_file() else {}
 _NORM_CASES = _NORM_DATA.get("cases", [])
+_STUB_PARAMS: dict[str, Any] = _NORM_DATA.get("stub_encoder_params", {})
 
 
 def _ids(cases: list[dict[str, Any]], key: str) -> list[str]:
@@ -94,13 +95,14 @@ def test_normalize_token_weights(case: dict[str, Any], norm_tensors: dict[str, t
     torch.testing.assert_close(result.reshape(expected.shape), expected, atol=ATOL, rtol=RTOL)
 
 
-def _stub_encoder_rows(token_rows: list[list[int]], vocab_size: int, channels: int) -> torch.Tensor:
-    """The stub encoder documented in token_weight_normalization.json (``stub_encoder``)."""
-    table = torch.randn((vocab_size, channels), generator=torch.Generator().manual_seed(0))
+def _stub_encoder_rows(token_rows: list[list[int]], params: dict[str, Any]) -> torch.Tensor:
+    """The stub encoder documented in token_weight_normalization.json (``stub_encoder``), with its
+    constants from the machine-readable ``stub_encoder_params``."""
+    table = torch.randn((params["vocab_rows"], params["dim"]), generator=torch.Generator().manual_seed(params["seed"]))
     ids = torch.tensor(token_rows)
     emb = table[ids]
     counts = torch.arange(1, ids.shape[1] + 1, dtype=emb.dtype).view(1, -1, 1)
-    return emb + 0.5 * emb.cumsum(dim=1) / counts
+    return emb + params["prefix_mean_weight"] * emb.cumsum(dim=1) / counts
 
 
 @pytest.mark.parametrize("case", _NORM_CASES, ids=_ids(_NORM_CASES, "prompt"))
@@ -118,7 +120,7 @@ def test_encode_token_chunks_with_stub_encoder(case: dict[str, Any], tokenizer: 
         # The rows we ask for must be exactly the rows Fooocus fed (checked through the stub formula,
         # which makes the empty row's padding visible), then we hand back Fooocus's recorded output.
         assert len(rows) == case["encoder_rows"]
-        torch.testing.assert_close(_stub_encoder_rows(seen_rows, len(tokenizer), encoder_out.shape[-1]),
+        torch.testing.assert_close(_stub_encoder_rows(seen_rows, _STUB_PARAMS),
                                    encoder_out, atol=ATOL, rtol=RTOL)
         eos = tokenizer.eos_token_id
         first_eos = [r.token_ids.index(eos) for r in rows]

@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 
 from engine.conditioning.styles import StyleLibrary
-from engine.constants import FOOOCUS_VERSION
 from engine.imageio import encode_image, exif_block, read_image_metadata
 from engine.metadata import (
     A1111_SAMPLER_NAMES,
@@ -86,40 +85,45 @@ def _hash10(data: dict[str, Any], file_name: str) -> str:
     return hashlib.sha256(content.encode()).hexdigest()[:10]
 
 
-_KNOWN_OVERRIDES = {"cfg_scale", "sharpness", "refiner_model", "refiner_switch", "refiner_swap_method", "adaptive_cfg",
-                    "clip_skip", "sampler", "scheduler", "freeu", "size", "adm", "vae", "steps"}
+#: Override keys of the cases whose name differs from the MetadataInput field (or that feed
+#: several fields); any other key must be a MetadataInput field and is passed as is.
+_RENAMED_OVERRIDES = {"cfg_scale", "refiner_model", "freeu", "size", "adm", "vae", "base_model"}
 
 
 def _metadata_input(data: dict[str, Any], case: dict[str, Any], tables: dict[str, Any]) -> MetadataInput:
     """The writer's input for a case: its inputs and task, Fooocus defaults for the rest."""
     inputs, task, over = case["inputs"], case["task"], case["inputs"]["overrides"]
-    assert set(over) <= _KNOWN_OVERRIDES, f"new override keys {set(over) - _KNOWN_OVERRIDES}: extend this test"
+    fields = set(MetadataInput.__dataclass_fields__)
+    unknown = set(over) - _RENAMED_OVERRIDES - fields
+    assert not unknown, f"override keys {unknown} are neither MetadataInput fields nor mapped here"
     config, controls = tables["config"], tables["controls"]
     refiner = over.get("refiner_model", config["default_refiner_model_name"])
     refiner = None if refiner == "None" else refiner
     vae = over.get("vae", config["default_vae"])
-    base = config["default_base_model_name"]
-    return MetadataInput(
+    base = over.get("base_model", config["default_base_model_name"])
+    metadata = {key: value for _label, key, value in case["log_metadata_list_[label,key,value]"]}
+    kwargs: dict[str, Any] = dict(
         prompt=task["log_positive_prompt"], negative_prompt=task["log_negative_prompt"], expansion=task["expansion"],
         styles=inputs["styles"], performance=inputs["performance"],
-        steps=over.get("steps", tables["modes"][inputs["performance"]]["steps"]),
+        steps=tables["modes"][inputs["performance"]]["steps"],
         width=inputs["width"], height=inputs["height"],
         cfg=over.get("cfg_scale", config["default_cfg_scale"]),
-        sharpness=over.get("sharpness", config["default_sample_sharpness"]),
+        sharpness=config["default_sample_sharpness"],
         adm=tuple(over.get("adm", (controls["Positive ADM Guidance Scaler"], controls["Negative ADM Guidance Scaler"],
                                    controls["ADM Guidance End At Step"]))),
         base_model=base, base_model_hash=_hash10(data, base),
         refiner_model=refiner, refiner_model_hash=_hash10(data, refiner) if refiner else None,
-        refiner_switch=over.get("refiner_switch", config["default_refiner_switch"]),
-        refiner_swap_method=over.get("refiner_swap_method", "joint"),
-        adaptive_cfg=over.get("adaptive_cfg", config["default_cfg_tsnr"]),
-        clip_skip=over.get("clip_skip", config["default_clip_skip"]),
-        sampler=over.get("sampler", config["default_sampler"]), scheduler=over.get("scheduler", config["default_scheduler"]),
+        refiner_switch=config["default_refiner_switch"], refiner_swap_method="joint",
+        adaptive_cfg=config["default_cfg_tsnr"], clip_skip=config["default_clip_skip"],
+        sampler=config["default_sampler"], scheduler=config["default_scheduler"],
         vae=None if vae == config["default_vae"] else vae, seed=task["task_seed"],
         freeu=(controls["B1"], controls["B2"], controls["S1"], controls["S2"]) if over.get("freeu") else None,
         loras=[(name, weight, _hash10(data, name)) for name, weight in inputs["loras"]],
         full_prompt=task["positive"], full_negative_prompt=task["negative"],
-        metadata_scheme=inputs["metadata_scheme"], version=FOOOCUS_VERSION, created_by=data["metadata_created_by"])
+        metadata_scheme=inputs["metadata_scheme"], version=metadata["version"],
+        created_by=data["metadata_created_by"])
+    kwargs.update({key: value for key, value in over.items() if key not in _RENAMED_OVERRIDES})
+    return MetadataInput(**kwargs)
 
 
 def test_golden_cases_present() -> None:
@@ -157,13 +161,36 @@ def test_encoded_file_is_fooocus_file(path: Path, label: str) -> None:
     original = (path.parent / case["image_file"]).read_bytes()
     scheme = case["read_info_from_image"]["scheme"]
     fmt = case["inputs"]["output_format"]
+    written = case["written_parameters_string"]
+    # Fooocus writes its version string as EXIF Software (0x0131): the case's own version entry.
+    version = next(v for _label, key, v in case["log_metadata_list_[label,key,value]"] if key == "version")
+    # The one exempt difference (docs/exif-text.md): Fooocus's Pillow writes each non-ASCII
+    # character of an EXIF ASCII tag as '?', we write UTF-8. With the '?' text everything else
+    # must be Fooocus's file byte for byte; ASCII text has no difference at all.
+    fooocus_text = fooocus_exif_text(written) if fmt != "png" else written
     if fmt != "png":  # the EXIF block byte for byte (independent of the image codec's version)
         raw = Image.open(io.BytesIO(original)).info["exif"].removeprefix(b"Exif\x00\x00")
-        assert exif_block({0x9286: case["written_parameters_string"], 0x0131: FOOOCUS_VERSION,
-                           0x927C: scheme}) == raw
-    ours = encode_image(_source_pixels(path), fmt=fmt, parameters=case["written_parameters_string"], scheme=scheme,
-                        software=FOOOCUS_VERSION)
+        assert exif_block({0x9286: fooocus_text, 0x0131: version, 0x927C: scheme}) == raw
+    ours = encode_image(_source_pixels(path), fmt=fmt, parameters=fooocus_text, scheme=scheme,
+                        software=version)
     assert ours == original
+    if fooocus_text != written:  # and our own file keeps every character
+        mine = encode_image(_source_pixels(path), fmt=fmt, parameters=written, scheme=scheme, software=version)
+        assert read_image_metadata(mine) == (written, scheme)
+
+
+def fooocus_exif_text(text: str) -> str:
+    """What Pillow 10.4 stores for an EXIF ASCII tag: ``text.encode("ascii", "replace")``."""
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def test_exif_exemption_is_exactly_the_non_ascii_characters() -> None:
+    """The exemption changes nothing for ASCII text and only the non-ASCII characters otherwise."""
+    assert fooocus_exif_text("a, b: \"c\"\nSteps: 30") == "a, b: \"c\"\nSteps: 30"
+    assert fooocus_exif_text("café 日本") == "caf? ??"  # hand-derived: one '?' per code point
+    text = "café, 日本"
+    mine = encode_image(np.zeros((8, 8, 3), np.uint8), fmt="jpeg", parameters=text, scheme="a1111")
+    assert read_image_metadata(mine) == (text, "a1111")
 
 
 @pytest.mark.parametrize(("path", "label"), CASES)

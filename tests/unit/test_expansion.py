@@ -122,3 +122,41 @@ def test_full_block_returns_prompt(expansion: FooocusExpansion) -> None:
     prepared = expansion.prepare(prompt)
     assert len(prepared.input_ids) == 75 and prepared.max_new_tokens == 0
     assert expansion(prompt, 3) == prompt
+
+
+# Expected strings below were worked out by hand from transformers 4.42's clean_up_tokenization
+# rule list (issue 12), one replacement at a time in its order — not produced by our code.
+CLEAN_UP_CASES = [
+    ("a , b . c ? d ! e ' f g n't h 'm i 's j 've k 're", "a, b. c? d! e'f gn't h'm i's j've k're"),
+    ("x ' 's", "x''s"),  # " ' " goes first; the reverse order would give "x ''s"
+    ("dog , , cat", "dog,, cat"),  # both " ," occurrences go in the same pass
+    ("no change here", "no change here"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CLEAN_UP_CASES)
+def test_clean_up_tokenization_rules(text: str, expected: str) -> None:
+    from engine.conditioning.expansion import clean_up_tokenization
+
+    assert clean_up_tokenization(text) == expected
+
+
+def test_generate_path_cleans_up_decoded_text(expansion: FooocusExpansion, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fooocus (transformers 4.42 batch_decode) removes spaces before punctuation, then safe_str."""
+    seen: dict[str, object] = {}
+
+    def fake_batch_decode(features: object, **kwargs: object) -> list[str]:
+        seen.update(kwargs)
+        return ["a dog , very nice , good . "]
+
+    monkeypatch.setattr(expansion.tokenizer, "batch_decode", fake_batch_decode)
+    assert expansion("a dog", 1) == "a dog, very nice, good"  # hand-derived: clean-up, then strip ",. "
+    assert seen.get("clean_up_tokenization_spaces") is False  # ours, once, not the library's variant
+
+
+def test_zero_new_tokens_skips_the_clean_up(expansion: FooocusExpansion) -> None:
+    # 75 tokens with a " ," inside: Fooocus returns the prompt before any decode, unchanged.
+    prompt = "a ," + ", x" * 36
+    prepared = expansion.prepare(prompt)
+    assert prepared.max_new_tokens == 0
+    assert expansion(prompt, 3) == prompt

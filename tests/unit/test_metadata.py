@@ -182,7 +182,9 @@ def test_log_block_forms(styles: StyleLibrary) -> None:
     assert plain == encoded == from_html
     assert (plain.prompt, plain.seed, plain.styles, plain.aspect_ratio) == ("a fox", 77, ["Fooocus V2"], "1024*1024")
     a1111, _ = request_from_log_block("a fox\nSteps: 30, Sampler: Euler, Seed: 3, Size: 1152x896", styles=styles)
-    assert (a1111.prompt, a1111.seed, a1111.sampler, a1111.aspect_ratio) == ("a fox", 3, "euler", "1152*896")
+    # [quirk] Fooocus's style recovery returns its real_prompt, '' for a plain text with no style,
+    # no expansion and no repeated first word; only a 'Raw prompt' field would restore it.
+    assert (a1111.prompt, a1111.seed, a1111.sampler, a1111.aspect_ratio) == ("", 3, "euler", "1152*896")
     for bad, message in (("", "empty"), ("{not json", "JSON"), ("<html><body></body></html>", "no parameter")):
         with pytest.raises(InvalidRequest, match=message):
             request_from_log_block(bad)
@@ -210,3 +212,55 @@ def test_a1111_quotes_values_with_a_colon() -> None:
     assert 'Raw prompt: "ratio 16:9"' in line and 'Lora hashes: "one: dddddddddd"' in line
     parsed = parse_parameters(metadata_text(inp), "a1111", lora_filenames=["one.safetensors"])
     assert (parsed["prompt"], parsed["lora_combined_1"]) == ("ratio 16:9", "one.safetensors : 0.5")
+
+
+# Hand-derived from Fooocus's rule (issue 12): json.dumps(text, ensure_ascii=False) when the value
+# holds ',', a newline or ':'; otherwise the text as is.
+@pytest.mark.parametrize(("value", "expected"), [
+    ("日本, 東京", '"日本, 東京"'),
+    ("café: crème\n", '"café: crème\\n"'),
+    ("naïve", "naïve"),
+    ('a "b", c', '"a \\"b\\", c"'),
+])
+def test_a1111_quote_keeps_non_ascii(value: str, expected: str) -> None:
+    from engine.metadata import _a1111_quote
+
+    assert _a1111_quote(value) == expected
+
+
+class _TinyStyles:
+    """A three-style library for hand-derived recovery cases (library order A, B, C)."""
+
+    TEMPLATES = {"A": ("photo of {prompt}, sharp", "blurry"), "B": ("{prompt}, cinematic", "ugly"),
+                 "C": ("art", "")}
+
+    def names(self) -> list[str]:
+        return list(self.TEMPLATES)
+
+    def apply_style(self, name: str, prompt: str) -> tuple[list[str], list[str]]:
+        positive, negative = self.TEMPLATES[name]
+        return positive.replace("{prompt}", prompt).splitlines(), negative.splitlines()
+
+
+# Each expected result was worked out by hand from Fooocus's unwrap/extract rules as issue 12
+# states them (find-based left/right split, restart after each match, first-inner real_prompt,
+# first-word-repeat rule, reversed list) — not produced by our code.
+STYLE_RECOVERY_CASES = [
+    # Styles B then A on "a cat" plus an expansion: A unwraps first (its negative ends the text),
+    # leaving "a cat, cinematic, , a cat, very detailed"; B then leaves ", a cat, very detailed".
+    ("a cat, cinematic, photo of a cat, sharp, a cat, very detailed", "ugly, blurry",
+     (["Fooocus V2", "B", "A"], "a cat", "")),
+    # A then B: B's right part ", cinematic" is found after A's text, so B's inner swallows A.
+    ("photo of a cat, sharp, a cat, cinematic, a cat, very detailed", "blurry, ugly",
+     (["Fooocus V2", "B"], "photo of a cat, sharp, a cat", "blurry")),
+    # A template without {prompt} must end the text; then the first word "a dog" repeats.
+    ("a dog, a dog, shiny, art", "", (["Fooocus V2", "C"], "a dog", "")),
+    # Nothing matches and no first word repeats: real_prompt stays ''.
+    ("a red car", "", ([], "", "")),
+]
+
+
+@pytest.mark.parametrize(("prompt", "negative", "expected"), STYLE_RECOVERY_CASES)
+def test_style_recovery_follows_fooocus_unwrap(prompt: str, negative: str,
+                                               expected: tuple[list[str], str, str]) -> None:
+    assert extract_styles_from_prompt(prompt, negative, _TinyStyles()) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -182,3 +183,28 @@ def test_lms_coefficients_integrate_the_interpolant_exactly() -> None:
         coeffs = [_lms_coefficient(order, t, i, j) for j in range(order)]
         # The Lagrange basis sums to 1, so the weights sum to the step length.
         assert sum(coeffs) == pytest.approx(float(t[i + 1] - t[i]), rel=1e-6)
+
+
+def test_tcd_callback_gets_the_vp_sample_at_s() -> None:
+    """Fooocus passes TCD's callback sqrt(a_s)·x0 + sqrt(1 − a_s)·eps (issue 12), not x0.
+
+    Expected values from the TCD paper's step, written out here: s = floor(0.7·t_next), a_s the
+    SDXL ᾱ at s (0 for the last step), eps = (x − x0)/σ.
+    """
+    from engine.sampling.model_sampling import DistilledEPS
+    from engine.sampling.samplers import TCD_GAMMA
+
+    ms = DistilledEPS()
+    sigmas = plan_sigmas(ms, "tcd", "sgm_uniform", 4, 1.0).sigmas
+    target = torch.full((1, *SHAPE[1:]), 0.25)
+    noise, generator = prepare_noise(3, SHAPE)
+    seen: list[dict[str, Any]] = []
+    sample(TargetDenoiser(target), "tcd", sigmas, noise, generator=generator, model_sampling=ms,
+           callback=lambda info: seen.append({k: v.clone() if torch.is_tensor(v) else v for k, v in info.items()}))
+    assert len(seen) == len(sigmas) - 1
+    for i, info in enumerate(seen):
+        s = 0 if i + 1 == len(sigmas) - 1 else int(math.floor((1 - TCD_GAMMA) * int(ms.timestep(sigmas[i + 1]))))
+        a_s = ms.alphas_cumprod[s]
+        eps = (info["x"] - target) / sigmas[i]
+        torch.testing.assert_close(info["denoised"], a_s.sqrt() * target + (1 - a_s).sqrt() * eps)
+        assert not torch.allclose(info["denoised"], target.expand_as(info["x"]))  # not x0
