@@ -70,9 +70,26 @@ def parity_skip_reason() -> str | None:
     return f"no parity runs: {parity_dir()} is absent; set HOOOCUS_PARITY to {PARITY_SOURCE}"
 
 
+def shared_dir() -> Path:
+    """The ``../shared`` folder a developer checkout (and CI) may have beside the repository."""
+    return REPO_ROOT.parent / "shared"
+
+
 def positive_words_file() -> Path | None:
-    """Fooocus's own positive.txt, when a $HOOOCUS_FOOOCUS_DATA folder outside the repo has it."""
-    path = fooocus_data_dir() / "prompt_expansion" / "positive.txt"
+    """Fooocus's own positive.txt, from outside the repository: $HOOOCUS_FOOOCUS_DATA's folder, else
+    a ``../shared/fooocus-data`` beside the checkout (CI has one); None on a clean clone."""
+    for folder in (fooocus_data_dir(), shared_dir() / "fooocus-data"):
+        path = folder / "prompt_expansion" / "positive.txt"
+        if path.is_file():
+            return path
+    return None
+
+
+def external_refdata_file(relative: str) -> Path | None:
+    """The complete (not trimmed) copy of a refdata file, for the parts the in-repo copy leaves out
+    for licence reasons (the allowed-token list derived from positive.txt): ``../shared/refdata``
+    when present, else None."""
+    path = shared_dir() / "refdata" / relative
     return path if path.is_file() else None
 
 
@@ -81,5 +98,5 @@ def require_positive_words_file() -> Path:
     path = positive_words_file()
     if path is None:
         pytest.skip("needs Fooocus's positive.txt (CC BY-NC 4.0, never in this repository): set "
-                    "HOOOCUS_FOOOCUS_DATA to a folder with prompt_expansion/positive.txt")
+                    "HOOOCUS_FOOOCUS_DATA to a folder with prompt_expansion/positive.txt (or have ../shared beside the checkout)")
     return path

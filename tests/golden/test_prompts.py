@@ -33,6 +33,7 @@ from engine.constants import FOOOCUS_V2_STYLE
 from engine.modes import PERFORMANCE_MODES
 from tests.paths import (
     STAND_IN_POSITIVE_WORDS,
+    external_refdata_file,
     fooocus_data_dir,
     positive_words_file,
     refdata_dir,
@@ -66,7 +67,13 @@ def _need_fooocus_words(*, refdata_ids: bool) -> None:
     CC BY-NC 4.0 and never in the repository, and the in-repo refdata copy leaves out its token list."""
     require_positive_words_file()
     if refdata_ids and "allowed_token_ids" not in _EXPANSION:
-        pytest.skip(_EXPANSION.get("allowed_tokens_removed", "refdata has no allowed_token_ids"))
+        complete = external_refdata_file("prompts/expansion_internals.json")
+        if complete is None:
+            pytest.skip(_EXPANSION.get("allowed_tokens_removed", "refdata has no allowed_token_ids"))
+        full = json.loads(complete.read_text(encoding="utf-8"))
+        if full.get("cases") != _EXPANSION.get("cases"):
+            pytest.fail(f"{complete} is not the complete copy of this refdata's expansion_internals.json")
+        _EXPANSION.update({key: full[key] for key in ("allowed_tokens", "allowed_token_ids")})
 
 
 def test_golden_files_present() -> None:

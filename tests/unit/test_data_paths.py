@@ -52,7 +52,9 @@ def test_parity_skips_with_one_reason_only_when_the_default_is_absent(clean_env:
 
 
 def test_positive_words_come_only_from_outside(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setattr(paths, "REPO_ROOT", tmp_path / "clone" / "hooocus")  # nothing beside this clone
     assert paths.positive_words_file() is None
+    assert paths.external_refdata_file("prompts/expansion_internals.json") is None
     with pytest.raises(pytest.skip.Exception, match="HOOOCUS_FOOOCUS_DATA"):
         paths.require_positive_words_file()
     outside = tmp_path / "prompt_expansion" / "positive.txt"
@@ -70,3 +72,16 @@ def test_the_repository_carries_no_positive_word_list() -> None:
     internals = json.loads((data / "refdata" / "prompts" / "expansion_internals.json").read_text(encoding="utf-8"))
     assert "allowed_tokens" not in internals and "allowed_token_ids" not in internals
     assert "CC BY-NC" in internals["allowed_tokens_removed"]
+
+
+def test_a_shared_folder_beside_the_checkout_supplies_the_non_redistributable_parts(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setattr(paths, "REPO_ROOT", tmp_path / "hooocus")
+    words = tmp_path / "shared" / "fooocus-data" / "prompt_expansion" / "positive.txt"
+    words.parent.mkdir(parents=True)
+    words.write_text("word\n", encoding="utf-8")
+    internals = tmp_path / "shared" / "refdata" / "prompts" / "expansion_internals.json"
+    internals.parent.mkdir(parents=True)
+    internals.write_text("{}", encoding="utf-8")
+    assert paths.positive_words_file() == words
+    assert paths.external_refdata_file("prompts/expansion_internals.json") == internals
