@@ -2,7 +2,7 @@
 """Hooocus vs stock diffusers on one GPU, side by side, in one command (issue "GPU performance").
 
 Builds full-size SDXL base (+ refiner) with random weights from the configs bundled in
-``engine/models/configs`` (no network, no weight files) and times, in one run on one card:
+``engine/sdxl/models/configs`` (no network, no weight files) and times, in one run on one card:
 
   1. ``diffusers_stock_e2e_s``     stock ``StableDiffusionXLPipeline``, 1024², 30 steps, CFG, PIL out
   2. ``diffusers_compiled_e2e_s``  the same + fused QKV + channels_last + torch.compile (UNet, vae.decode)
@@ -177,8 +177,8 @@ def guarded(results: Results, name: str) -> Iterator[None]:
 
 def model_configs(kind: str, *, tiny: bool, vocab_size: int) -> dict[str, dict[str, Any]]:
     """Full size: the bundled SDXL configs. Tiny: the demo model's configs (CPU-sized)."""
-    from engine.models.configs import component_config
-    from engine.models.demo import demo_configs
+    from engine.sdxl.models.configs import component_config
+    from engine.sdxl.models.demo import demo_configs
 
     if tiny:
         configs = {k: dict(v) for k, v in demo_configs(kind).items()}  # type: ignore[arg-type]
@@ -193,10 +193,10 @@ def model_configs(kind: str, *, tiny: bool, vocab_size: int) -> dict[str, dict[s
 
 def clip_tokenizers(assets: Path | None) -> tuple[Any, Any]:
     if assets is not None:
-        from engine.models.loading import load_clip_tokenizers
+        from engine.sdxl.models.loading import load_clip_tokenizers
 
         return load_clip_tokenizers(assets / "clip_tokenizer")
-    from engine.models.demo import build_demo_tokenizer
+    from engine.sdxl.models.demo import build_demo_tokenizer
 
     return build_demo_tokenizer(), build_demo_tokenizer(pad_token="!")
 
@@ -208,7 +208,7 @@ def random_components(kind: str, *, device: Any, dtype: Any, tiny: bool, assets:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.models.loading import SDXL_VAE_SCALING_FACTOR, SDXLComponents, rebuild_position_ids
+    from engine.sdxl.models.loading import SDXL_VAE_SCALING_FACTOR, SDXLComponents, rebuild_position_ids
 
     tokenizer, tokenizer_2 = clip_tokenizers(assets)
     configs = model_configs(kind, tiny=tiny, vocab_size=len(tokenizer.get_vocab()))
@@ -234,12 +234,12 @@ def random_components(kind: str, *, device: Any, dtype: Any, tiny: bool, assets:
 
 def install_random_loader(*, tiny: bool, assets: Path | None) -> None:
     """Make the runner load random full-size (or tiny) models for any model name."""
-    import engine.pipeline
+    import engine.sdxl.pipeline
 
     def load_random(spec: Any, *, kind: str = "base", device: Any = "cpu", dtype: Any = None, **_: Any) -> Any:
         return random_components(kind, device=device, dtype=dtype, tiny=tiny, assets=assets)
 
-    engine.pipeline.load_sdxl = load_random  # type: ignore[assignment]
+    engine.sdxl.pipeline.load_sdxl = load_random  # type: ignore[assignment]
 
 
 def write_expansion_dir(folder: Path, *, tiny: bool, assets: Path | None) -> Path | None:
@@ -295,7 +295,7 @@ def unet_flops(config: dict[str, Any], *, batch: int, height: int, width: int, c
 def stock_pipeline(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from engine.models.configs import scheduler_config
+    from engine.sdxl.models.configs import scheduler_config
 
     c = random_components("base", device=device, dtype=dtype, tiny=args.tiny, assets=args.assets)
     pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
@@ -360,7 +360,7 @@ def engine_request(args: argparse.Namespace, *, refiner: bool = False, seed: int
 
 def run_job(engine: Any, request: dict[str, Any]) -> float:
     """Submit → Done, seconds; raises if the job did not finish with an image."""
-    from engine.events import ImageReady
+    from engine.core.events import ImageReady
 
     start = time.perf_counter()
     job = engine.submit(request)
@@ -373,9 +373,9 @@ def run_job(engine: Any, request: dict[str, Any]) -> float:
 
 
 def build_runner(args: argparse.Namespace, *, low_vram: bool = False) -> Any:
-    from engine.acceleration import Accelerator
-    from engine.pipeline import SDXLRunner
-    from engine.settings import Settings
+    from engine.core.settings import Settings
+    from engine.sdxl.acceleration import Accelerator
+    from engine.sdxl.pipeline import SDXLRunner
 
     install_random_loader(tiny=args.tiny, assets=args.assets)
     settings = Settings(data_dir=Path(args.data_dir), device=str(args.device), dtype=args.dtype,
@@ -474,7 +474,7 @@ def child_cold_cases(args: argparse.Namespace, runner: Any, engine: Any, results
     with guarded(results, "png encode"):
         import numpy as np
 
-        from engine.imageio import encode_image
+        from engine.io.imageio import encode_image
 
         rgb = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
         timing = timed_runs(lambda: encode_image(rgb, fmt="png", parameters="x"), "cpu", runs=3, warmup=0)
@@ -520,8 +520,8 @@ def expansion_prompt(tokenizer: Any, prompt_tokens: int) -> str:
 def case_expansion(args: argparse.Namespace, runner: Any, results: Results) -> None:
     import torch
 
-    from engine.acceleration import fast_expansion
-    from engine.conditioning.expansion import expansion_token_budget, load_expansion
+    from engine.prompts.expansion import expansion_token_budget, load_expansion
+    from engine.sdxl.acceleration import fast_expansion
 
     folder = Path(args.data_dir) / "expansion"
     if not folder.is_dir():
@@ -574,8 +574,8 @@ def cpu_overhead(args: argparse.Namespace) -> None:
     import torch
 
     from engine import Engine
-    from engine.pipeline import SDXLRunner
-    from engine.settings import Settings
+    from engine.core.settings import Settings
+    from engine.sdxl.pipeline import SDXLRunner
 
     torch.set_num_threads(1)
     steps, size = 30, 64

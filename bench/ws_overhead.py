@@ -1,7 +1,7 @@
 """Websocket front-door overhead: latency to ``accepted`` and to the first ``progress``, and end-to-end
 time over calling the engine directly in the same process, at 1 and 10 concurrent clients.
 
-    .venv/bin/python bench/ws_overhead.py                 # demo model if engine.pipeline exists, else fake
+    .venv/bin/python bench/ws_overhead.py                 # demo model if engine.sdxl.pipeline exists, else fake
     .venv/bin/python bench/ws_overhead.py --runner fake --step-ms 20 --steps 30
 
 Not a test: it prints numbers (and a JSON line for scripts). Goal: overhead <= 3 %.
@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uvicorn  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
-from engine.events import Progress  # noqa: E402
-from engine.jobs import Engine, Job  # noqa: E402
-from engine.runtime import Runtime, create_runtime  # noqa: E402
-from engine.settings import Settings  # noqa: E402
-from engine.store import ImageStore  # noqa: E402
-from engine.testing import FakeRunner  # noqa: E402
+from engine.core.events import Progress  # noqa: E402
+from engine.core.jobs import Engine, Job  # noqa: E402
+from engine.core.runtime import Runtime, create_runtime  # noqa: E402
+from engine.core.settings import Settings  # noqa: E402
+from engine.core.store import ImageStore  # noqa: E402
+from engine.core.testing import FakeRunner  # noqa: E402
 from hooocus_ws.app import create_app  # noqa: E402
 from hooocus_ws.cli import uvicorn_config  # noqa: E402
 from hooocus_ws.tokens import TokenStore  # noqa: E402
@@ -43,7 +43,7 @@ TOKEN = "bench-token-0123456789abcdef"
 def build_runtime(kind: str, step_ms: float, data_dir: Path) -> tuple[Runtime, str]:
     settings = Settings(data_dir=data_dir, queue_size=64, max_queued_per_principal=64, shutdown_grace_s=1.0)
     if kind == "demo":
-        return create_runtime(settings, model="demo"), "demo model (engine.pipeline)"
+        return create_runtime(settings, model="demo"), "demo model (engine.sdxl.pipeline)"
     images = ImageStore()
     runner = FakeRunner(step_delay_s=step_ms / 1000.0, image_max_side_px=1024)
     engine = Engine(runner, max_queue=64, image_sink=images.put)
@@ -127,7 +127,7 @@ def main() -> int:
     kind = args.runner
     if kind == "auto":
         try:
-            import engine.pipeline  # noqa: F401
+            import engine.sdxl.pipeline  # noqa: F401
             kind = "demo"
         except ImportError:
             kind = "fake"

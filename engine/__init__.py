@@ -9,10 +9,10 @@ Importing this package has no side effects: no torch import, no threads, no file
 
 from __future__ import annotations
 
-from engine.errors import HooocusError, JobCancelled
-from engine.events import Cancelled, Done, Event, Failed, ImageReady, Preview, Progress, Queued, Started
-from engine.jobs import CancelToken, Engine, Job, JobState, RunContext, Runner
-from engine.request import FreeUSettings, GenerationRequest, LoraSpec
+from engine.core.errors import HooocusError, JobCancelled
+from engine.core.events import Cancelled, Done, Event, Failed, ImageReady, Preview, Progress, Queued, Started
+from engine.core.jobs import CancelToken, Engine, Job, JobState, RunContext, Runner
+from engine.core.request import FreeUSettings, GenerationRequest, LoraSpec
 
 __all__ = [
     "Cancelled", "CancelToken", "Done", "Engine", "Event", "Failed", "FreeUSettings", "GenerationRequest",

@@ -51,7 +51,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from engine.errors import pydantic_error_to_hooocus
+from engine.core.errors import pydantic_error_to_hooocus
 
 __all__ = [
     "AccessToken", "Annotations", "AuthContextMiddleware", "BearerAuthBackend", "CallToolResult", "Client",

@@ -19,12 +19,12 @@ from typing import Any, Protocol
 import anyio
 import numpy as np
 
-from engine.errors import Forbidden, NotFound
-from engine.events import TERMINAL_EVENTS, Event, Preview, Progress, Started
-from engine.jobs import Job
-from engine.request import GenerationRequest
-from engine.runtime import Runtime
-from engine.store import StoredImage
+from engine.core.errors import Forbidden, NotFound
+from engine.core.events import TERMINAL_EVENTS, Event, Preview, Progress, Started
+from engine.core.jobs import Job
+from engine.core.request import GenerationRequest
+from engine.core.runtime import Runtime
+from engine.core.store import StoredImage
 from hooocus_ws.tokens import Principal
 
 
@@ -46,7 +46,7 @@ class JobView:
     """A JSON-friendly snapshot of one job, the same for every backend."""
 
     job_id: str
-    state: str  # queued | running | done | cancelled | failed (engine.jobs.JobState values)
+    state: str  # queued | running | done | cancelled | failed (engine.core.jobs.JobState values)
     queue_position: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
     seeds: tuple[str, ...] = ()
@@ -96,7 +96,7 @@ class Backend(Protocol):
 class LocalBackend:
     """The engine of this process (``Runtime``): one queue shared with the websocket front door.
 
-    ``history`` (an :class:`engine.history.JobHistory`, optional) answers for jobs this engine does
+    ``history`` (an :class:`engine.core.history.JobHistory`, optional) answers for jobs this engine does
     not know: ``hooocus mcp`` over stdio runs one process per host session (the MCP Inspector: one
     per call), so a job started by an earlier process is read back from the history.
     """
@@ -193,7 +193,7 @@ async def _no_events() -> AsyncIterator[Event]:
 
 
 def recorded_job_view(record: dict[str, Any]) -> JobView:
-    """A :class:`JobView` of an ``engine.history`` record (a job of an earlier process).
+    """A :class:`JobView` of an ``engine.core.history`` record (a job of an earlier process).
 
     A record still "queued"/"running" belongs to a process that is gone or busy elsewhere; it is
     shown as the history has it. Step counts are not recorded: a done job shows steps x images."""

@@ -47,13 +47,13 @@ def register(subparsers: Any) -> None:
 
 def _log_to_stderr(level: str) -> None:
     # stdout is the MCP channel: every record goes to stderr, with context and secrets masked.
-    from engine.logging_setup import configure_logging
+    from engine.core.logging_setup import configure_logging
 
     configure_logging(level, stream=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.cli import CliError, settings_from_args
+    from hooocus.cli import CliError, settings_from_args
 
     settings, _ = settings_from_args(args)
     _log_to_stderr(args.log_level or settings.log_level)
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
         anyio.run(serve_stdio_remote, RemoteBackend.for_url(args.connect, token), settings.mcp_stdio_max_line_bytes)
         return 0
-    from engine.runtime import create_runtime
+    from engine.core.runtime import create_runtime
 
     serve_embedded(create_runtime(settings, model=args.model, image_folder=stdio_image_folder(settings)))
     return 0
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 def serve_embedded(runtime: Any) -> None:
     """Embedded mode over a built (not started) runtime: open the data folder's job history, serve
     until stdin closes, give the running job ``shutdown_grace_s``, close everything."""
-    from engine.history import JobHistory
+    from engine.core.history import JobHistory
 
     settings = runtime.settings
     history = JobHistory.from_settings(settings)
@@ -98,7 +98,7 @@ def stdio_image_folder(settings: Any) -> Path:
 
 def serve_stdio_local(runtime: Any, *, history: Any = None) -> None:
     """Serve MCP on stdin/stdout over ``runtime`` until stdin closes. ``history`` (a
-    :class:`engine.history.JobHistory`) answers for jobs this process does not know."""
+    :class:`engine.core.history.JobHistory`) answers for jobs this process does not know."""
     from hooocus_mcp.backend import LocalBackend
     from hooocus_mcp.stdio import serve_stdio
 
@@ -118,8 +118,8 @@ async def serve_stdio_remote(backend: Any, max_line_bytes: int = 4 * 1024 * 1024
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m hooocus_mcp ARGS`` = ``hooocus mcp ARGS``, without the other sub-commands."""
-    from engine.cli import CliError
-    from engine.errors import HooocusError
+    from engine.core.errors import HooocusError
+    from hooocus.cli import CliError
 
     parser = argparse.ArgumentParser(prog="hooocus")
     register(parser.add_subparsers(dest="command", required=True))

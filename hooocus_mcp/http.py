@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engine.runtime import Runtime
+from engine.core.runtime import Runtime
 from hooocus_mcp._sdk import (
     AccessToken,
     AuthContextMiddleware,

@@ -23,9 +23,9 @@ from typing import Any
 import anyio
 import numpy as np
 
-from engine.constants import PERFORMANCE_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES, SDXL_ASPECT_RATIOS
-from engine.errors import HooocusError, NotFound
-from engine.events import (
+from engine.core.constants import PERFORMANCE_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES, SDXL_ASPECT_RATIOS
+from engine.core.errors import HooocusError, NotFound
+from engine.core.events import (
     TERMINAL_EVENTS,
     Cancelled,
     Done,
@@ -37,8 +37,8 @@ from engine.events import (
     Started,
     Warning_,
 )
-from engine.request import GenerationRequest
-from engine.store import ImageStore, StoredImage
+from engine.core.request import GenerationRequest
+from engine.core.store import ImageStore, StoredImage
 from hooocus_mcp.backend import ImageInfo, JobView, steps_done
 from hooocus_ws.tokens import Principal
 

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.constants import (
+from engine.core.constants import (
     MAX_IMAGE_NUMBER,
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -33,9 +33,9 @@ from engine.constants import (
     SamplerName,
     SchedulerName,
 )
-from engine.errors import HooocusError
-from engine.events import Cancelled, Done, Event, Failed, Progress, Started
-from engine.request import GenerationRequest
+from engine.core.errors import HooocusError
+from engine.core.events import Cancelled, Done, Event, Failed, Progress, Started
+from engine.core.request import GenerationRequest
 from hooocus_mcp._sdk import (
     CallToolResult,
     Context,

@@ -33,9 +33,9 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from engine.errors import HooocusError, ShuttingDown
-from engine.history import JobHistory
-from engine.runtime import Runtime
+from engine.core.errors import HooocusError, ShuttingDown
+from engine.core.history import JobHistory
+from engine.core.runtime import Runtime
 from hooocus_ws import http
 from hooocus_ws.auth import AuthFailure, AuthGate, FailedAuthLimiter, bearer_token, parse_networks
 from hooocus_ws.context import ServerContext, ServerLimits

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
-from engine.errors import HooocusError
+from engine.core.errors import HooocusError
 from hooocus_ws.protocol import TOKEN_SUBPROTOCOL_PREFIX
 from hooocus_ws.tokens import Principal, TokenStore
 

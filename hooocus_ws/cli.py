@@ -26,11 +26,11 @@ from urllib.parse import urlsplit
 
 import uvicorn
 
-from engine.errors import HooocusError
-from engine.history import JobHistory
-from engine.logging_setup import configure_logging
-from engine.runtime import Runtime
-from engine.settings import Settings, load_settings
+from engine.core.errors import HooocusError
+from engine.core.history import JobHistory
+from engine.core.logging_setup import configure_logging
+from engine.core.runtime import Runtime
+from engine.core.settings import Settings, load_settings
 from hooocus_ws.app import create_app, drain
 from hooocus_ws.auth import RedactingFilter, parse_networks
 from hooocus_ws.connlimits import ConnectionTracker, protocol_classes
@@ -225,7 +225,7 @@ def prepare_server(args: argparse.Namespace, *, env: Mapping[str, str] | None = 
     settings = settings_from_args(args, env)
     tokens = resolve_tokens(settings, out=out)
     if runtime is None:
-        from engine.runtime import create_runtime
+        from engine.core.runtime import create_runtime
 
         runtime = create_runtime(settings, model=args.model)
     # Opening it marks jobs a crashed previous run left unfinished as failed (interrupted), and logs that.

@@ -32,9 +32,9 @@ from typing import Any, TypeVar
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from engine.errors import HooocusError, JobCancelled
-from engine.events import ImageReady
-from engine.outputs import write_image
+from engine.core.errors import HooocusError, JobCancelled
+from engine.core.events import ImageReady
+from engine.core.outputs import write_image
 from hooocus_ws.protocol import FRAME_IMAGE, FRAME_PREVIEW, PROTOCOL, ProtocolError, decode_frame
 
 T = TypeVar("T")
@@ -54,7 +54,7 @@ class ClientImage:
     url: str | None = None
 
     def to_event(self, job_id: str = "") -> ImageReady:
-        """As the engine's :class:`~engine.events.ImageReady` (what ``engine.outputs`` writes)."""
+        """As the engine's :class:`~engine.core.events.ImageReady` (what ``engine.core.outputs`` writes)."""
         return ImageReady(job_id=job_id, index=self.index, seed=self.seed, data=self.data, mime=self.mime,
                           width=self.width, height=self.height, sha256=self.sha256)
 
@@ -510,7 +510,7 @@ class SyncHooocusClient:
 def generate_images_sync(url: str, token: str, params: dict[str, Any], *, timeout_s: float = 3600.0,
                          on_event: EventCallback | None = None) -> list[ImageReady]:
     """Generate on a running ``hooocus serve`` and wait: the finished images (bytes included), as
-    :class:`~engine.events.ImageReady`. Raises HooocusError (the job failed, or the request was
+    :class:`~engine.core.events.ImageReady`. Raises HooocusError (the job failed, or the request was
     refused), JobCancelled, ConnectionLost or TimeoutError (after ``timeout_s``, the job is cancelled)."""
     with SyncHooocusClient(url, token, timeout_s=min(timeout_s, 30.0)) as client:
         stream = client.generate(params, on_event=on_event)

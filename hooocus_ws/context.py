@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.history import JobHistory
-from engine.runtime import Runtime
+from engine.core.history import JobHistory
+from engine.core.runtime import Runtime
 from hooocus_ws.auth import AuthGate
 from hooocus_ws.metrics import Metrics
 from hooocus_ws.previews import PreviewEncoder

@@ -3,7 +3,7 @@
 ``POST /v1/generate``, ``GET /v1/jobs`` (history, newest first), ``GET|DELETE /v1/jobs/{id}``,
 ``GET /v1/images/{sha256}.{ext}`` (token or signed URL; falls back to the files the history wrote), ``GET /v1/options``, ``GET /healthz``, ``GET /metrics``, ``GET /openapi.json``,
 ``GET /v1/protocol.json``. Every error is ``{"error": {code, message, loc?}}`` with the status from
-``engine.errors.HTTP_STATUS_BY_CODE``; a traceback never reaches a client.
+``engine.core.errors.HTTP_STATUS_BY_CODE``; a traceback never reaches a client.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
-from engine.constants import MIME_BY_FORMAT
-from engine.errors import HTTP_STATUS_BY_CODE, Forbidden, HooocusError, InvalidRequest, NotFound
-from engine.events import TERMINAL_EVENTS, Cancelled, Event
-from engine.jobs import Job, JobState
-from engine.request import GenerationRequest
+from engine.core.constants import MIME_BY_FORMAT
+from engine.core.errors import HTTP_STATUS_BY_CODE, Forbidden, HooocusError, InvalidRequest, NotFound
+from engine.core.events import TERMINAL_EVENTS, Cancelled, Event
+from engine.core.jobs import Job, JobState
+from engine.core.request import GenerationRequest
 from hooocus_ws import service
 from hooocus_ws.context import ServerContext
 from hooocus_ws.protocol import protocol_schema

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-from engine.jobs import Engine
+from engine.core.jobs import Engine
 
 
 @dataclass

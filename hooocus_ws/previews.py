@@ -16,7 +16,7 @@ import anyio.to_thread
 import numpy as np
 from PIL import Image
 
-from engine.events import Preview
+from engine.core.events import Preview
 from hooocus_ws.protocol import PreviewSettings
 
 _PIL_FORMAT = {"jpeg": "JPEG", "webp": "WEBP"}

@@ -23,8 +23,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine.errors import HooocusError
-from engine.request import GenerationRequest
+from engine.core.errors import HooocusError
+from engine.core.request import GenerationRequest
 
 PROTOCOL = "hooocus.v1"
 PROTOCOL_VERSION = 1

@@ -16,11 +16,11 @@ import logging
 import time
 from typing import Any
 
-from engine.constants import MIME_BY_FORMAT
-from engine.errors import Forbidden, HooocusError, InvalidRequest, NotFound
-from engine.events import TERMINAL_EVENTS, Event, ImageReady, Queued
-from engine.history import MAX_LIST_LIMIT
-from engine.jobs import Job, JobState
+from engine.core.constants import MIME_BY_FORMAT
+from engine.core.errors import Forbidden, HooocusError, InvalidRequest, NotFound
+from engine.core.events import TERMINAL_EVENTS, Event, ImageReady, Queued
+from engine.core.history import MAX_LIST_LIMIT
+from engine.core.jobs import Job, JobState
 from hooocus_ws.context import ServerContext
 from hooocus_ws.tokens import Principal
 

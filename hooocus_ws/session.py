@@ -26,8 +26,8 @@ from typing import Any
 import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from engine.errors import Forbidden, HooocusError
-from engine.events import (
+from engine.core.errors import Forbidden, HooocusError
+from engine.core.events import (
     TERMINAL_EVENTS,
     Cancelled,
     Done,
@@ -40,8 +40,8 @@ from engine.events import (
     Started,
     Warning_,
 )
-from engine.jobs import Job
-from engine.logging_setup import log_context
+from engine.core.jobs import Job
+from engine.core.logging_setup import log_context
 from hooocus_ws import service
 from hooocus_ws.context import ServerContext
 from hooocus_ws.protocol import (

@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import InvalidRequest
+from engine.core.errors import InvalidRequest
 
 KNOWN_SCOPES = frozenset({"generate", "cancel:own", "cancel:any", "admin"})
 DEFAULT_SCOPES = frozenset({"generate", "cancel:own"})

@@ -7,7 +7,9 @@ stay outside ($HOOOCUS_PARITY, default ../shared/parity); tests that need them s
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +70,20 @@ def parity_skip_reason() -> str | None:
     if os.environ.get("HOOOCUS_PARITY") or parity_dir().is_dir():
         return None
     return f"no parity runs: {parity_dir()} is absent; set HOOOCUS_PARITY to {PARITY_SOURCE}"
+
+
+def parity_runs_where(kind: str, wanted: Callable[[Path], bool]) -> list[Any]:
+    """pytest params: every recorded parity run (runs/ and runs-extra/) for which ``wanted(folder)``
+    holds, found at collection time, so another folder with other runs works unchanged; one skip
+    with the reason when the parity folder, or any run of that ``kind``, is absent."""
+    reason = parity_skip_reason()
+    if reason is None:
+        folders = [p.parent for sub in ("runs", "runs-extra") for p in sorted((parity_dir() / sub).glob("*/params.json"))]
+        found = [pytest.param(folder, id=folder.name) for folder in folders if wanted(folder)]
+        if found:
+            return found
+        reason = f"no {kind} run among the parity runs in {parity_dir()}"
+    return [pytest.param(None, id=f"no-{kind}-run", marks=pytest.mark.skip(reason=reason))]
 
 
 def shared_dir() -> Path:

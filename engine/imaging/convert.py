@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from engine.errors import InvalidRequest
+from engine.core.errors import InvalidRequest
 
 __all__ = ["hwc3", "mask_to_2d", "pil_to_rgb", "uint16_to_uint8"]
 
@@ -44,7 +44,7 @@ def hwc3(image: np.ndarray, *, loc: tuple[str | int, ...] = ()) -> np.ndarray:
     """Fooocus's ``HWC3``: any ``uint8`` H×W, H×W×1, H×W×3 or H×W×4 array → H×W×3 ``uint8``.
 
     ``uint16`` arrays are scaled first (:func:`uint16_to_uint8`) and ``bool`` masks become 0/255;
-    any other dtype or layout is an :class:`~engine.errors.InvalidRequest` at ``loc``.
+    any other dtype or layout is an :class:`~engine.core.errors.InvalidRequest` at ``loc``.
     """
     array = np.asarray(image)
     if array.dtype == np.bool_:

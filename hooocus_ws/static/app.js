@@ -2,7 +2,7 @@
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
-  // The server's seed range (engine/constants.py MAX_SEED = 2^63 - 1). BigInt because a JS number
+  // The server's seed range (engine/core/constants.py MAX_SEED = 2^63 - 1). BigInt because a JS number
   // is exact only up to 2^53; the seed itself travels as a decimal string.
   const MAX_SEED = (1n << 63n) - 1n;
   // The pseudo-style that turns on the prompt expansion; offered only when the server has it installed.

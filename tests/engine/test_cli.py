@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from engine.cli import build_parser, main, request_fields_from_args, settings_from_args
-from engine.imageio import read_image_metadata
-from engine.request import GenerationRequest, parse_aspect_ratio
+from engine.core.request import GenerationRequest, parse_aspect_ratio
+from engine.io.imageio import read_image_metadata
+from hooocus.cli import build_parser, main, request_fields_from_args, settings_from_args
 from tests.paths import TEST_DATA_VARIABLES, refdata_dir
 
 SMALL = ["--model", "demo", "--steps", "3", "--width", "64", "--height", "64", "--no-progress"]
@@ -228,7 +228,7 @@ def test_fast_mode_without_its_lora_names_a_setup_command_that_works(
         capsys: pytest.CaptureFixture[str], data_dir: Path, tmp_path: Path) -> None:
     """The runner's assets_missing message names the exact 'hooocus setup' command, and set-up
     accepts it (listing the LoRA as missing; --list downloads nothing)."""
-    from engine.modes import PERFORMANCE_MODES
+    from engine.sdxl.modes import PERFORMANCE_MODES
 
     model = _write_safetensors(tmp_path / "my_sdxl.safetensors", _SDXL_BASE_KEYS)
     fast = [(name, mode.lora_file) for name, mode in PERFORMANCE_MODES.items() if mode.lora_file]
@@ -248,8 +248,8 @@ def test_fast_mode_without_its_lora_names_a_setup_command_that_works(
 
 
 def test_demo_model_names_are_the_runners() -> None:
-    from engine import pipeline
-    from engine.cli import DEMO_MODELS
+    from engine.sdxl import pipeline
+    from hooocus.cli import DEMO_MODELS
 
     assert DEMO_MODELS == (pipeline.DEMO_MODEL, pipeline.DEMO_REFINER) and pipeline.DEMO_MODEL == "demo"
 
@@ -364,7 +364,7 @@ def test_from_log_runs_the_newest_entry_on_the_demo_model(capsys: pytest.Capture
 
 def _console_command() -> tuple[list[str], dict[str, str]]:
     script = Path(sys.executable).with_name("hooocus")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "engine"]
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "hooocus"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOOOCUS_")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     return command, env
@@ -395,7 +395,7 @@ def test_console_script_generates_with_a_progress_bar(data_dir: Path, tmp_path: 
 
 
 def test_generate_on_a_running_server(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from engine.testing import FakeRunner
+    from engine.core.testing import FakeRunner
     from tests.ws.conftest import ALICE, make_app, make_runtime, start_server
 
     runtime = make_runtime(tmp_path / "server", FakeRunner())

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from engine import Engine
-from engine.events import Cancelled, Failed, ImageReady, Preview, Progress, Started
-from engine.imageio import read_image_metadata
-from engine.jobs import JobState
-from engine.pipeline import SDXLRunner
-from engine.settings import load_settings
+from engine.core.events import Cancelled, Failed, ImageReady, Preview, Progress, Started
+from engine.core.jobs import JobState
+from engine.core.settings import load_settings
+from engine.io.imageio import read_image_metadata
+from engine.sdxl.pipeline import SDXLRunner
 
 SMALL = {"width": 64, "height": 64, "steps": 4}
 
@@ -188,7 +188,7 @@ def test_previews_are_small_rgb_arrays_per_step(engine: Engine) -> None:
 
 
 def test_unknown_model_and_style_rejected_at_submit(engine: Engine) -> None:
-    from engine.errors import UnknownModel, UnknownStyle
+    from engine.core.errors import UnknownModel, UnknownStyle
 
     with pytest.raises(UnknownModel):
         engine.submit({"prompt": "x", "base_model": "../../etc/passwd"})
@@ -205,8 +205,8 @@ def test_fast_mode_on_demo_runs_without_its_lora_with_a_warning(engine: Engine) 
 
 
 def test_runner_check_refuses_fast_mode_without_lora_on_a_real_model(tmp_path: Path) -> None:
-    from engine.errors import AssetsMissing
-    from engine.models.demo import build_demo_sdxl, save_single_file
+    from engine.core.errors import AssetsMissing
+    from engine.sdxl.models.demo import build_demo_sdxl, save_single_file
 
     folder = tmp_path / "data" / "models" / "checkpoints"
     folder.mkdir(parents=True)
@@ -214,7 +214,7 @@ def test_runner_check_refuses_fast_mode_without_lora_on_a_real_model(tmp_path: P
     settings, _ = load_settings(cli={"data_dir": tmp_path / "data", "device": "cpu"}, env={})
     runner = SDXLRunner(settings)
     assert runner.default_model_name == "tiny.safetensors"
-    from engine.request import GenerationRequest
+    from engine.core.request import GenerationRequest
 
     with pytest.raises(AssetsMissing) as info:
         runner.check(GenerationRequest(prompt="x", performance="Lightning"))

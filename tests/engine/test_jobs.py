@@ -7,10 +7,10 @@ import threading
 import pytest
 
 from engine import Engine, GenerationRequest
-from engine.errors import InvalidRequest, NotFound, QueueFull, ShuttingDown, UnknownStyle
-from engine.events import Cancelled, Done, Failed, ImageReady, Progress, Queued, Started
-from engine.jobs import JobState
-from engine.testing import FakeOutOfMemoryError, FakeRunner, StepGate
+from engine.core.errors import InvalidRequest, NotFound, QueueFull, ShuttingDown, UnknownStyle
+from engine.core.events import Cancelled, Done, Failed, ImageReady, Progress, Queued, Started
+from engine.core.jobs import JobState
+from engine.core.testing import FakeOutOfMemoryError, FakeRunner, StepGate
 
 
 def req(prompt: str = "p", steps: int = 3, **kw: object) -> dict[str, object]:

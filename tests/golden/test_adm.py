@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.conditioning.adm import (
+from engine.sdxl.conditioning.adm import (
     adm_time_ids,
     refiner_adm_vector,
     refiner_time_ids,

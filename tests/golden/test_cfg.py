@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.sampling.guidance import (
+from engine.sdxl.sampling.guidance import (
     SHARPNESS_SCALE,
     compute_cfg,
     progress_from_timestep,
     sharpness_sampling_function,
 )
-from engine.sampling.model_sampling import DiscreteEPS
+from engine.sdxl.sampling.model_sampling import DiscreteEPS
 from tests.paths import refdata_dir
 
 ATOL = 1e-5

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.conditioning.emphasis import parse_emphasis
-from engine.conditioning.encode import encode_token_chunks, normalize_token_weights
-from engine.conditioning.tokenize import TokenChunk, empty_chunk, split_words, tokenize_prompt, tokenize_sdxl
+from engine.sdxl.conditioning.emphasis import parse_emphasis
+from engine.sdxl.conditioning.encode import encode_token_chunks, normalize_token_weights
+from engine.sdxl.conditioning.tokenize import TokenChunk, empty_chunk, split_words, tokenize_prompt, tokenize_sdxl
 from tests.paths import refdata_dir
 
 # refdata/README.md: float32 CPU results, compare with atol/rtol ~1e-5.

@@ -36,7 +36,7 @@ from engine.imaging.sizes import (
     vae_encode_crop_box,
     vary_target_hw,
 )
-from tests.paths import parity_dir, refdata_dir
+from tests.paths import parity_runs_where, refdata_dir
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -226,45 +226,43 @@ def test_encode_vae_inpaint_latent_mask_and_grey_fill(inputs: tuple[np.ndarray, 
 
 # --- parity runs e–g: the same operations on Fooocus's recorded intermediates ----------------------
 
-_EXTRA = parity_dir() / "runs-extra"
-
-
-def _run(name: str) -> Path:
-    folder = _EXTRA / name
-    if not folder.is_dir():
-        pytest.fail(f"parity run {folder} not found; set HOOOCUS_PARITY")
-    return folder
-
-
-def _uov_method(folder: Path) -> str:
-    args = _load(folder / "params.json")["async_task_args"]
+def _uov_method(folder: Path) -> str | None:
+    args = _load(folder / "params.json").get("async_task_args", [])
     methods = [a for a in args if isinstance(a, str) and re.fullmatch(r"(Vary|Upscale) \(.*\)", a)]
-    assert len(methods) == 1, methods
-    return methods[0]
+    assert len(methods) <= 1, methods
+    return methods[0] if methods else None
 
 
-def test_vary_pixels_match_parity_run_e() -> None:
-    folder = _run("e_vary_subtle")
-    assert _uov_method(folder).startswith("Vary")
+def _is_vary(folder: Path) -> bool:
+    return (_uov_method(folder) or "").startswith("Vary") and (folder / "uov_pixels_before_encode.png").is_file()
+
+
+def _is_upscale(folder: Path) -> bool:
+    return bool(re.fullmatch(r"Upscale \(([\d.]+)x\)", _uov_method(folder) or "")) and \
+        (folder / "esrgan0_output.png").is_file() and (folder / "uov_pixels_before_encode.png").is_file()
+
+
+def _is_inpaint(folder: Path) -> bool:
+    return (folder / "inpaint_crop_image.png").is_file() and \
+        "inpaint" in _load(folder / "params.json").get("derived", {})
+
+
+@pytest.mark.parametrize("folder", parity_runs_where("vary", _is_vary))
+def test_vary_pixels_matchparity_runs_where(folder: Path) -> None:
     source = _png(folder / "input_image.png")
     h, w = vary_target_hw(*source.shape[:2])
     np.testing.assert_array_equal(resample_image(source, w, h), _png(folder / "uov_pixels_before_encode.png"))
 
 
-def test_upscale_pixels_match_parity_run_f() -> None:
-    folder = _run("f_upscale_1_5x")
+@pytest.mark.parametrize("folder", parity_runs_where("upscale", _is_upscale))
+def test_upscale_pixels_matchparity_runs_where(folder: Path) -> None:
     method = _uov_method(folder)
-    factor = float(re.fullmatch(r"Upscale \(([\d.]+)x\)", method).group(1))  # type: ignore[union-attr]
+    factor = float(re.fullmatch(r"Upscale \(([\d.]+)x\)", method).group(1))  # type: ignore[arg-type,union-attr]
     source, sr = _png(folder / "input_image.png"), _png(folder / "esrgan0_output.png")
     plan = upscale_plan(*source.shape[:2], factor, sr_scale=sr.shape[0] // source.shape[0])
     assert not plan.direct_return
     h, w = plan.result_hw
     np.testing.assert_array_equal(resample_image(sr, w, h), _png(folder / "uov_pixels_before_encode.png"))
-
-
-@pytest.fixture(scope="module")
-def run_g() -> Path:
-    return _run("g_inpaint_rect")
 
 
 def _default_respective_field(refdata: Path) -> float:
@@ -275,7 +273,8 @@ def _default_respective_field(refdata: Path) -> float:
     return float(values.pop())
 
 
-def test_inpaint_chain_matches_parity_run_g(run_g: Path, refdata: Path) -> None:
+@pytest.mark.parametrize("run_g", parity_runs_where("inpaint", _is_inpaint))
+def test_inpaint_chain_matchesparity_runs_where(run_g: Path, refdata: Path) -> None:
     """Crop box → ESRGAN crop resize → crop mask → fill → latent mask → paste-back + colour correction."""
     derived = _load(run_g / "params.json")["derived"]["inpaint"]
     image = _png(run_g / "input_image.png")

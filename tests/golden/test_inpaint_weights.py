@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.models.inpaint import (
+from engine.sdxl.models.inpaint import (
     PATCH_KEY_SEPARATOR,
     InpaintDenoiser,
     energy_seed,
     fooocus_patches_from_state_dict,
     inpaint_head_feed,
 )
-from engine.models.patching import apply_patches
-from tests.paths import parity_dir, refdata_dir
+from engine.sdxl.models.patching import apply_patches
+from tests.paths import parity_runs_where, refdata_dir
 
 _WEIGHTS = refdata_dir() / "weights"
 _WRAPPER: dict[str, Any] = (json.loads((_WEIGHTS / "inpaint_denoiser_wrapper.json").read_text())
@@ -123,10 +125,16 @@ def test_fooocus_patch_file_merges_like_fooocus(case: str) -> None:
     torch.testing.assert_close(merged, tensors[case], atol=0.0, rtol=0.0)
 
 
-def test_inpaint_head_feed_matches_parity_run_g() -> None:
-    folder = parity_dir() / "runs-extra" / "g_inpaint_rect"
-    if not folder.is_dir():
-        pytest.fail(f"parity run {folder} not found; set HOOOCUS_PARITY")
+def _has_head_feed(folder: Path) -> bool:
+    inputs = folder / "image_inputs.safetensors"
+    if not inputs.is_file():
+        return False
+    with safe_open(str(inputs), "pt") as f:
+        return "inpaint_head0.feed" in f.keys()
+
+
+@pytest.mark.parametrize("folder", parity_runs_where("inpaint head", _has_head_feed))
+def test_inpaint_head_feed_matches_parity_runs(folder: Path) -> None:
     recorded = load_file(str(folder / "image_inputs.safetensors"))
     scaling = _wrapper_inputs()["scaling_factor"]
     feed = inpaint_head_feed(recorded["encode_vae_inpaint0.latent_mask"], recorded["encode_vae_inpaint0.latent_inpaint"],

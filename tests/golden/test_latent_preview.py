@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.preview import latent_rgb_factors, latent_to_rgb
+from engine.sdxl.preview import latent_rgb_factors, latent_to_rgb
 from tests.paths import refdata_dir
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.conditioning.styles import StyleLibrary
-from engine.imageio import encode_image, exif_block, read_image_metadata
-from engine.metadata import (
+from engine.core.request import GenerationRequest, parse_aspect_ratio
+from engine.io.imageio import encode_image, exif_block, read_image_metadata
+from engine.io.metadata import (
     A1111_SAMPLER_NAMES,
     CIVITAI_NO_KARRAS,
     MetadataInput,
@@ -32,7 +32,7 @@ from engine.metadata import (
     request_from_image,
     request_from_log_block,
 )
-from engine.request import GenerationRequest, parse_aspect_ratio
+from engine.prompts.styles import StyleLibrary
 from tests.paths import refdata_dir
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from engine.conditioning.tokenize import tokenize_sdxl
+from engine.sdxl.conditioning.tokenize import tokenize_sdxl
 from tests.paths import parity_dir, parity_skip_reason
 
 if parity_skip_reason() is not None:  # the runs live outside the repository: one reason, this module

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from engine.conditioning.assembly import process_prompt, remove_empty_str, safe_str
-from engine.conditioning.expansion import (
+from engine.core.constants import FOOOCUS_V2_STYLE
+from engine.prompts.assembly import process_prompt, remove_empty_str, safe_str
+from engine.prompts.expansion import (
     COMMA_TOKEN_ID,
     NEG_INF,
     SEED_LIMIT,
@@ -26,11 +27,10 @@ from engine.conditioning.expansion import (
     allowed_token_ids,
     load_positive_words,
 )
-from engine.conditioning.inline_loras import cleanup_prompt, parse_lora_references
-from engine.conditioning.styles import StyleLibrary
-from engine.conditioning.wildcards import MAX_WILDCARD_DEPTH, WildcardLibrary, apply_arrays, apply_wildcards
-from engine.constants import FOOOCUS_V2_STYLE
-from engine.modes import PERFORMANCE_MODES
+from engine.prompts.inline_loras import cleanup_prompt, parse_lora_references
+from engine.prompts.styles import StyleLibrary
+from engine.prompts.wildcards import MAX_WILDCARD_DEPTH, WildcardLibrary, apply_arrays, apply_wildcards
+from engine.sdxl.modes import PERFORMANCE_MODES
 from tests.paths import (
     STAND_IN_POSITIVE_WORDS,
     external_refdata_file,

@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import engine.sampling.samplers as samplers_module
-from engine.sampling.guidance import sharpness_sampling_function
-from engine.sampling.model_sampling import (
+import engine.sdxl.sampling.samplers as samplers_module
+from engine.sdxl.sampling.guidance import sharpness_sampling_function
+from engine.sdxl.sampling.model_sampling import (
     ContinuousEDM,
     DiscreteEPS,
     DistilledEPS,
@@ -29,9 +29,9 @@ from engine.sampling.model_sampling import (
     ModelSampling,
     model_sampling_for,
 )
-from engine.sampling.noise import BrownianNoise, prepare_noise
-from engine.sampling.samplers import sample
-from engine.sampling.schedules import calculate_sigmas, plan_sigmas
+from engine.sdxl.sampling.noise import BrownianNoise, prepare_noise
+from engine.sdxl.sampling.samplers import sample
+from engine.sdxl.sampling.schedules import calculate_sigmas, plan_sigmas
 from tests.paths import refdata_dir
 
 ATOL = 1e-5  # refdata/README.md: CPU float32, op order may change the last bits

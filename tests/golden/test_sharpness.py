@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.sampling.anisotropic import (
+from engine.sdxl.sampling.anisotropic import (
     KERNEL_SIZE,
     SIGMA_SPACE,
     adaptive_anisotropic_filter,

@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from engine.conditioning.styles import StyleLibrary
-from engine.conditioning.wildcards import MAX_WILDCARD_DEPTH
-from engine.constants import (
+from engine.core.constants import (
     DEFAULT_ASPECT_RATIO,
     FOOOCUS_DEFAULT_STYLES,
     FOOOCUS_V2_STYLE,
@@ -29,11 +27,13 @@ from engine.constants import (
     SCHEDULER_NAMES,
     SDXL_ASPECT_RATIOS,
 )
-from engine.errors import InvalidRequest
-from engine.modes import PERFORMANCE_MODES, SamplingSettings, aspect_ratio_ui_label
-from engine.presets import DOWNLOAD_KEYS, IGNORED_KEYS, PRESET_FIELD_MAP, apply_preset, load_preset
-from engine.request import GenerationRequest, parse_aspect_ratio
-from engine.resolve import resolve_request
+from engine.core.errors import InvalidRequest
+from engine.core.request import GenerationRequest, parse_aspect_ratio
+from engine.io.presets import DOWNLOAD_KEYS, IGNORED_KEYS, PRESET_FIELD_MAP, apply_preset, load_preset
+from engine.prompts.styles import StyleLibrary
+from engine.prompts.wildcards import MAX_WILDCARD_DEPTH
+from engine.sdxl.modes import PERFORMANCE_MODES, SamplingSettings, aspect_ratio_ui_label
+from engine.sdxl.resolve import resolve_request
 from tests.paths import fooocus_data_dir, refdata_dir
 
 

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.models.freeu import fourier_filter, freeu_v2_output_block
-from engine.models.patching import DiffPatch, FooocusPatch, LoraPatch, WeightPatch, apply_patches
+from engine.sdxl.models.freeu import fourier_filter, freeu_v2_output_block
+from engine.sdxl.models.patching import DiffPatch, FooocusPatch, LoraPatch, WeightPatch, apply_patches
 from tests.paths import refdata_dir
 
 ATOL = 1e-5

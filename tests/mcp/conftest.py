@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import pytest
 import uvicorn
 
-from engine.jobs import Engine
-from engine.runtime import Runtime
-from engine.settings import Settings
-from engine.store import ImageStore
-from engine.testing import FakeRunner
+from engine.core.jobs import Engine
+from engine.core.runtime import Runtime
+from engine.core.settings import Settings
+from engine.core.store import ImageStore
+from engine.core.testing import FakeRunner
 from hooocus_ws.tokens import Principal
 
 STDIO = Principal("stdio", frozenset({"generate", "cancel:own"}))

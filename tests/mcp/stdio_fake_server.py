@@ -12,11 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.jobs import Engine
-from engine.runtime import Runtime
-from engine.settings import load_settings
-from engine.store import ImageStore
-from engine.testing import FakeRunner
+from engine.core.jobs import Engine
+from engine.core.runtime import Runtime
+from engine.core.settings import load_settings
+from engine.core.store import ImageStore
+from engine.core.testing import FakeRunner
 from hooocus_mcp.cli import serve_embedded, serve_stdio_local, stdio_image_folder
 
 

@@ -39,9 +39,9 @@ def test_bad_combinations_exit_2_with_one_line(argv: list[str], message: str, ca
 
 
 def test_embedded_mode_keeps_images_in_the_data_folder(tmp_path) -> None:
-    from engine.runtime import create_runtime
-    from engine.settings import Settings
-    from engine.testing import FakeRunner
+    from engine.core.runtime import create_runtime
+    from engine.core.settings import Settings
+    from engine.core.testing import FakeRunner
 
     settings = Settings(data_dir=tmp_path)
     runtime = create_runtime(settings, runner=FakeRunner(), image_folder=cli.stdio_image_folder(settings))

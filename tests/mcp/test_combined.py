@@ -8,7 +8,7 @@ import importlib.util
 import anyio
 import pytest
 
-from engine.testing import FakeRunner, StepGate
+from engine.core.testing import FakeRunner, StepGate
 from hooocus_mcp.http import create_mcp_mount
 from hooocus_ws.tokens import TokenStore
 from tests.mcp.conftest import ALICE_TOKEN, BOB_TOKEN, TOKENS_TEXT, live_server, make_runtime

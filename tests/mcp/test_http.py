@@ -14,9 +14,9 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from engine.jobs import JobState
-from engine.runtime import Runtime
-from engine.testing import FakeRunner, StepGate
+from engine.core.jobs import JobState
+from engine.core.runtime import Runtime
+from engine.core.testing import FakeRunner, StepGate
 from hooocus_mcp._sdk import Client, streamable_http_client
 from hooocus_mcp.http import McpMount, TokenStoreVerifier, create_mcp_mount
 from hooocus_ws.tokens import TokenStore
@@ -186,9 +186,9 @@ async def test_a_page_on_an_allowed_host_may_call_mcp(live: LiveServer, headers:
 
 
 async def test_the_public_url_host_is_allowed_and_others_are_not(runner: FakeRunner) -> None:
-    from engine.jobs import Engine
-    from engine.settings import Settings
-    from engine.store import ImageStore
+    from engine.core.jobs import Engine
+    from engine.core.settings import Settings
+    from engine.core.store import ImageStore
 
     images = ImageStore()
     runtime = Runtime(Settings(public_url="https://hooocus.example.org/"), Engine(runner, image_sink=images.put),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.runtime import Runtime
+from engine.core.runtime import Runtime
 from hooocus_mcp._sdk import Client, MCPError
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.tools import ServerOptions, build_server

@@ -18,10 +18,10 @@ from typing import Any
 import anyio
 import pytest
 
-from engine.events import Cancelled, Done, Failed, ImageReady, Progress, Queued, Started
-from engine.jobs import Job, JobState
-from engine.runtime import Runtime
-from engine.testing import FakeRunner, StepGate
+from engine.core.events import Cancelled, Done, Failed, ImageReady, Progress, Queued, Started
+from engine.core.jobs import Job, JobState
+from engine.core.runtime import Runtime
+from engine.core.testing import FakeRunner, StepGate
 from hooocus_mcp._sdk import Client, ImageContent
 from hooocus_mcp.remote import RemoteBackend, event_from_message
 from hooocus_mcp.tools import ServerOptions, build_server

@@ -14,9 +14,9 @@ import anyio
 import pytest
 from PIL import Image
 
-from engine.jobs import JobState
-from engine.runtime import Runtime
-from engine.testing import FakeRunner, StepGate
+from engine.core.jobs import JobState
+from engine.core.runtime import Runtime
+from engine.core.testing import FakeRunner, StepGate
 from hooocus_mcp._sdk import Client, ImageContent, MCPError, ResourceLink, TextContent
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.tools import JobResult, ServerOptions, build_server
@@ -284,7 +284,7 @@ async def test_list_options_and_options_resource(runtime: Runtime, runner: FakeR
 
 
 async def test_a_failed_job_is_a_tool_error_with_its_code(runtime: Runtime, runner: FakeRunner) -> None:
-    from engine.testing import FakeOutOfMemoryError
+    from engine.core.testing import FakeOutOfMemoryError
 
     runner.faults[("boom", 2)] = FakeOutOfMemoryError("CUDA out of memory")
     async with Client(server_for(runtime)) as client:
@@ -298,9 +298,9 @@ async def test_a_failed_job_is_a_tool_error_with_its_code(runtime: Runtime, runn
 
 
 async def test_queue_full_is_reported_not_raised() -> None:
-    from engine.jobs import Engine
-    from engine.settings import Settings
-    from engine.store import ImageStore
+    from engine.core.jobs import Engine
+    from engine.core.settings import Settings
+    from engine.core.store import ImageStore
 
     gate = StepGate(1)
     images = ImageStore()
@@ -318,11 +318,11 @@ async def test_queue_full_is_reported_not_raised() -> None:
         runtime.close()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("engine.pipeline") is None,
-                    reason="engine.pipeline (the SDXL runner with the demo model) is not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("engine.sdxl.pipeline") is None,
+                    reason="engine.sdxl.pipeline (the SDXL runner with the demo model) is not written yet")
 async def test_demo_model_in_memory(tmp_path) -> None:
-    from engine.runtime import create_runtime
-    from engine.settings import Settings
+    from engine.core.runtime import create_runtime
+    from engine.core.settings import Settings
 
     runtime = create_runtime(Settings(data_dir=tmp_path), model="demo").start()
     values: list[float] = []

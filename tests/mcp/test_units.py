@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.events import Done, Progress, Started
+from engine.core.events import Done, Progress, Started
 from hooocus_mcp._sdk import sniff_image_mime
 from hooocus_mcp.backend import ImageInfo, JobView
 from hooocus_mcp.http import security_settings

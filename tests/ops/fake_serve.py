@@ -8,10 +8,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from engine.jobs import Engine
-from engine.runtime import Runtime
-from engine.store import ImageStore
-from engine.testing import FakeRunner
+from engine.core.jobs import Engine
+from engine.core.runtime import Runtime
+from engine.core.store import ImageStore
+from engine.core.testing import FakeRunner
 from hooocus_ws import cli
 
 

@@ -16,13 +16,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from engine.errors import HooocusError
-from engine.events import Preview, Queued
-from engine.history import JobHistory
-from engine.jobs import Engine, RunContext
-from engine.runtime import Runtime
-from engine.settings import Settings
-from engine.store import ImageStore
+from engine.core.errors import HooocusError
+from engine.core.events import Preview, Queued
+from engine.core.history import JobHistory
+from engine.core.jobs import Engine, RunContext
+from engine.core.runtime import Runtime
+from engine.core.settings import Settings
+from engine.core.store import ImageStore
 from hooocus_ws.client import HooocusClient
 from tests.ws.conftest import ALICE, LiveServer, make_app, start_server
 
@@ -58,8 +58,8 @@ class GatedRunner:
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, GatedRunner]]:
-    pytest.importorskip("engine.pipeline")
-    from engine.pipeline import SDXLRunner
+    pytest.importorskip("engine.sdxl.pipeline")
+    from engine.sdxl.pipeline import SDXLRunner
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("demo-data"), shutdown_grace_s=1.0)
     runner = GatedRunner(SDXLRunner(settings, model="demo"), hold_step=3)
@@ -109,7 +109,7 @@ def test_dropped_connection_mid_job_reattach_loses_and_doubles_nothing(demo_serv
 
 
 def test_hooocus_generate_server_writes_the_image(demo_server, tmp_path, capsys):
-    from engine.cli import main
+    from hooocus.cli import main
 
     live, _ = demo_server
     out = tmp_path / "out"
@@ -127,7 +127,7 @@ def test_hooocus_generate_server_writes_the_image(demo_server, tmp_path, capsys)
 
 
 def test_hooocus_generate_server_reports_a_refused_request(demo_server, tmp_path, capsys):
-    from engine.cli import main
+    from hooocus.cli import main
 
     live, _ = demo_server
     code = main(["generate", "x", "--server", live.ws_url, "--token", ALICE, "--out", str(tmp_path),

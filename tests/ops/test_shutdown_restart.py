@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.errors import JobCancelled
+from engine.core.errors import JobCancelled
 from hooocus_ws.client import HooocusClient
 from tests.ops.conftest import ADMIN, ALICE, BOB, ServerProcess
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.request import GenerationRequest
+from engine.core.request import GenerationRequest
 from tests.paths import parity_dir
 
 

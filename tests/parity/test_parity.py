@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from engine.jobs import JobState
-from engine.pipeline import SDXLRunner
-from engine.runtime import Runtime, create_runtime
-from engine.settings import load_settings
+from engine.core.jobs import JobState
+from engine.core.runtime import Runtime, create_runtime
+from engine.core.settings import load_settings
+from engine.sdxl.pipeline import SDXLRunner
 from tests.parity.recorded import Recorder, parity_runs, psnr_db, rel, request_for
 from tests.paths import fooocus_data_dir, parity_skip_reason
 

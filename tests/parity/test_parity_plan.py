@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 from engine import Engine
-from engine.events import Started
-from engine.jobs import JobState
-from engine.pipeline import SDXLRunner
-from engine.settings import load_settings
+from engine.core.events import Started
+from engine.core.jobs import JobState
+from engine.core.settings import load_settings
+from engine.sdxl.pipeline import SDXLRunner
 from tests.parity.recorded import Recorder, parity_runs, rel, request_for, unet_rows
 from tests.paths import fooocus_data_dir, parity_dir, parity_skip_reason
 
@@ -93,7 +93,7 @@ def test_recorded_parameters_plan_fooocus_run(demo: tuple[Engine, Recorder], run
 
 def test_timed_adm_switch_matches_fooocus_time_ids() -> None:
     """The ADM sizes Fooocus used (params.json adm_time_ids) are ours for every run (spec §4)."""
-    from engine.conditioning.adm import adm_time_ids, use_emphasized_adm
+    from engine.sdxl.conditioning.adm import adm_time_ids, use_emphasized_adm
 
     for run in RUNS:
         params = json.loads((run / "params.json").read_text(encoding="utf-8"))

@@ -1,4 +1,4 @@
-"""Every fast path of engine/acceleration.py against the eager path, on CPU with the demo model.
+"""Every fast path of engine/sdxl/acceleration.py against the eager path, on CPU with the demo model.
 
 Tolerances (float32 on CPU): fused QKV and channels_last ≤ 1e-5 relative to the output's largest
 magnitude (same math, other GEMM/conv blocking); dynamo-only compile ("eager"/CompileCounter
@@ -21,7 +21,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from engine.acceleration import (
+from engine.core.settings import Settings
+from engine.sdxl.acceleration import (
     AccelerationConfig,
     Accelerator,
     CompiledCall,
@@ -35,9 +36,8 @@ from engine.acceleration import (
     to_channels_last,
     use_sdpa,
 )
-from engine.models.demo import build_demo_sdxl
-from engine.sampling.guidance import sharpness_sampling_function
-from engine.settings import Settings
+from engine.sdxl.models.demo import build_demo_sdxl
+from engine.sdxl.sampling.guidance import sharpness_sampling_function
 from tests.paths import STAND_IN_POSITIVE_WORDS, fooocus_data_dir
 
 CPU = torch.device("cpu")
@@ -249,7 +249,7 @@ def test_compile_failure_falls_back_to_eager() -> None:
 @pytest.mark.slow
 def test_inductor_unet_matches_eager(demo, tmp_path: Path) -> None:
     """Real inductor code generation (≈2 min cold on 2 CPU cores)."""
-    from engine.acceleration import configure_compile
+    from engine.sdxl.acceleration import configure_compile
 
     configure_compile(tmp_path / "cache")
     reference = copy.deepcopy(demo.unet)
@@ -311,7 +311,7 @@ def low_vram_accelerator(budget_bytes: int, prefetch: int = 1) -> Accelerator:
 
 
 def test_low_vram_streams_blocks_and_matches(demo, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.acceleration as acceleration
+    import engine.sdxl.acceleration as acceleration
 
     monkeypatch.setattr(acceleration, "UNET_ACTIVATION_RESERVE_BYTES_BF16", 0)
     reference = copy.deepcopy(demo.unet)
@@ -353,8 +353,8 @@ def test_low_vram_keeps_writes_made_while_loaded(demo) -> None:
 
 def small_job(tmp_path: Path, *, refiner: bool = True, **overrides: Any) -> list[bytes]:
     from engine import Engine
-    from engine.events import ImageReady
-    from engine.pipeline import SDXLRunner
+    from engine.core.events import ImageReady
+    from engine.sdxl.pipeline import SDXLRunner
 
     runner = SDXLRunner(Settings(data_dir=tmp_path, device="cpu"), model="demo")
     if overrides:
@@ -401,7 +401,7 @@ def pixels(png: bytes) -> np.ndarray:
 def test_static_cache_expansion_gives_the_same_tokens(tmp_path: Path) -> None:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from engine.conditioning.expansion import FooocusExpansion, load_positive_words
+    from engine.prompts.expansion import FooocusExpansion, load_positive_words
 
     source = fooocus_data_dir()
     for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
@@ -422,7 +422,7 @@ def test_lora_merge_and_restore_on_a_fused_unet(demo, tmp_path: Path) -> None:
     """The real LoRA code (kohya names → to_q/to_k/to_v, in-place merge, restore) on a fused UNet."""
     from safetensors.torch import save_file
 
-    from engine.models.lora import load_lora, match_lora, merge_loras, unet_lora_key_map
+    from engine.sdxl.models.lora import load_lora, match_lora, merge_loras, unet_lora_key_map
 
     unfused = copy.deepcopy(demo.unet)
     fuse_qkv_views(demo.unet)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.denoiser import BranchCond, Guidance, SDXLDenoiser, Stage, base_branch, refiner_branch
-from engine.models.demo import build_demo_sdxl
-from engine.sampling.model_sampling import model_sampling_for
+from engine.sdxl.denoiser import BranchCond, Guidance, SDXLDenoiser, Stage, base_branch, refiner_branch
+from engine.sdxl.models.demo import build_demo_sdxl
+from engine.sdxl.sampling.model_sampling import model_sampling_for
 
 
 class SpyUNet(torch.nn.Module):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.settings import Settings
+from engine.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -99,8 +99,8 @@ def test_installs_the_project_without_dev_extras(steps: list[tuple[str, str]]) -
 
 def test_only_the_package_and_its_metadata_reach_the_build(steps: list[tuple[str, str]]) -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    needed = ["pyproject.toml", "engine/jobs.py", "hooocus_ws/app.py", "hooocus_mcp/tools.py",
-              "engine/models/configs/base/model_index.json", *pyproject["project"].get("license-files", [])]
+    needed = ["pyproject.toml", "engine/core/jobs.py", "hooocus_ws/app.py", "hooocus_mcp/tools.py",
+              "engine/sdxl/models/configs/base/model_index.json", *pyproject["project"].get("license-files", [])]
     if "readme" in pyproject["project"]:
         needed.append(pyproject["project"]["readme"])
     patterns = dockerignore_patterns()
@@ -192,7 +192,7 @@ def is_ignored(path: str, patterns: list[tuple[bool, re.Pattern[str]]]) -> bool:
 
 @pytest.mark.parametrize("path", [
     ".venv/bin/python", ".git/config", "outputs/2024-05-06/a.png", "models/checkpoints/sdxl.safetensors",
-    "engine/models/stray.safetensors", "engine/__pycache__/jobs.cpython-311.pyc", ".pytest_cache/v/cache",
+    "engine/sdxl/models/stray.safetensors", "engine/__pycache__/jobs.cpython-311.pyc", ".pytest_cache/v/cache",
     "tests/unit/test_history.py", "tests/tmp/history.sqlite3", ".hypothesis/examples/x", "hooocus.toml",
     "tokens.txt", "my_tokens.txt", ".env", "data/history.sqlite3", "bench/results.json", "shared/refdata/x.json",
 ])
@@ -243,11 +243,11 @@ def test_the_build_context_is_enough_to_build_the_package(tmp_path: Path) -> Non
     wheel = next((tmp_path / "dist").glob("hooocus-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-    for needed in ("engine/cli.py", "engine/jobs.py", "engine/history.py", "hooocus_ws/app.py",
-                   "hooocus_mcp/tools.py", "engine/models/configs/base/model_index.json"):
+    for needed in ("hooocus/cli.py", "engine/core/jobs.py", "engine/core/history.py", "hooocus_ws/app.py",
+                   "hooocus_mcp/tools.py", "engine/sdxl/models/configs/base/model_index.json"):
         assert needed in names, needed
     assert any(n.startswith("hooocus_ws/static/") for n in names)
-    assert any(n.startswith("engine/data/styles/") for n in names)
+    assert any(n.startswith("engine/prompts/data/styles/") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     with zipfile.ZipFile(wheel) as zf:
-        assert "hooocus = engine.cli:main" in zf.read(entry_points).decode()
+        assert "hooocus = hooocus.cli:main" in zf.read(entry_points).decode()

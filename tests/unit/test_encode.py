@@ -9,15 +9,15 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from engine.conditioning.encode import (
+from engine.core.errors import InvalidRequest
+from engine.sdxl.conditioning.encode import (
     TextEncoders,
     TextEncodingCache,
     encode_text,
     encode_texts,
     normalize_token_weights,
 )
-from engine.conditioning.tokenize import tokenize_prompt, tokenize_sdxl
-from engine.errors import InvalidRequest
+from engine.sdxl.conditioning.tokenize import tokenize_prompt, tokenize_sdxl
 
 LAYERS = 3
 ATOL = 1e-5

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.conditioning.expansion import (
+from engine.core.errors import AssetsMissing, UnsafeFile
+from engine.prompts.expansion import (
     COMMA_TOKEN_ID,
     NON_COMMERCIAL_NOTICE,
     SEED_LIMIT,
@@ -24,7 +25,6 @@ from engine.conditioning.expansion import (
     load_positive_words,
     missing_assets,
 )
-from engine.errors import AssetsMissing, UnsafeFile
 from tests.paths import STAND_IN_POSITIVE_WORDS, fooocus_data_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -136,7 +136,7 @@ CLEAN_UP_CASES = [
 
 @pytest.mark.parametrize(("text", "expected"), CLEAN_UP_CASES)
 def test_clean_up_tokenization_rules(text: str, expected: str) -> None:
-    from engine.conditioning.expansion import clean_up_tokenization
+    from engine.prompts.expansion import clean_up_tokenization
 
     assert clean_up_tokenization(text) == expected
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine.models.freeu import apply_freeu_v2, freeu_v2_output_block
+from engine.sdxl.models.freeu import apply_freeu_v2, freeu_v2_output_block
 
 FACTORS = {"b1": 1.3, "b2": 1.4, "s1": 0.5, "s2": 0.7}
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import HooocusError, InvalidRequest
-from engine.history import HISTORY_FILE_NAME, JobHistory
-from engine.jobs import Engine
-from engine.settings import load_settings
-from engine.testing import FakeRunner, StepGate
+from engine.core.errors import HooocusError, InvalidRequest
+from engine.core.history import HISTORY_FILE_NAME, JobHistory
+from engine.core.jobs import Engine
+from engine.core.settings import load_settings
+from engine.core.testing import FakeRunner, StepGate
 
 #: A fixed clock, so the dated output folder is known: 2024-05-06 in local time.
 CLOCK_S = dt.datetime(2024, 5, 6, 12, 30, 0).timestamp()

@@ -1,4 +1,4 @@
-"""engine.imageio: every format x scheme round-trips, bytes are deterministic, foreign files read."""
+"""engine.io.imageio: every format x scheme round-trips, bytes are deterministic, foreign files read."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.errors import InvalidRequest
-from engine.imageio import encode_image, read_image_metadata
-from engine.metadata import MetadataInput, metadata_text, parse_parameters, request_from_image
+from engine.core.errors import InvalidRequest
+from engine.io.imageio import encode_image, read_image_metadata
+from engine.io.metadata import MetadataInput, metadata_text, parse_parameters, request_from_image
 
 FORMATS = ("png", "jpeg", "webp")
 SCHEMES = ("fooocus", "a1111")

@@ -1,4 +1,4 @@
-"""Unit: engine/imaging and engine/models/inpaint behaviour the golden data do not cover.
+"""Unit: engine/imaging and engine/sdxl/models/inpaint behaviour the golden data do not cover.
 
 Input normalisation (palette, CMYK, 16-bit, alpha), invert/merge/empty masks, resize-mode geometry,
 argument checks and the patch-file loader's refusals. Expected values here follow from the rule
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import InvalidRequest
+from engine.core.errors import InvalidRequest
 from engine.imaging.convert import hwc3, mask_to_2d, pil_to_rgb, uint16_to_uint8
 from engine.imaging.inpaint import color_correction, compute_initial_abcd, paste_back, solve_abcd
 from engine.imaging.latent_mask import grey_filled_pixels, latent_mask
@@ -28,7 +28,7 @@ from engine.imaging.masks import (
 )
 from engine.imaging.resize import RESIZE_CROP, RESIZE_FILL, RESIZE_JUST, resample_image, resize_image
 from engine.imaging.sizes import set_image_shape_ceil_hw, upscale_plan, vae_encode_crop_box
-from engine.models.inpaint import (
+from engine.sdxl.models.inpaint import (
     InpaintDenoiser,
     energy_seed,
     fooocus_patches_from_state_dict,
@@ -249,7 +249,7 @@ def test_latent_mask_resizes_odd_sizes_and_grey_fill_threshold() -> None:
     assert pixels[0, :, 0, 0].tolist() == [1.0] * 3 and pixels[0, :, 0, 1].tolist() == [0.5] * 3
 
 
-# --- engine.models.inpaint ----------------------------------------------------------------------
+# --- engine.sdxl.models.inpaint ----------------------------------------------------------------------
 
 def test_energy_seed_wraps_at_max_seed() -> None:
     assert energy_seed(2**63 - 2) == 0 and energy_seed(0) == 1

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
-from engine.errors import AssetsMissing, ModelInvalid, UnknownModel, UnsafeFile
-from engine.models import loading
-from engine.models.configs import COMPONENTS, component_config, config_dir
-from engine.models.demo import (
+from engine.core.errors import AssetsMissing, ModelInvalid, UnknownModel, UnsafeFile
+from engine.sdxl.models import loading
+from engine.sdxl.models.configs import COMPONENTS, component_config, config_dir
+from engine.sdxl.models.demo import (
     build_demo_sdxl,
     build_demo_tokenizer,
     demo_configs,
@@ -28,7 +28,7 @@ from engine.models.demo import (
     save_single_file,
     to_ldm_state_dict,
 )
-from engine.models.loading import (
+from engine.sdxl.models.loading import (
     LDM_PREFIXES,
     SDXLComponents,
     choose_dtype,
@@ -38,7 +38,7 @@ from engine.models.loading import (
     load_sdxl,
     vae_decode_dtype,
 )
-from engine.models.registry import ModelRegistry
+from engine.sdxl.models.registry import ModelRegistry
 from tests.paths import sdxl_base_keys_file, sdxl_configs_dir
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")

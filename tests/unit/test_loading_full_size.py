@@ -23,7 +23,7 @@ import json, sys
 from pathlib import Path
 import torch
 from safetensors.torch import load_file
-from engine.models.loading import load_sdxl
+from engine.sdxl.models.loading import load_sdxl
 
 checkpoint, tokenizer_dir, run = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 c = load_sdxl(checkpoint, tokenizer_dir=tokenizer_dir, dtype="float32")

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.errors import InvalidRequest
-from engine.logging_setup import RedactFilter, configure_logging, log_context, mask_secrets, parse_level
+from engine.core.errors import InvalidRequest
+from engine.core.logging_setup import RedactFilter, configure_logging, log_context, mask_secrets, parse_level
 
 TOKEN = "hq_Zx8-Secret_Token.value~42"
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.errors import ModelInvalid, UnsafeFile
-from engine.models.lora import (
+from engine.core.errors import ModelInvalid, UnsafeFile
+from engine.sdxl.models.lora import (
     MAX_UNMATCHED_KEYS,
     LoraFile,
     LoraMatch,
@@ -24,7 +24,7 @@ from engine.models.lora import (
     unet_lora_key_map,
     unmerge_loras,
 )
-from engine.models.patching import DiffPatch
+from engine.sdxl.models.patching import DiffPatch
 from tests.paths import sdxl_configs_dir
 
 RANK = 4

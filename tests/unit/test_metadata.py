@@ -1,4 +1,4 @@
-"""engine.metadata: the writer's conditional rules, the reader's quirks, and the request policy."""
+"""engine.io.metadata: the writer's conditional rules, the reader's quirks, and the request policy."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.conditioning.styles import StyleLibrary
-from engine.errors import InvalidRequest
-from engine.metadata import (
+from engine.core.errors import InvalidRequest
+from engine.io.metadata import (
     MetadataInput,
     build_metadata_list,
     extract_styles_from_prompt,
@@ -23,6 +22,7 @@ from engine.metadata import (
     request_from_log_block,
     to_a1111_scheme,
 )
+from engine.prompts.styles import StyleLibrary
 
 
 def _input(**changes) -> MetadataInput:
@@ -223,7 +223,7 @@ def test_a1111_quotes_values_with_a_colon() -> None:
     ('a "b", c', '"a \\"b\\", c"'),
 ])
 def test_a1111_quote_keeps_non_ascii(value: str, expected: str) -> None:
-    from engine.metadata import _a1111_quote
+    from engine.io.metadata import _a1111_quote
 
     assert _a1111_quote(value) == expected
 

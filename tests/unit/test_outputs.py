@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import ImageReady
-from engine.outputs import prune_outputs, write_image
+from engine.core.events import ImageReady
+from engine.core.outputs import prune_outputs, write_image
 
 NOW = dt.datetime(2024, 5, 20, 12, 0, 0)
 PNG_HEAD = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.patching import (
+from engine.sdxl.models.patching import (
     DiffPatch,
     LohaPatch,
     LokrPatch,

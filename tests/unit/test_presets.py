@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import HooocusError, InvalidRequest
-from engine.presets import apply_preset, find_preset, list_presets, load_preset, parse_preset
-from engine.request import GenerationRequest
+from engine.core.errors import HooocusError, InvalidRequest
+from engine.core.request import GenerationRequest
+from engine.io.presets import apply_preset, find_preset, list_presets, load_preset, parse_preset
 
 
 def _preset(tmp_path: Path, data: dict[str, object], name: str = "mine") -> Path:

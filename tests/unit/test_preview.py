@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.preview import latent_rgb_factors, latent_to_rgb, resize_preview
+from engine.sdxl.preview import latent_rgb_factors, latent_to_rgb, resize_preview
 
 
 def test_conversion_truncates_instead_of_rounding() -> None:

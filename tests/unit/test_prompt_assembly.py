@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from engine.conditioning.assembly import process_prompt
-from engine.conditioning.inline_loras import parse_lora_references
-from engine.conditioning.styles import StyleLibrary
-from engine.conditioning.wildcards import MAX_WILDCARD_DEPTH, WildcardLibrary, apply_arrays, apply_wildcards
+from engine.prompts.assembly import process_prompt
+from engine.prompts.inline_loras import parse_lora_references
+from engine.prompts.styles import StyleLibrary
+from engine.prompts.wildcards import MAX_WILDCARD_DEPTH, WildcardLibrary, apply_arrays, apply_wildcards
 
 LIBRARY = StyleLibrary.load([])
 

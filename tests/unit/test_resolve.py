@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from engine.conditioning.assembly import process_resolved
-from engine.conditioning.styles import StyleLibrary
-from engine.constants import MAX_SEED
-from engine.errors import UnknownLora, UnknownStyle
-from engine.modes import performance_for_steps
-from engine.request import GenerationRequest
-from engine.resolve import ResolvedRequest, resolve_request
+from engine.core.constants import MAX_SEED
+from engine.core.errors import UnknownLora, UnknownStyle
+from engine.core.request import GenerationRequest
+from engine.prompts.assembly import process_resolved
+from engine.prompts.styles import StyleLibrary
+from engine.sdxl.modes import performance_for_steps
+from engine.sdxl.resolve import ResolvedRequest, resolve_request
 
 LIBRARY = StyleLibrary.load([])  # our own set: loads a packaged file, fast
 

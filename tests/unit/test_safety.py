@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from engine.errors import HooocusError, ModelInvalid, UnsafeFile
-from engine.models.safety import (
+from engine.core.errors import HooocusError, ModelInvalid, UnsafeFile
+from engine.sdxl.models.safety import (
     HASH_CACHE_FILE,
     check_weight_file,
     open_safetensors_checked,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling import guidance
-from engine.sampling.anisotropic import adaptive_anisotropic_filter
-from engine.sampling.guidance import (
+from engine.sdxl.sampling import guidance
+from engine.sdxl.sampling.anisotropic import adaptive_anisotropic_filter
+from engine.sdxl.sampling.guidance import (
     compute_cfg,
     progress_from_timestep,
     sharpness_sampling_function,

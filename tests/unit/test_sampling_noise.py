@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling.noise import BrownianNoise, prepare_noise, randn_like
+from engine.sdxl.sampling.noise import BrownianNoise, prepare_noise, randn_like
 
 SHAPE = (1, 4, 8, 12)
 

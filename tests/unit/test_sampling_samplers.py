@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.constants import SAMPLER_NAMES
-from engine.sampling.model_sampling import DiscreteEPS
-from engine.sampling.noise import BrownianNoise, prepare_noise
-from engine.sampling.samplers import SAMPLERS, SDE_SAMPLERS, _lms_coefficient, sample
-from engine.sampling.schedules import plan_sigmas
+from engine.core.constants import SAMPLER_NAMES
+from engine.sdxl.sampling.model_sampling import DiscreteEPS
+from engine.sdxl.sampling.noise import BrownianNoise, prepare_noise
+from engine.sdxl.sampling.samplers import SAMPLERS, SDE_SAMPLERS, _lms_coefficient, sample
+from engine.sdxl.sampling.schedules import plan_sigmas
 
 SHAPE = (1, 4, 6, 8)
 
@@ -191,8 +191,8 @@ def test_tcd_callback_gets_the_vp_sample_at_s() -> None:
     Expected values from the TCD paper's step, written out here: s = floor(0.7·t_next), a_s the
     SDXL ᾱ at s (0 for the last step), eps = (x − x0)/σ.
     """
-    from engine.sampling.model_sampling import DistilledEPS
-    from engine.sampling.samplers import TCD_GAMMA
+    from engine.sdxl.sampling.model_sampling import DistilledEPS
+    from engine.sdxl.sampling.samplers import TCD_GAMMA
 
     ms = DistilledEPS()
     sigmas = plan_sigmas(ms, "tcd", "sgm_uniform", 4, 1.0).sigmas

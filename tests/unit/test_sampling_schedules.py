@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.constants import SCHEDULER_NAMES
-from engine.sampling.model_sampling import (
+from engine.core.constants import SCHEDULER_NAMES
+from engine.sdxl.sampling.model_sampling import (
     ContinuousEDM,
     DiscreteEPS,
     DistilledEPS,
@@ -17,7 +17,7 @@ from engine.sampling.model_sampling import (
     model_sampling_for,
     start_latent,
 )
-from engine.sampling.schedules import calculate_sigmas, plan_sigmas
+from engine.sdxl.sampling.schedules import calculate_sigmas, plan_sigmas
 
 
 @pytest.mark.parametrize(("scheduler", "kind"), [

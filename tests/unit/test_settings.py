@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from engine.errors import InvalidRequest
-from engine.settings import Settings, load_settings
+from engine.core.errors import InvalidRequest
+from engine.core.settings import Settings, load_settings
 from tests.paths import TEST_DATA_VARIABLES
 
 
@@ -122,7 +122,7 @@ def test_settings_are_frozen_and_strict() -> None:
 
 def test_config_show_prints_values_sources_and_masks_tokens(home: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from engine.cli import main
+    from hooocus.cli import main
 
     for name in [n for n in os.environ if n.startswith("HOOOCUS_") and n not in TEST_DATA_VARIABLES]:
         monkeypatch.delenv(name)

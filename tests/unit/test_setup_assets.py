@@ -1,4 +1,4 @@
-"""engine.setup_assets against a local HTTP server on 127.0.0.1 (Range support, faults on demand).
+"""engine.io.setup_assets against a local HTTP server on 127.0.0.1 (Range support, faults on demand).
 
 Covers: a good download, a checksum mismatch, a broken transfer resumed from the .part (in the
 same run and in a later run), a server that ignores Range, offline set-up naming every missing
@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from engine.errors import AssetsMissing, UnsafeFile
-from engine.setup_assets import (
+from engine.core.errors import AssetsMissing, UnsafeFile
+from engine.io.setup_assets import (
     ALL_ASSETS,
     DEFAULT_ASSETS,
     EXPANSION_ASSETS,
@@ -383,7 +383,7 @@ def test_cli_offline_and_usage(closed_port_url: str, tmp_path: Path, capsys: pyt
 
 
 def test_performance_loras_are_optional_pinned_and_match_the_modes() -> None:
-    from engine.modes import PERFORMANCE_MODES
+    from engine.sdxl.modes import PERFORMANCE_MODES
 
     wanted = sorted(mode.lora_file for mode in PERFORMANCE_MODES.values() if mode.lora_file)
     assert sorted(Path(a.dest).name for a in PERFORMANCE_LORA_ASSETS) == wanted and len(wanted) == 3
@@ -427,9 +427,9 @@ def test_cli_lists_optional_groups_and_installs_them_only_when_asked(server: Fak
     import numpy as np
     from safetensors.numpy import save_file
 
-    import engine.setup_assets as setup_assets
-    from engine.models.registry import ModelRegistry
-    from engine.settings import Settings
+    import engine.io.setup_assets as setup_assets
+    from engine.core.settings import Settings
+    from engine.sdxl.models.registry import ModelRegistry
 
     stand_ins = []
     for asset in PERFORMANCE_LORA_ASSETS:

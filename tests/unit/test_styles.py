@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.conditioning.styles import StyleLibrary, builtin_style_text, normalize_style_name
-from engine.errors import UnknownStyle
+from engine.core.errors import UnknownStyle
+from engine.prompts.styles import StyleLibrary, builtin_style_text, normalize_style_name
 
 
 def _write(folder: Path, name: str, entries: list[dict[str, str]]) -> None:

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from engine.jobs import Engine, Runner
-from engine.runtime import Runtime
-from engine.settings import Settings
-from engine.store import ImageStore
-from engine.testing import FakeRunner
+from engine.core.jobs import Engine, Runner
+from engine.core.runtime import Runtime
+from engine.core.settings import Settings
+from engine.core.store import ImageStore
+from engine.core.testing import FakeRunner
 from hooocus_ws.app import create_app, drain
 from hooocus_ws.cli import HooocusServer, uvicorn_config
 from hooocus_ws.context import ServerLimits

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from engine.errors import HooocusError
+from engine.core.errors import HooocusError
 from hooocus_ws.auth import (
     AuthFailure,
     AuthGate,

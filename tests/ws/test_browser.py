@@ -2,7 +2,7 @@
 driving a real uvicorn: token, prompt, progress bar, live preview, final images with seeds, cancel,
 seed validation, warnings, the expansion style only when installed, and the page's CSP.
 
-Runs on the FakeRunner always, and on the demo model once ``engine.pipeline`` exists. The demo-model
+Runs on the FakeRunner always, and on the demo model once ``engine.sdxl.pipeline`` exists. The demo-model
 checks share one test (one runtime, one browser) because a demo job at the smallest SDXL size costs
 ~20 s on a CPU.
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from engine.constants import MAX_SEED
-from engine.testing import FakeRunner
+from engine.core.constants import MAX_SEED
+from engine.core.testing import FakeRunner
 from tests.ws.conftest import ALICE, make_runtime
 
 pytestmark = pytest.mark.browser
@@ -120,16 +120,16 @@ def test_page_with_a_wrong_token_says_so(browser, tmp_path, live_factory):
 
 def _demo_available() -> bool:
     try:
-        import engine.pipeline  # noqa: F401
+        import engine.sdxl.pipeline  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-@pytest.mark.skipif(not _demo_available(), reason="engine.pipeline (the demo model) is not available yet")
+@pytest.mark.skipif(not _demo_available(), reason="engine.sdxl.pipeline (the demo model) is not available yet")
 def test_page_on_the_demo_model(browser, tmp_path, live_factory):
-    from engine.runtime import create_runtime
-    from engine.settings import Settings
+    from engine.core.runtime import create_runtime
+    from engine.core.settings import Settings
 
     # The server's default styles ask for the expansion, which the demo data dir does not have: every
     # job then gets the engine's own 'assets_missing' warning event, which the page must show.

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from engine.errors import HooocusError
+from engine.core.errors import HooocusError
 from hooocus_ws import cli
 from hooocus_ws.auth import RedactingFilter
 from tests.ws.conftest import ALICE, TOKENS_TEXT, make_runtime

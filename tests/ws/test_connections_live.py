@@ -113,7 +113,7 @@ def test_healthz_answers_503_while_draining(tmp_path: Path):
     close at once, so a load balancer saw connection errors instead."""
     import threading
 
-    from engine.testing import FakeRunner, StepGate
+    from engine.core.testing import FakeRunner, StepGate
 
     gate = StepGate(1)
     runtime = make_runtime(tmp_path, FakeRunner(on_step=gate))

@@ -1,6 +1,6 @@
 """The websocket front door over the real SDXL runner on the built-in demo model (tiny, CPU).
 
-Skipped until ``engine.pipeline`` exists (it is written concurrently); the lead removes the skip.
+Skipped until ``engine.sdxl.pipeline`` exists (it is written concurrently); the lead removes the skip.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ PARAMS = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 
 
 @pytest.fixture
 def demo_client(tmp_path: Path):
-    from engine.runtime import create_runtime
-    from engine.settings import Settings
+    from engine.core.runtime import create_runtime
+    from engine.core.settings import Settings
 
     runtime = create_runtime(Settings(data_dir=tmp_path, shutdown_grace_s=1.0), model="demo")
     with TestClient(make_app(runtime)) as client:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from engine.history import JobHistory
-from engine.testing import FakeRunner, StepGate
+from engine.core.history import JobHistory
+from engine.core.testing import FakeRunner, StepGate
 from tests.ws.conftest import ADMIN, ALICE, BOB, auth, make_app, make_runtime
 
 

@@ -8,7 +8,7 @@ import io
 from PIL import Image
 from starlette.testclient import TestClient
 
-from engine.testing import FakeRunner, StepGate
+from engine.core.testing import FakeRunner, StepGate
 from hooocus_ws.signing import UrlSigner
 from tests.ws.conftest import ADMIN, ALICE, BOB, READER, auth, make_app, make_runtime
 

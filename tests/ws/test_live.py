@@ -17,9 +17,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from engine.errors import HooocusError, JobCancelled
-from engine.jobs import JobState, RunContext
-from engine.testing import FakeRunner, StepGate
+from engine.core.errors import HooocusError, JobCancelled
+from engine.core.jobs import JobState, RunContext
+from engine.core.testing import FakeRunner, StepGate
 from hooocus_ws.client import HooocusClient, SyncHooocusClient, generate_images_sync
 from hooocus_ws.context import ServerLimits
 from hooocus_ws.protocol import FRAME_PREVIEW, PreviewSettings, decode_frame, validate_server_message
@@ -174,7 +174,7 @@ class NoisyPreviewRunner(FakeRunner):
             self.step_times.append(time.monotonic())
             ctx.progress(step, steps)
             ctx.preview(self._noise[step % 4], step=step)
-        from engine.testing import fake_image
+        from engine.core.testing import fake_image
 
         ctx.image(fake_image(ctx.request, 0, 1))
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from starlette.websockets import WebSocketState
 
-from engine.events import Preview, Progress
-from engine.jobs import Job
-from engine.request import GenerationRequest
+from engine.core.events import Preview, Progress
+from engine.core.jobs import Job
+from engine.core.request import GenerationRequest
 from hooocus_ws.auth import AuthGate
 from hooocus_ws.context import ServerContext, ServerLimits
 from hooocus_ws.protocol import FRAME_PREVIEW, PreviewSettings, decode_frame

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient, WebSocketDenialResponse
 
-from engine.jobs import JobState
-from engine.testing import FakeOutOfMemoryError, FakeRunner, StepGate
+from engine.core.jobs import JobState
+from engine.core.testing import FakeOutOfMemoryError, FakeRunner, StepGate
 from hooocus_ws.context import ServerLimits
 from hooocus_ws.protocol import FRAME_IMAGE, FRAME_PREVIEW
 from tests.ws.conftest import (
@@ -104,10 +104,10 @@ def test_tokenless_noise_never_locks_out_a_valid_token(runtime):
 
 
 def test_forwarded_address_counts_only_behind_a_trusted_proxy(tmp_path):
-    from engine.jobs import Engine
-    from engine.runtime import Runtime
-    from engine.settings import Settings
-    from engine.store import ImageStore
+    from engine.core.jobs import Engine
+    from engine.core.runtime import Runtime
+    from engine.core.settings import Settings
+    from engine.core.store import ImageStore
 
     settings = Settings(data_dir=tmp_path, trusted_proxies=("10.1.0.0/16",))
     images = ImageStore()

@@ -1,0 +1,99 @@
+"""Content-addressed store of finished images, shared by every front door.
+
+Images are keyed by the sha256 of their encoded bytes. The in-memory part is bounded by bytes
+(oldest out first); an optional folder keeps them across restarts.
+
+Each image also remembers which principals' jobs produced it (``owners``): an image's PNG
+metadata holds the prompt, so front doors serve it only to an owner or an admin (or via a
+signed URL). Identical bytes from two principals' jobs belong to both. The job history keeps the
+same fact on disk (``JobHistory.image_owners``) for images no longer in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.core.events import ImageReady
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_EXT_BY_MIME = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+_MIME_BY_EXT = {v: k for k, v in _EXT_BY_MIME.items()} | {"jpg": "image/jpeg"}
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    sha256: str
+    mime: str
+    data: bytes
+
+    @property
+    def extension(self) -> str:
+        return _EXT_BY_MIME.get(self.mime, "bin")
+
+
+class ImageStore:
+    """Thread-safe: the worker thread puts, async front doors get."""
+
+    def __init__(self, *, max_bytes: int = 512 * 1024 * 1024, folder: Path | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.folder = folder
+        self._items: collections.OrderedDict[str, StoredImage] = collections.OrderedDict()
+        #: sha256 -> owner names; an entry leaves with its image (bounded like ``_items``).
+        self._owners: dict[str, set[str]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, image: ImageReady, *, owner: str | None = None) -> StoredImage:
+        """Store ``image``; ``owner`` is the principal whose job produced it."""
+        item = StoredImage(sha256=image.sha256, mime=image.mime, data=image.data)
+        with self._lock:
+            if item.sha256 not in self._items:
+                self._items[item.sha256] = item
+                self._bytes += len(item.data)
+                while self._bytes > self.max_bytes and len(self._items) > 1:
+                    old_sha, old = self._items.popitem(last=False)
+                    self._bytes -= len(old.data)
+                    self._owners.pop(old_sha, None)
+            else:
+                self._items.move_to_end(item.sha256)
+            if owner is not None and item.sha256 in self._items:
+                self._owners.setdefault(item.sha256, set()).add(owner)
+        if self.folder is not None:
+            path = self.folder / f"{item.sha256}.{item.extension}"
+            if not path.exists():
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(item.data)
+                tmp.replace(path)
+        return item
+
+    def get(self, sha256: str) -> StoredImage | None:
+        """The image, or None. ``sha256`` is validated so it can never become a path trick."""
+        sha256 = sha256.lower()
+        if not _SHA256_RE.match(sha256):
+            return None
+        with self._lock:
+            item = self._items.get(sha256)
+            if item is not None:
+                self._items.move_to_end(sha256)
+                return item
+        if self.folder is not None:
+            for ext, mime in _MIME_BY_EXT.items():
+                path = self.folder / f"{sha256}.{ext}"
+                if path.is_file():
+                    return StoredImage(sha256=sha256, mime=mime, data=path.read_bytes())
+        return None
+
+    def owners(self, sha256: str) -> frozenset[str]:
+        """Who produced the image (empty when unknown here, e.g. evicted or from the folder)."""
+        with self._lock:
+            return frozenset(self._owners.get(sha256.lower(), ()))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)

@@ -1,0 +1,140 @@
+"""The k-diffusion model callable for SDXL with Fooocus's guidance (spec §4–§6, §3.4, §8).
+
+``SDXLDenoiser(x, sigma) -> denoised x0`` does, per sampler call:
+1. the integer UNet timestep of sigma (spec §7.1) and the scaled input x/sqrt(σ²+1);
+2. the ADM time ids for this timestep: emphasized sizes while t > 999·(1 − adm_scaler_end), then the
+   consistent ones (spec §4, base model only; the refiner gets its aesthetic-score ids);
+3. the UNet for the positive (and, unless cfg ≈ 1, the negative) conditioning — in one batch when
+   the token lengths allow repetition to their LCM (ratio ≤ 4), else in two calls, as Fooocus does
+   (spec §3.4; either way is exact in float32, this keeps the op order close to Fooocus's);
+4. sharpness + adaptive CFG on the x0 predictions (spec §5, §6).
+
+The joint refiner swap (spec §8) replaces ``self.stage`` from the sampler callback; the sampler's
+history and the Brownian tree continue untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.sdxl.conditioning.adm import adm_time_ids, refiner_time_ids, use_emphasized_adm
+from engine.sdxl.sampling.guidance import sharpness_sampling_function
+from engine.sdxl.sampling.model_sampling import ModelSampling
+
+
+@dataclass
+class BranchCond:
+    """One side (positive or negative) of the conditioning for one model."""
+
+    cond: torch.Tensor  # [1, 77·k, C] context
+    pooled: torch.Tensor  # [1, P] summed pooled vector (spec §3.5)
+    time_ids_emphasized: torch.Tensor  # [1, 6] (base) or [1, 5] (refiner)
+    time_ids_consistent: torch.Tensor
+
+
+@dataclass
+class Stage:
+    """A UNet with its conditioning: the base, or the refiner after the swap."""
+
+    unet: torch.nn.Module
+    positive: BranchCond
+    negative: BranchCond
+    timed_adm: bool  # Fooocus switches the ADM sizes only for the SDXL base (5632-wide y)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    cfg: float
+    sharpness: float
+    adaptive_cfg: float
+    adm_scaler_end: float
+
+
+def base_branch(cond: torch.Tensor, pooled: torch.Tensor, width: int, height: int, *, prompt_type: str,
+                positive_scale: float, negative_scale: float, device: torch.device,
+                dtype: torch.dtype) -> BranchCond:
+    """SDXL base conditioning with Fooocus's scaled 'original size' (spec §4)."""
+    emphasized, consistent = adm_time_ids(width, height, prompt_type, positive_scale=positive_scale,
+                                          negative_scale=negative_scale)
+    return BranchCond(cond.to(device, dtype), pooled.to(device, dtype),
+                      torch.tensor([emphasized], device=device, dtype=dtype),
+                      torch.tensor([consistent], device=device, dtype=dtype))
+
+
+def refiner_branch(cond_g: torch.Tensor, pooled: torch.Tensor, width: int, height: int, *, aesthetic_score: float,
+                   device: torch.device, dtype: torch.dtype) -> BranchCond:
+    """SDXL refiner conditioning: CLIP-G channels only, [h, w, 0, 0, aesthetic] ids, no timed switch."""
+    ids = torch.tensor([refiner_time_ids(width, height, aesthetic_score)], device=device, dtype=dtype)
+    return BranchCond(cond_g.to(device, dtype), pooled.to(device, dtype), ids, ids)
+
+
+def _repeat_to(cond: torch.Tensor, length: int) -> torch.Tensor:
+    return cond.repeat(1, length // cond.shape[1], 1)
+
+
+class SDXLDenoiser:
+    """Callable ``(x [B,4,h,w] float32, sigma [B]) -> denoised [B,4,h,w] float32``."""
+
+    def __init__(self, stage: Stage, model_sampling: ModelSampling, guidance: Guidance, *,
+                 compute_dtype: torch.dtype) -> None:
+        self.stage = stage
+        self.model_sampling = model_sampling
+        self.guidance = guidance
+        self.compute_dtype = compute_dtype
+        #: The guidance function (spec §5+§6); the accelerator may swap in a compiled equivalent.
+        self.guide = sharpness_sampling_function
+        #: Observers for tests/parity: called with (timestep, x_in, eps, branch rows) per UNet call.
+        self.unet_observers: list = []
+
+    @property
+    def single_branch(self) -> bool:
+        # spec §6: cfg == 1 evaluates the positive branch only (math.isclose, as Fooocus).
+        return math.isclose(self.guidance.cfg, 1.0)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_: object) -> torch.Tensor:
+        ms = self.model_sampling
+        timestep = ms.timestep(sigma)
+        x_in = ms.calculate_input(sigma, x)
+        stage = self.stage
+        t_value = float(timestep.reshape(-1)[0])
+        emphasized = stage.timed_adm and use_emphasized_adm(t_value, self.guidance.adm_scaler_end)
+        if self.single_branch:
+            (eps_pos,) = self._unet(stage, x_in, timestep, [stage.positive], emphasized)
+            return ms.calculate_denoised(sigma, eps_pos, x)
+        eps_neg, eps_pos = self._unet(stage, x_in, timestep, [stage.negative, stage.positive], emphasized)
+        x0_pos = ms.calculate_denoised(sigma, eps_pos, x)
+        x0_neg = ms.calculate_denoised(sigma, eps_neg, x)
+        return self.guide(x, x0_pos, x0_neg, cfg=self.guidance.cfg,
+                                           sharpness=self.guidance.sharpness,
+                                           adaptive_cfg=self.guidance.adaptive_cfg, timestep=timestep)
+
+    def _unet(self, stage: Stage, x_in: torch.Tensor, timestep: torch.Tensor, branches: list[BranchCond],
+              emphasized: bool) -> list[torch.Tensor]:
+        """eps for each branch, batching branches whose token lengths repeat to an LCM ≤ 4× (spec §3.4)."""
+        lengths = [b.cond.shape[1] for b in branches]
+        lcm = math.lcm(*lengths)
+        if lcm // min(lengths) <= 4:
+            groups = [branches]
+        else:
+            groups = [[b] for b in branches]
+        outputs: list[torch.Tensor] = []
+        for group in groups:
+            length = math.lcm(*(b.cond.shape[1] for b in group))
+            batch = len(group) * x_in.shape[0]
+            context = torch.cat([_repeat_to(b.cond, length).expand(x_in.shape[0], -1, -1) for b in group])
+            pooled = torch.cat([b.pooled.expand(x_in.shape[0], -1) for b in group])
+            ids = torch.cat([(b.time_ids_emphasized if emphasized else b.time_ids_consistent).expand(x_in.shape[0], -1)
+                             for b in group])
+            sample = x_in.to(self.compute_dtype).repeat(len(group), 1, 1, 1)
+            t = timestep.to(sample.device).reshape(-1).repeat(len(group))
+            eps = stage.unet(sample, t, encoder_hidden_states=context,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False)[0]
+            eps = eps.float()
+            for observer in self.unet_observers:
+                observer(t, sample, eps, [id(b) for b in group])
+            outputs.extend(eps.chunk(len(group)))
+            del batch
+        return outputs

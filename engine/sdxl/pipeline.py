@@ -1,0 +1,523 @@
+"""The SDXL runner: orchestration only (spec §1). Every Fooocus trick lives in its own pure module.
+
+One job = resolve the request (performance overrides, sizes, seeds) → assemble the prompt texts
+per image (styles, wildcards, V2 expansion) → load models + LoRAs (cached between jobs) → for each
+image: encode texts, plan sigmas, draw noise, sample with the Fooocus denoiser (joint/separate
+refiner swap), decode, encode the file with its metadata. The cancel token is checked at every
+sampler step and before the VAE decode, so a cancel costs at most one step and skips the decode.
+
+Runs only on the engine's worker thread; holds all torch state of the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from engine.core.constants import (
+    DEFAULT_ASPECT_RATIO,
+    DEMO_MODEL,
+    DEMO_REFINER,
+    MIME_BY_FORMAT,
+    PERFORMANCE_NAMES,
+    SAMPLER_NAMES,
+    SCHEDULER_NAMES,
+    SDXL_ASPECT_RATIOS,
+)
+from engine.core.errors import AssetsMissing, HooocusError, UnknownLora, UnknownModel
+from engine.core.events import ImageReady
+from engine.core.jobs import RunContext
+from engine.core.request import GenerationRequest
+from engine.core.settings import Settings
+from engine.io.imageio import encode_image
+from engine.io.metadata import MetadataInput, build_metadata_list, metadata_text
+from engine.prompts.assembly import PromptTask, process_resolved
+from engine.prompts.expansion import FooocusExpansion, load_expansion
+from engine.prompts.styles import StyleLibrary
+from engine.prompts.wildcards import WildcardLibrary
+from engine.sdxl.acceleration import AccelerationConfig, Accelerator
+from engine.sdxl.conditioning.encode import TextEncoders, TextEncodingCache, encode_texts
+from engine.sdxl.denoiser import Guidance, SDXLDenoiser, Stage, base_branch, refiner_branch
+from engine.sdxl.models.freeu import apply_freeu_v2
+from engine.sdxl.models.loading import SDXLComponents, choose_dtype, find_in_hf_cache, load_sdxl, resolve_device
+from engine.sdxl.models.lora import MergedLoras, load_lora, match_lora, merge_loras
+from engine.sdxl.models.registry import ModelRegistry
+from engine.sdxl.modes import PERFORMANCE_MODES
+from engine.sdxl.preview import latent_to_rgb
+from engine.sdxl.resolve import ResolvedRequest, resolve_request
+from engine.sdxl.sampling.model_sampling import model_sampling_for
+from engine.sdxl.sampling.noise import BrownianNoise, prepare_noise
+from engine.sdxl.sampling.samplers import sample
+from engine.sdxl.sampling.schedules import plan_sigmas
+
+log = logging.getLogger("hooocus.pipeline")
+
+#: spec §4 / §8: the SDXL refiner's aesthetic scores.
+REFINER_POSITIVE_AESTHETIC = 6.0
+REFINER_NEGATIVE_AESTHETIC = 2.5
+
+
+class Trace(Protocol):
+    """Observer for tests and the parity check: sees intermediate tensors, changes nothing."""
+
+    def record(self, name: str, value: Any) -> None: ...
+
+
+@dataclass
+class LoadedModel:
+    components: SDXLComponents
+    key: tuple[Any, ...]
+    hash10: str | None = None
+    #: (file, weight) list currently merged into the weights, and how to undo it.
+    loras: tuple[tuple[str, float], ...] = ()
+    merged: MergedLoras | None = None
+    text_cache: TextEncodingCache = field(default_factory=TextEncodingCache)
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        c = self.components
+        out: dict[str, torch.nn.Module] = {"unet": c.unet, "text_encoder_2": c.text_encoder_2}
+        if c.text_encoder is not None:
+            out["text_encoder"] = c.text_encoder
+        return out
+
+
+class SDXLRunner:
+    """The engine's GPU side (``engine.core.jobs.Runner``) for SDXL base (+ refiner)."""
+
+    def __init__(self, settings: Settings, *, model: str | os.PathLike[str] | None = None,
+                 trace: Trace | None = None) -> None:
+        self.settings = settings
+        self.trace = trace
+        self.registry = ModelRegistry.from_settings(settings)
+        self.styles = StyleLibrary.load(_existing(settings.style_dirs, settings.data_dir / "sdxl_styles"))
+        self.wildcards = WildcardLibrary(_existing(settings.wildcard_dirs, settings.data_dir / "wildcards"))
+        self.device = resolve_device(settings.device)
+        self.dtype = choose_dtype(self.device, settings.dtype)
+        # acceleration hook: fast paths, torch.compile and low-VRAM residency (engine/sdxl/acceleration.py)
+        self.accelerator = Accelerator(AccelerationConfig.from_settings(
+            settings, self.device, compile_ahead=(DEFAULT_ASPECT_RATIO, "1024*1024")))
+        self._operator_model = model if model is not None else settings.default_model
+        self._base: LoadedModel | None = None
+        self._refiner: LoadedModel | None = None
+        self._expansion: FooocusExpansion | None = None
+        self._expansion_checked = False
+        self._expansion_warning: str | None = None
+
+    @property
+    def base_components(self) -> SDXLComponents | None:
+        """The loaded base model, None before the first load (diagnostics, the parity test)."""
+        return self._base.components if self._base is not None else None
+
+    # -- names ---------------------------------------------------------------------------------
+
+    @property
+    def default_model_name(self) -> str:
+        spec = self._operator_model
+        if spec is None:
+            names = self.registry.names("checkpoints")
+            return names[0] if names else DEMO_MODEL
+        path = Path(spec)
+        return path.name if path.exists() else str(spec)
+
+    def _model_spec(self, name: str) -> str | Path:
+        """The loader spec for a model name. Only the operator's own model may be a path."""
+        if name == DEMO_REFINER:
+            return DEMO_MODEL
+        operator = self._operator_model
+        if operator is not None and name == self.default_model_name and Path(operator).exists():
+            return Path(operator)
+        return name
+
+    def _model_known(self, name: str) -> bool:
+        if name in (DEMO_MODEL, DEMO_REFINER, self.default_model_name):
+            return True
+        try:
+            self.registry.resolve("checkpoints", name)
+            return True
+        except HooocusError:
+            pass
+        return "/" in name and find_in_hf_cache(name, cache_dir=self.settings.hf_cache_dir) is not None
+
+    # -- Runner protocol -----------------------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        for field_name in ("base_model", "refiner_model"):
+            name = getattr(request, field_name)
+            if name is not None and name != "None" and not self._model_known(name):
+                available = [DEMO_MODEL, *self.registry.names("checkpoints")]
+                raise UnknownModel(f"unknown model {name!r}; available: {', '.join(available)}", loc=(field_name,))
+        if request.styles is not None:
+            self.styles.check(request.styles)
+        if request.vae is not None:
+            try:
+                self.registry.resolve("vae", request.vae)
+            except HooocusError as exc:
+                exc.loc = ("vae",)  # the registry does not know which field the name came from
+                raise
+        mode_lora = PERFORMANCE_MODES[request.performance].lora
+        base_name = request.base_model or self.default_model_name
+        if mode_lora is not None and base_name != DEMO_MODEL and not self._lora_installed(mode_lora[0]):
+            raise AssetsMissing(
+                f"performance {request.performance!r} needs the LoRA {mode_lora[0]!r}: put it in a LoRA folder "
+                f"({self.settings.models_dir / 'loras'}) or run 'hooocus setup --only performance-loras/{mode_lora[0]} "
+                f"--data-dir {self.settings.data_dir}'", loc=("performance",))
+        for index, lora in enumerate(request.loras):
+            if lora.enabled and lora.name != "None":
+                try:
+                    self.registry.resolve("loras", lora.name)
+                except HooocusError as exc:
+                    raise UnknownLora(exc.message, loc=("loras", index, "name")) from None
+
+    def options(self) -> dict[str, Any]:
+        expansion_ok = self._expansion_available()
+        return {
+            "models": list(dict.fromkeys([self.default_model_name, *self.registry.names("checkpoints"), DEMO_MODEL])),
+            "refiners": [*self.registry.names("checkpoints"), DEMO_REFINER],
+            "loras": self.registry.names("loras"),
+            "vaes": self.registry.names("vae"),
+            "styles": self.styles.legal_names(),
+            "default_styles": list(self.styles.default_styles(expansion_available=expansion_ok)),
+            "samplers": list(SAMPLER_NAMES), "schedulers": list(SCHEDULER_NAMES),
+            "aspect_ratios": list(SDXL_ASPECT_RATIOS), "performances": list(PERFORMANCE_NAMES),
+            "expansion_available": expansion_ok,
+            "defaults": GenerationRequest().model_dump(mode="json"),
+        }
+
+    def warmup(self) -> None:
+        """Load the default model (and the expansion) before the first job; on the worker thread."""
+        self._load_base(self.default_model_name, vae=None)
+        self._expansion_available()
+
+    def recover_after_oom(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def run(self, ctx: RunContext) -> None:
+        with torch.inference_mode():
+            self._run(ctx)
+
+    # -- one job -------------------------------------------------------------------------------
+
+    def _run(self, ctx: RunContext) -> None:
+        ctx.check_cancelled()
+        expansion_ok = self._expansion_available()
+        available_loras = self.registry.names("loras")  # one folder scan per job
+        resolved = resolve_request(
+            ctx.request, default_model=self.default_model_name,
+            default_styles=self.settings.default_styles or self.styles.default_styles(expansion_available=expansion_ok),
+            style_library=self.styles, rng=random.SystemRandom(), available_loras=available_loras,
+            expansion_available=expansion_ok, fooocus_quirks=self.settings.fooocus_quirks)
+        for code, message in resolved.warnings:
+            ctx.warning(code, message)
+        if resolved.use_expansion and self._expansion is not None:
+            notice = self._expansion.take_notice()
+            if notice:
+                ctx.warning("non_commercial", notice)
+        if (resolved.performance_lora is not None and resolved.base_model == DEMO_MODEL
+                and not self._lora_installed(resolved.performance_lora[0])):
+            # The demo model cannot use a real LoRA anyway: run the mode's sampler settings without it.
+            ctx.warning("assets_missing", f"{resolved.performance_lora[0]} is not installed; the demo model runs "
+                                          f"{resolved.performance} without it")
+            resolved = dataclasses.replace(resolved, performance_lora=None, loras=resolved.user_loras)
+        plan = process_resolved(resolved, style_library=self.styles, wildcards=self.wildcards,
+                                expansion=self._expansion, available_loras=available_loras)
+        base = self._load_base(resolved.base_model, vae=resolved.vae)
+        refiner = self._load_refiner(resolved.refiner_model) if resolved.refiner_model else None
+        self._apply_loras(base, plan.loras, ctx)
+        if refiner is not None:  # spec §8: performance LoRAs go to the base only
+            perf = {resolved.performance_lora} if resolved.performance_lora else set()
+            self._apply_loras(refiner, [entry for entry in plan.loras if entry not in perf], ctx)
+        params = resolved.to_public_dict()
+        params["base_model"] = base.components.name
+        params["prompts"] = [{"seed": str(t.task_seed), "positive": t.positive, "negative": t.negative,
+                              "expansion": t.expansion, "styles": t.styles} for t in plan.tasks]
+        params["is_demo"] = base.components.is_demo
+        ctx.started(params, resolved.seeds, resolved.steps * len(plan.tasks))
+        freeu = None
+        if resolved.freeu is not None and resolved.freeu.enabled:
+            f = resolved.freeu
+            freeu = apply_freeu_v2(base.components.unet, b1=f.b1, b2=f.b2, s1=f.s1, s2=f.s2)
+        try:
+            for task in plan.tasks:
+                self._run_image(ctx, resolved, task, base, refiner, len(plan.tasks), plan.loras)
+        finally:
+            if freeu is not None:
+                freeu.remove()
+
+    def _run_image(self, ctx: RunContext, resolved: ResolvedRequest, task: PromptTask, base: LoadedModel,
+                   refiner: LoadedModel | None, image_count: int, loras: list[tuple[str, float]]) -> None:
+        ctx.check_cancelled()
+        index = task.index
+        width, height = resolved.width, resolved.height
+        comps = base.components
+        ctx.progress(0, resolved.steps, stage="encode", image_index=index, image_count=image_count)
+        encoders = TextEncoders(comps.text_encoder, comps.text_encoder_2, comps.tokenizer, comps.tokenizer_2)
+        pos_cond, pos_pooled = encode_texts(encoders, task.positive, pool_top_k=task.positive_top_k,
+                                            clip_skip=resolved.clip_skip, cache=base.text_cache)
+        if task.negative_is_positive:
+            neg_cond, neg_pooled = pos_cond, pos_pooled
+        else:
+            neg_cond, neg_pooled = encode_texts(encoders, task.negative, pool_top_k=task.negative_top_k,
+                                                clip_skip=resolved.clip_skip, cache=base.text_cache)
+        self._record(f"image{index}.positive.cond", pos_cond)
+        self._record(f"image{index}.positive.pooled", pos_pooled)
+        self._record(f"image{index}.negative.cond", neg_cond)
+        self._record(f"image{index}.negative.pooled", neg_pooled)
+
+        device, dtype = comps.device, comps.dtype
+        adm = {"positive_scale": resolved.adm_scaler_positive, "negative_scale": resolved.adm_scaler_negative,
+               "device": device, "dtype": dtype}
+        base_stage = Stage(comps.unet,
+                           base_branch(pos_cond, pos_pooled, width, height, prompt_type="positive", **adm),
+                           base_branch(neg_cond, neg_pooled, width, height, prompt_type="negative", **adm),
+                           timed_adm=True)
+        refiner_stage = None
+        if refiner is not None:
+            refiner_stage = self._refiner_stage(refiner, pos_cond, pos_pooled, neg_cond, neg_pooled, width, height,
+                                                comps.text_encoder_2.config.hidden_size, adm)
+
+        ms = model_sampling_for(resolved.scheduler)
+        sigma_plan = plan_sigmas(ms, resolved.sampler, resolved.scheduler, resolved.steps,
+                                 denoise=resolved.denoise, fooocus_quirks=self.settings.fooocus_quirks)
+        self._record(f"image{index}.sigmas", sigma_plan.sigmas)
+        latent_shape = (1, 4, height // 8, width // 8)
+        noise, generator = prepare_noise(task.task_seed, latent_shape)
+        noise = noise.to(device)
+        self._record(f"image{index}.noise", noise)
+        brownian = BrownianNoise(latent_shape, sigma_plan.brownian_sigma_min, sigma_plan.brownian_sigma_max,
+                                 task.task_seed, device=device)
+        guidance = Guidance(cfg=resolved.cfg, sharpness=resolved.sharpness, adaptive_cfg=resolved.adaptive_cfg,
+                            adm_scaler_end=resolved.adm_scaler_end)
+        denoiser = SDXLDenoiser(base_stage, ms, guidance, compute_dtype=dtype)
+        denoiser.guide = self.accelerator.guidance()
+        if self.trace is not None:
+            denoiser.unet_observers.append(self._unet_observer(index, denoiser))
+        steps = len(sigma_plan.sigmas) - 1
+        switch = resolved.switch_step
+        joint = refiner_stage is not None and resolved.refiner_swap_method != "separate"
+        preview_every = self.settings.preview_every_n_steps
+        step_offset = 0
+
+        def callback(state: dict[str, Any]) -> None:
+            ctx.check_cancelled()
+            i = int(state["i"]) + step_offset
+            if self.trace is not None:  # no name formatting or copies per step unless observed
+                self._record(f"image{index}.step{i:02d}.x", state["x"])
+                self._record(f"image{index}.step{i:02d}.denoised", state["denoised"])
+            if joint and i == switch:  # spec §8 quirk: the swap fires after step `switch` ran on the base
+                denoiser.stage = refiner_stage
+            # joint: step `switch` itself still runs on the base; separate: the refiner starts at it
+            refining = refiner_stage is not None and (i > switch if joint else i >= switch)
+            stage_name = "refine" if refining else "sample"
+            ctx.progress(min(i + 1, steps), steps, stage=stage_name, image_index=index, image_count=image_count)
+            if (i + 1) % preview_every == 0 or i + 1 == steps:
+                ctx.preview(latent_to_rgb(state["denoised"][0].float()), step=min(i + 1, steps), image_index=index)
+
+        run = {"generator": generator, "brownian": brownian, "callback": callback, "model_sampling": ms}
+        if refiner_stage is not None and not joint and 0 < switch < steps:
+            # spec §8 "separate": base over sigmas[:switch+1] (no forced 0), then the refiner continues
+            # from that latent with zero new noise and the same Brownian tree.
+            latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas[: switch + 1], noise, **run)
+            denoiser.stage = refiner_stage
+            step_offset = switch
+            latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas[switch:], torch.zeros_like(noise),
+                            latent=latent, **run)
+        else:
+            latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas, noise, **run)
+        self._record(f"image{index}.latent", latent)
+        ctx.check_cancelled()  # a cancel during the last step skips the decode
+        ctx.progress(steps, steps, stage="decode", image_index=index, image_count=image_count)
+        rgb = self._decode(comps, latent, index)
+        ctx.check_cancelled()
+        overwrite_switch = ctx.request.refiner_switch_step or -1  # Fooocus writes the user's override
+        ctx.image(self._encode(resolved, task, base, refiner, rgb, index, loras, overwrite_switch))
+
+    def _refiner_stage(self, refiner: LoadedModel, pos_cond: torch.Tensor, pos_pooled: torch.Tensor,
+                       neg_cond: torch.Tensor, neg_pooled: torch.Tensor, width: int, height: int, g_width: int,
+                       adm: dict[str, Any]) -> Stage:
+        comps = refiner.components
+        if comps.kind == "base":  # an SDXL base as refiner: conditioning unchanged (spec §8)
+            return Stage(comps.unet,
+                         base_branch(pos_cond, pos_pooled, width, height, prompt_type="positive", **adm),
+                         base_branch(neg_cond, neg_pooled, width, height, prompt_type="negative", **adm),
+                         timed_adm=True)
+        # The SDXL refiner keeps the CLIP-G channels and the pooled vector (spec §8 clip_separate).
+        args = {"device": comps.device, "dtype": comps.dtype}
+        return Stage(comps.unet,
+                     refiner_branch(pos_cond[..., -g_width:], pos_pooled, width, height,
+                                    aesthetic_score=REFINER_POSITIVE_AESTHETIC, **args),
+                     refiner_branch(neg_cond[..., -g_width:], neg_pooled, width, height,
+                                    aesthetic_score=REFINER_NEGATIVE_AESTHETIC, **args),
+                     timed_adm=False)
+
+    def _decode(self, comps: SDXLComponents, latent: torch.Tensor, index: int) -> np.ndarray:
+        """VAE decode → clamp((x+1)/2) → uint8 by truncation, as Fooocus saves it (parity README)."""
+        vae = comps.vae
+        z = (latent / comps.vae_scaling_factor).to(vae.device, vae.dtype)
+        try:
+            decoded = vae.decode(z, return_dict=False)[0]
+        except torch.OutOfMemoryError:
+            # Reliability matrix row 18: one retry with the tiled decoder, then give up.
+            self.recover_after_oom()
+            decoded = vae.tiled_decode(z, return_dict=False)[0]
+        image = torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)[0].permute(1, 2, 0).cpu()
+        self._record(f"image{index}.decoded", image)
+        return np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8)
+
+    def _encode(self, resolved: ResolvedRequest, task: PromptTask, base: LoadedModel, refiner: LoadedModel | None,
+                rgb: np.ndarray, index: int, loras: list[tuple[str, float]], overwrite_switch: int) -> ImageReady:
+        scheme = None if resolved.metadata_scheme == "none" else resolved.metadata_scheme
+        styles = list(task.styles)
+        if task.expansion:
+            styles = ["Fooocus V2", *styles]
+        inp = MetadataInput(
+            prompt=task.log_positive_prompt, negative_prompt=task.log_negative_prompt, expansion=task.expansion,
+            styles=styles, performance=resolved.performance, steps=resolved.steps, width=resolved.width,
+            height=resolved.height, cfg=resolved.cfg, sharpness=resolved.sharpness,
+            adm=(resolved.adm_scaler_positive, resolved.adm_scaler_negative, resolved.adm_scaler_end),
+            base_model=base.components.name, base_model_hash=self._hash10(base) if scheme else "",
+            full_prompt=task.positive, full_negative_prompt=task.negative, seed=task.task_seed,
+            sampler=resolved.sampler, scheduler=resolved.scheduler,
+            refiner_model=refiner.components.name if refiner else None,
+            refiner_model_hash=(self._hash10(refiner) if scheme else "") if refiner else None,
+            refiner_switch=resolved.refiner_switch,
+            overwrite_switch=overwrite_switch, refiner_swap_method=resolved.refiner_swap_method,
+            adaptive_cfg=resolved.adaptive_cfg, clip_skip=resolved.clip_skip, vae=resolved.vae,
+            freeu=(resolved.freeu.b1, resolved.freeu.b2, resolved.freeu.s1, resolved.freeu.s2)
+            if resolved.freeu is not None and resolved.freeu.enabled else None,
+            loras=[(name, weight, self._lora_hash10(name) if scheme else "") for name, weight in loras],
+            metadata_scheme=scheme, is_demo=base.components.is_demo)
+        text = metadata_text(inp) if scheme else None
+        data = encode_image(rgb, fmt=resolved.output_format, parameters=text, scheme=scheme)
+        metadata = {key: value for _label, key, value in build_metadata_list(inp)}
+        if base.components.is_demo:
+            metadata["demo"] = "output of the built-in random-weight demo model, not a real image model"
+        height, width = rgb.shape[:2]
+        return ImageReady(job_id="", index=index, seed=task.task_seed, data=data,
+                          mime=MIME_BY_FORMAT[resolved.output_format], width=width, height=height,
+                          sha256=hashlib.sha256(data).hexdigest(), metadata=metadata)
+
+    # -- models --------------------------------------------------------------------------------
+
+    def _load(self, slot: str, name: str, *, kind: str, vae: str | None) -> LoadedModel:
+        spec = self._model_spec(name)
+        vae_path = self.registry.resolve("vae", vae) if vae else None
+        key = (str(spec), kind, str(vae_path), str(self.device), str(self.dtype))
+        current: LoadedModel | None = getattr(self, slot)
+        if current is not None and current.key == key:
+            return current
+        setattr(self, slot, None)  # free the old weights before loading the new ones
+        if current is not None:
+            self.accelerator.forget(current.components)  # acceleration hook
+        del current
+        self.recover_after_oom()
+        log.info("loading %s model %s", kind, name)
+        components = load_sdxl(spec, kind=kind, device=self.accelerator.load_device, dtype=self.dtype,
+                               registry=self.registry, tokenizer_dir=self._tokenizer_dir(),
+                               hf_cache_dir=self.settings.hf_cache_dir, vae_path=vae_path)
+        self.accelerator.apply(components)  # acceleration hook
+        loaded = LoadedModel(components, key)
+        setattr(self, slot, loaded)
+        return loaded
+
+    def _load_base(self, name: str, *, vae: str | None) -> LoadedModel:
+        return self._load("_base", name, kind="base", vae=vae)
+
+    def _load_refiner(self, name: str) -> LoadedModel:
+        return self._load("_refiner", name, kind="refiner", vae=None)
+
+    def _tokenizer_dir(self) -> Path | None:
+        if self.settings.clip_tokenizer_dir is not None:
+            return self.settings.clip_tokenizer_dir
+        candidate = self.settings.models_dir / "clip_tokenizer"
+        return candidate if candidate.is_dir() else None
+
+    def _apply_loras(self, model: LoadedModel, loras: list[tuple[str, float]], ctx: RunContext) -> None:
+        """Merge exactly ``loras`` into the weights (spec §11.1: merged at load, not a runtime adapter)."""
+        wanted = tuple((name, float(weight)) for name, weight in loras if float(weight) != 0.0)
+        if wanted == model.loras:
+            return
+        modules = model.modules
+        if model.merged is not None:
+            model.merged.restore(modules)
+            model.merged = None
+        model.loras = ()
+        model.text_cache.clear()
+        matches = []
+        c = model.components
+        for name, weight in wanted:
+            lora_file = load_lora(self.registry.resolve("loras", name))
+            match = match_lora(lora_file, c.unet, [c.text_encoder, c.text_encoder_2])
+            if match.warning:
+                ctx.warning("lora_mismatch", match.warning)
+            if not match.skipped:
+                matches.append((match, weight))
+        model.merged = merge_loras(modules, matches)
+        model.loras = wanted
+
+    def _lora_installed(self, name: str) -> bool:
+        try:
+            self.registry.resolve("loras", name)
+        except HooocusError:
+            return False
+        return True
+
+    def _hash10(self, model: LoadedModel) -> str:
+        if model.hash10 is None:
+            path = model.components.path
+            digest = self.registry.sha256(path) if path is not None else None
+            model.hash10 = (digest or "")[:10] if digest else ("demo" if model.components.is_demo else "")
+        return model.hash10
+
+    def _lora_hash10(self, name: str) -> str:
+        digest = self.registry.sha256(self.registry.resolve("loras", name))
+        return (digest or "")[:10]
+
+    def _expansion_available(self) -> bool:
+        if not self._expansion_checked:
+            self._expansion_checked = True
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            self._expansion, self._expansion_warning = load_expansion(
+                self.settings.resolved_expansion_dir, device=self.device, dtype=dtype)
+            self._expansion = self.accelerator.expansion(self._expansion)  # acceleration hook
+            if self._expansion_warning:
+                log.warning("%s", self._expansion_warning)
+        return self._expansion is not None
+
+    # -- tracing -------------------------------------------------------------------------------
+
+    def _record(self, name: str, value: Any) -> None:
+        if self.trace is not None:
+            self.trace.record(name, value.detach().clone() if isinstance(value, torch.Tensor) else value)
+
+    def _unet_observer(self, index: int, denoiser: SDXLDenoiser):
+        calls = {"n": 0}
+
+        def observe(timestep: torch.Tensor, x_in: torch.Tensor, eps: torch.Tensor, rows: list[int]) -> None:
+            # Fooocus's cond_or_uncond labels per batch row: 0 = positive, 1 = negative.
+            cond_or_uncond = [0 if row == id(denoiser.stage.positive) else 1 for row in rows]
+            self._record(f"image{index}.unet{calls['n']:02d}", {"timestep": timestep.clone(), "x_in": x_in.clone(),
+                                                                 "eps": eps.clone(), "cond_or_uncond": cond_or_uncond})
+            calls["n"] += 1
+
+        return observe
+
+
+def _existing(configured: tuple[Path, ...], default: Path) -> list[Path]:
+    """Configured folders, else the set-up default when it exists (our own styles always load)."""
+    if configured:
+        return list(configured)
+    return [default] if default.is_dir() else []
+

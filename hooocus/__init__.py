@@ -1,0 +1,1 @@
+"""The ``hooocus`` product command, above the engine and both front doors (``hooocus.cli``)."""
