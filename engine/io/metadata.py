@@ -16,7 +16,6 @@ Torch-free; nothing happens at import.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import re
 import urllib.parse
@@ -46,7 +45,7 @@ from engine.sdxl.modes import PERFORMANCE_MODES, performance_for_steps
 
 __all__ = [
     "A1111_SAMPLER_NAMES", "CIVITAI_NO_KARRAS", "MetadataInput", "StyleSource", "build_metadata_list",
-    "default_version_string", "extract_styles_from_prompt", "model_hash10", "metadata_text",
+    "default_version_string", "extract_styles_from_prompt", "metadata_text",
     "parameters_to_request", "parse_log_html", "parse_parameters", "request_from_image",
     "request_from_image_file", "request_from_log_block", "request_from_log_file", "to_a1111_scheme",
     "to_fooocus_scheme",
@@ -98,15 +97,6 @@ def default_version_string() -> str:
 
     found = hooocus_version()
     return f"Hooocus v{found}" if found else "Hooocus"
-
-
-def model_hash10(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
-    """spec §13.6 step 5: sha256 of the whole file, first 10 hex digits (callers cache it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()[:10]
 
 
 # -- writing ------------------------------------------------------------------------------------

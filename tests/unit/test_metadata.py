@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import urllib.parse
 from dataclasses import replace
@@ -16,7 +15,6 @@ from engine.io.metadata import (
     build_metadata_list,
     extract_styles_from_prompt,
     metadata_text,
-    model_hash10,
     parameters_to_request,
     parse_parameters,
     request_from_log_block,
@@ -197,12 +195,6 @@ def test_bad_values_are_warnings_not_crashes() -> None:
                                                "resolution": "(1,)", "freeu": "nope", "performance": "Turbo"})
     assert request == parameters_to_request({})[0]
     assert len(warnings) == 6
-
-
-def test_model_hash10(tmp_path: Path) -> None:
-    path = tmp_path / "m.safetensors"
-    path.write_bytes(b"dummy-juggernaut")
-    assert model_hash10(path) == hashlib.sha256(b"dummy-juggernaut").hexdigest()[:10]
 
 
 def test_a1111_quotes_values_with_a_colon() -> None:
