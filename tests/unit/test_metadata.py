@@ -215,7 +215,7 @@ def test_a1111_quotes_values_with_a_colon() -> None:
     ('a "b", c', '"a \\"b\\", c"'),
 ])
 def test_a1111_quote_keeps_non_ascii(value: str, expected: str) -> None:
-    from engine.io.metadata import _a1111_quote
+    from engine.io.metadata.write import _a1111_quote
 
     assert _a1111_quote(value) == expected
 
