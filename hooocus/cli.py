@@ -74,6 +74,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aspect-ratio")
     p.add_argument("--model", help="model name, path, HF repo id, or 'demo'")
     p.add_argument("--refiner", dest="refiner_model")
+    p.add_argument("--preset", help="Fooocus preset name (presets/<name>.json); flags given here override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--width", type=int)
@@ -117,7 +118,7 @@ def request_fields_from_args(args: argparse.Namespace, settings: Settings) -> di
         fields.update(_start_request(args, settings))
     if args.prompt is not None:
         fields["prompt"] = args.prompt
-    for name in ("negative_prompt", "styles", "performance", "aspect_ratio", "refiner_model", "seed", "steps",
+    for name in ("preset", "negative_prompt", "styles", "performance", "aspect_ratio", "refiner_model", "seed", "steps",
                  "width", "height", "sampler", "scheduler", "cfg", "sharpness", "image_number", "output_format"):
         value = getattr(args, name)
         if value is not None:

@@ -17,8 +17,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from engine.core.formats import MIME_BY_FORMAT, PIL_FORMAT
+
 ThumbnailFormat = Literal["webp", "jpeg"]
-_MIME = {"webp": "image/webp", "jpeg": "image/jpeg"}
 MIN_SIDE_PX = 64
 _QUALITIES = (80, 60, 40)
 
@@ -45,8 +46,8 @@ def _encode(image: Image.Image, side_px: int, quality: int, fmt: ThumbnailFormat
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     small = image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    small.save(buf, format=fmt.upper(), quality=quality)
-    return Thumbnail(buf.getvalue(), _MIME[fmt], small.width, small.height)
+    small.save(buf, format=PIL_FORMAT[fmt], quality=quality)
+    return Thumbnail(buf.getvalue(), MIME_BY_FORMAT[fmt], small.width, small.height)
 
 
 def _sides(max_side_px: int) -> list[int]:

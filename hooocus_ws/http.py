@@ -19,9 +19,9 @@ import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
-from engine.core.constants import MIME_BY_FORMAT
 from engine.core.errors import HTTP_STATUS_BY_CODE, Forbidden, HooocusError, InvalidRequest, NotFound
 from engine.core.events import TERMINAL_EVENTS, Cancelled, Event
+from engine.core.formats import MIME_BY_FORMAT, format_for_extension
 from engine.core.jobs import Job, JobState
 from engine.core.request import GenerationRequest
 from hooocus_ws import service
@@ -212,7 +212,7 @@ async def get_image(request: Request) -> Response:
         principal = authenticate(request)
         if not principal.can("admin") and not await _owns_image(ctx, principal, sha256):
             raise NotFound(f"no image {name!r}")
-    ext = {"jpg": "jpeg"}.get(ext.lower(), ext.lower())
+    ext = format_for_extension(ext)
     image = ctx.runtime.images.get(sha256)
     if image is not None and image.extension == ext:
         return Response(image.data, media_type=image.mime, headers=_image_headers(image.sha256))

@@ -17,10 +17,9 @@ import numpy as np
 from PIL import Image
 
 from engine.core.events import Preview
+from engine.core.formats import MIME_BY_FORMAT, PIL_FORMAT
 from hooocus_ws.protocol import PreviewSettings
 
-_PIL_FORMAT = {"jpeg": "JPEG", "webp": "WEBP"}
-_MIME = {"jpeg": "image/jpeg", "webp": "image/webp"}
 #: Below this many pixels encoding is cheaper than a thread hop.
 _INLINE_PIXELS = 64 * 64
 
@@ -31,8 +30,8 @@ def encode_preview(rgb: np.ndarray, settings: PreviewSettings) -> tuple[bytes, i
     if max(image.size) > settings.max_side:
         image.thumbnail((settings.max_side, settings.max_side), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    image.save(buf, format=_PIL_FORMAT[settings.format], quality=settings.quality)
-    return buf.getvalue(), image.width, image.height, _MIME[settings.format]
+    image.save(buf, format=PIL_FORMAT[settings.format], quality=settings.quality)
+    return buf.getvalue(), image.width, image.height, MIME_BY_FORMAT[settings.format]
 
 
 class PreviewEncoder:

@@ -16,9 +16,9 @@ import logging
 import time
 from typing import Any
 
-from engine.core.constants import MIME_BY_FORMAT
 from engine.core.errors import Forbidden, HooocusError, InvalidRequest, NotFound
 from engine.core.events import TERMINAL_EVENTS, Event, ImageReady, Queued
+from engine.core.formats import extension_for_mime
 from engine.core.history import MAX_LIST_LIMIT
 from engine.core.jobs import Job, JobState
 from hooocus_ws.context import ServerContext
@@ -26,7 +26,6 @@ from hooocus_ws.tokens import Principal
 
 log = logging.getLogger("hooocus.ws.jobs")
 
-_EXTENSION_BY_MIME = {mime: fmt for fmt, mime in MIME_BY_FORMAT.items()}
 _TERMINAL_STATES = frozenset(state.value for state in JobState if state.terminal)
 
 
@@ -133,7 +132,7 @@ def history_entry(ctx: ServerContext, record: dict[str, Any], *, admin: bool) ->
     images = []
     for image in record["images"]:
         image = dict(image)
-        image["url"] = ctx.image_url(image["sha256"], _EXTENSION_BY_MIME.get(image["mime"], "bin"))
+        image["url"] = ctx.image_url(image["sha256"], extension_for_mime(image["mime"]))
         if not admin:
             image.pop("path", None)
         images.append(image)

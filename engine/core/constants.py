@@ -40,7 +40,6 @@ RefinerSwapMethod = Literal["joint", "separate", "vae"]
 
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 OutputFormat = Literal["png", "jpeg", "webp"]
-MIME_BY_FORMAT: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 METADATA_SCHEMES: tuple[str, ...] = ("fooocus", "a1111", "none")
 MetadataScheme = Literal["fooocus", "a1111", "none"]

@@ -109,10 +109,6 @@ class ShuttingDown(HooocusError):
     code = "shutting_down"
 
 
-class OutOfMemory(HooocusError):
-    code = "out_of_memory"
-
-
 class JobCancelled(HooocusError):
     """Raised inside the worker (from a step callback) to stop the running job at once."""
 

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from engine.core.formats import extension_for_mime
+
 
 @dataclass(frozen=True)
 class Event:
@@ -89,7 +91,7 @@ class ImageReady(Event):
 
     @property
     def extension(self) -> str:
-        return {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}.get(self.mime, "bin")
+        return extension_for_mime(self.mime)
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.kind, "job_id": self.job_id, "seq": self.seq, "index": self.index,

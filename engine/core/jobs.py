@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from engine.core.errors import HooocusError, JobCancelled, NotFound, QueueFull, ShuttingDown
+from engine.core.errors import HooocusError, JobCancelled, NotFound, QueueFull, ShuttingDown, UnknownPreset
 from engine.core.events import (
     Cancelled,
     Done,
@@ -285,6 +285,12 @@ class Runner(Protocol):
         performance modes, defaults. JSON-safe; used by list_options / the web page."""
 
 
+def _no_presets(request: GenerationRequest) -> GenerationRequest:
+    if request.preset is not None:
+        raise UnknownPreset(f"unknown preset {request.preset!r}: this server has no presets", loc=("preset",))
+    return request
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     # torch.OutOfMemoryError (torch >= 2.5) and torch.cuda.OutOfMemoryError; no torch import here.
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
@@ -302,8 +308,13 @@ class Engine:
     """The shared engine: a bounded FIFO queue and exactly one worker thread running ``runner``."""
 
     def __init__(self, runner: Runner, *, max_queue: int = 16, max_queued_per_owner: int | None = None,
-                 max_history: int = 512, image_sink: Callable[..., None] | None = None) -> None:
+                 max_history: int = 512, image_sink: Callable[..., None] | None = None,
+                 apply_preset: Callable[[GenerationRequest], GenerationRequest] | None = None) -> None:
         self.runner = runner
+        #: Lays a Fooocus preset under each request at submit (``PresetBook.apply`` from
+        #: engine/io/presets.py, given by the runtime so the core does not import the io layer).
+        #: None: no preset folders, so a request naming a preset gets unknown_preset.
+        self.apply_preset = apply_preset or _no_presets
         self.max_queue = max_queue
         self.max_queued_per_owner = max_queued_per_owner
         self.max_history = max_history
@@ -369,7 +380,7 @@ class Engine:
     def submit(self, request: GenerationRequest | dict[str, Any], *, owner: str = "local",
                job_id: str | None = None) -> Job:
         """Validate and queue a job. Raises InvalidRequest/Unknown*/QueueFull/ShuttingDown."""
-        request = GenerationRequest.parse(request)
+        request = self.apply_preset(GenerationRequest.parse(request))
         self.runner.check(request)
         with self._lock:
             if not self._accepting:

@@ -117,6 +117,10 @@ class GenerationRequest(BaseModel):
     read_wildcards_in_order: bool = False
     output_format: OutputFormat = "png"
     metadata_scheme: MetadataScheme = "fooocus"
+    #: A Fooocus preset (``presets/<name>.json`` in the server's preset folders): its values are
+    #: defaults that this request's own explicit fields override; ``None`` = the server's
+    #: ``settings.preset``, if any. Applied by the engine at submit (engine/io/presets.py).
+    preset: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\w.+ -]+$")] | None = None
 
     @field_validator("performance", mode="before")
     @classmethod

@@ -36,7 +36,9 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
         from engine.sdxl.pipeline import SDXLRunner  # torch is imported only here
 
         runner = SDXLRunner(settings, model=model)
+    from engine.io.presets import PresetBook  # the composition root wires the io layer into the core
+
     images = ImageStore(folder=image_folder)
     engine = Engine(runner, max_queue=settings.queue_size, max_queued_per_owner=settings.max_queued_per_principal,
-                    image_sink=images.put)
+                    image_sink=images.put, apply_preset=PresetBook.from_settings(settings).apply)
     return Runtime(settings=settings, engine=engine, images=images)

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.events import ImageReady
+from engine.core.formats import MIME_BY_FORMAT, extension_for_mime, extensions_for_mime
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_EXT_BY_MIME = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
-_MIME_BY_EXT = {v: k for k, v in _EXT_BY_MIME.items()} | {"jpg": "image/jpeg"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class StoredImage:
 
     @property
     def extension(self) -> str:
-        return _EXT_BY_MIME.get(self.mime, "bin")
+        return extension_for_mime(self.mime)
 
 
 class ImageStore:
@@ -83,10 +82,11 @@ class ImageStore:
                 self._items.move_to_end(sha256)
                 return item
         if self.folder is not None:
-            for ext, mime in _MIME_BY_EXT.items():
-                path = self.folder / f"{sha256}.{ext}"
-                if path.is_file():
-                    return StoredImage(sha256=sha256, mime=mime, data=path.read_bytes())
+            for mime in MIME_BY_FORMAT.values():
+                for ext in extensions_for_mime(mime):
+                    path = self.folder / f"{sha256}.{ext}"
+                    if path.is_file():
+                        return StoredImage(sha256=sha256, mime=mime, data=path.read_bytes())
         return None
 
     def owners(self, sha256: str) -> frozenset[str]:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from engine.core.constants import MIME_BY_FORMAT
 from engine.core.errors import HooocusError, UnknownModel, UnknownStyle
 from engine.core.events import ImageReady
+from engine.core.formats import MIME_BY_FORMAT, PIL_FORMAT
 from engine.core.jobs import RunContext
 from engine.core.request import GenerationRequest
 from engine.sdxl.modes import PERFORMANCE_MODES
@@ -114,7 +114,7 @@ def fake_image(req: GenerationRequest, index: int, seed: int, *, max_side_px: in
     rgb = hashlib.sha256(str(seed).encode()).digest()[:3]
     image = Image.new("RGB", (width, height), tuple(rgb))
     buf = io.BytesIO()
-    image.save(buf, format={"jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}[req.output_format])
+    image.save(buf, format=PIL_FORMAT[req.output_format])
     data = buf.getvalue()
     return ImageReady(job_id="", index=index, seed=seed, data=data, mime=MIME_BY_FORMAT[req.output_format],
                       width=width, height=height, sha256=hashlib.sha256(data).hexdigest(),

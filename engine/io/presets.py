@@ -12,12 +12,15 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from engine.core.errors import HooocusError, InvalidRequest
+from engine.core.errors import InvalidRequest, UnknownPreset
 from engine.core.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from engine.core.settings import Settings
 
 #: preset key -> GenerationRequest field (spec §14 possible_preset_keys, in our field names).
 PRESET_FIELD_MAP: dict[str, str] = {
@@ -139,8 +142,7 @@ def load_preset(path: Path | str) -> PresetResult:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise HooocusError(f"preset {path.stem!r} cannot be read: {exc}", code="unknown_preset",
-                           loc=("preset",)) from None
+        raise UnknownPreset(f"preset {path.stem!r} cannot be read: {exc}", loc=("preset",)) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -154,7 +156,7 @@ def find_preset(name: str, folders: Iterable[Path | str]) -> Path:
         candidate = Path(folder) / f"{name}.json"
         if Path(name).name == name and candidate.is_file():
             return candidate
-    raise HooocusError(f"unknown preset {name!r}", code="unknown_preset", loc=("preset",))
+    raise UnknownPreset(f"unknown preset {name!r}", loc=("preset",))
 
 
 def list_presets(folders: Iterable[Path | str]) -> list[str]:
@@ -179,3 +181,49 @@ def apply_preset(preset: PresetResult, overrides: Mapping[str, Any] | Generation
     merged = {k: v for k, v in preset.defaults.items() if v is not None}
     merged.update(given)
     return GenerationRequest.parse(merged)
+
+
+@dataclass(frozen=True)
+class PresetBook:
+    """The server's presets, applied to each request at submit, the way Fooocus layers them:
+    config defaults (``default_refiner``) < the preset < the request's own explicit fields.
+
+    The preset is the request's ``preset`` or, when it names none, the server's default
+    (``settings.preset``, Fooocus's ``--preset``). Files are read per request (a few hundred
+    bytes), so an edited preset applies to the next job without a restart and nothing is cached.
+    """
+
+    folders: tuple[Path, ...] = ()
+    default_preset: str | None = None
+    default_refiner: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PresetBook:
+        return cls(folders=(settings.data_dir / "presets", *settings.preset_dirs), default_preset=settings.preset,
+                   default_refiner=settings.default_refiner)
+
+    def names(self) -> list[str]:
+        return list_presets(self.folders)
+
+    def apply(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with the preset's values under its explicitly set fields (validated).
+        Unknown preset: ``UnknownPreset`` with loc ("preset",), before anything is queued."""
+        name = request.preset or self.default_preset
+        if name is None and self.default_refiner is None:
+            return request
+        defaults: dict[str, Any] = {}
+        if self.default_refiner is not None:
+            defaults["refiner_model"] = self.default_refiner
+        if name is not None:
+            try:
+                preset = load_preset(find_preset(name, self.folders))
+            except UnknownPreset as exc:
+                available = ", ".join(self.names()) or "none installed"
+                raise UnknownPreset(f"{exc.message}; available: {available}", loc=("preset",)) from None
+            for key, value in preset.defaults.items():
+                if value is not None:
+                    defaults[key] = value
+                elif key == "refiner_model":  # the preset turns the refiner off: the config default yields
+                    defaults.pop(key, None)
+            defaults["preset"] = name
+        return apply_preset(PresetResult(name=name or "", defaults=defaults), request)

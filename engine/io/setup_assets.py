@@ -38,11 +38,12 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from engine.core.errors import AssetsMissing, HooocusError, InvalidRequest, ModelInvalid, UnsafeFile
+from engine.core.formats import file_sha256
 
 __all__ = [
     "ALL_ASSETS", "Asset", "EXPANSION_ASSETS", "PERFORMANCE_LORA_ASSETS", "AssetStatus", "DATA_LAYOUT", "DEFAULT_ASSETS", "EXPANSION_LICENCE_NOTICE",
     "FOOOCUS_COMMIT", "OPTIONAL_ASSETS", "PERFORMANCE_LORA_GROUP", "add_arguments", "cli_setup",
-    "convert_pickle_to_safetensors", "download_file", "plan_setup", "run_setup", "select_assets", "sha256_file",
+    "convert_pickle_to_safetensors", "download_file", "plan_setup", "run_setup", "select_assets",
 ]
 
 FOOOCUS_COMMIT = "59f183ab9b8e4a4bbf0fb8bc43886e19e8dfdfae"  # Fooocus 2.5.5, the spec's reference
@@ -276,14 +277,6 @@ class _Unreachable(Exception):
     """The server could not be reached at all (no connection)."""
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def select_assets(assets: Iterable[Asset], only: Sequence[str] | None, *,
                   include_optional: bool = False) -> list[Asset]:
     """The assets named by ``only`` (asset names or groups, optional ones included); when ``only``
@@ -330,7 +323,7 @@ def _status(asset: Asset, data_dir: Path, *, verify: bool) -> AssetStatus:
         if asset.size_bytes is not None and size != asset.size_bytes:
             return AssetStatus(asset, path, "mismatch", detail=f"{size} bytes, expected {asset.size_bytes}")
         if asset.sha256 is not None and (verify or size <= _ALWAYS_HASH_BYTES):
-            digest = sha256_file(path)
+            digest = file_sha256(path)
             if digest != asset.sha256:
                 return AssetStatus(asset, path, "mismatch", detail=f"sha256 {digest}, pinned {asset.sha256}")
         return AssetStatus(asset, path, "present")
@@ -426,7 +419,7 @@ def download_file(url: str, dest: Path, *, sha256: str | None, size_bytes: int |
     finally:
         if own_client:
             client.close()
-    digest = sha256_file(part)
+    digest = file_sha256(part)
     if sha256 is not None and digest != sha256:
         part.unlink()
         raise ChecksumMismatch(f"{dest.name}: sha256 {digest} does not match the pinned {sha256}; "
@@ -548,7 +541,7 @@ def run_setup(data_dir: Path, *, assets: Iterable[Asset] | None = None, only: Se
                     source = download_file(asset.url, target, sha256=asset.sha256, size_bytes=asset.size_bytes,
                                            client=client, retries=retries, progress=progress, desc=asset.name)
                     if asset.sha256 is None:
-                        echo(f"warning: {asset.name} has no pinned sha256; got {sha256_file(source)}")
+                        echo(f"warning: {asset.name} has no pinned sha256; got {file_sha256(source)}")
                 if asset.convert == "pickle_to_safetensors":
                     echo(f"converting {source.name} to {asset.dest}")
                     convert_pickle_to_safetensors(source, data_dir / asset.dest, expected_sha256=asset.sha256)
@@ -586,7 +579,7 @@ def _local_source(asset: Asset, data_dir: Path, roots: Sequence[Path], echo: Cal
     found = _find_local(asset, roots)
     if found is None:
         return None
-    if asset.sha256 is not None and sha256_file(found) != asset.sha256:
+    if asset.sha256 is not None and file_sha256(found) != asset.sha256:
         echo(f"{found} differs from the pinned {asset.name}; downloading instead")
         return None
     if asset.convert is not None:

@@ -28,7 +28,6 @@ from engine.core.constants import (
     DEFAULT_ASPECT_RATIO,
     DEMO_MODEL,
     DEMO_REFINER,
-    MIME_BY_FORMAT,
     PERFORMANCE_NAMES,
     SAMPLER_NAMES,
     SCHEDULER_NAMES,
@@ -36,6 +35,7 @@ from engine.core.constants import (
 )
 from engine.core.errors import AssetsMissing, HooocusError, UnknownLora, UnknownModel
 from engine.core.events import ImageReady
+from engine.core.formats import MIME_BY_FORMAT
 from engine.core.jobs import RunContext
 from engine.core.request import GenerationRequest
 from engine.core.settings import Settings

@@ -64,8 +64,6 @@ async def test_stdio_cancel_notification_cancels_the_job() -> None:
         assert nxt.structured_content["timings"]["queued_ms"] < 1000
 
 
-@pytest.mark.skipif(importlib.util.find_spec("engine.sdxl.pipeline") is None,
-                    reason="engine.sdxl.pipeline (the SDXL runner with the demo model) is not written yet")
 async def test_stdio_demo_model_end_to_end(tmp_path) -> None:
     params = StdioServerParameters(command=sys.executable, cwd=str(REPO_ROOT), env=ENV,
                                    args=["-m", "hooocus_mcp", "--model", "demo", "--data-dir", str(tmp_path)])

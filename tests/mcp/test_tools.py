@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import io
 import json
 import time
@@ -318,8 +317,6 @@ async def test_queue_full_is_reported_not_raised() -> None:
         runtime.close()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("engine.sdxl.pipeline") is None,
-                    reason="engine.sdxl.pipeline (the SDXL runner with the demo model) is not written yet")
 async def test_demo_model_in_memory(tmp_path) -> None:
     from engine.core.runtime import create_runtime
     from engine.core.settings import Settings

@@ -58,7 +58,6 @@ class GatedRunner:
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, GatedRunner]]:
-    pytest.importorskip("engine.sdxl.pipeline")
     from engine.sdxl.pipeline import SDXLRunner
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("demo-data"), shutdown_grace_s=1.0)

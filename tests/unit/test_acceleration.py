@@ -1,4 +1,4 @@
-"""Every fast path of engine/sdxl/acceleration.py against the eager path, on CPU with the demo model.
+"""Every fast path of engine/sdxl/acceleration/ against the eager path, on CPU with the demo model.
 
 Tolerances (float32 on CPU): fused QKV and channels_last ≤ 1e-5 relative to the output's largest
 magnitude (same math, other GEMM/conv blocking); dynamo-only compile ("eager"/CompileCounter
@@ -29,7 +29,6 @@ from engine.sdxl.acceleration import (
     StaticCacheGenerator,
     compiled_guidance,
     fuse_qkv_views,
-    guidance_tensors,
     latent_size,
     plan_streaming,
     stream_units,
@@ -37,7 +36,7 @@ from engine.sdxl.acceleration import (
     use_sdpa,
 )
 from engine.sdxl.models.demo import build_demo_sdxl
-from engine.sdxl.sampling.guidance import sharpness_sampling_function
+from engine.sdxl.sampling.guidance import guidance_tensors, sharpness_sampling_function
 from tests.paths import STAND_IN_POSITIVE_WORDS, fooocus_data_dir
 
 CPU = torch.device("cpu")
@@ -311,9 +310,9 @@ def low_vram_accelerator(budget_bytes: int, prefetch: int = 1) -> Accelerator:
 
 
 def test_low_vram_streams_blocks_and_matches(demo, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.sdxl.acceleration as acceleration
+    import engine.sdxl.acceleration.lowvram as lowvram
 
-    monkeypatch.setattr(acceleration, "UNET_ACTIVATION_RESERVE_BYTES_BF16", 0)
+    monkeypatch.setattr(lowvram, "UNET_ACTIVATION_RESERVE_BYTES_BF16", 0)
     reference = copy.deepcopy(demo.unet)
     total = sum(p.numel() * 4 for p in demo.unet.parameters())
     accelerator = low_vram_accelerator(budget_bytes=total // 2)

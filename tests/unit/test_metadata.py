@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import urllib.parse
 from dataclasses import replace
@@ -16,7 +15,6 @@ from engine.io.metadata import (
     build_metadata_list,
     extract_styles_from_prompt,
     metadata_text,
-    model_hash10,
     parameters_to_request,
     parse_parameters,
     request_from_log_block,
@@ -199,12 +197,6 @@ def test_bad_values_are_warnings_not_crashes() -> None:
     assert len(warnings) == 6
 
 
-def test_model_hash10(tmp_path: Path) -> None:
-    path = tmp_path / "m.safetensors"
-    path.write_bytes(b"dummy-juggernaut")
-    assert model_hash10(path) == hashlib.sha256(b"dummy-juggernaut").hexdigest()[:10]
-
-
 def test_a1111_quotes_values_with_a_colon() -> None:
     """spec §13.3: ',' '\\n' or ':' quote a value; one LoRA's 'name: hash' has only the colon."""
     inp = _input(metadata_scheme="a1111", prompt="ratio 16:9", loras=[("one.safetensors", 0.5, "dddddddddd")])
@@ -223,7 +215,7 @@ def test_a1111_quotes_values_with_a_colon() -> None:
     ('a "b", c', '"a \\"b\\", c"'),
 ])
 def test_a1111_quote_keeps_non_ascii(value: str, expected: str) -> None:
-    from engine.io.metadata import _a1111_quote
+    from engine.io.metadata.write import _a1111_quote
 
     assert _a1111_quote(value) == expected
 

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.errors import HooocusError, InvalidRequest
+from engine.core.errors import HooocusError, InvalidRequest, UnknownPreset
+from engine.core.jobs import Engine
 from engine.core.request import GenerationRequest
-from engine.io.presets import apply_preset, find_preset, list_presets, load_preset, parse_preset
+from engine.core.runtime import create_runtime
+from engine.core.settings import Settings
+from engine.core.testing import FakeRunner
+from engine.io.presets import PresetBook, apply_preset, find_preset, list_presets, load_preset, parse_preset
 
 
 def _preset(tmp_path: Path, data: dict[str, object], name: str = "mine") -> Path:
@@ -80,3 +84,76 @@ def test_find_and_list(tmp_path: Path) -> None:
         with pytest.raises(HooocusError) as info:
             find_preset(name, [first, second])
         assert info.value.code == "unknown_preset"
+
+
+# -- presets wired into requests (issue 13.6) -----------------------------------------------------
+
+
+def _book(tmp_path: Path, **kwargs: object) -> PresetBook:
+    folder = tmp_path / "presets"
+    folder.mkdir(exist_ok=True)
+    _preset(folder, {"default_cfg_scale": 6.5, "default_sample_sharpness": 3.0, "default_styles": ["Fooocus Sharp"],
+                     "default_refiner": "None", "default_aspect_ratio": "896*1152"}, name="mine")
+    return PresetBook(folders=(folder,), **kwargs)  # type: ignore[arg-type]
+
+
+def test_request_preset_gives_defaults_and_explicit_fields_win(tmp_path: Path) -> None:
+    book = _book(tmp_path)
+    request = book.apply(GenerationRequest.parse({"prompt": "a cat", "preset": "mine", "cfg": 9.0}))
+    assert (request.prompt, request.cfg, request.sharpness, request.styles, request.size, request.preset) == \
+        ("a cat", 9.0, 3.0, ["Fooocus Sharp"], (896, 1152), "mine")
+    # a field explicitly given at its default value still wins over the preset
+    assert book.apply(GenerationRequest.parse({"preset": "mine", "sharpness": 2.0})).sharpness == 2.0
+    # no preset named and no server default: the request is untouched
+    plain = GenerationRequest.parse({"prompt": "x"})
+    assert book.apply(plain) is plain
+
+
+def test_unknown_preset_is_a_clear_error_on_the_preset_field(tmp_path: Path) -> None:
+    with pytest.raises(UnknownPreset) as info:
+        _book(tmp_path).apply(GenerationRequest.parse({"preset": "nope"}))
+    assert info.value.code == "unknown_preset" and info.value.loc == ("preset",)
+    assert "nope" in info.value.message and "mine" in info.value.message  # lists what exists
+    with pytest.raises(InvalidRequest) as bad:  # a path is not a preset name
+        GenerationRequest.parse({"preset": "../etc/passwd"})
+    assert bad.value.loc == ("preset",)
+
+
+def test_server_default_preset_and_default_refiner_layering(tmp_path: Path) -> None:
+    book = _book(tmp_path, default_preset="mine", default_refiner="r.safetensors")
+    # settings.preset applies when the request names none; its 'None' refiner overrides the config default
+    request = book.apply(GenerationRequest.parse({}))
+    assert (request.cfg, request.refiner_model) == (6.5, None)
+    only_refiner = PresetBook(default_refiner="r.safetensors")
+    assert only_refiner.apply(GenerationRequest.parse({})).refiner_model == "r.safetensors"
+    assert only_refiner.apply(GenerationRequest.parse({"refiner_model": "own"})).refiner_model == "own"
+
+
+def test_preset_dirs_setting_is_read(tmp_path: Path) -> None:
+    book = _book(tmp_path)
+    settings = Settings(data_dir=tmp_path / "data", preset_dirs=book.folders, preset="mine", default_refiner="r")
+    from_settings = PresetBook.from_settings(settings)
+    assert from_settings.folders == (tmp_path / "data" / "presets", *book.folders)
+    assert from_settings.apply(GenerationRequest.parse({})).cfg == 6.5
+
+
+def test_engine_applies_the_preset_before_queueing(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", preset_dirs=_book(tmp_path).folders)
+    runtime = create_runtime(settings, runner=FakeRunner())
+    job = runtime.engine.submit({"prompt": "x", "preset": "mine", "cfg": 5.0})
+    assert (job.request.cfg, job.request.sharpness) == (5.0, 3.0)
+    with pytest.raises(UnknownPreset):
+        runtime.engine.submit({"preset": "nope"})
+    assert runtime.engine.stats().queue_depth == 1  # the bad request queued nothing
+    bare = Engine(FakeRunner())  # no preset folders at all
+    with pytest.raises(UnknownPreset) as info:
+        bare.submit({"preset": "mine"})
+    assert info.value.loc == ("preset",) and bare.stats().queue_depth == 0
+
+
+def test_cli_preset_flag_reaches_the_request(tmp_path: Path) -> None:
+    from hooocus.cli import build_parser, request_fields_from_args
+
+    args = build_parser().parse_args(["generate", "a cat", "--preset", "mine", "--cfg", "8"])
+    fields = request_fields_from_args(args, Settings(data_dir=tmp_path))
+    assert (fields["preset"], fields["cfg"]) == ("mine", 8.0)

@@ -12,7 +12,6 @@ spec §13.6 item 5) and the 10-hex-digit short hash Fooocus writes into metadata
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import ModelInvalid, UnsafeFile
+from engine.core.formats import file_sha256
 
 if TYPE_CHECKING:
     from safetensors import safe_open
@@ -224,8 +224,7 @@ def sha256_file(path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[st
     if (isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns
             and isinstance(entry.get("sha256"), str)):
         return entry["sha256"]
-    with open(real, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    digest = file_sha256(real)
     if cache_path is not None:
         cache = _read_hash_cache(cache_path)  # re-read: another process may have added entries meanwhile
         cache[real] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}

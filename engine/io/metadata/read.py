@@ -1,28 +1,15 @@
-"""Generation parameters as Fooocus writes and reads them (spec §13), and back into a request.
-
-Writing: :class:`MetadataInput` (what the pipeline knows after a job) -> :func:`build_metadata_list`
-(Fooocus's ``(label, key, value)`` list, §13.1) -> :func:`to_fooocus_scheme` (JSON, §13.2) or
-:func:`to_a1111_scheme` (text, §13.3). :mod:`engine.io.imageio` puts the string into the file.
-
-Reading: :func:`parse_parameters` turns either scheme into Fooocus's parsed dict (§13.6 steps 2-3,
-quirks included), and :func:`parameters_to_request` maps that dict, a log.html entry or a pasted
-parameter block onto a :class:`~engine.core.request.GenerationRequest` the way Fooocus's "Load
-Parameters" fills its UI (§13.6 step 4). Names that are not installed locally are dropped with a
-warning, as Fooocus does (its dropdowns keep their current value), so the request stays valid.
-
-Torch-free; nothing happens at import.
-"""
+"""Reading: either scheme, a log.html entry or a pasted block -> Fooocus's parsed dict -> a
+GenerationRequest, as Fooocus's "Load Parameters" does (spec §13.6)."""
 
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import re
 import urllib.parse
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from engine.core.constants import (
@@ -42,282 +29,19 @@ from engine.core.constants import (
 )
 from engine.core.errors import HooocusError, InvalidRequest
 from engine.core.request import GenerationRequest
+from engine.io.metadata.labels import (
+    A1111_KEYS,
+    A1111_SAMPLER_NAMES,
+    DEFAULT_VAE_LABEL,
+    NEGATIVE_PREFIX,
+    file_stem,
+)
 from engine.sdxl.modes import PERFORMANCE_MODES, performance_for_steps
 
-__all__ = [
-    "A1111_SAMPLER_NAMES", "CIVITAI_NO_KARRAS", "MetadataInput", "StyleSource", "build_metadata_list",
-    "default_version_string", "extract_styles_from_prompt", "model_hash10", "metadata_text",
-    "parameters_to_request", "parse_log_html", "parse_parameters", "request_from_image",
-    "request_from_image_file", "request_from_log_block", "request_from_log_file", "to_a1111_scheme",
-    "to_fooocus_scheme",
-]
-
-MetadataList = list[tuple[str, str, Any]]
-
-# spec §13.3: Fooocus flags.KSAMPLER then flags.SAMPLER_EXTRA, sampler -> A1111 name, in this order
-# (reading maps a name back to the FIRST key that has it, so "DPM++ 2M SDE" reads as dpmpp_2m_sde).
-A1111_SAMPLER_NAMES: dict[str, str] = {
-    "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "heunpp2": "", "dpm_2": "DPM2",
-    "dpm_2_ancestral": "DPM2 a", "lms": "LMS", "dpm_fast": "DPM fast", "dpm_adaptive": "DPM adaptive",
-    "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_sde_gpu": "DPM++ SDE",
-    "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_gpu": "DPM++ 2M SDE",
-    "dpmpp_3m_sde": "", "dpmpp_3m_sde_gpu": "", "ddpm": "", "lcm": "LCM", "tcd": "TCD", "restart": "Restart",
-    "ddim": "DDIM", "uni_pc": "UniPC", "uni_pc_bh2": "",
-}
-# spec §13.3: samplers that never get " Karras" appended.
-CIVITAI_NO_KARRAS: tuple[str, ...] = ("euler", "euler_ancestral", "heun", "dpm_fast", "dpm_adaptive", "ddim",
-                                      "uni_pc")
-
-# spec §13.3: metadata key -> A1111 label.
-_A1111_LABELS: dict[str, str] = {
-    "negative_prompt": "Negative prompt", "steps": "Steps", "sampler": "Sampler", "seed": "Seed",
-    "resolution": "Size", "guidance_scale": "CFG scale", "sharpness": "Sharpness", "adm_guidance": "ADM Guidance",
-    "base_model": "Model", "base_model_hash": "Model hash", "performance": "Performance", "scheduler": "Scheduler",
-    "vae": "VAE", "raw_prompt": "Raw prompt", "raw_negative_prompt": "Raw negative prompt",
-    "refiner_model": "Refiner", "refiner_model_hash": "Refiner hash", "adaptive_cfg": "Adaptive CFG",
-    "clip_skip": "Clip skip", "overwrite_switch": "Overwrite Switch", "refiner_swap_method": "Refiner Swap Method",
-    "freeu": "FreeU", "lora_hashes": "Lora hashes", "lora_weights": "Lora weights", "version": "Version",
-    "created_by": "User",
-    # Ours (Fooocus ignores labels it does not know): images made with the random-weight demo model.
-    "is_demo": "Demo model",
-}
-_A1111_KEYS: dict[str, str] = {label: key for key, label in _A1111_LABELS.items()}
-_NEGATIVE_PREFIX = "Negative prompt:"
 # spec §13.6 step 3: one "key: value" pair of the last line (values with , \n or : are JSON-quoted).
 _A1111_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _A1111_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 _LOG_BUTTON_RE = re.compile(r"to_clipboard\('([^']*)'\)")
-
-DEFAULT_VAE_LABEL = "Default (model)"  # spec §13.1 / config default_vae
-ADAPTIVE_CFG_DEFAULT = 7.0  # spec §14 default_cfg_tsnr: the value that is not written
-
-
-def default_version_string() -> str:
-    """'Hooocus v<version>' for the Version field (we write our own name; Fooocus ignores it)."""
-    from engine.io.imageio import hooocus_version
-
-    found = hooocus_version()
-    return f"Hooocus v{found}" if found else "Hooocus"
-
-
-def model_hash10(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
-    """spec §13.6 step 5: sha256 of the whole file, first 10 hex digits (callers cache it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()[:10]
-
-
-# -- writing ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MetadataInput:
-    """Everything the metadata writer needs about one finished image (one task of a job).
-
-    Model, LoRA and VAE names are file names (``juggernautXL_v8Rundiffusion.safetensors``); the
-    writer derives the stems. Numbers are coerced to Fooocus's Python types (floats print as
-    ``4.0``), so ``cfg=4`` still writes ``4.0``.
-    """
-
-    #: The raw prompt and negative prompt after wildcards and arrays (Fooocus log_*_prompt).
-    prompt: str
-    negative_prompt: str
-    #: The Fooocus V2 expansion, '' when it did not run.
-    expansion: str
-    #: Style names as used (Random Style resolved); 'Fooocus V2' may be anywhere or absent.
-    styles: Sequence[str]
-    performance: str
-    steps: int
-    width: int
-    height: int
-    cfg: float
-    sharpness: float
-    adm: tuple[float, float, float]
-    base_model: str
-    base_model_hash: str
-    #: The positive and negative texts that were encoded, expansion included (spec §2.2).
-    full_prompt: Sequence[str]
-    full_negative_prompt: Sequence[str]
-    seed: int
-    sampler: str
-    scheduler: str
-    refiner_model: str | None = None
-    refiner_model_hash: str | None = None
-    refiner_switch: float = 0.5
-    #: Fooocus overwrite_switch (the refiner swap step); written only when > 0 with a refiner.
-    overwrite_switch: int = -1
-    refiner_swap_method: str = "joint"
-    adaptive_cfg: float = ADAPTIVE_CFG_DEFAULT
-    clip_skip: int = 2
-    #: None = the checkpoint's own VAE (written as 'Default (model)').
-    vae: str | None = None
-    #: (b1, b2, s1, s2) when FreeU is on.
-    freeu: tuple[float, float, float, float] | None = None
-    #: (file name, weight, sha256[:10]) for every LoRA that was loaded, in order.
-    loras: Sequence[tuple[str, float, str]] = ()
-    #: 'fooocus', 'a1111', or None when metadata is off (written as False, spec §13.1).
-    metadata_scheme: str | None = "fooocus"
-    version: str = field(default_factory=default_version_string)
-    created_by: str = ""
-    #: Made with the built-in random-weight demo model: recorded so nobody mistakes the image.
-    is_demo: bool = False
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        for name in ("cfg", "sharpness", "refiner_switch", "adaptive_cfg"):
-            set_(self, name, float(getattr(self, name)))
-        for name in ("steps", "width", "height", "clip_skip", "overwrite_switch", "seed"):
-            set_(self, name, int(getattr(self, name)))
-        set_(self, "adm", tuple(float(v) for v in self.adm))
-        set_(self, "freeu", None if self.freeu is None else tuple(float(v) for v in self.freeu))
-        set_(self, "loras", tuple((str(n), float(w), str(h)) for n, w, h in self.loras))
-        set_(self, "styles", tuple(self.styles))
-        set_(self, "full_prompt", tuple(self.full_prompt))
-        set_(self, "full_negative_prompt", tuple(self.full_negative_prompt))
-
-
-def _stem(name: str) -> str:
-    return PurePath(name).stem
-
-
-def build_metadata_list(inp: MetadataInput) -> MetadataList:
-    """spec §13.1: Fooocus's ``(label, key, value)`` list, in its order, with its conditions."""
-    styles = [s for s in inp.styles if s != FOOOCUS_V2_STYLE]
-    if inp.expansion and FOOOCUS_V2_STYLE in inp.styles:  # 'Fooocus V2' prepended when it ran
-        styles = [FOOOCUS_V2_STYLE, *styles]
-    refiner = inp.refiner_model if inp.refiner_model not in (None, "", "None") else None
-    out: MetadataList = [
-        ("Prompt", "prompt", inp.prompt),
-        ("Negative Prompt", "negative_prompt", inp.negative_prompt),
-        ("Fooocus V2 Expansion", "prompt_expansion", inp.expansion),
-        ("Styles", "styles", str(styles)),
-        ("Performance", "performance", inp.performance),
-        ("Steps", "steps", inp.steps),
-        ("Resolution", "resolution", str((inp.width, inp.height))),
-        ("Guidance Scale", "guidance_scale", inp.cfg),
-        ("Sharpness", "sharpness", inp.sharpness),
-        ("ADM Guidance", "adm_guidance", str(inp.adm)),
-        ("Base Model", "base_model", inp.base_model),
-        ("Refiner Model", "refiner_model", refiner or "None"),
-        ("Refiner Switch", "refiner_switch", inp.refiner_switch),
-    ]
-    if refiner and inp.overwrite_switch > 0:
-        out.append(("Overwrite Switch", "overwrite_switch", inp.overwrite_switch))
-    if refiner and inp.refiner_swap_method != "joint":
-        out.append(("Refiner Swap Method", "refiner_swap_method", inp.refiner_swap_method))
-    if inp.adaptive_cfg != ADAPTIVE_CFG_DEFAULT:
-        out.append(("CFG Mimicking from TSNR", "adaptive_cfg", inp.adaptive_cfg))
-    if inp.clip_skip > 1:
-        out.append(("CLIP Skip", "clip_skip", inp.clip_skip))
-    out += [
-        ("Sampler", "sampler", inp.sampler),
-        ("Scheduler", "scheduler", inp.scheduler),
-        ("VAE", "vae", inp.vae or DEFAULT_VAE_LABEL),
-        ("Seed", "seed", str(inp.seed)),
-    ]
-    if inp.freeu is not None:
-        out.append(("FreeU", "freeu", str(inp.freeu)))
-    for number, (name, weight, _hash) in enumerate(inp.loras, start=1):
-        out.append((f"LoRA {number}", f"lora_combined_{number}", f"{name} : {weight}"))
-    scheme = inp.metadata_scheme if inp.metadata_scheme in ("fooocus", "a1111") else False
-    out += [("Metadata Scheme", "metadata_scheme", scheme), ("Version", "version", inp.version)]
-    return out
-
-
-def to_fooocus_scheme(items: MetadataList, inp: MetadataInput) -> str:
-    """spec §13.2: the list as a dict plus the full prompts, stems and hashes; sorted ASCII JSON."""
-    data: dict[str, Any] = {}
-    for _label, key, value in items:
-        if key.startswith("lora_combined_"):
-            name, _, weight = str(value).rpartition(" : ")
-            value = f"{_stem(name)} : {weight}"
-        data[key] = value
-    data["full_prompt"] = list(inp.full_prompt)
-    data["full_negative_prompt"] = list(inp.full_negative_prompt)
-    data["steps"] = inp.steps
-    data["base_model"] = _stem(inp.base_model)
-    data["base_model_hash"] = inp.base_model_hash
-    if inp.refiner_model not in (None, "", "None"):
-        data["refiner_model"] = _stem(inp.refiner_model)
-        data["refiner_model_hash"] = inp.refiner_model_hash
-    data["vae"] = _stem(inp.vae or DEFAULT_VAE_LABEL)
-    data["loras"] = [[_stem(name), weight, digest] for name, weight, digest in inp.loras]
-    if inp.created_by:
-        data["created_by"] = inp.created_by
-    if inp.is_demo:
-        data["is_demo"] = True
-    return json.dumps(dict(sorted(data.items())))
-
-
-def _a1111_quote(value: str) -> str:
-    """spec §13.3: a value containing ',', newline or ':' is written as a JSON string.
-
-    Fooocus writes it with ``ensure_ascii=False``: non-ASCII characters stay as they are (the
-    "fooocus" JSON scheme, unlike this one, keeps ASCII escapes).
-    """
-    return json.dumps(value, ensure_ascii=False) if any(ch in value for ch in ",\n:") else value
-
-
-def a1111_sampler_label(sampler: str, scheduler: str) -> str:
-    """spec §13.3: the A1111 name, plus ' Karras' for karras unless the sampler is CIVITAI_NO_KARRAS."""
-    label = A1111_SAMPLER_NAMES.get(sampler, sampler)
-    if scheduler == "karras" and sampler not in CIVITAI_NO_KARRAS:
-        label += " Karras"
-    return label
-
-
-def to_a1111_scheme(items: MetadataList, inp: MetadataInput) -> str:
-    """spec §13.3: A1111's three-part text (prompt, 'Negative prompt:' line, parameter line)."""
-    data = {key: value for _label, key, value in items}
-    params: dict[str, Any] = {
-        "Steps": inp.steps,
-        "Sampler": a1111_sampler_label(str(data["sampler"]), str(data["scheduler"])),
-        "Seed": data["seed"],
-        "Size": f"{inp.width}x{inp.height}",
-        "CFG scale": data["guidance_scale"],
-        "Sharpness": data["sharpness"],
-        "ADM Guidance": data["adm_guidance"],
-        "Model": _stem(inp.base_model),
-        "Model hash": inp.base_model_hash,
-        "Performance": data["performance"],
-        "Scheduler": data["scheduler"],
-        "VAE": _stem(inp.vae or DEFAULT_VAE_LABEL),
-        "Raw prompt": inp.prompt,
-        "Raw negative prompt": inp.negative_prompt,
-    }
-    if inp.refiner_model not in (None, "", "None"):
-        params["Refiner"] = _stem(inp.refiner_model)
-        params["Refiner hash"] = inp.refiner_model_hash
-    for key in ("adaptive_cfg", "clip_skip", "overwrite_switch", "refiner_swap_method", "freeu"):
-        if key in data:
-            params[_A1111_LABELS[key]] = data[key]
-    if inp.loras:
-        params["Lora hashes"] = ", ".join(f"{_stem(name)}: {digest}" for name, _w, digest in inp.loras)
-        params["Lora weights"] = ", ".join(f"{_stem(name)}: {weight}" for name, weight, _h in inp.loras)
-    params["Version"] = data["version"]
-    if inp.created_by:
-        params["User"] = inp.created_by
-    if inp.is_demo:
-        params["Demo model"] = True
-    lines = [", ".join(inp.full_prompt)]
-    negative = ", ".join(inp.full_negative_prompt)
-    if negative:
-        lines.append(f"{_NEGATIVE_PREFIX} {negative}")
-    lines.append(", ".join(f"{label}: {_a1111_quote(str(value))}" for label, value in params.items()
-                           if value is not None))
-    return "\n".join(lines)
-
-
-def metadata_text(inp: MetadataInput) -> str | None:
-    """The string to embed for ``inp.metadata_scheme`` (None when metadata is off)."""
-    items = build_metadata_list(inp)
-    if inp.metadata_scheme == "fooocus":
-        return to_fooocus_scheme(items, inp)
-    if inp.metadata_scheme == "a1111":
-        return to_a1111_scheme(items, inp)
-    return None
 
 
 # -- reading: the parsed dict ---------------------------------------------------------------------
@@ -435,7 +159,7 @@ def extract_styles_from_prompt(prompt: str, negative_prompt: str,
 def _file_for_name(value: str, filenames: Collection[str]) -> str | None:
     """The local file name whose stem is ``value`` (Fooocus), or that equals it (ours, lenient)."""
     for filename in filenames:
-        if _stem(filename) == value:
+        if file_stem(filename) == value:
             return filename
     return value if value in filenames else None
 
@@ -475,9 +199,9 @@ def _parse_a1111(text: str, *, styles: StyleSource | None, model_filenames: Coll
     in_negative = False
     for line in lines:
         line = line.strip()
-        if line.startswith(_NEGATIVE_PREFIX):
+        if line.startswith(NEGATIVE_PREFIX):
             in_negative = True
-            line = line[len(_NEGATIVE_PREFIX):].strip()
+            line = line[len(NEGATIVE_PREFIX):].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
     full_prompt, full_negative = "\n".join(prompt_lines), "\n".join(negative_lines)
     found_styles, prompt, negative = extract_styles_from_prompt(full_prompt, full_negative, styles)
@@ -491,8 +215,8 @@ def _parse_a1111(text: str, *, styles: StyleSource | None, model_filenames: Coll
         size = _A1111_SIZE_RE.match(value) if isinstance(value, str) else None
         if size is not None:
             data["resolution"] = str((size.group(1), size.group(2)))
-        elif label in _A1111_KEYS:  # labels Fooocus does not know (A1111's Hires etc.) are skipped
-            data[_A1111_KEYS[label]] = value
+        elif label in A1111_KEYS:  # labels Fooocus does not know (A1111's Hires etc.) are skipped
+            data[A1111_KEYS[label]] = value
     if "raw_prompt" in data:
         data["prompt"] = data["raw_prompt"]
         # [quirk] spec §13.6: the styled full prompt differs from the raw one whenever a style
@@ -573,7 +297,7 @@ def _resolve_name(value: str, known: Collection[str] | None, what: str, warnings
     if value in known:
         return value
     for name in known:
-        if _stem(name) in (value, _stem(value)):
+        if file_stem(name) in (value, file_stem(value)):
             return name
     warnings.append(f"{what} {value!r} is not installed; the default is used instead")
     return None
@@ -734,7 +458,7 @@ def _loras_from(parsed: Mapping[str, Any], performance_lora: str | None, known: 
         name, sep, weight_text = value.rpartition(" : ")
         if not sep or name in ("", "None"):
             continue
-        if performance_lora is not None and _stem(name) == _stem(performance_lora):
+        if performance_lora is not None and file_stem(name) == file_stem(performance_lora):
             continue  # the mode adds its own LoRA
         try:
             weight = float(weight_text)
