@@ -228,3 +228,103 @@ def test_parity_stand_in_patch_keys_map(sdxl_unet_on_meta: torch.nn.Module) -> N
     assert keys and all(re.match(r"diffusion_model\.", k) for k, _s in keys)
     match = match_inpaint_patch(sdxl_unet_on_meta, _meta_patches(keys))
     assert ("unet", "conv_in.weight") in match.patches and len(match.patches) == len(keys)
+
+
+# ------------------------------------------------------------------------------- the chain end to end
+
+
+def test_inpaint_chain_fits_together_end_to_end_on_tiny_models(unet: torch.nn.Module) -> None:
+    """crop → fill → two encodes (inpaint first, then fill, one posterior generator) → latent mask →
+    head feature → InpaintEngine + InpaintDenoiser → euler with the synthetic-refiner switch →
+    decode → paste back → colour correction, on the tiny UNet/VAE. Checks the pieces agree on
+    shapes, the engine is off after the switch (weights restored), the known region of the result
+    is the fill latent, and pixels outside the soft mask are the input's."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from engine.imaging.inpaint import (
+        color_correction,
+        compute_initial_abcd,
+        crop_mask_for_generation,
+        fooocus_fill,
+        paste_back,
+        solve_abcd,
+    )
+    from engine.imaging.latent_mask import grey_filled_pixels, latent_mask
+    from engine.imaging.masks import morphological_open
+    from engine.imaging.resize import resample_image
+    from engine.sdxl.img2img import initial_x, inpaint_start_latent, partial_denoise_sigmas
+    from engine.sdxl.models.inpaint import InpaintDenoiser, inpaint_head_feature, inpaint_head_feed
+    from engine.sdxl.models.loading import SDXL_VAE_SCALING_FACTOR as SF
+    from engine.sdxl.sampling.model_sampling import DiscreteEPS
+    from engine.sdxl.sampling.noise import prepare_noise
+    from engine.sdxl.sampling.samplers import sample
+    from engine.sdxl.vae_io import posterior_generator, vae_decode, vae_encode
+
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        vae = AutoencoderKL.from_config(demo_configs()["vae"]).eval().requires_grad_(False)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    mask = np.zeros((96, 80), dtype=np.uint8)
+    mask[40:60, 30:50] = 255
+    box = solve_abcd(96, 80, compute_initial_abcd(mask > 0), 0.618)
+    a, b, c, d = box
+    size = 64  # the generation size (Fooocus: shape-ceil 1024; tiny here)
+    crop = resample_image(image[a:b, c:d], size, size)
+    crop_mask = crop_mask_for_generation(mask[a:b, c:d], size, size)
+    fill = fooocus_fill(crop, crop_mask)
+
+    generator = posterior_generator()
+    latent_inpaint = vae_encode(vae, grey_filled_pixels(crop, crop_mask), generator)
+    latent_fill = vae_encode(vae, torch.from_numpy(fill).permute(2, 0, 1)[None].float() / 255.0, generator)
+    lmask = latent_mask(crop_mask, tuple(latent_fill.shape[-2:]))
+    head = torch.randn(unet.conv_in.out_channels, 5, 3, 3, generator=torch.Generator().manual_seed(3)) / 45**0.5
+    feature = inpaint_head_feature(inpaint_head_feed(lmask, latent_inpaint, scaling_factor=SF), head)
+    original = _snapshot(unet)
+
+    cond = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(4))
+    added = {"text_embeds": torch.zeros(1, 32), "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    ms = DiscreteEPS()
+
+    def x0_model(x: torch.Tensor) -> torch.Tensor:  # eps UNet → x0 at the current sigma
+        eps = unet(ms.calculate_input(current["sigma"], x), ms.timestep(current["sigma"]), encoder_hidden_states=cond,
+                   added_cond_kwargs=added, return_dict=False)[0]
+        return ms.calculate_denoised(current["sigma"], eps, x)
+
+    seed, steps, switch = 4321, 3, 1
+    wrapper = InpaintDenoiser(latent_fill, lmask, seed, scaling_factor=SF)
+    current: dict[str, torch.Tensor] = {}
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, **_: object) -> torch.Tensor:
+        current["sigma"] = sigma
+        return wrapper(x0_model, x, sigma)
+
+    engine = InpaintEngine(unet, _tiny_patches(unet), feature)
+    plan = partial_denoise_sigmas("euler", "karras", steps, 1.0)
+    noise, noise_generator = prepare_noise(seed, latent_fill.shape)
+    start = inpaint_start_latent(latent_fill, disable_initial_latent=False)
+    assert torch.equal(initial_x(start, noise, plan.sigmas[0], scaling_factor=SF),
+                       noise * torch.sqrt(1.0 + plan.sigmas[0] ** 2) + latent_fill * SF)
+    applied_at: list[bool] = []
+
+    def on_step(info: dict) -> None:
+        applied_at.append(engine.applied)
+        if info["i"] == switch:  # the joint swap fires after step `switch` is evaluated (spec §8)
+            engine.remove()
+
+    with torch.no_grad(), engine:
+        out = sample(denoiser, "euler", plan.sigmas, noise, latent=start * SF, generator=noise_generator,
+                     callback=on_step)
+    assert applied_at == [True, True, False]
+    assert all(torch.equal(p, original[n]) for n, p in _snapshot(unet).items())
+    known = (1.0 - lmask).bool().expand_as(out)
+    assert torch.allclose(out[known], (latent_fill * SF)[known])
+
+    decoded = vae_decode(vae, out / SF)
+    gen = (decoded[0].permute(1, 2, 0).numpy() * 255.0).clip(0, 255).astype(np.uint8)
+    assert gen.shape == (size, size, 3)
+    soft = morphological_open(mask)
+    result = color_correction(image, paste_back(image, gen, box), soft)
+    assert result.shape == image.shape
+    assert np.array_equal(result[soft == 0], image[soft == 0])
