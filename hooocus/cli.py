@@ -243,7 +243,7 @@ class _ProgressBar:
 
 
 def _generate_local(settings: Settings, request: Any, *, model: str | None, show_progress: bool) -> list[Any]:
-    from engine.core.events import Cancelled, Failed, ImageReady, Progress, Started, Warning_
+    from engine.core.events import Cancelled, Failed, ImageReady, JobWarning, Progress, Started
     from engine.core.runtime import create_runtime
 
     runtime = create_runtime(settings, model=model)
@@ -259,7 +259,7 @@ def _generate_local(settings: Settings, request: Any, *, model: str | None, show
                 bar.start(event.total_steps)
             elif isinstance(event, Progress):
                 bar.step(event.stage)
-            elif isinstance(event, Warning_):
+            elif isinstance(event, JobWarning):
                 print(f"warning: {event.message}", file=sys.stderr)
             elif isinstance(event, ImageReady):
                 images.append(event)

@@ -226,7 +226,7 @@ class JobHistory:
                           "WHERE job_id = ?",
                           (state, job.finished_at or self._clock(), None if error is None else _dumps(error),
                            progress_json, job.job_id), job_id=job.job_id)
-        # Queued, Progress, Preview and Warning_ events are not stored.
+        # Queued, Progress, Preview and JobWarning events are not stored.
 
     def _record_image(self, job: Job, image: ImageReady) -> None:
         path: Path | None = None
