@@ -205,13 +205,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise CliError("hooocus generate: --model and --server exclude each other (the server owns the model)")
     model = None if args.server else _operator_model(settings, args.model)
     request = GenerationRequest.parse(request_fields_from_args(args, settings))
-    out_dir = args.out or settings.resolved_output_dir
+    if args.out is not None:  # the runtime's history writes the images there (local mode)
+        settings = settings.model_copy(update={"output_dir": args.out})
+    out_dir = settings.resolved_output_dir
     if args.server:
-        images = _generate_remote(args, request, show_progress=not args.no_progress)
+        written = [(image, None) for image in _generate_remote(args, request, show_progress=not args.no_progress)]
     else:
-        images = _generate_local(settings, request, model=model, show_progress=not args.no_progress)
-    for image in images:
-        path = write_image(out_dir, image)
+        written = _generate_local(settings, request, model=model, show_progress=not args.no_progress)
+    for image, recorded_path in written:
+        path = recorded_path or write_image(out_dir, image)
         if args.json:
             print(json.dumps({"path": str(path), "seed": str(image.seed), "width": image.width,
                               "height": image.height, "sha256": image.sha256}))
@@ -243,8 +245,11 @@ class _ProgressBar:
             self._bar = None
 
 
-def _generate_local(settings: Settings, request: Any, *, model: str | None, show_progress: bool) -> list[Any]:
-    from engine.core.events import Cancelled, Failed, ImageReady, Progress, Started, Warning_
+def _generate_local(settings: Settings, request: Any, *, model: str | None,
+                    show_progress: bool) -> list[tuple[Any, Path | None]]:
+    """Run the job in this process; each image with the file the runtime's history wrote for it
+    (None if writing failed: the caller writes it then). The job is in the history like a served one."""
+    from engine.core.events import Cancelled, Failed, ImageReady, JobWarning, Progress, Started
     from engine.core.runtime import create_runtime
 
     runtime = create_runtime(settings, model=model)
@@ -260,7 +265,7 @@ def _generate_local(settings: Settings, request: Any, *, model: str | None, show
                 bar.start(event.total_steps)
             elif isinstance(event, Progress):
                 bar.step(event.stage)
-            elif isinstance(event, Warning_):
+            elif isinstance(event, JobWarning):
                 print(f"warning: {event.message}", file=sys.stderr)
             elif isinstance(event, ImageReady):
                 images.append(event)
@@ -268,13 +273,16 @@ def _generate_local(settings: Settings, request: Any, *, model: str | None, show
                 raise HooocusError(event.message, code=event.code)
             elif isinstance(event, Cancelled):
                 raise HooocusError(f"cancelled ({event.reason})", code="cancelled")
+        # The files the history wrote, read before close() closes it.
+        record = runtime.history.get_job(job.job_id) if runtime.history is not None else None
     except KeyboardInterrupt:
         runtime.engine.interrupt(reason="user")
         raise
     finally:
         bar.close()
         runtime.close()
-    return images
+    paths = {img["index"]: img.get("path") for img in (record or {}).get("images", [])}
+    return [(image, Path(paths[image.index]) if paths.get(image.index) else None) for image in images]
 
 
 def _ws_url(server: str) -> str:

@@ -6,9 +6,9 @@ read from the environment variable named by ``--token-env``). stdout carries MCP
 every log line goes to stderr. stdin lines are capped (``mcp_stdio_max_line_bytes``) and malformed
 JSON-RPC is answered or logged (:mod:`hooocus_mcp.stdio`).
 
-Embedded mode keeps its work in the data folder, as ``hooocus serve`` does: the job history
-(``<data_dir>/history.sqlite3``, images also in the output folder) and the image store's folder
-(``<data_dir>/images``). Hosts such as the MCP Inspector start one process per call, so the next
+Embedded mode keeps its work in the data folder, as ``hooocus serve`` and ``hooocus generate`` do
+(``engine.core.runtime.create_runtime``): the job history (``<data_dir>/history.sqlite3``, images
+also in the output folder) and the image store's folder (``<data_dir>/images``). Hosts such as the MCP Inspector start one process per call, so the next
 process must still answer ``get_job`` and ``hooocus://images/<sha256>`` for a job an earlier one
 ran. When stdin closes, the running job gets ``shutdown_grace_s`` to finish and be recorded.
 """
@@ -69,31 +69,19 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from engine.core.runtime import create_runtime
 
-    serve_embedded(create_runtime(settings, model=args.model, image_folder=stdio_image_folder(settings)))
+    serve_embedded(create_runtime(settings, model=args.model))
     return 0
 
 
 def serve_embedded(runtime: Any) -> None:
-    """Embedded mode over a built (not started) runtime: open the data folder's job history, serve
-    until stdin closes, give the running job ``shutdown_grace_s``, close everything."""
-    from engine.core.history import JobHistory
-
-    settings = runtime.settings
-    history = JobHistory.from_settings(settings)
+    """Embedded mode over a built (not started) runtime, which records jobs and images in the data
+    folder (``create_runtime``): serve until stdin closes, give the running job ``shutdown_grace_s``,
+    close everything (the history last, so it records how those jobs ended)."""
+    runtime.start()
     try:
-        history.attach(runtime.engine)  # before the first submit: it records every job
-        runtime.start()
-        try:
-            serve_stdio_local(runtime, history=history)
-        finally:
-            runtime.close(grace_s=settings.shutdown_grace_s)
+        serve_stdio_local(runtime, history=runtime.history)
     finally:
-        history.close()
-
-
-def stdio_image_folder(settings: Any) -> Path:
-    """Where ``hooocus mcp`` keeps full images by content hash, for the next process to read."""
-    return Path(settings.data_dir) / "images"
+        runtime.close(grace_s=runtime.settings.shutdown_grace_s)
 
 
 def serve_stdio_local(runtime: Any, *, history: Any = None) -> None:

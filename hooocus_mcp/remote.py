@@ -5,7 +5,9 @@ The websocket client (``hooocus_ws.client.HooocusClient``) is used through a sma
 ``await generate(params)`` gives a ``JobStream`` (``job_id``; async-iterates ``hooocus.v1`` event
 dicts, whose ``image`` events carry the bytes), ``await cancel(job_id)``, ``await close()``; options
 come from the same server's ``GET /v1/options``. This backend keeps a record of the jobs it started
-(their events and images), which is what ``get_job`` and the image resources read. The token comes
+(their events and images), which is what ``get_job`` and the image resources read: each one an
+engine ``Job`` fed with the events ``Event.from_wire`` parses, so a remote job has the same states
+and transitions as a local one. The token comes
 from the environment and is only ever sent to that server.
 """
 
@@ -15,9 +17,7 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -25,88 +25,51 @@ import numpy as np
 
 from engine.core.constants import PERFORMANCE_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES, SDXL_ASPECT_RATIOS
 from engine.core.errors import HooocusError, NotFound
-from engine.core.events import (
-    TERMINAL_EVENTS,
-    Cancelled,
-    Done,
-    Event,
-    Failed,
-    ImageReady,
-    Progress,
-    Queued,
-    Started,
-    Warning_,
-)
+from engine.core.events import TERMINAL_EVENTS, Event, Failed, ImageReady, Queued, Started
+from engine.core.jobs import Job
 from engine.core.request import GenerationRequest
 from engine.core.store import ImageStore, StoredImage
-from hooocus_mcp.backend import ImageInfo, JobView, steps_done
+from hooocus_mcp.backend import JobView, job_view
 from hooocus_ws.tokens import Principal
 
 log = logging.getLogger("hooocus.mcp.remote")
 
 
 def event_from_message(message: dict[str, Any]) -> Event | None:
-    """A ``hooocus.v1`` server message as an engine event (None for messages that are not job events)."""
-    kind = str(message.get("type", ""))
-    job_id = str(message.get("job_id") or "")
-    if not job_id:
-        return None
-    if kind in ("accepted", "queue", "queued"):
-        return Queued(job_id=job_id, position=int(message.get("position") or 0))
-    if kind == "started":
-        seeds = tuple(int(s) for s in message.get("seeds", ()))
-        return Started(job_id=job_id, params=dict(message.get("params") or {}), seeds=seeds,
-                       total_steps=int(message.get("total_steps") or 0))
-    if kind == "progress":
-        return Progress(job_id=job_id, step=int(message["step"]), total_steps=int(message["total_steps"]),
-                        stage=str(message.get("stage", "sample")), image_index=int(message.get("image_index", 0)),
-                        image_count=int(message.get("image_count", 1)))
-    if kind == "image":
-        data = message.get("data") if isinstance(message.get("data"), bytes | bytearray) else b""
-        return ImageReady(job_id=job_id, index=int(message.get("index", 0)), seed=int(message.get("seed", 0)),
-                          data=bytes(data), mime=str(message.get("mime", "image/png")),
-                          width=int(message.get("width", 0)), height=int(message.get("height", 0)),
-                          sha256=str(message.get("sha256", "")))
-    if kind == "done":
-        return Done(job_id=job_id, images_done=int(message.get("images_done", 0)))
-    if kind == "cancelled":
-        return Cancelled(job_id=job_id, images_done=int(message.get("images_done", 0)),
-                         reason=str(message.get("reason", "user")))
-    if kind in ("error", "failed"):
-        return Failed(job_id=job_id, code=str(message.get("code", "internal_error")),
-                      message=str(message.get("message", "")), error_id=str(message.get("error_id") or ""),
-                      images_done=int(message.get("images_done") or 0))
-    if kind == "warning":
-        return Warning_(job_id=job_id, code=str(message.get("code", "")), message=str(message.get("message", "")))
-    return None
+    """A ``hooocus.v1`` server message as an engine event (None for messages that are not job events).
+
+    ``Event.from_wire`` does the parsing; the one addition is ``accepted``, the reply to
+    ``generate``, which opens a job's stream and carries its first queue position."""
+    if message.get("type") == "accepted" and message.get("job_id"):
+        return Queued(job_id=str(message["job_id"]), position=int(message.get("position") or 0))
+    return Event.from_wire(message)
 
 
-@dataclass
 class _RemoteJob:
-    job_id: str
-    owner: str
-    events: list[Event] = field(default_factory=list)
-    images: list[ImageReady] = field(default_factory=list)
-    state: str = "queued"
-    queue_position: int | None = 0
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """A job that runs on the server, mirrored here by an engine :class:`Job`: the events the server
+    sends are replayed into it, so its state machine, bounded event log and fields (state, seeds,
+    images, error, timestamps) are the engine's own, and :func:`hooocus_mcp.backend.job_view` reads
+    it like a local job. Only the queue position, which the engine keeps outside the job, is kept here.
+    Everything runs on the event loop (the job's lock is never contended)."""
 
-    def record(self, event: Event) -> None:
-        self.events.append(event)
+    def __init__(self, job_id: str, request: GenerationRequest, owner: str) -> None:
+        self.job = Job(job_id, request, owner)
+        self.queue_position: int | None = 0
+        self.job.subscribe(self._track_position, after_seq=None)
+
+    def _track_position(self, event: Event) -> None:
         if isinstance(event, Queued):
             self.queue_position = event.position
-        elif isinstance(event, Started):
-            self.state, self.started_at, self.queue_position = "running", time.time(), None
-        elif isinstance(event, ImageReady) and event.data:
-            self.images.append(event)
-        elif isinstance(event, TERMINAL_EVENTS):
-            self.state = {Done: "done", Cancelled: "cancelled", Failed: "failed"}[type(event)]
-            self.finished_at = time.time()
-        self.changed.set()
-        self.changed = asyncio.Event()
+        elif isinstance(event, Started) or self.job.state.terminal:
+            self.queue_position = None
+
+    @property
+    def owner(self) -> str:
+        return self.job.owner
+
+    def record(self, event: Event) -> None:
+        """Replay one server event into the mirror (it gets this job's own ``seq``)."""
+        self.job.emit(event)
 
 
 ClientFactory = Callable[[], Awaitable[Any]]
@@ -186,16 +149,16 @@ class RemoteBackend:
                 if exc.code == "connection_lost":
                     self._client = None  # connect again on the next call
                 raise
-        job = _RemoteJob(job_id=stream.job_id, owner=caller.name)
-        self._jobs[job.job_id] = job
-        for job_id in [j for j, old in self._jobs.items() if old.state not in ("queued", "running")]:
+        job = _RemoteJob(stream.job_id, request, caller.name)
+        self._jobs[stream.job_id] = job
+        for job_id in [j for j, old in self._jobs.items() if old.job.state.terminal]:
             if len(self._jobs) <= self.max_jobs:
                 break
             del self._jobs[job_id]
         task = asyncio.get_running_loop().create_task(self._pump(job, stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return job.job_id
+        return stream.job_id
 
     async def _pump(self, job: _RemoteJob, stream: Any) -> None:
         """Record the job's events as they arrive (image events carry their bytes)."""
@@ -208,9 +171,10 @@ class RemoteBackend:
                     self._images.put(event, owner=job.owner)  # readable as a resource while the job goes on
                 job.record(event)
         except Exception as exc:  # noqa: BLE001 - a broken stream ends the job, not the MCP server
-            log.warning("remote job %s: %s", job.job_id, exc)
-        if job.state in ("queued", "running"):  # the stream ended without a terminal event
-            job.record(Failed(job_id=job.job_id, code="connection_lost", message="lost the connection to the server"))
+            log.warning("remote job %s: %s", job.job.job_id, exc)
+        if not job.job.state.terminal:  # the stream ended without a terminal event
+            job.record(Failed(job_id=job.job.job_id, code="connection_lost",
+                              message="lost the connection to the server"))
 
     def _job(self, job_id: str, caller: Principal) -> _RemoteJob:
         job = self._jobs.get(job_id)
@@ -220,42 +184,30 @@ class RemoteBackend:
 
     @contextlib.asynccontextmanager
     async def follow(self, job_id: str, caller: Principal) -> AsyncIterator[AsyncIterator[Event]]:
-        job = self._job(job_id, caller)
+        job = self._job(job_id, caller).job
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        # Events are recorded on this loop, so the listener may put directly (replay first, then live).
+        unsubscribe = job.subscribe(queue.put_nowait, after_seq=0)
 
         async def events() -> AsyncIterator[Event]:
-            sent = 0
             while True:
-                changed = job.changed
-                while sent < len(job.events):
-                    event = job.events[sent]
-                    sent += 1
-                    yield event
-                    if isinstance(event, TERMINAL_EVENTS):
-                        return
-                await changed.wait()
+                event = await queue.get()
+                yield event
+                if isinstance(event, TERMINAL_EVENTS):
+                    return
 
-        yield events()
+        try:
+            yield events()
+        finally:
+            unsubscribe()
 
     async def job(self, job_id: str, caller: Principal) -> JobView:
-        job = self._job(job_id, caller)
-        started = next((e for e in job.events if isinstance(e, Started)), None)
-        progress = next((e for e in reversed(job.events) if isinstance(e, Progress)), None)
-        failed = next((e for e in job.events if isinstance(e, Failed)), None)
-        total = started.total_steps if started else 0
-        done = total if job.state == "done" else (steps_done(progress) if progress else 0)
-        images = tuple(ImageInfo(index=i.index, seed=str(i.seed), sha256=i.sha256, mime=i.mime, width=i.width,
-                                 height=i.height, size_bytes=len(i.data)) for i in job.images)
-        return JobView(job_id=job.job_id, state=job.state, queue_position=job.queue_position,
-                       params=dict(started.params) if started else {},
-                       seeds=tuple(str(s) for s in started.seeds) if started else (),
-                       done_steps=min(done, total) if total else done, total_steps=total, images=images,
-                       error=None if failed is None else {"code": failed.code, "message": failed.message,
-                                                           "error_id": failed.error_id},
-                       created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
+        remote = self._job(job_id, caller)
+        return job_view(remote.job, remote.queue_position)
 
     async def cancel(self, job_id: str, caller: Principal) -> bool:
-        job = self._job(job_id, caller)
-        if job.state not in ("queued", "running"):
+        job = self._job(job_id, caller).job
+        if job.state.terminal:
             return False
         await (await self._get_client()).cancel(job_id)
         return True

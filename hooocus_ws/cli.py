@@ -227,9 +227,12 @@ def prepare_server(args: argparse.Namespace, *, env: Mapping[str, str] | None = 
     if runtime is None:
         from engine.core.runtime import create_runtime
 
-        runtime = create_runtime(settings, model=args.model)
-    # Opening it marks jobs a crashed previous run left unfinished as failed (interrupted), and logs that.
-    history = JobHistory.from_settings(settings) if with_history else None
+        # The runtime opens the history (marking jobs a crashed previous run left unfinished as
+        # interrupted, and logging that) and records jobs and images as every command does.
+        runtime = create_runtime(settings, model=args.model, record_history=with_history)
+    history = runtime.history
+    if history is None and with_history:  # a runtime built by the caller (tests) without one
+        history = JobHistory.from_settings(settings)
     allowed_hosts = default_allowed_hosts(settings)
     mcp_mount = None
     try:

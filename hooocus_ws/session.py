@@ -4,17 +4,16 @@ Threading (house style A9.3 #9): engine listeners run on the GPU worker thread a
 ``loop.call_soon_threadsafe`` into :meth:`Session._on_event`; everything else here runs on the
 event loop. The worker never waits for a client.
 
-Outbox: a FIFO of messages that are never dropped (accepted, progress, image, done, errors ...)
-plus a single preview slot where a newer preview replaces an unsent one (latest wins), so a slow
-client costs at most one preview of memory. If the FIFO itself grows past its bound the client is
-hopelessly behind: the connection is closed with 1008 and the jobs go on (they belong to the
-principal; ``subscribe`` re-attaches).
+Job events become messages through ``Event.to_wire()`` (engine.core.events: the one mapping to the
+protocol's names). They wait in the connection's :class:`~hooocus_ws.outbox.Outbox`: never-dropped
+messages in a bounded FIFO, previews in a latest-wins slot. If the FIFO grows past its bound the
+client is hopelessly behind: the connection is closed with 1008 and the jobs go on (they belong to
+the principal; ``subscribe`` re-attaches).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import json
 import logging
@@ -27,23 +26,12 @@ import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from engine.core.errors import Forbidden, HooocusError
-from engine.core.events import (
-    TERMINAL_EVENTS,
-    Cancelled,
-    Done,
-    Event,
-    Failed,
-    ImageReady,
-    Preview,
-    Progress,
-    Queued,
-    Started,
-    Warning_,
-)
+from engine.core.events import TERMINAL_EVENTS, Event, ImageReady, Preview, Queued
 from engine.core.jobs import Job
 from engine.core.logging_setup import log_context
 from hooocus_ws import service
 from hooocus_ws.context import ServerContext
+from hooocus_ws.outbox import Outbox
 from hooocus_ws.protocol import (
     FRAME_IMAGE,
     FRAME_PREVIEW,
@@ -65,7 +53,6 @@ from hooocus_ws.tokens import Principal
 
 log = logging.getLogger("hooocus.ws")
 
-_MESSAGE_OVERHEAD_BYTES = 256  # rough size of one JSON message, for the outbox byte bound
 _conn_ids = itertools.count(1)
 
 
@@ -98,14 +85,7 @@ class Session:
         self.conn_id = f"c{next(_conn_ids)}"
         self.preview = ctx.default_preview
         self._loop = asyncio.get_running_loop()
-        self._fifo: collections.deque[tuple[dict[str, Any], bytes | None]] = collections.deque()
-        self._fifo_bytes = 0
-        self._overflow = False
-        self._preview_slot: Preview | None = None
-        self._last_preview_at = float("-inf")
-        self._wake = asyncio.Event()
-        self._draining = False
-        self._seq = 0
+        self.outbox = Outbox(max_messages=ctx.limits.outbox_max_messages, max_bytes=ctx.limits.outbox_max_bytes)
         self._subs: dict[str, tuple[int, Callable[[], None]]] = {}
         self._sub_tokens = itertools.count(1)
         self._cancel_on_disconnect: set[str] = set()
@@ -113,12 +93,11 @@ class Session:
         self._bucket = TokenBucket(ctx.limits.messages_per_s, ctx.limits.message_burst)
         self._errors_in_a_row = 0
         self._closed = False
-        self._sending = False
 
     @property
     def has_pending_output(self) -> bool:
         """True while never-dropped messages wait in the outbox or are being written."""
-        return bool(self._fifo) or self._sending
+        return self.outbox.has_pending_output
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -153,8 +132,7 @@ class Session:
                         # Let the writer flush what is queued (e.g. the error that explains the close);
                         # it ends the group itself once the outbox is empty.
                         close = wanted
-                        self._draining = True
-                        self._wake.set()
+                        self.outbox.close_when_empty()
                         await anyio.sleep(limits.close_timeout_s)
                     tasks.cancel_scope.cancel()
 
@@ -235,7 +213,7 @@ class Session:
                 changes = msg.model_dump(exclude={"type", "id"}, exclude_none=True)
                 self.preview = self.preview.model_copy(update=changes)
                 if not self.preview.enabled:
-                    self._preview_slot = None
+                    self.outbox.discard_previews()
                 self._push({"type": "ack", "re": msg.id})
             elif isinstance(msg, InterruptMessage):
                 if not self.principal.can("admin"):
@@ -328,62 +306,33 @@ class Session:
             return  # a stale callback from an earlier subscription
         if isinstance(event, Preview):
             if self.preview.enabled and event.rgb is not None:
-                if self._preview_slot is not None:
-                    self.ctx.metrics.previews_dropped += 1
-                self._preview_slot = event
-                self._wake.set()
+                if self.outbox.latest_preview is not None:
+                    self.ctx.metrics.previews_dropped += 1  # the unsent one it replaces
+                self.outbox.offer_preview(event)
             return
-        base = {"job_id": job_id, "job_seq": event.seq}
-        binary: bytes | None = None
+        if event.wire_type is None:
+            return  # an event kind this protocol version does not send
         if isinstance(event, Queued):
             if self._last_position.get(job_id) == event.position:
                 return
             self._last_position[job_id] = event.position
-            message = {"type": "queue", **base, "position": event.position}
-        elif isinstance(event, Started):
-            message = {"type": "started", **base, "params": event.params, "seeds": [str(s) for s in event.seeds],
-                       "total_steps": event.total_steps}
-        elif isinstance(event, Progress):
-            message = {"type": "progress", **base, "step": event.step, "total_steps": event.total_steps,
-                       "stage": event.stage, "image_index": event.image_index, "image_count": event.image_count}
-        elif isinstance(event, ImageReady):
-            entry_dict = service.image_entry(self.ctx, event)
-            message = {"type": "image", **base, **entry_dict}
-            binary = encode_frame(FRAME_IMAGE, {"job_id": job_id, "job_seq": event.seq, "index": event.index,
-                                                "seed": str(event.seed), "mime": event.mime, "width": event.width,
-                                                "height": event.height, "sha256": event.sha256}, event.data)
-        elif isinstance(event, Done):
-            message = {"type": "done", **base, "images_done": event.images_done}
-        elif isinstance(event, Cancelled):
-            message = {"type": "cancelled", **base, "images_done": event.images_done, "reason": event.reason}
-        elif isinstance(event, Failed):
-            message = {"type": "error", **base, "code": event.code, "message": event.message,
-                       "error_id": event.error_id or None, "images_done": event.images_done}
-        elif isinstance(event, Warning_):
-            message = {"type": "warning", **base, "code": event.code, "message": event.message}
-        else:
-            return
+        message = event.to_wire()
+        binary: bytes | None = None
+        if isinstance(event, ImageReady):
+            message["url"] = self.ctx.image_url(event.sha256, event.extension)
+            binary = encode_frame(FRAME_IMAGE, event.frame_header(), event.data)
         self._push(message, binary)
         if isinstance(event, TERMINAL_EVENTS):
-            if self._preview_slot is not None and self._preview_slot.job_id == job_id:
-                self._preview_slot = None
+            self.outbox.discard_previews(job_id)
             self._cancel_on_disconnect.discard(job_id)
             self._unsubscribe(job_id)
 
     # -- writing -----------------------------------------------------------------------------------
 
     def _push(self, message: dict[str, Any], binary: bytes | None = None) -> None:
-        if self._overflow:
-            return
-        limits = self.ctx.limits
-        size = _MESSAGE_OVERHEAD_BYTES + (len(binary) if binary else 0)
-        if len(self._fifo) >= limits.outbox_max_messages or self._fifo_bytes + size > limits.outbox_max_bytes:
-            self._overflow = True
+        was_overflowed = self.outbox.overflowed
+        if not self.outbox.push(message, binary) and not was_overflowed:
             log.warning("outbox overflow on %s; closing the connection (the jobs go on)", self.conn_id)
-        else:
-            self._fifo.append((message, binary))
-            self._fifo_bytes += size
-        self._wake.set()
 
     def _send_error(self, re: Any, code: str, message: str, **extra: Any) -> None:
         self._errors_in_a_row += 1
@@ -396,51 +345,32 @@ class Session:
 
     async def _write_loop(self) -> tuple[int, str] | None:
         limits = self.ctx.limits
+
+        async def send(message: dict[str, Any], binary: bytes | None) -> None:
+            text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+            with anyio.fail_after(limits.send_timeout_s):
+                await self.ws.send_text(text)
+                if binary is not None:
+                    await self.ws.send_bytes(binary)
+
+        def preview_interval_s() -> float | None:
+            return self.preview.min_interval_ms / 1000.0 if self.preview.enabled else None
+
         try:
-            while True:
-                self._wake.clear()
-                if self._overflow:
-                    return 1008, "client too slow: outbox overflow; re-attach with subscribe"
-                if self._fifo:
-                    message, binary = self._fifo.popleft()
-                    self._fifo_bytes -= _MESSAGE_OVERHEAD_BYTES + (len(binary) if binary else 0)
-                    self._seq += 1
-                    message["seq"] = self._seq
-                    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-                    self._sending = True
-                    try:
-                        with anyio.fail_after(limits.send_timeout_s):
-                            await self.ws.send_text(text)
-                            if binary is not None:
-                                await self.ws.send_bytes(binary)
-                    finally:
-                        self._sending = False
-                    continue
-                if self._draining:
-                    return None
-                timeout: float | None = None
-                preview = self._preview_slot
-                if preview is not None and self.preview.enabled:
-                    wait_s = self._last_preview_at + self.preview.min_interval_ms / 1000.0 - time.monotonic()
-                    if wait_s <= 0:
-                        self._preview_slot = None
-                        await self._send_preview(preview)
-                        continue
-                    timeout = wait_s
-                with anyio.move_on_after(timeout):
-                    await self._wake.wait()
+            outcome = await self.outbox.flush(send, self._send_preview, preview_interval_s)
         except TimeoutError:
             log.warning("send timed out on %s; closing", self.conn_id)
             return 1008, "client too slow: send timed out"
         except (WebSocketDisconnect, OSError, RuntimeError):
             return None
+        if outcome == "overflow":
+            return 1008, "client too slow: outbox overflow; re-attach with subscribe"
+        return None
 
     async def _send_preview(self, preview: Preview) -> None:
         settings = self.preview
         data, width, height, mime = await self.ctx.previews.encode(preview, settings)
-        header = {"job_id": preview.job_id, "job_seq": preview.seq, "index": preview.image_index,
-                  "step": preview.step, "mime": mime, "width": width, "height": height}
+        header = preview.frame_header(mime=mime, width=width, height=height)
         with anyio.fail_after(self.ctx.limits.send_timeout_s):
             await self.ws.send_bytes(encode_frame(FRAME_PREVIEW, header, data))
-        self._last_preview_at = time.monotonic()
         self.ctx.metrics.previews_sent += 1

@@ -108,6 +108,7 @@ class JobHistory:
         self.output_max_age_days = output_max_age_days
         self._clock = clock
         self._closed = False
+        self._engines: list[Engine] = []  # attached to (a process has one or two: tests)
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +191,12 @@ class JobHistory:
     # -- recording ---------------------------------------------------------------------------
 
     def attach(self, engine: Engine) -> None:
-        """Record every job submitted to ``engine`` from now on. Call before the first submit."""
+        """Record every job submitted to ``engine`` from now on. Call before the first submit.
+        Attaching to the same engine again changes nothing: a job is recorded (and its images
+        written) once, whichever of runtime and app attached it first."""
+        if any(attached is engine for attached in self._engines):
+            return
+        self._engines.append(engine)
         engine.add_job_listener(self.record_job)
 
     def record_job(self, job: Job) -> None:
@@ -226,7 +232,7 @@ class JobHistory:
                           "WHERE job_id = ?",
                           (state, job.finished_at or self._clock(), None if error is None else _dumps(error),
                            progress_json, job.job_id), job_id=job.job_id)
-        # Queued, Progress, Preview and Warning_ events are not stored.
+        # Queued, Progress, Preview and JobWarning events are not stored.
 
     def _record_image(self, job: Job, image: ImageReady) -> None:
         path: Path | None = None

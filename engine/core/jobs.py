@@ -34,11 +34,11 @@ from engine.core.events import (
     Event,
     Failed,
     ImageReady,
+    JobWarning,
     Preview,
     Progress,
     Queued,
     Started,
-    Warning_,
 )
 from engine.core.request import GenerationRequest
 
@@ -125,6 +125,8 @@ class Job:
     def _apply(self, event: Event) -> None:
         if isinstance(event, Started):
             self.state = JobState.RUNNING
+            if self.started_at is None:  # the engine sets it when the worker takes the job; a mirror here
+                self.started_at = time.time()
             self.seeds = tuple(event.seeds)
             self.resolved_params = dict(event.params)
         elif isinstance(event, Progress):
@@ -261,7 +263,7 @@ class RunContext:
         self.job.emit(image)
 
     def warning(self, code: str, message: str) -> None:
-        self.job.emit(Warning_(job_id=self.job_id, code=code, message=message))
+        self.job.emit(JobWarning(job_id=self.job_id, code=code, message=message))
 
 
 class Runner(Protocol):

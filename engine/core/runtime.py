@@ -1,44 +1,77 @@
-"""The objects one Hooocus process shares between its front doors, built once at the entry point."""
+"""The objects one Hooocus process shares between its front doors, built once at the entry point.
+
+:func:`create_runtime` is the one place that decides how a process records its work, so
+``hooocus serve``, ``hooocus mcp`` and ``hooocus generate`` do it the same way: every job goes into
+the job history (``<data_dir>/history.sqlite3``, engine.core.history), every finished image is
+written to the output folder (dated folders, engine.core.outputs, via the history) and kept by
+content hash in ``<data_dir>/images`` (the image store's folder), so a later process can still
+answer for an earlier one's jobs and images. ``record_history=False`` keeps everything in memory
+(tests, benchmarks).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.core.history import JobHistory
 from engine.core.jobs import Engine, Runner
 from engine.core.settings import Settings
 from engine.core.store import ImageStore
 
+IMAGE_STORE_DIR_NAME = "images"
+
 
 @dataclass
 class Runtime:
-    """One engine (one GPU worker), one image store, one settings object."""
+    """One engine (one GPU worker), one image store, one settings object, and the job history
+    when this process records its work."""
 
     settings: Settings
     engine: Engine
     images: ImageStore
+    #: Attached to ``engine`` (records every job submitted); closed by :meth:`close`. None = not recording.
+    history: JobHistory | None = None
 
     def start(self) -> Runtime:
         self.engine.start()
         return self
 
     def close(self, *, grace_s: float = 0.0) -> None:
-        self.engine.close(grace_s=grace_s)
+        """Stop the engine (the running job gets ``grace_s``), then close the history, which
+        records those last events (cancelled / done) first."""
+        try:
+            self.engine.close(grace_s=grace_s)
+        finally:
+            if self.history is not None:
+                self.history.close()
+
+
+def image_store_folder(settings: Settings) -> Path:
+    """Where a recording runtime keeps full images by content hash (``<data_dir>/images``)."""
+    return Path(settings.data_dir) / IMAGE_STORE_DIR_NAME
 
 
 def create_runtime(settings: Settings, *, runner: Runner | None = None, model: str | None = None,
-                   image_folder: Path | None = None) -> Runtime:
+                   record_history: bool = True) -> Runtime:
     """Build (not start) the runtime. Without ``runner`` the SDXL runner is created for ``model``
     (a name, path, repo id or "demo"; None = settings.default_model). Loading weights happens
-    lazily on the worker thread, so this returns quickly. ``image_folder`` keeps the image store
-    on disk too (``hooocus mcp``: the next process reads images by hash)."""
+    lazily on the worker thread, so this returns quickly.
+
+    ``record_history`` (the default for every command) opens the job history from ``settings``
+    (which marks jobs a crashed earlier process left unfinished as interrupted), attaches it before
+    any job can be submitted, writes images to ``settings.resolved_output_dir`` and keeps the image
+    store's folder. False: nothing is written to disk."""
     if runner is None:
         from engine.sdxl.pipeline import SDXLRunner  # torch is imported only here
 
         runner = SDXLRunner(settings, model=model)
     from engine.io.presets import PresetBook  # the composition root wires the io layer into the core
 
-    images = ImageStore(folder=image_folder)
+    history = JobHistory.from_settings(settings) if record_history else None
+    images = ImageStore(folder=image_store_folder(settings) if record_history else None)
     engine = Engine(runner, max_queue=settings.queue_size, max_queued_per_owner=settings.max_queued_per_principal,
                     image_sink=images.put, apply_preset=PresetBook.from_settings(settings).apply)
-    return Runtime(settings=settings, engine=engine, images=images)
+    if history is not None:
+        history.attach(engine)
+    return Runtime(settings=settings, engine=engine, images=images, history=history)

@@ -205,7 +205,7 @@ class FooocusExpansion:
 
     def take_notice(self) -> str | None:
         """The non-commercial notice the first time it is asked for, then None, so the pipeline can
-        tell a client once (e.g. as a ``Warning_`` event). Independent of the log line."""
+        tell a client once (e.g. as a ``JobWarning`` event). Independent of the log line."""
         if self._notice_returned:
             return None
         self._notice_returned = True

@@ -62,7 +62,7 @@ class ResolvedRequest:
     output_format: str
     metadata_scheme: str
     denoise: float = 1.0
-    #: (code, message) pairs the pipeline should emit as Warning_ events.
+    #: (code, message) pairs the pipeline should emit as JobWarning events.
     warnings: tuple[tuple[str, str], ...] = ()
 
     @property

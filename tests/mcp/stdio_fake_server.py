@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 from engine.core.jobs import Engine
-from engine.core.runtime import Runtime
+from engine.core.runtime import Runtime, create_runtime
 from engine.core.settings import load_settings
 from engine.core.store import ImageStore
 from engine.core.testing import FakeRunner
-from hooocus_mcp.cli import serve_embedded, serve_stdio_local, stdio_image_folder
+from hooocus_mcp.cli import serve_embedded, serve_stdio_local
 
 
 def main() -> None:
@@ -26,8 +26,7 @@ def main() -> None:
     runner = FakeRunner(step_delay_s=step_delay_s)
     if len(sys.argv) > 2:
         settings, _ = load_settings(cli={"data_dir": Path(sys.argv[2])})
-        images = ImageStore(folder=stdio_image_folder(settings))
-        serve_embedded(Runtime(settings, Engine(runner, image_sink=images.put), images))
+        serve_embedded(create_runtime(settings, runner=runner))
         return
     settings, _ = load_settings()  # HOOOCUS_* variables, e.g. the stdin line cap
     images = ImageStore()

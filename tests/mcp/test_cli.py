@@ -44,6 +44,11 @@ def test_embedded_mode_keeps_images_in_the_data_folder(tmp_path) -> None:
     from engine.core.testing import FakeRunner
 
     settings = Settings(data_dir=tmp_path)
-    runtime = create_runtime(settings, runner=FakeRunner(), image_folder=cli.stdio_image_folder(settings))
-    assert runtime.images.folder == tmp_path / "images" and runtime.images.folder.is_dir()
-    assert create_runtime(settings, runner=FakeRunner()).images.folder is None  # serve: unchanged
+    runtime = create_runtime(settings, runner=FakeRunner())  # what `hooocus mcp` (and serve, generate) build
+    try:
+        assert runtime.images.folder == tmp_path / "images" and runtime.images.folder.is_dir()
+        assert runtime.history is not None and runtime.history.db_path.parent == tmp_path
+    finally:
+        runtime.close()
+    memory_only = create_runtime(settings, runner=FakeRunner(), record_history=False)
+    assert memory_only.images.folder is None and memory_only.history is None

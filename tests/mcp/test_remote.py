@@ -20,9 +20,11 @@ import pytest
 
 from engine.core.events import Cancelled, Done, Failed, ImageReady, Progress, Queued, Started
 from engine.core.jobs import Job, JobState
+from engine.core.request import GenerationRequest
 from engine.core.runtime import Runtime
 from engine.core.testing import FakeRunner, StepGate
 from hooocus_mcp._sdk import Client, ImageContent
+from hooocus_mcp.backend import job_view
 from hooocus_mcp.remote import RemoteBackend, event_from_message
 from hooocus_mcp.tools import ServerOptions, build_server
 from tests.mcp.conftest import STDIO, make_runtime
@@ -31,14 +33,11 @@ pytestmark = pytest.mark.anyio
 
 
 def v1_message(event: Any, first: bool) -> dict[str, Any]:
-    """An engine event as the hooocus.v1 server sends it (hooocus_ws/protocol.py)."""
-    message = event.to_dict()
-    message["job_seq"] = message.pop("seq")
-    if isinstance(event, Queued):
-        message["type"] = "accepted" if first else "queue"
-    elif isinstance(event, Failed):
-        message["type"] = "error"
-    elif isinstance(event, ImageReady):
+    """An engine event as the hooocus.v1 server sends it (``Event.to_wire``, as the session does)."""
+    if isinstance(event, Queued) and first:  # the reply to generate opens the stream
+        return {"type": "accepted", "job_id": event.job_id, "position": event.position, "duplicate": False}
+    message = event.to_wire()
+    if isinstance(event, ImageReady):
         message["data"] = event.data  # the client joins the binary frame to its image event
     return message
 
@@ -120,6 +119,75 @@ def test_v1_messages_become_engine_events() -> None:
     assert isinstance(failed, Failed) and failed.code == "out_of_memory"
     assert event_from_message({"type": "error", "code": "queue_full", "message": "m"}) is None  # not a job event
     assert event_from_message({"type": "pong"}) is None
+    # Only the protocol's own names (docs/protocol.md): "queue" and "error", never "queued"/"failed".
+    assert event_from_message({"type": "queued", "job_id": "j", "position": 1}) is None
+    assert event_from_message({"type": "failed", "job_id": "j", "code": "x", "message": "m"}) is None
+
+
+async def test_a_remote_job_has_the_engine_job_states_and_view(runtime: Runtime) -> None:
+    """The proxy mirrors a server job in an engine Job, so get_job shows what the server's own
+    job_view shows (the same state machine), for a finished and for a cancelled job."""
+    client = StandInClient(runtime)
+
+    async def connect() -> StandInClient:
+        return client
+
+    backend = RemoteBackend(connect)
+    try:
+        done_id = await backend.submit(GenerationRequest(prompt="fox", image_number=2), STDIO)
+        async with backend.follow(done_id, STDIO) as events:
+            kinds = [type(event).__name__ async for event in events]
+        assert kinds[0] == "Queued" and kinds[1] == "Started" and kinds[-1] == "Done"
+        remote = await backend.job(done_id, STDIO)
+        server = job_view(runtime.engine.require_job(done_id), None)
+        assert remote.state == JobState.DONE.value and remote.queue_position is None
+        for name in ("state", "params", "seeds", "done_steps", "total_steps", "images", "error"):
+            assert getattr(remote, name) == getattr(server, name), name
+        assert remote.started_at is not None and remote.finished_at is not None
+        assert await backend.cancel(done_id, STDIO) is False  # already finished: nothing to forward
+        assert client.cancelled == []
+    finally:
+        await backend.aclose()
+
+
+async def test_a_stream_that_ends_early_fails_the_remote_job_as_connection_lost() -> None:
+    class CutStream:
+        job_id = "j_cut"
+
+        def __init__(self) -> None:
+            self._messages = [{"type": "accepted", "job_id": "j_cut", "position": 1},
+                              {"type": "started", "job_id": "j_cut", "job_seq": 2, "params": {}, "seeds": ["3"],
+                               "total_steps": 4}]
+
+        def __aiter__(self) -> CutStream:
+            return self
+
+        async def __anext__(self) -> dict[str, Any]:
+            if not self._messages:
+                raise StopAsyncIteration  # the server went away mid-job
+            return self._messages.pop(0)
+
+    class CutClient:
+        async def generate(self, params: dict[str, Any]) -> CutStream:
+            return CutStream()
+
+        async def close(self) -> None:
+            pass
+
+    async def connect() -> CutClient:
+        return CutClient()
+
+    backend = RemoteBackend(connect)
+    try:
+        job_id = await backend.submit(GenerationRequest(prompt="x"), STDIO)
+        async with backend.follow(job_id, STDIO) as events:
+            last = [event async for event in events][-1]
+        assert isinstance(last, Failed) and last.code == "connection_lost"
+        view = await backend.job(job_id, STDIO)
+        assert view.state == JobState.FAILED.value and view.seeds == ("3",)
+        assert view.error is not None and view.error["code"] == "connection_lost"
+    finally:
+        await backend.aclose()
 
 
 async def test_proxy_generates_and_serves_images(runtime: Runtime) -> None:
