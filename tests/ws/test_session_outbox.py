@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from starlette.websockets import WebSocketState
 
+from engine.core.access import TokenStore
 from engine.core.events import Preview, Progress
 from engine.core.jobs import Job
 from engine.core.request import GenerationRequest
@@ -18,7 +19,6 @@ from hooocus_ws.context import ServerContext, ServerLimits
 from hooocus_ws.protocol import FRAME_PREVIEW, PreviewSettings, decode_frame
 from hooocus_ws.session import Session, TokenBucket
 from hooocus_ws.signing import UrlSigner
-from hooocus_ws.tokens import TokenStore
 from tests.ws.conftest import ALICE, TOKENS_TEXT, make_runtime, run_async
 
 
