@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import uvicorn
 
 from engine.core.access import TokenStore
-from engine.core.errors import HooocusError
+from engine.core.errors import UsageError
 from engine.core.history import JobHistory
 from engine.core.logging_setup import install_uvicorn_redaction
 from engine.core.runtime import Runtime
@@ -102,8 +102,8 @@ def resolve_tokens(settings: Settings, *, out: TextIO) -> TokenStore:
     if len(store):
         return store
     if not is_loopback(settings.host):
-        raise HooocusError(f"refusing to serve on {settings.host} without tokens: give --tokens-file or "
-                           "HOOOCUS_TOKENS ('NAME TOKEN SCOPES' lines)", code="unauthorized")
+        raise UsageError(f"hooocus serve: refusing to serve on {settings.host} without tokens: give --tokens-file "
+                         "or HOOOCUS_TOKENS ('NAME TOKEN SCOPES' lines)", code="unauthorized")
     store, token = TokenStore.generated("local")
     print("hooocus: no tokens configured; this run's token (all scopes, loopback only):", file=out)
     print(f"  {token}", file=out, flush=True)

@@ -41,10 +41,9 @@ EXIT_USAGE = 2
 #: Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130
 #: Error codes that mean "fix your input" (exit code 2) rather than "it failed" (exit code 1).
-#: ``unauthorized``: a missing or wrong token (``serve`` on a public address without tokens,
-#: ``generate --server`` with a bad one) is the caller's configuration to fix.
+#: A refusal from a server (``unauthorized``, ``queue_full`` ...) is a failure: exit code 1.
 USAGE_ERROR_CODES = frozenset({"invalid_request", "unknown_model", "unknown_style", "unknown_lora", "unknown_preset",
-                               "unsafe_file", "model_invalid", "unauthorized"})
+                               "unsafe_file", "model_invalid"})
 
 
 def exit_code_for(error: HooocusError) -> int:
@@ -80,8 +79,9 @@ class InvalidRequest(HooocusError):
 
 
 class UsageError(InvalidRequest):
-    """A wrong command line (flags that exclude each other, a missing token): printed as the
-    message alone, one line, exit code 2. Any entry point may raise it; the product CLI prints it."""
+    """A wrong command line or start-up configuration (flags that exclude each other, a missing
+    token, no tokens on a public address): printed as the message alone, one line, exit code 2.
+    Any entry point may raise it (``code`` may be more specific); the product CLI prints it."""
 
 
 class UnknownModel(HooocusError):

@@ -152,3 +152,18 @@ def test_a_public_bind_answers_only_to_allowed_hosts_on_http_websocket_and_mcp(t
             assert ws.receive_json()["type"] == "hello"
         # Remote MCP clients work when their Host is allowed.
         assert client.post("/mcp", headers={**mcp_headers, **good}, json=initialize).status_code == 200
+
+
+def test_python_m_hooocus_ws_is_the_serve_command_with_its_exit_codes(tmp_path):
+    """The launcher hands its argv to hooocus.cli.main: same refusal, one line, exit code 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-m", "hooocus_ws", "serve", "--host", "192.168.1.20", "--data-dir",
+                             str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "refusing to serve on 192.168.1.20 without tokens" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr and result.stdout == ""
