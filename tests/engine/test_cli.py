@@ -27,8 +27,9 @@ from typing import Any
 import pytest
 
 from engine.core.request import GenerationRequest, parse_aspect_ratio
+from engine.core.settings import settings_from_args
 from engine.io.imageio import read_image_metadata
-from hooocus.cli import build_parser, main, request_fields_from_args, settings_from_args
+from hooocus.cli import build_parser, main, request_fields_from_args
 from tests.paths import TEST_DATA_VARIABLES, refdata_dir
 
 SMALL = ["--model", "demo", "--steps", "3", "--width", "64", "--height", "64", "--no-progress"]
