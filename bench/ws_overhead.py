@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uvicorn  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
+from engine.core.access import TokenStore  # noqa: E402
 from engine.core.events import Progress  # noqa: E402
 from engine.core.jobs import Engine, Job  # noqa: E402
 from engine.core.runtime import Runtime, create_runtime  # noqa: E402
@@ -35,7 +36,6 @@ from engine.core.store import ImageStore  # noqa: E402
 from engine.core.testing import FakeRunner  # noqa: E402
 from hooocus_ws.app import create_app  # noqa: E402
 from hooocus_ws.cli import uvicorn_config  # noqa: E402
-from hooocus_ws.tokens import TokenStore  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
 

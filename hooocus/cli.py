@@ -1,7 +1,14 @@
 """The ``hooocus`` command: generate, serve, mcp, setup, models, config.
 
-Settings are built once here (defaults < hooocus.toml < HOOOCUS_* < flags) and passed down. Bad
-arguments give a one-line error and exit code 2; no traceback reaches the terminal.
+This module sits above the engine and both front doors and is the only place that joins them:
+``serve`` gets the ``/mcp`` mount built by ``hooocus_mcp``, ``mcp --connect`` gets the websocket
+client of ``hooocus_ws``; the doors never import each other nor this module.
+
+For every command, :func:`main` builds the settings once (defaults < hooocus.toml < HOOOCUS_* <
+flags; :func:`engine.core.settings.settings_from_args`), sets up logging once (to stderr, secrets
+masked; :func:`engine.core.logging_setup.configure_logging`) and passes both down. Bad arguments
+give a one-line error and exit code 2 (exit codes: :mod:`engine.core.errors`); no traceback reaches
+the terminal.
 """
 
 from __future__ import annotations
@@ -22,24 +29,30 @@ from engine.core.constants import (
     SAMPLER_NAMES,
     SCHEDULER_NAMES,
 )
-from engine.core.errors import HooocusError, UnknownModel
+from engine.core.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    HooocusError,
+    UnknownModel,
+    UsageError,
+    exit_code_for,
+)
+from engine.core.logging_setup import configure_logging
+from engine.core.settings import settings_from_args
 
 if TYPE_CHECKING:
+    from engine.core.runtime import Runtime
     from engine.core.settings import Settings
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
 DEMO_MODELS: tuple[str, ...] = (DEMO_MODEL, DEMO_REFINER)
 BUILTIN_MODEL_NOTE = "tiny random-weight demo: paints abstract noise; 'hooocus setup' installs a real model"
 
 
-class CliError(Exception):
-    """A usage problem: printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not usage + message
-        raise CliError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -47,20 +60,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="data folder (models, outputs, history)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-
-
-def settings_from_args(args: argparse.Namespace, **extra: Any) -> tuple[Settings, dict[str, str]]:
-    """Build the one frozen Settings object from the parsed flags (None = not given)."""
-    from engine.core.settings import load_settings
-
-    cli = {"data_dir": getattr(args, "data_dir", None), "device": getattr(args, "device", None),
-           "log_level": getattr(args, "log_level", None), **extra}
-    return load_settings(cli=cli, toml_path=getattr(args, "config", None))
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 # -- generate ------------------------------------------------------------------------------------
@@ -106,7 +105,7 @@ def _parse_lora(text: str) -> dict[str, Any]:
     try:
         return {"name": name, "weight": float(weight)}
     except ValueError:
-        raise CliError(f"--lora: bad weight in {text!r}; use NAME:WEIGHT") from None
+        raise UsageError(f"--lora: bad weight in {text!r}; use NAME:WEIGHT") from None
 
 
 def request_fields_from_args(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
@@ -195,14 +194,12 @@ def _operator_model(settings: Settings, spec: str | None) -> str | None:
     return spec
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from engine.core.outputs import write_image
     from engine.core.request import GenerationRequest
 
-    settings, _ = settings_from_args(args)
-    _configure_logging(settings.log_level if args.log_level is None else args.log_level)
     if args.server and args.model:
-        raise CliError("hooocus generate: --model and --server exclude each other (the server owns the model)")
+        raise UsageError("hooocus generate: --model and --server exclude each other (the server owns the model)")
     model = None if args.server else _operator_model(settings, args.model)
     request = GenerationRequest.parse(request_fields_from_args(args, settings))
     if args.out is not None:  # the runtime's history writes the images there (local mode)
@@ -291,7 +288,7 @@ def _ws_url(server: str) -> str:
 
     parts = urlsplit(server)
     if parts.scheme not in ("ws", "wss"):
-        raise CliError(f"--server: expected ws://host:port or wss://host:port, got {server!r}")
+        raise UsageError(f"--server: expected ws://host:port or wss://host:port, got {server!r}")
     path = parts.path if parts.path not in ("", "/") else "/v1/ws"
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
@@ -305,7 +302,7 @@ def _generate_remote(args: argparse.Namespace, request: Any, *, show_progress: b
 
     token = args.token or os.environ.get("HOOOCUS_TOKEN")
     if not token:
-        raise CliError("--server needs a token: --token or $HOOOCUS_TOKEN")
+        raise UsageError("--server needs a token: --token or $HOOOCUS_TOKEN")
     bar = _ProgressBar(show_progress)
 
     def on_event(event: dict[str, Any]) -> None:  # called on the client's loop thread
@@ -362,10 +359,9 @@ def _refused_weight_files(folders: Sequence[Path]) -> list[tuple[str, Path, str]
     return list(found.values())
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
+def _cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from engine.sdxl.models.registry import KINDS, registry_from_settings
 
-    settings, _ = settings_from_args(args)
     registry = registry_from_settings(settings)
     rows = []
     for kind in KINDS:
@@ -405,8 +401,8 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_config)
 
 
-def _cmd_config(args: argparse.Namespace) -> int:
-    settings, sources = settings_from_args(args)
+def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    _, sources = settings_from_args(args)
     values = settings.masked_dump()
     if args.json:
         print(json.dumps({k: {"value": v, "source": sources[k]} for k, v in values.items()}, indent=2))
@@ -425,23 +421,57 @@ def _add_setup(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_setup)
 
 
-def _cmd_setup(args: argparse.Namespace) -> int:
+def _cmd_setup(args: argparse.Namespace, settings: Settings) -> int:
     from engine.io import setup_assets
 
-    settings, _ = settings_from_args(args)
-    _configure_logging(settings.log_level)
     return setup_assets.cli_setup(args, settings)
+
+
+# -- serve and mcp: the front doors, joined here ----------------------------------------------------
+
+def mcp_mount_factory() -> Any:
+    """``hooocus_mcp.http.create_mcp_mount`` for ``serve``'s ``/mcp``; None (and a warning) when the
+    MCP SDK is not installed, so the websocket and HTTP API still serve."""
+    try:
+        from hooocus_mcp.http import create_mcp_mount
+    except ImportError as exc:
+        logging.getLogger("hooocus.serve").warning("MCP endpoint disabled: %s", exc)
+        return None
+    return create_mcp_mount
+
+
+def run_serve(args: argparse.Namespace, settings: Settings, *, runtime: Runtime | None = None) -> int:
+    """``hooocus serve``: the websocket door's command, with the MCP door mounted at ``/mcp``."""
+    from hooocus_ws import cli as ws_cli
+
+    return ws_cli.run(args, settings, runtime=runtime, mcp_mount_factory=mcp_mount_factory())
+
+
+async def connect_ws_client(url: str, token: str, *, timeout_s: float) -> Any:
+    """The websocket door's client, for ``hooocus mcp --connect`` (proxy mode)."""
+    from hooocus_ws.client import HooocusClient
+
+    return await HooocusClient.connect(url, token, timeout_s=timeout_s)
+
+
+def run_mcp(args: argparse.Namespace, settings: Settings) -> int:
+    """``hooocus mcp``: the MCP door's command, with the websocket client for ``--connect``."""
+    from hooocus_mcp import cli as mcp_cli
+
+    return mcp_cli.run(args, settings, connect_client=connect_ws_client)
 
 
 # -- entry point ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from hooocus_mcp import cli as mcp_cli
+    from hooocus_ws import cli as ws_cli
+
     parser = _Parser(prog="hooocus", description="Fooocus-quality SDXL generation as a service.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
-    for module_name in ("hooocus_ws.cli", "hooocus_mcp.cli"):
-        module = __import__(module_name, fromlist=["register"])
-        module.register(sub)
+    ws_cli.add_parser(sub).set_defaults(func=run_serve)
+    mcp_cli.add_parser(sub).set_defaults(func=run_mcp)
     _add_setup(sub)
     _add_models(sub)
     _add_config(sub)
@@ -451,20 +481,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
-    except CliError as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_USAGE
+        settings, _ = settings_from_args(args)
+        # Every command logs to stderr through the one masking handler (stdout carries results,
+        # and for 'mcp' the protocol).
+        configure_logging(settings.log_level, stream=sys.stderr)
+        return int(args.func(args, settings) or 0)
+    except UsageError as exc:
+        print(exc.message, file=sys.stderr)
+        return exit_code_for(exc)
     except HooocusError as exc:
         print(f"hooocus: error [{exc.code}]: {exc.message}", file=sys.stderr)
-        return EXIT_USAGE if exc.code in ("invalid_request", "unknown_model", "unknown_style", "unknown_lora",
-                                          "unknown_preset", "unsafe_file", "model_invalid") else EXIT_FAILED
+        return exit_code_for(exc)
     except TimeoutError:  # e.g. waiting on a --server job for longer than the client's limit
         print("hooocus: error [timeout]: gave up waiting", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("hooocus: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,13 +19,13 @@ from typing import Any, Protocol
 import anyio
 import numpy as np
 
+from engine.core.access import Principal, may_cancel, may_generate, may_read_image, may_view_job
 from engine.core.errors import Forbidden, NotFound
 from engine.core.events import TERMINAL_EVENTS, Event, Preview, Progress, Started
 from engine.core.jobs import Job
 from engine.core.request import GenerationRequest
 from engine.core.runtime import Runtime
 from engine.core.store import StoredImage
-from hooocus_ws.tokens import Principal
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class LocalBackend:
         if self.history is None or self.runtime.engine.get_job(job_id) is not None:
             return None
         record = self.history.get_job(job_id)
-        if record is None or (record["owner"] != caller.name and not caller.can("admin")):
+        if record is None or not may_view_job(caller, record["owner"]):
             return None
         return record
 
@@ -119,14 +119,14 @@ class LocalBackend:
         return await anyio.to_thread.run_sync(self.runtime.engine.runner.options)
 
     async def submit(self, request: GenerationRequest, caller: Principal) -> str:
-        if not caller.can("generate"):
+        if not may_generate(caller):
             raise Forbidden("this token may not generate images (scope 'generate' missing)")
         return self.runtime.engine.submit(request, owner=caller.name).job_id
 
-    def _job(self, job_id: str, caller: Principal, *, any_scope: str = "admin") -> Job:
+    def _job(self, job_id: str, caller: Principal) -> Job:
         # Someone else's job is "not found", so ids cannot be probed (reliability matrix #16).
         job = self.runtime.engine.get_job(job_id)
-        if job is None or (job.owner != caller.name and not caller.can(any_scope)):
+        if job is None or not may_view_job(caller, job.owner):
             raise NotFound(f"no job {job_id!r}; job ids come from generate_image")
         return job
 
@@ -166,21 +166,23 @@ class LocalBackend:
     async def cancel(self, job_id: str, caller: Principal) -> bool:
         if self._recorded(job_id, caller) is not None:
             return False  # finished, or interrupted with the process that ran it
-        job = self._job(job_id, caller, any_scope="cancel:any")
-        if job.owner == caller.name and not (caller.can("cancel:own") or caller.can("cancel:any")):
-            raise Forbidden("this token may not cancel jobs (scope 'cancel:own' missing)")
+        job = self.runtime.engine.get_job(job_id)
+        if job is None or not may_cancel(caller, job.owner):
+            if job is not None and may_view_job(caller, job.owner):  # the owner, lacking the scope
+                raise Forbidden("this token may not cancel jobs (scope 'cancel:own' missing)")
+            raise NotFound(f"no job {job_id!r}; job ids come from generate_image")
         return self.runtime.engine.cancel(job_id)
 
     async def image(self, sha256: str) -> StoredImage | None:
         return self.runtime.images.get(sha256)
 
     async def may_read_image(self, sha256: str, caller: Principal) -> bool:
-        if caller.can("admin") or caller.name in self.runtime.images.owners(sha256):
+        if may_read_image(caller, self.runtime.images.owners(sha256)):
             return True
         # An image of an earlier process (stdio: one process per host session) is owned per the history.
         if self.history is None:
             return False
-        return caller.name in await anyio.to_thread.run_sync(self.history.image_owners, sha256)
+        return may_read_image(caller, await anyio.to_thread.run_sync(self.history.image_owners, sha256))
 
     async def preview(self, job_id: str, caller: Principal) -> np.ndarray | None:
         preview = self._job(job_id, caller).latest_preview

@@ -11,28 +11,40 @@ Embedded mode keeps its work in the data folder, as ``hooocus serve`` and ``hooo
 also in the output folder) and the image store's folder (``<data_dir>/images``). Hosts such as the MCP Inspector start one process per call, so the next
 process must still answer ``get_job`` and ``hooocus://images/<sha256>`` for a job an earlier one
 ran. When stdin closes, the running job gets ``shutdown_grace_s`` to finish and be recorded.
+
+The product CLI (``hooocus.cli``) adds the sub-command (:func:`add_parser`), builds the settings and
+the logging, and calls :func:`run` with the websocket client for proxy mode: this package never
+imports the websocket door (nor the product CLI).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
+from collections.abc import Awaitable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
+from engine.core.access import Principal
+from engine.core.errors import UsageError
 from hooocus_mcp.tools import ServerOptions, build_server
-from hooocus_ws.tokens import Principal
 
 #: stdio has no authentication: the trust boundary is the host process that launched us.
 STDIO_CALLER = Principal("stdio", frozenset({"generate", "cancel:own"}))
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``mcp`` sub-command to the ``hooocus`` parser."""
+class ClientConnector(Protocol):
+    """Opens a hooocus.v1 client to ``url`` (proxy mode). The product CLI passes
+    ``hooocus_ws.client.HooocusClient.connect``: this package never imports the websocket door."""
+
+    def __call__(self, url: str, token: str, *, timeout_s: float) -> Awaitable[Any]: ...
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``mcp`` sub-command to the ``hooocus`` parser (handler in ``func``: :func:`run`)."""
     p = subparsers.add_parser("mcp", help="serve MCP on stdio (embedded engine, or --connect to 'hooocus serve')")
     p.add_argument("--model", help="model name, path, HF repo id, or 'demo' (embedded mode)")
     p.add_argument("--connect", metavar="URL", help="ws://host:port/v1/ws of a running 'hooocus serve' to forward to")
@@ -43,29 +55,24 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
+    return p
 
 
-def _log_to_stderr(level: str) -> None:
-    # stdout is the MCP channel: every record goes to stderr, with context and secrets masked.
-    from engine.core.logging_setup import configure_logging
-
-    configure_logging(level, stream=sys.stderr)
-
-
-def run(args: argparse.Namespace) -> int:
-    from hooocus.cli import CliError, settings_from_args
-
-    settings, _ = settings_from_args(args)
-    _log_to_stderr(args.log_level or settings.log_level)
+def run(args: argparse.Namespace, settings: Any, *, connect_client: ClientConnector | None = None) -> int:
+    """``hooocus mcp``. The caller has configured logging to stderr (stdout is the MCP channel).
+    ``connect_client`` is needed for ``--connect`` only."""
     if args.connect:
         if args.model:
-            raise CliError("hooocus mcp: --model and --connect exclude each other (the server owns the model)")
+            raise UsageError("hooocus mcp: --model and --connect exclude each other (the server owns the model)")
         token = os.environ.get(args.token_env, "")
         if not token:
-            raise CliError(f"hooocus mcp: --connect needs a token in ${args.token_env}")
+            raise UsageError(f"hooocus mcp: --connect needs a token in ${args.token_env}")
+        if connect_client is None:
+            raise UsageError("hooocus mcp: --connect is not available in this build (no websocket client)")
         from hooocus_mcp.remote import RemoteBackend
 
-        anyio.run(serve_stdio_remote, RemoteBackend.for_url(args.connect, token), settings.mcp_stdio_max_line_bytes)
+        backend = RemoteBackend.for_url(args.connect, token, connect_client=connect_client)
+        anyio.run(serve_stdio_remote, backend, settings.mcp_stdio_max_line_bytes)
         return 0
     from engine.core.runtime import create_runtime
 
@@ -102,23 +109,3 @@ async def serve_stdio_remote(backend: Any, max_line_bytes: int = 4 * 1024 * 1024
         await serve_stdio(server, max_line_bytes=max_line_bytes)
     finally:
         await backend.aclose()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hooocus_mcp ARGS`` = ``hooocus mcp ARGS``, without the other sub-commands."""
-    from engine.core.errors import HooocusError
-    from hooocus.cli import CliError
-
-    parser = argparse.ArgumentParser(prog="hooocus")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["mcp", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except CliError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except HooocusError as exc:
-        print(f"hooocus mcp: error [{exc.code}]: {exc.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from engine.core.access import TokenStore
 from engine.core.runtime import Runtime
 from hooocus_mcp._sdk import (
     AccessToken,
@@ -42,7 +43,6 @@ from hooocus_mcp._sdk import (
 )
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.tools import ServerOptions, build_server
-from hooocus_ws.tokens import KNOWN_SCOPES, TokenStore
 
 log = logging.getLogger("hooocus.mcp.http")
 
@@ -63,8 +63,7 @@ class TokenStoreVerifier:
         # The raw token is not kept: nothing downstream needs it, and nothing may forward it.
         # The SDK's RequireAuthMiddleware compares scope strings literally, so hand it every scope
         # the principal holds by Principal.can (the one rule for all doors: admin implies all).
-        scopes = sorted(s for s in KNOWN_SCOPES | principal.scopes if principal.can(s))
-        return AccessToken(token="<redacted>", client_id=principal.name, scopes=scopes)
+        return AccessToken(token="<redacted>", client_id=principal.name, scopes=sorted(principal.effective_scopes()))
 
 
 def security_settings(allowed_hosts: Sequence[str], allowed_origins: Sequence[str]) -> TransportSecuritySettings:

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from engine.core.access import Principal, may_read_image, may_view_job
 from engine.core.constants import PERFORMANCE_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES, SDXL_ASPECT_RATIOS
 from engine.core.errors import HooocusError, NotFound
 from engine.core.events import TERMINAL_EVENTS, Event, Failed, ImageReady, Queued, Started
@@ -30,7 +31,6 @@ from engine.core.jobs import Job
 from engine.core.request import GenerationRequest
 from engine.core.store import ImageStore, StoredImage
 from hooocus_mcp.backend import JobView, job_view
-from hooocus_ws.tokens import Principal
 
 log = logging.getLogger("hooocus.mcp.remote")
 
@@ -91,11 +91,13 @@ class RemoteBackend:
         self.max_jobs = max_jobs
 
     @classmethod
-    def for_url(cls, url: str, token: str, *, timeout_s: float = 30.0) -> RemoteBackend:
-        async def connect() -> Any:
-            from hooocus_ws.client import HooocusClient  # only this mode needs the websocket client
+    def for_url(cls, url: str, token: str, *, connect_client: Callable[..., Awaitable[Any]],
+                timeout_s: float = 30.0) -> RemoteBackend:
+        """``connect_client(url, token, timeout_s=...)`` opens the websocket client (the product CLI
+        passes ``hooocus_ws.client.HooocusClient.connect``; this package does not import that door)."""
 
-            return await HooocusClient.connect(url, token, timeout_s=timeout_s)
+        async def connect() -> Any:
+            return await connect_client(url, token, timeout_s=timeout_s)
 
         async def fetch_options() -> dict[str, Any]:
             import httpx
@@ -178,7 +180,7 @@ class RemoteBackend:
 
     def _job(self, job_id: str, caller: Principal) -> _RemoteJob:
         job = self._jobs.get(job_id)
-        if job is None or (job.owner != caller.name and not caller.can("admin")):
+        if job is None or not may_view_job(caller, job.owner):
             raise NotFound(f"no job {job_id!r}; job ids come from generate_image")
         return job
 
@@ -216,7 +218,7 @@ class RemoteBackend:
         return self._images.get(sha256)
 
     async def may_read_image(self, sha256: str, caller: Principal) -> bool:
-        return caller.can("admin") or caller.name in self._images.owners(sha256)
+        return may_read_image(caller, self._images.owners(sha256))
 
     async def preview(self, job_id: str, caller: Principal) -> np.ndarray | None:
         self._job(job_id, caller)

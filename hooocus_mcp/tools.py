@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.core.access import Principal
 from engine.core.constants import (
     MAX_IMAGE_NUMBER,
     MAX_PROMPT_CHARS,
@@ -50,7 +51,6 @@ from hooocus_mcp._sdk import (
 )
 from hooocus_mcp.backend import Backend, JobView, steps_done
 from hooocus_mcp.thumbnails import preview_thumbnail, thumbnails_within_budget
-from hooocus_ws.tokens import Principal
 
 log = logging.getLogger("hooocus.mcp")
 

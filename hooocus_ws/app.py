@@ -33,6 +33,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from engine.core.access import TokenStore
 from engine.core.errors import HooocusError, ShuttingDown
 from engine.core.history import JobHistory
 from engine.core.runtime import Runtime
@@ -42,7 +43,6 @@ from hooocus_ws.context import ServerContext, ServerLimits
 from hooocus_ws.protocol import PROTOCOL, PreviewSettings
 from hooocus_ws.session import Session
 from hooocus_ws.signing import UrlSigner
-from hooocus_ws.tokens import TokenStore
 
 log = logging.getLogger("hooocus.ws")
 

@@ -19,15 +19,14 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
+from engine.core.access import Principal, TokenStore
 from engine.core.errors import HooocusError
 from hooocus_ws.protocol import TOKEN_SUBPROTOCOL_PREFIX
-from hooocus_ws.tokens import Principal, TokenStore
 
 log = logging.getLogger("hooocus.ws.auth")
 
@@ -174,26 +173,6 @@ class AuthFailure(HooocusError):
     def __init__(self, code: str, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
-
-
-_REDACT_RE = re.compile(r"((?:token|access_token|auth|bearer|api_key|apikey|key|sig)=)[^&\s\"']*", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """Mask credential-like query values in a log line."""
-    return _REDACT_RE.sub(r"\1***", text)
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that masks ``token=...`` in records (uvicorn logs request paths with queries)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args) \
-                if isinstance(record.args, tuple) else record.args
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        return True
 
 
 @dataclass

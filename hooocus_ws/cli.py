@@ -1,5 +1,9 @@
 """``hooocus serve``: one process that owns the engine and serves /v1/ws, the HTTP API, the page and /mcp.
 
+The product CLI (``hooocus.cli``) adds the sub-command (:func:`add_parser`), builds the settings and
+the logging, and calls :func:`run` with the ``/mcp`` mount factory: this package never imports the
+MCP door (nor the product CLI).
+
 Tokens come from ``--tokens-file`` (or ``tokens_file`` in settings) or ``HOOOCUS_TOKENS``, one per line
 ``NAME TOKEN SCOPES``. With none configured the server refuses to start on a non-loopback host; on
 loopback it generates one token and prints it once.
@@ -18,31 +22,33 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 from urllib.parse import urlsplit
 
 import uvicorn
 
-from engine.core.errors import HooocusError
+from engine.core.access import TokenStore
+from engine.core.errors import UsageError
 from engine.core.history import JobHistory
-from engine.core.logging_setup import configure_logging
+from engine.core.logging_setup import install_uvicorn_redaction
 from engine.core.runtime import Runtime
-from engine.core.settings import Settings, load_settings
-from hooocus_ws.app import create_app, drain
-from hooocus_ws.auth import RedactingFilter, parse_networks
+from engine.core.settings import Settings
+from hooocus_ws.app import McpMount, create_app, drain
+from hooocus_ws.auth import parse_networks
 from hooocus_ws.connlimits import ConnectionTracker, protocol_classes
-from hooocus_ws.tokens import TokenStore
 
 log = logging.getLogger("hooocus.serve")
 
 LOOPBACK_HOST_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``serve`` sub-command to the ``hooocus`` parser (handler in ``func``)."""
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` sub-command to the ``hooocus`` parser (handler in ``func``: :func:`run`).
+    A flag whose destination is a Settings field name sets that field
+    (:func:`engine.core.settings.settings_from_args`)."""
     p = subparsers.add_parser("serve", help="serve the websocket + HTTP API (and /mcp) over one engine")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8188; 0 = any free port)")
@@ -64,7 +70,16 @@ def register(subparsers: Any) -> None:
                    help="on SIGTERM, how long the running job may take to finish (default 30)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=run_serve)
+    p.set_defaults(func=run)
+    return p
+
+
+class McpMountFactory(Protocol):
+    """Builds the ``/mcp`` endpoint over this server's runtime and tokens. The product CLI passes
+    ``hooocus_mcp.http.create_mcp_mount``: this package never imports the MCP door itself."""
+
+    def __call__(self, runtime: Runtime, tokens: TokenStore, *, allowed_hosts: Sequence[str],
+                 allowed_origins: Sequence[str]) -> McpMount: ...
 
 
 def is_loopback(host: str) -> bool:
@@ -74,18 +89,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
-    cli = {"host": args.host, "port": args.port, "tokens_file": args.tokens_file,
-           "allowed_origins": tuple(args.allowed_origins) if args.allowed_origins else None,
-           "allowed_hosts": tuple(args.allowed_hosts) if args.allowed_hosts else None,
-           "queue_size": args.queue_size, "public_url": args.public_url, "data_dir": args.data_dir,
-           "device": args.device, "log_level": args.log_level, "output_dir": args.output_dir,
-           "output_max_bytes": args.output_max_bytes, "output_max_age_days": args.output_max_age_days,
-           "shutdown_grace_s": args.shutdown_grace_s}
-    settings, _ = load_settings(cli=cli, env=env, toml_path=args.config)
-    return settings
 
 
 def resolve_tokens(settings: Settings, *, out: TextIO) -> TokenStore:
@@ -99,8 +102,8 @@ def resolve_tokens(settings: Settings, *, out: TextIO) -> TokenStore:
     if len(store):
         return store
     if not is_loopback(settings.host):
-        raise HooocusError(f"refusing to serve on {settings.host} without tokens: give --tokens-file or "
-                           "HOOOCUS_TOKENS ('NAME TOKEN SCOPES' lines)", code="unauthorized")
+        raise UsageError(f"hooocus serve: refusing to serve on {settings.host} without tokens: give --tokens-file "
+                         "or HOOOCUS_TOKENS ('NAME TOKEN SCOPES' lines)", code="unauthorized")
     store, token = TokenStore.generated("local")
     print("hooocus: no tokens configured; this run's token (all scopes, loopback only):", file=out)
     print(f"  {token}", file=out, flush=True)
@@ -196,10 +199,7 @@ class ClientFaultTracebackFilter(logging.Filter):
 def install_log_redaction() -> None:
     """uvicorn logs request paths with their query strings; mask anything that looks like a credential.
     Client faults that uvicorn logs with a traceback are cut to one line."""
-    for name in ("uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
-            logger.addFilter(RedactingFilter())
+    install_uvicorn_redaction()
     error_logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, ClientFaultTracebackFilter) for f in error_logger.filters):
         error_logger.addFilter(ClientFaultTracebackFilter())
@@ -218,11 +218,12 @@ class Prepared:
         return HooocusServer(self.config, before_shutdown=lambda: drain(ctx))
 
 
-def prepare_server(args: argparse.Namespace, *, env: Mapping[str, str] | None = None, out: TextIO = sys.stdout,
-                   runtime: Runtime | None = None, with_history: bool = True) -> Prepared:
+def prepare_server(args: argparse.Namespace, settings: Settings, *, out: TextIO = sys.stdout,
+                   runtime: Runtime | None = None, with_history: bool = True,
+                   mcp_mount_factory: McpMountFactory | None = None) -> Prepared:
     """Everything ``serve`` does before running uvicorn (tests call this without serving).
-    ``with_history`` opens ``<data_dir>/history.sqlite3``; serving closes it on shutdown."""
-    settings = settings_from_args(args, env)
+    ``with_history`` opens ``<data_dir>/history.sqlite3``; serving closes it on shutdown.
+    ``mcp_mount_factory`` None serves no ``/mcp``."""
     tokens = resolve_tokens(settings, out=out)
     if runtime is None:
         from engine.core.runtime import create_runtime
@@ -235,13 +236,9 @@ def prepare_server(args: argparse.Namespace, *, env: Mapping[str, str] | None = 
         history = JobHistory.from_settings(settings)
     allowed_hosts = default_allowed_hosts(settings)
     mcp_mount = None
-    try:
-        from hooocus_mcp.http import create_mcp_mount
-    except ImportError as exc:
-        log.warning("MCP endpoint disabled: %s", exc)
-    else:
-        mcp_mount = create_mcp_mount(runtime, tokens, allowed_hosts=allowed_hosts,
-                                     allowed_origins=settings.allowed_origins)
+    if mcp_mount_factory is not None:
+        mcp_mount = mcp_mount_factory(runtime, tokens, allowed_hosts=allowed_hosts,
+                                      allowed_origins=settings.allowed_origins)
     app = create_app(runtime, tokens=tokens, allowed_origins=settings.allowed_origins, allowed_hosts=allowed_hosts,
                      mcp_mount=mcp_mount, history=history, shutdown_grace_s=settings.shutdown_grace_s,
                      public_url=settings.public_url)
@@ -260,20 +257,8 @@ def serve(prepared: Prepared) -> int:
     return 0
 
 
-def run_serve(args: argparse.Namespace, *, runtime: Runtime | None = None) -> int:
-    # Logging first, so the set-up (history recovery, MCP) is logged through the masking handler.
-    settings = settings_from_args(args)
-    configure_logging(settings.log_level)
-    return serve(prepare_server(args, runtime=runtime))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hooocus_ws serve ...`` (the same command as ``hooocus serve``)."""
-    parser = argparse.ArgumentParser(prog="hooocus")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except HooocusError as exc:
-        print(f"hooocus: error [{exc.code}]: {exc.message}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace, settings: Settings, *, runtime: Runtime | None = None,
+        mcp_mount_factory: McpMountFactory | None = None) -> int:
+    """``hooocus serve``. The caller has configured logging (engine.core.logging_setup) first, so
+    the set-up (history recovery, MCP) is logged through the masking handler."""
+    return serve(prepare_server(args, settings, runtime=runtime, mcp_mount_factory=mcp_mount_factory))

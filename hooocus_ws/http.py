@@ -19,6 +19,7 @@ import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
+from engine.core.access import Principal, may_read_image
 from engine.core.errors import HTTP_STATUS_BY_CODE, Forbidden, HooocusError, InvalidRequest, NotFound
 from engine.core.events import TERMINAL_EVENTS, Cancelled, Event
 from engine.core.formats import MIME_BY_FORMAT, format_for_extension
@@ -27,7 +28,6 @@ from engine.core.request import GenerationRequest
 from hooocus_ws import service
 from hooocus_ws.context import ServerContext
 from hooocus_ws.protocol import protocol_schema
-from hooocus_ws.tokens import Principal
 
 log = logging.getLogger("hooocus.http")
 
@@ -210,7 +210,7 @@ async def get_image(request: Request) -> Response:
             raise Forbidden("the image link is invalid or has expired")
     else:
         principal = authenticate(request)
-        if not principal.can("admin") and not await _owns_image(ctx, principal, sha256):
+        if not await _may_read_image(ctx, principal, sha256):
             raise NotFound(f"no image {name!r}")
     ext = format_for_extension(ext)
     image = ctx.runtime.images.get(sha256)
@@ -226,12 +226,13 @@ async def get_image(request: Request) -> Response:
                         headers=_image_headers(sha256.lower()))
 
 
-async def _owns_image(ctx: ServerContext, principal: Principal, sha256: str) -> bool:
-    if principal.name in ctx.runtime.images.owners(sha256):
+async def _may_read_image(ctx: ServerContext, principal: Principal, sha256: str) -> bool:
+    # The in-memory owners first; the history (SQLite, off the loop) only when they do not say yes.
+    if may_read_image(principal, ctx.runtime.images.owners(sha256)):
         return True
     if ctx.history is None:
         return False
-    return principal.name in await anyio.to_thread.run_sync(ctx.history.image_owners, sha256)
+    return may_read_image(principal, await anyio.to_thread.run_sync(ctx.history.image_owners, sha256))
 
 
 def _image_headers(sha256: str) -> dict[str, str]:

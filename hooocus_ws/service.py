@@ -1,8 +1,8 @@
-"""Job operations shared by the websocket and HTTP routes: one place for ownership and scopes.
+"""Job operations shared by the websocket and HTTP routes.
 
-Jobs belong to the token's principal (``job.owner == principal.name``), not to a socket. Someone
-else's job is ``not_found`` unless the caller holds the scope that covers it, so a job id is
-never an existence oracle (reliability matrix row 16).
+Who may see, cancel or list which job is decided by :mod:`engine.core.access` (the same rules
+as the MCP door): jobs belong to the token's principal, and someone else's job is ``not_found``
+unless the caller holds the scope that covers it (reliability matrix row 16).
 
 Finished jobs are read back from the SQLite history (``ctx.history``) when there is one, so they
 outlive both the in-memory retention window and a restart; unfinished ones come from the engine.
@@ -16,13 +16,13 @@ import logging
 import time
 from typing import Any
 
+from engine.core.access import Principal, may_cancel, may_generate, may_view_job, sees_every_job
 from engine.core.errors import Forbidden, HooocusError, InvalidRequest, NotFound
 from engine.core.events import TERMINAL_EVENTS, Event, ImageReady, Queued
 from engine.core.formats import extension_for_mime
 from engine.core.history import MAX_LIST_LIMIT
 from engine.core.jobs import Job, JobState
 from hooocus_ws.context import ServerContext
-from hooocus_ws.tokens import Principal
 
 log = logging.getLogger("hooocus.ws.jobs")
 
@@ -47,7 +47,7 @@ def submit_job(ctx: ServerContext, principal: Principal, params: dict[str, Any],
                request_id: str | None) -> tuple[Job, int, bool]:
     """Queue ``params`` for ``principal``: (job, queue position, duplicate?). A repeated
     ``request_id`` within the retention window returns the first job (idempotent retry)."""
-    if not principal.can("generate"):
+    if not may_generate(principal):
         raise Forbidden("this token may not generate (scope 'generate' missing)")
     engine = ctx.runtime.engine
     if request_id is not None:
@@ -79,7 +79,7 @@ def submit_job(ctx: ServerContext, principal: Principal, params: dict[str, Any],
 def visible_job(ctx: ServerContext, principal: Principal, job_id: str) -> Job:
     """The job if ``principal`` owns it (or is admin) and it is within the retention window."""
     job = ctx.runtime.engine.get_job(job_id)
-    if job is None or not (job.owner == principal.name or principal.can("admin")):
+    if job is None or not may_view_job(principal, job.owner):
         raise NotFound(f"no job {job_id!r}")
     if job.finished_at is not None and time.time() - job.finished_at > ctx.limits.event_retention_s:
         raise NotFound(f"no job {job_id!r} (its events have expired)")
@@ -89,11 +89,12 @@ def visible_job(ctx: ServerContext, principal: Principal, job_id: str) -> Job:
 def check_cancel_allowed(ctx: ServerContext, principal: Principal, job_id: str) -> Job:
     """The job if ``principal`` may cancel it: own job with cancel:own, or any job with cancel:any."""
     job = ctx.runtime.engine.get_job(job_id)
-    own = job is not None and job.owner == principal.name
-    if job is None or not (own or principal.can("cancel:any")):
+    if job is None:
         raise NotFound(f"no job {job_id!r}")
-    if own and not (principal.can("cancel:own") or principal.can("cancel:any")):
-        raise Forbidden("this token may not cancel jobs (scope 'cancel:own' missing)")
+    if not may_cancel(principal, job.owner):
+        if may_view_job(principal, job.owner):  # the owner, lacking the scope: say so
+            raise Forbidden("this token may not cancel jobs (scope 'cancel:own' missing)")
+        raise NotFound(f"no job {job_id!r}")
     return job
 
 
@@ -150,16 +151,16 @@ def _live_entry(ctx: ServerContext, job: Job, *, admin: bool) -> dict[str, Any]:
 def job_record(ctx: ServerContext, principal: Principal, job_id: str) -> dict[str, Any]:
     """``GET /v1/jobs/{id}``: live while unfinished, else from the history (after a restart too).
     Missing, or someone else's without the admin scope: ``not_found``."""
-    admin = principal.can("admin")
+    admin = sees_every_job(principal)
     job = ctx.runtime.engine.get_job(job_id)
-    if job is not None and not (job.owner == principal.name or admin):
+    if job is not None and not may_view_job(principal, job.owner):
         raise NotFound(f"no job {job_id!r}")
     if job is not None and not job.state.terminal:
         return _live_entry(ctx, job, admin=admin)
     record = ctx.history.get_job(job_id) if ctx.history is not None else None
     # A live job whose final row is not written yet (or whose write failed) is shown live.
     if record is not None and (job is None or record["state"] in _TERMINAL_STATES):
-        if record["owner"] != principal.name and not admin:
+        if not may_view_job(principal, record["owner"]):
             raise NotFound(f"no job {job_id!r}")
         return history_entry(ctx, record, admin=admin)
     if job is None:
@@ -182,7 +183,7 @@ def parse_list_limit(raw: str | None, default: int = 50) -> int:
 def list_jobs(ctx: ServerContext, principal: Principal, *, limit: int, before: str | None) -> dict[str, Any]:
     """``GET /v1/jobs``: the caller's jobs (everyone's for admins), newest first, ``limit`` per page;
     ``next_before`` is the cursor for the next page (None once a page comes back short). Blocking (SQLite)."""
-    admin = principal.can("admin")
+    admin = sees_every_job(principal)
     owner = None if admin else principal.name
     engine = ctx.runtime.engine
     jobs: list[dict[str, Any]] = []

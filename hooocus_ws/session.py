@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from engine.core.access import Principal, may_interrupt
 from engine.core.errors import Forbidden, HooocusError
 from engine.core.events import TERMINAL_EVENTS, Event, ImageReady, Preview, Queued
 from engine.core.jobs import Job
@@ -49,7 +50,6 @@ from hooocus_ws.protocol import (
     message_id,
     parse_client_message,
 )
-from hooocus_ws.tokens import Principal
 
 log = logging.getLogger("hooocus.ws")
 
@@ -216,7 +216,7 @@ class Session:
                     self.outbox.discard_previews()
                 self._push({"type": "ack", "re": msg.id})
             elif isinstance(msg, InterruptMessage):
-                if not self.principal.can("admin"):
+                if not may_interrupt(self.principal):
                     raise Forbidden("interrupt needs the 'admin' scope")
                 job_id = self.ctx.runtime.engine.interrupt(reason="admin")
                 self._push({"type": "ack", "re": msg.id, "job_id": job_id})

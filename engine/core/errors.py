@@ -32,6 +32,25 @@ HTTP_STATUS_BY_CODE: dict[str, int] = {
 }
 
 
+#: Process exit codes of every command (``hooocus ...``, ``python -m hooocus_ws|hooocus_mcp``).
+EXIT_OK = 0
+#: The work was attempted and failed (a job failed, a download broke, a server went away).
+EXIT_FAILED = 1
+#: The command line, a config file or a request was wrong; nothing was attempted.
+EXIT_USAGE = 2
+#: Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+#: Error codes that mean "fix your input" (exit code 2) rather than "it failed" (exit code 1).
+#: A refusal from a server (``unauthorized``, ``queue_full`` ...) is a failure: exit code 1.
+USAGE_ERROR_CODES = frozenset({"invalid_request", "unknown_model", "unknown_style", "unknown_lora", "unknown_preset",
+                               "unsafe_file", "model_invalid"})
+
+
+def exit_code_for(error: HooocusError) -> int:
+    """The process exit code for an error that ended a command."""
+    return EXIT_USAGE if isinstance(error, UsageError) or error.code in USAGE_ERROR_CODES else EXIT_FAILED
+
+
 class HooocusError(Exception):
     """Base error. ``code`` is stable and machine-readable; ``message`` is for humans."""
 
@@ -57,6 +76,12 @@ class HooocusError(Exception):
 
 class InvalidRequest(HooocusError):
     code = "invalid_request"
+
+
+class UsageError(InvalidRequest):
+    """A wrong command line or start-up configuration (flags that exclude each other, a missing
+    token, no tokens on a public address): printed as the message alone, one line, exit code 2.
+    Any entry point may raise it (``code`` may be more specific); the product CLI prints it."""
 
 
 class UnknownModel(HooocusError):

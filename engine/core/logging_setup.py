@@ -8,8 +8,10 @@ Only entry points (``hooocus serve``, ``hooocus generate``, ``hooocus mcp``) cal
   or wrap a block in ``with log_context(job_id=..., principal=...):`` (a contextvar, so it follows
   asyncio tasks). Records without them show ``-``.
 - Never log a token, key or signature. :class:`RedactFilter` masks the shapes we know
-  (``Bearer X``, the ``hooocus.token.X`` subprotocol, ``token=X`` / ``sig=X`` query values,
-  ``"token": "X"`` in dict/JSON text) as a safety net, not as permission.
+  (``Bearer X``, the ``hooocus.token.X`` subprotocol, ``token=X`` / ``sig=X`` / ``key=X`` ...
+  query values, ``"token": "X"`` in dict/JSON text) as a safety net, not as permission. It is the
+  one redaction filter of the project: :func:`configure_logging` puts it on the root handler and
+  :func:`install_uvicorn_redaction` on uvicorn's loggers.
 - Prompts only at DEBUG. Pass them as ``extra={"prompt": ..., "negative_prompt": ...}``, never
   inside the message text; at INFO and above :class:`RedactFilter` replaces them with their length.
 """
@@ -35,7 +37,10 @@ MASK = "***"
 #: ``extra=`` fields that may carry user prompts: shown only on DEBUG records.
 PROMPT_FIELDS = ("prompt", "negative_prompt")
 
-_SECRET_KEY = r"(?:\w+_)?(?:tokens?|api_?key|apikey|sig|signature|password|passwd|secret|signing_key|authorization)"
+#: Names whose value is a credential. One list for every log line (it also covers the query
+#: names the websocket door refuses as tokens: token, access_token, auth, bearer, api_key, apikey, key).
+_SECRET_KEY = (r"(?:\w+_)?(?:tokens?|api_?key|apikey|key|sig|signature|password|passwd|secret|signing_key"
+               r"|authorization|auth|bearer)")
 _SECRET_NAME_RE = re.compile(rf"(?i)^{_SECRET_KEY}$")
 _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # Authorization: Bearer <token> / Basic <credentials>
@@ -196,9 +201,15 @@ def configure_logging(level: str | int, *, json: bool = False, stream: TextIO | 
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
     root.addHandler(handler)
     root.setLevel(parse_level(level))
-    # uvicorn's own handlers (when it configures logging itself) do not pass through ours.
+    install_uvicorn_redaction()
+    return handler
+
+
+def install_uvicorn_redaction() -> None:
+    """Mask secrets on uvicorn's own loggers: it logs request paths with their query strings, and
+    its handlers (when it configures logging itself) do not pass through ours. Idempotent."""
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactFilter) for f in logger.filters):
+            # Per argument: uvicorn's access formatter unpacks ``record.args`` itself.
             logger.addFilter(RedactFilter(merge_args=False))
-    return handler

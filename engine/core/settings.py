@@ -193,3 +193,16 @@ def load_settings(*, cli: Mapping[str, Any] | None = None, env: Mapping[str, str
     for name in Settings.model_fields:
         sources.setdefault(name, "default")
     return settings, sources
+
+
+def settings_from_args(args: Any, *, env: Mapping[str, str] | None = None) -> tuple[Settings, dict[str, str]]:
+    """The settings for a command line: every parsed flag whose destination is a Settings field
+    name (``--data-dir`` -> ``data_dir``, ``--allowed-host`` -> ``allowed_hosts``) and was given
+    sets that field; ``args.config`` names the toml file. The one builder every command uses.
+
+    ``args`` is an ``argparse.Namespace`` (anything with attributes); lists become tuples."""
+    cli: dict[str, Any] = {}
+    for name, value in vars(args).items():
+        if name in Settings.model_fields and value is not None:
+            cli[name] = tuple(value) if isinstance(value, list) else value
+    return load_settings(cli=cli, env=env, toml_path=getattr(args, "config", None))

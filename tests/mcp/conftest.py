@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import pytest
 import uvicorn
 
+from engine.core.access import Principal
 from engine.core.jobs import Engine
 from engine.core.runtime import Runtime
 from engine.core.settings import Settings
 from engine.core.store import ImageStore
 from engine.core.testing import FakeRunner
-from hooocus_ws.tokens import Principal
 
 STDIO = Principal("stdio", frozenset({"generate", "cancel:own"}))
 ALICE_TOKEN = "alice-token-0123456789abcdef"

@@ -6,12 +6,13 @@ import argparse
 
 import pytest
 
+from hooocus.cli import main
 from hooocus_mcp import cli
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hooocus")
-    cli.register(parser.add_subparsers(dest="command", required=True))
+    cli.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["mcp", *argv])
 
 
@@ -33,7 +34,7 @@ def test_bad_combinations_exit_2_with_one_line(argv: list[str], message: str, ca
     monkeypatch.delenv("HOOOCUS_TEST_UNSET_TOKEN", raising=False)
     monkeypatch.setenv("HOOOCUS_TOKEN", "t" * 20)
     monkeypatch.chdir(tmp_path)  # no stray hooocus.toml
-    assert cli.main([*argv, "--data-dir", str(tmp_path)]) == 2
+    assert main(["mcp", *argv, "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr()
     assert message in err.err and "Traceback" not in err.err and err.out == ""
 

@@ -8,9 +8,9 @@ import importlib.util
 import anyio
 import pytest
 
+from engine.core.access import TokenStore
 from engine.core.testing import FakeRunner, StepGate
 from hooocus_mcp.http import create_mcp_mount
-from hooocus_ws.tokens import TokenStore
 from tests.mcp.conftest import ALICE_TOKEN, BOB_TOKEN, TOKENS_TEXT, live_server, make_runtime
 from tests.mcp.test_http import mcp_client
 

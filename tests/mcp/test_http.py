@@ -14,12 +14,12 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from engine.core.access import TokenStore
 from engine.core.jobs import JobState
 from engine.core.runtime import Runtime
 from engine.core.testing import FakeRunner, StepGate
 from hooocus_mcp._sdk import Client, streamable_http_client
 from hooocus_mcp.http import McpMount, TokenStoreVerifier, create_mcp_mount
-from hooocus_ws.tokens import TokenStore
 from tests.mcp.conftest import ALICE_TOKEN, BOB_TOKEN, TOKENS_TEXT, LiveServer, live_server, make_runtime
 
 pytestmark = pytest.mark.anyio

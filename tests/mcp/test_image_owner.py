@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from engine.core.access import Principal
 from engine.core.runtime import Runtime
 from hooocus_mcp._sdk import Client, MCPError
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.tools import ServerOptions, build_server
-from hooocus_ws.tokens import Principal
 
 pytestmark = pytest.mark.anyio
 

@@ -272,13 +272,17 @@ async def test_an_unreachable_server_is_a_clear_tool_error(runtime: Runtime) -> 
                     or importlib.util.find_spec("hooocus_ws.app") is None,
                     reason="hooocus_ws.client / hooocus_ws.app (the websocket front door) are not written yet")
 async def test_proxy_over_the_real_websocket_client(runtime: Runtime, runner: FakeRunner) -> None:
+    from engine.core.access import TokenStore
     from hooocus_ws.app import create_app
-    from hooocus_ws.tokens import TokenStore
     from tests.mcp.conftest import ALICE_TOKEN, TOKENS_TEXT, live_server
 
     app = create_app(runtime, tokens=TokenStore.parse(TOKENS_TEXT), manage_runtime=False)
     with live_server(app) as live:
-        backend = RemoteBackend.for_url(live.url.replace("http", "ws") + "/v1/ws", ALICE_TOKEN)
+        # The websocket client as the product CLI joins it in (hooocus_mcp does not import hooocus_ws).
+        from hooocus.cli import connect_ws_client
+
+        backend = RemoteBackend.for_url(live.url.replace("http", "ws") + "/v1/ws", ALICE_TOKEN,
+                                        connect_client=connect_ws_client)
         server = build_server(backend, ServerOptions(default_caller=STDIO))
         try:
             async with Client(server) as mcp:

@@ -17,13 +17,13 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from engine.core.access import TokenStore
 from engine.core.jobs import Engine
 from engine.core.runtime import Runtime
 from engine.core.settings import Settings
 from engine.core.store import ImageStore
 from engine.core.testing import FakeRunner
 from hooocus_mcp.http import McpMount, create_mcp_mount
-from hooocus_ws.tokens import TokenStore
 from tests.mcp.conftest import ALICE_TOKEN, BOB_TOKEN, TOKENS_TEXT, LiveServer, live_server
 
 pytestmark = pytest.mark.anyio

@@ -81,8 +81,8 @@ async def test_stdio_demo_model_end_to_end(tmp_path) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("hooocus_ws.app") is None,
                     reason="hooocus_ws.app (the websocket server) is not written yet")
 async def test_stdio_proxy_mode_forwards_to_a_running_server(runtime) -> None:
+    from engine.core.access import TokenStore
     from hooocus_ws.app import create_app
-    from hooocus_ws.tokens import TokenStore
     from tests.mcp.conftest import ALICE_TOKEN, TOKENS_TEXT, live_server
 
     app = create_app(runtime, tokens=TokenStore.parse(TOKENS_TEXT), manage_runtime=False)

@@ -13,13 +13,13 @@ import anyio
 import pytest
 from PIL import Image
 
+from engine.core.access import Principal
 from engine.core.jobs import JobState
 from engine.core.runtime import Runtime
 from engine.core.testing import FakeRunner, StepGate
 from hooocus_mcp._sdk import Client, ImageContent, MCPError, ResourceLink, TextContent
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.tools import JobResult, ServerOptions, build_server
-from hooocus_ws.tokens import Principal
 from tests.mcp.conftest import STDIO
 
 pytestmark = pytest.mark.anyio

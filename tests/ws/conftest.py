@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from engine.core.access import TokenStore
 from engine.core.jobs import Engine, Runner
 from engine.core.runtime import Runtime
 from engine.core.settings import Settings
@@ -23,7 +24,6 @@ from hooocus_ws.app import create_app, drain
 from hooocus_ws.cli import HooocusServer, uvicorn_config
 from hooocus_ws.context import ServerLimits
 from hooocus_ws.protocol import decode_frame, validate_server_message
-from hooocus_ws.tokens import TokenStore
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdefgh"

@@ -8,22 +8,29 @@ import io
 import pytest
 
 from engine.core.errors import HooocusError
+from engine.core.logging_setup import RedactFilter
+from engine.core.settings import settings_from_args
+from hooocus.cli import main, mcp_mount_factory
 from hooocus_ws import cli
-from hooocus_ws.auth import RedactingFilter
 from tests.ws.conftest import ALICE, TOKENS_TEXT, make_runtime
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hooocus")
-    cli.register(parser.add_subparsers(dest="command", required=True))
+    cli.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["serve", *argv])
+
+
+def prepare(args: argparse.Namespace, *, env: dict[str, str], **kwargs):
+    settings, _ = settings_from_args(args, env=env)
+    return cli.prepare_server(args, settings, **kwargs)
 
 
 def test_register_adds_serve_with_every_flag():
     args = parse("--host", "0.0.0.0", "--port", "9000", "--model", "demo", "--tokens-file", "t.txt",
                  "--allowed-origin", "https://a.example", "--allowed-origin", "https://b.example",
                  "--queue-size", "3", "--config", "h.toml")
-    assert args.func is cli.run_serve
+    assert args.func is cli.run
     assert (args.host, args.port, args.model, str(args.tokens_file), args.queue_size) == \
         ("0.0.0.0", 9000, "demo", "t.txt", 3)
     assert args.allowed_origins == ["https://a.example", "https://b.example"]
@@ -32,7 +39,7 @@ def test_register_adds_serve_with_every_flag():
 def test_output_limits_and_grace_reach_the_settings_and_the_history(tmp_path):
     args = parse("--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "imgs"), "--output-max-bytes", "5000",
                  "--output-max-age-days", "7.5", "--shutdown-grace-s", "3")
-    prepared = cli.prepare_server(args, env={}, out=io.StringIO(), runtime=make_runtime(tmp_path))
+    prepared = prepare(args, env={}, out=io.StringIO(), runtime=make_runtime(tmp_path))
     history = prepared.history
     assert (history.output_dir, history.output_max_bytes, history.output_max_age_days) == (tmp_path / "imgs", 5000,
                                                                                             7.5)
@@ -43,15 +50,15 @@ def test_output_limits_and_grace_reach_the_settings_and_the_history(tmp_path):
 
 def test_refuses_a_public_host_without_tokens(tmp_path):
     with pytest.raises(HooocusError) as info:
-        cli.prepare_server(parse("--host", "0.0.0.0", "--data-dir", str(tmp_path)), env={},
+        prepare(parse("--host", "0.0.0.0", "--data-dir", str(tmp_path)), env={},
                            runtime=make_runtime(tmp_path))
     assert info.value.code == "unauthorized"
-    assert cli.main(["serve", "--host", "192.168.1.20", "--data-dir", str(tmp_path)]) == 2
+    assert main(["serve", "--host", "192.168.1.20", "--data-dir", str(tmp_path)]) == 2
 
 
 def test_loopback_without_tokens_prints_one_fresh_token(tmp_path):
     out = io.StringIO()
-    prepared = cli.prepare_server(parse("--data-dir", str(tmp_path)), env={}, out=out, runtime=make_runtime(tmp_path))
+    prepared = prepare(parse("--data-dir", str(tmp_path)), env={}, out=out, runtime=make_runtime(tmp_path))
     token = out.getvalue().split()[-1]
     gate = prepared.config.app.state.hooocus.gate
     assert len(gate.tokens) == 1 and gate.tokens.verify(token).scopes >= {"generate", "admin"}
@@ -60,13 +67,13 @@ def test_loopback_without_tokens_prints_one_fresh_token(tmp_path):
 
 def test_tokens_from_env_and_file(tmp_path):
     env = {"HOOOCUS_TOKENS": TOKENS_TEXT}
-    prepared = cli.prepare_server(parse("--host", "0.0.0.0", "--data-dir", str(tmp_path)), env=env,
+    prepared = prepare(parse("--host", "0.0.0.0", "--data-dir", str(tmp_path)), env=env,
                                   runtime=make_runtime(tmp_path))
     assert prepared.config.app.state.hooocus.gate.tokens.verify(ALICE).name == "alice"
     path = tmp_path / "tokens.txt"
     path.write_text("carol carol-token-0123456789 generate\n")
     out = io.StringIO()
-    prepared = cli.prepare_server(parse("--tokens-file", str(path), "--data-dir", str(tmp_path)), env=env, out=out,
+    prepared = prepare(parse("--tokens-file", str(path), "--data-dir", str(tmp_path)), env=env, out=out,
                                   runtime=make_runtime(tmp_path))
     gate = prepared.config.app.state.hooocus.gate
     assert gate.tokens.verify("carol-token-0123456789").name == "carol" and gate.tokens.verify(ALICE) is None
@@ -74,7 +81,7 @@ def test_tokens_from_env_and_file(tmp_path):
 
 
 def test_uvicorn_settings(tmp_path):
-    prepared = cli.prepare_server(parse("--port", "0", "--data-dir", str(tmp_path)), env={}, out=io.StringIO(),
+    prepared = prepare(parse("--port", "0", "--data-dir", str(tmp_path)), env={}, out=io.StringIO(),
                                   runtime=make_runtime(tmp_path))
     config = prepared.config
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -91,7 +98,7 @@ def test_uvicorn_settings(tmp_path):
     assert cli.default_allowed_hosts(prepared.settings) == ("127.0.0.1", "localhost", "::1", "[::1]")
     import logging
 
-    assert any(isinstance(f, RedactingFilter) for f in logging.getLogger("uvicorn.error").filters)
+    assert any(isinstance(f, RedactFilter) for f in logging.getLogger("uvicorn.error").filters)
 
 
 @pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("localhost", True), ("::1", True),
@@ -106,11 +113,11 @@ def test_a_hash_inside_a_token_is_a_start_up_error_naming_the_line(tmp_path, cap
     path = tmp_path / "tokens.txt"
     path.write_text("# comment line\ncarol carol-token-0123456789 generate  # trailing comment is fine\n"
                     "dave dave-tok#en-0123456789 admin\n")
-    assert cli.main(["serve", "--tokens-file", str(path), "--data-dir", str(tmp_path)]) == 2
+    assert main(["serve", "--tokens-file", str(path), "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"{path}:3" in err and "'#'" in err
     path.write_text("# comment line\ncarol carol-token-0123456789 generate,cancel:own  # trailing comment\n")
-    from hooocus_ws.tokens import TokenStore
+    from engine.core.access import TokenStore
 
     store = TokenStore.from_file(path)
     assert store.verify("carol-token-0123456789").scopes == frozenset({"generate", "cancel:own"})
@@ -123,7 +130,9 @@ def test_a_public_bind_answers_only_to_allowed_hosts_on_http_websocket_and_mcp(t
 
     env = {"HOOOCUS_TOKENS": TOKENS_TEXT}
     args = parse("--host", "0.0.0.0", "--data-dir", str(tmp_path), "--public-url", "https://gpu.example.org")
-    prepared = cli.prepare_server(args, env=env, runtime=make_runtime(tmp_path), with_history=False)
+    # /mcp as the product CLI mounts it (hooocus_ws itself never imports the MCP door).
+    prepared = prepare(args, env=env, runtime=make_runtime(tmp_path), with_history=False,
+                       mcp_mount_factory=mcp_mount_factory())
     assert "gpu.example.org" in cli.default_allowed_hosts(prepared.settings)
     bearer = {"Authorization": f"Bearer {ALICE}"}
     initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
@@ -146,7 +155,7 @@ def test_a_public_bind_answers_only_to_allowed_hosts_on_http_websocket_and_mcp(t
 
 
 def test_python_m_hooocus_ws_is_the_serve_command_with_its_exit_codes(tmp_path):
-    """The launcher hands its argv to hooocus.cli.main: same refusal, same one line, exit code 2."""
+    """The launcher hands its argv to hooocus.cli.main: same refusal, one line, exit code 2."""
     import subprocess
     import sys
     from pathlib import Path
@@ -156,5 +165,5 @@ def test_python_m_hooocus_ws_is_the_serve_command_with_its_exit_codes(tmp_path):
                              str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=120,
                             env={"PATH": "", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "error [unauthorized]" in line]
+    lines = [line for line in result.stderr.splitlines() if "refusing to serve on 192.168.1.20 without tokens" in line]
     assert len(lines) == 1 and "Traceback" not in result.stderr and result.stdout == ""

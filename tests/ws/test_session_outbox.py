@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from starlette.websockets import WebSocketState
 
+from engine.core.access import TokenStore
 from engine.core.events import Preview, Progress
 from engine.core.request import GenerationRequest
 from hooocus_ws.auth import AuthGate
@@ -21,7 +22,6 @@ from hooocus_ws.outbox import MESSAGE_OVERHEAD_BYTES, Outbox
 from hooocus_ws.protocol import FRAME_PREVIEW, PreviewSettings, decode_frame, validate_server_message
 from hooocus_ws.session import Session, TokenBucket
 from hooocus_ws.signing import UrlSigner
-from hooocus_ws.tokens import TokenStore
 from tests.ws.conftest import ALICE, TOKENS_TEXT, make_runtime, run_async
 
 

@@ -55,7 +55,7 @@ def test_wrong_token_is_401(client, token):
 
 
 def test_tokens_are_compared_as_fixed_length_digests_in_constant_time(client, monkeypatch):
-    import hooocus_ws.tokens as tokens_module
+    import engine.core.access as tokens_module
 
     seen: list[tuple[int, int]] = []
     real = tokens_module.hmac.compare_digest

@@ -1,11 +1,25 @@
-"""Bearer tokens and principals, shared by the websocket, HTTP and MCP front doors.
+"""Who may do what: principals, the bearer-token store, and the job/image access rules.
+
+Every front door (websocket, HTTP, MCP over HTTP and stdio) authenticates with the same tokens and
+applies the same rules, so both live here once and the doors call them.
 
 Tokens come from a file or ``HOOOCUS_TOKENS``: one per line ``NAME TOKEN SCOPES`` (scopes
 comma-separated: generate, cancel:own, cancel:any, admin); ``#`` at the start of a line or after
 whitespace starts a comment, and a ``#`` inside a field is refused (it used to cut a token short
-and drop its scopes without a word). Only SHA-256
-digests are kept in memory, and every check compares digests in constant time against every
-entry, so neither timing nor length leaks which token was close.
+and drop its scopes without a word). Only SHA-256 digests are kept in memory, and every check
+compares digests in constant time against every entry, so neither timing nor length leaks which
+token was close.
+
+The rules (reliability matrix row 16: a job id or image hash is never an existence oracle, so a
+caller who may not see something gets ``not_found``, never ``forbidden``):
+
+- a job belongs to the principal that submitted it (by ``name``), not to a connection;
+- the owner and admins see a job (:func:`may_view_job`);
+- cancelling needs ``cancel:own`` on one's own job or ``cancel:any`` on any job
+  (:func:`may_cancel`); an owner without the scope is told ``forbidden``, anyone else ``not_found``;
+- an image may be read by a principal whose job produced it, or by an admin (:func:`may_read_image`):
+  its PNG metadata holds the prompt;
+- ``admin`` implies every scope (:meth:`Principal.can`).
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +36,8 @@ from engine.core.errors import InvalidRequest
 
 KNOWN_SCOPES = frozenset({"generate", "cancel:own", "cancel:any", "admin"})
 DEFAULT_SCOPES = frozenset({"generate", "cancel:own"})
+#: Shortest token the store accepts: tokens are meant to be random, and guessing must stay hopeless.
+MIN_TOKEN_CHARS = 16
 #: A comment: '#' at the start of the line or after whitespace, to the end of the line.
 _COMMENT_RE = re.compile(r"(^|\s)#.*$")
 
@@ -34,6 +51,51 @@ class Principal:
 
     def can(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
+
+    def effective_scopes(self) -> frozenset[str]:
+        """Every scope :meth:`can` grants, spelled out (for checks that compare scope strings
+        literally, such as the MCP SDK's ``RequireAuthMiddleware``)."""
+        return frozenset(s for s in KNOWN_SCOPES | self.scopes if self.can(s))
+
+
+# -- the rules --------------------------------------------------------------------------------------
+
+
+def may_generate(principal: Principal) -> bool:
+    return principal.can("generate")
+
+
+def sees_every_job(principal: Principal) -> bool:
+    """Admins see everyone's jobs (and their owners and file paths) in listings."""
+    return principal.can("admin")
+
+
+def may_interrupt(principal: Principal) -> bool:
+    """Stopping the running job whoever owns it (the websocket ``interrupt`` message): admins only."""
+    return principal.can("admin")
+
+
+def may_view_job(principal: Principal, job_owner: str) -> bool:
+    """The owner, or an admin."""
+    return job_owner == principal.name or principal.can("admin")
+
+
+def may_cancel(principal: Principal, job_owner: str) -> bool:
+    """``cancel:own`` on one's own job, ``cancel:any`` (or admin) on any job.
+
+    When this is False, answer ``forbidden`` if :func:`may_view_job` is True (the owner lacks the
+    scope), else ``not_found``."""
+    if principal.can("cancel:any"):
+        return True
+    return job_owner == principal.name and principal.can("cancel:own")
+
+
+def may_read_image(principal: Principal, owners: Iterable[str]) -> bool:
+    """An admin, or a principal whose job produced the image (``owners``: every principal that did)."""
+    return principal.can("admin") or principal.name in owners
+
+
+# -- the token store --------------------------------------------------------------------------------
 
 
 def _digest(token: str) -> bytes:
@@ -67,9 +129,9 @@ class TokenStore:
             if unknown:
                 raise InvalidRequest(f"{source}:{lineno}: unknown scope(s) {sorted(unknown)}; "
                                      f"known: {sorted(KNOWN_SCOPES)}", loc=("tokens", lineno))
-            if len(token) < 16:
-                raise InvalidRequest(f"{source}:{lineno}: token for {name!r} is shorter than 16 characters",
-                                     loc=("tokens", lineno))
+            if len(token) < MIN_TOKEN_CHARS:
+                raise InvalidRequest(f"{source}:{lineno}: token for {name!r} is shorter than {MIN_TOKEN_CHARS} "
+                                     "characters", loc=("tokens", lineno))
             if name in names:
                 raise InvalidRequest(f"{source}:{lineno}: duplicate name {name!r}", loc=("tokens", lineno))
             names.add(name)
