@@ -79,12 +79,14 @@ def test_generate_records_the_job_and_writes_the_image_once(data_dir: Path, caps
 
 
 def test_serve_records_the_job_and_writes_the_image_once(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.core.settings import settings_from_args
     from hooocus.cli import build_parser
     from hooocus_ws.cli import prepare_server
 
     monkeypatch.chdir(data_dir)
     args = build_parser().parse_args(["serve", "--model", "demo", "--port", "0", "--data-dir", str(data_dir)])
-    prepared = prepare_server(args, env={"HOOOCUS_TOKENS": f"alice {TOKEN} generate"})
+    settings, _ = settings_from_args(args, env={"HOOOCUS_TOKENS": f"alice {TOKEN} generate"})
+    prepared = prepare_server(args, settings)
     assert prepared.runtime.history is prepared.history is not None  # the runtime's, not a second one
     with TestClient(prepared.config.app, base_url="http://127.0.0.1") as client:  # an allowed Host
         response = client.post("/v1/generate", headers={"Authorization": f"Bearer {TOKEN}"},
