@@ -1,5 +1,5 @@
 """scripts/test and scripts/serve on a fresh clone (issue 11): installs are constrained, an importable
-torch 2.13.0 is kept, the slow step runs after a failed fast step, and a slow step that selects
+torch 2.14.1 (with its torchvision) is kept, the slow step runs after a failed fast step, and a slow step that selects
 nothing (pytest exit 5) does not fail the script. A stand-in .venv/bin/python records every call
 instead of installing or testing anything, so this runs in well under a second per case."""
 
@@ -58,9 +58,9 @@ def test_installs_with_constraints_and_keeps_an_importable_torch(clone: Path) ->
     assert code == 0
     pip = [c for c in calls if c.startswith("-m pip install")]
     assert pip == ["-m pip install -q --disable-pip-version-check -c constraints.txt -e .[dev]"]
-    code, calls = _run(clone, "serve", TORCH_RC="1")  # no torch 2.13.0 yet: installed first
+    code, calls = _run(clone, "serve", TORCH_RC="1")  # no torch 2.14.1 yet: installed first, with its torchvision
     pip = [c for c in calls if c.startswith("-m pip install")][-2:]
-    assert pip == ["-m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0",
+    assert pip == ["-m pip install -q --disable-pip-version-check -c constraints.txt torch==2.14.1 torchvision==0.29.1",
                    "-m pip install -q --disable-pip-version-check -c constraints.txt -e ."]
     assert calls[-1] == "serve serve" and code == 0
 
