@@ -1,4 +1,4 @@
-"""engine.io.setup_assets against a local HTTP server on 127.0.0.1 (Range support, faults on demand).
+"""engine.io.setup against a local HTTP server on 127.0.0.1 (Range support, faults on demand).
 
 Covers: a good download, a checksum mismatch, a broken transfer resumed from the .part (in the
 same run and in a later run), a server that ignores Range, offline set-up naming every missing
@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from engine.core.errors import AssetsMissing, UnsafeFile
-from engine.io.setup_assets import (
+from engine.core.errors import EXIT_FAILED, EXIT_USAGE, AssetsMissing, UnsafeFile
+from engine.io.setup import (
     ALL_ASSETS,
     DEFAULT_ASSETS,
     EXPANSION_ASSETS,
@@ -371,11 +371,11 @@ def test_cli_offline_and_usage(closed_port_url: str, tmp_path: Path, capsys: pyt
     code = cli_setup(["--data-dir", str(tmp_path), "--yes", "--no-progress", "--mirror", closed_port_url,
                       "--only", "expansion"])
     captured = capsys.readouterr()
-    assert code == 1
+    assert code == EXIT_FAILED
     assert "CC BY-NC 4.0" in captured.out and "expansion/positive.txt" in captured.err
-    assert cli_setup(["--data-dir", str(tmp_path), "--only", "nonsense"]) == 2
+    assert cli_setup(["--data-dir", str(tmp_path), "--only", "nonsense"]) == EXIT_USAGE
     assert "unknown asset or group" in capsys.readouterr().err
-    assert cli_setup(["--data-dir", str(tmp_path), "--only", "presets"]) == 2  # no --yes, no terminal
+    assert cli_setup(["--data-dir", str(tmp_path), "--only", "presets"]) == EXIT_USAGE  # no --yes, no terminal
     assert "--yes" in capsys.readouterr().err
 
 
@@ -427,8 +427,8 @@ def test_cli_lists_optional_groups_and_installs_them_only_when_asked(server: Fak
     import numpy as np
     from safetensors.numpy import save_file
 
-    import engine.io.setup_assets as setup_assets
     from engine.core.settings import Settings
+    from engine.io.setup import catalogue
     from engine.sdxl.models.registry import ModelRegistry
 
     stand_ins = []
@@ -439,8 +439,8 @@ def test_cli_lists_optional_groups_and_installs_them_only_when_asked(server: Fak
         data = source.read_bytes()
         server.files[urlsplit(asset.url).path] = data
         stand_ins.append(replace(asset, sha256=_sha(data), size_bytes=len(data)))
-    monkeypatch.setattr(setup_assets, "OPTIONAL_ASSETS", (*EXPANSION_ASSETS, *stand_ins))
-    monkeypatch.setattr(setup_assets, "ALL_ASSETS", (*DEFAULT_ASSETS, *EXPANSION_ASSETS, *stand_ins))
+    monkeypatch.setattr(catalogue, "OPTIONAL_ASSETS", (*EXPANSION_ASSETS, *stand_ins))
+    monkeypatch.setattr(catalogue, "ALL_ASSETS", (*DEFAULT_ASSETS, *EXPANSION_ASSETS, *stand_ins))
     data_dir = tmp_path / "data"
     assert cli_setup(["--data-dir", str(data_dir), "--yes", "--no-progress", "--mirror", server.base_url,
                       "--only", PERFORMANCE_LORA_GROUP]) == 0
