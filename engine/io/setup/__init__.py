@@ -15,19 +15,23 @@ from engine.io.setup.catalogue import (
     EXPANSION_ASSETS,
     EXPANSION_LICENCE_NOTICE,
     FOOOCUS_COMMIT,
+    INPAINT_ASSETS,
+    INPAINT_GROUP,
     OPTIONAL_ASSETS,
     PERFORMANCE_LORA_ASSETS,
     PERFORMANCE_LORA_GROUP,
+    UPSCALE_ASSETS,
+    UPSCALE_GROUP,
     Asset,
     select_assets,
 )
-from engine.io.setup.command import add_arguments, cli_setup
+from engine.io.setup.command import add_arguments, cli_setup, trust_pins
 from engine.io.setup.download import ChecksumMismatch, convert_pickle_to_safetensors, download_file
 from engine.io.setup.install import AssetStatus, plan_setup, run_setup
 
 __all__ = [
     "ALL_ASSETS", "Asset", "AssetStatus", "ChecksumMismatch", "DATA_LAYOUT", "DEFAULT_ASSETS", "EXPANSION_ASSETS",
-    "EXPANSION_LICENCE_NOTICE", "FOOOCUS_COMMIT", "OPTIONAL_ASSETS", "PERFORMANCE_LORA_ASSETS",
-    "PERFORMANCE_LORA_GROUP", "add_arguments", "cli_setup", "convert_pickle_to_safetensors", "download_file",
-    "plan_setup", "run_setup", "select_assets",
+    "EXPANSION_LICENCE_NOTICE", "FOOOCUS_COMMIT", "INPAINT_ASSETS", "INPAINT_GROUP", "OPTIONAL_ASSETS", "PERFORMANCE_LORA_ASSETS",
+    "PERFORMANCE_LORA_GROUP", "UPSCALE_ASSETS", "UPSCALE_GROUP", "add_arguments", "cli_setup", "convert_pickle_to_safetensors", "download_file",
+    "plan_setup", "run_setup", "select_assets", "trust_pins",
 ]

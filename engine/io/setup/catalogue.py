@@ -31,6 +31,8 @@ DATA_LAYOUT: dict[str, str] = {
     "styles": "sdxl_styles",
     "wildcards": "wildcards",
     "presets": "presets",
+    "upscale_models": "models/upscale_models",
+    "inpaint": "models/inpaint",
     "downloads": "downloads",
 }
 
@@ -46,7 +48,10 @@ _LICENCE_NC = "CC BY-NC 4.0: non-commercial use only outside Fooocus (spec §0.1
 _LICENCE_FOOOCUS_DATA = "Fooocus repository data, GPL-3.0 (fooocus-data/README.md)"
 _LICENCE_OPENAI_TOKENIZER = "OpenAI tokenizer files, MIT"
 
-ConvertKind = Literal["pickle_to_safetensors"]
+#: "pickle_to_safetensors": a pickled ``{name: tensor}`` state dict, saved as is.
+#: "fooocus_patch_to_safetensors": a pickled ``.fooocus.patch`` ``{ldm key: (w_uint8, min, max)}``, saved as
+#: ``<key>::w`` / ``<key>::min`` / ``<key>::max`` (what engine.sdxl.models.inpaint.fooocus_patches_from_state_dict reads).
+ConvertKind = Literal["pickle_to_safetensors", "fooocus_patch_to_safetensors"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class Asset:
     licence: str
     #: Where a Fooocus / ComfyUI / A1111 install keeps the same file, relative to its root.
     local_paths: tuple[str, ...] = ()
-    #: "pickle_to_safetensors": the download is a pickle that set-up converts into ``dest``.
+    #: Set: the download is a pickle that set-up converts into ``dest`` (see :data:`ConvertKind`).
     convert: ConvertKind | None = None
     #: Installed only when asked for by name or group (``--only``) or with ``--all``.
     optional: bool = False
@@ -222,7 +227,63 @@ PERFORMANCE_LORA_ASSETS: tuple[Asset, ...] = (
 )
 
 #: Everything set-up knows; without ``--only``/``--all`` it installs the non-optional ones (DEFAULT_ASSETS).
-OPTIONAL_ASSETS: tuple[Asset, ...] = (*EXPANSION_ASSETS, *PERFORMANCE_LORA_ASSETS)
+UPSCALE_GROUP = "upscale"
+INPAINT_GROUP = "inpaint"
+#: The inpaint patches of Fooocus's older inpaint engines (v1, v2.5); v2.6 is in INPAINT_GROUP.
+INPAINT_OLDER_GROUP = "inpaint-older"
+_LICENCE_LLLYASVIEL_WEIGHTS = "lllyasviel's Fooocus weights: see the Hugging Face model page (licence not checked)"
+_FOOOCUS_INPAINT_URL = "https://huggingface.co/lllyasviel/fooocus_inpaint/resolve/main/"
+
+
+def _converted_weight(group: str, url: str, dest_dir: str, dest_name: str, sha256: str | None, size_bytes: int | None,
+                      convert: ConvertKind) -> Asset:
+    """A pickled weight file that set-up converts to ``dest_dir/dest_name`` (safetensors) after its pin matches."""
+    file_name = url.rsplit("/", 1)[-1]
+    upstream_dir = dest_dir.split("/", 1)[1]  # models/inpaint -> inpaint (Fooocus and ComfyUI both use it)
+    return Asset(name=f"{group}/{dest_name}", group=group, url=url, sha256=sha256, dest=f"{dest_dir}/{dest_name}",
+                 size_bytes=size_bytes, licence=_LICENCE_LLLYASVIEL_WEIGHTS,
+                 local_paths=(f"models/{upstream_dir}/{file_name}",), convert=convert, optional=True)
+
+
+#: Weights of the image tasks (issue 14), from the URLs Fooocus 2.5.5 downloads them from on first use
+#: (modules/config.py downloading_upscale_model / downloading_inpaint_models). All are pickles: set-up
+#: converts them to safetensors only after their sha256 equals the pin; the runner reads only the
+#: converted files (engine.imaging.upscaler.UPSCALER_FILE_NAME; the parity README's inpaint file names).
+#: Pins (Fooocus pins none; each is the sha256 of the file at lllyasviel/fooocus_inpaint):
+#: - fooocus_inpaint_head.pth: 32f7f838...7692, 52 602 bytes, the same in three independent public
+#:   manifests (a Nix flake's fetchFromHuggingFace hash, SimpleSDXL's models_info with its size, a
+#:   ComfyUI node pack pinned to repo revision 74bbcc07) and a verified-download script;
+#: - inpaint_v26.fooocus.patch: f8657a02...0d59, 1 323 362 033 bytes, the same in the same sources (size
+#:   from SimpleSDXL's base package list);
+#: - inpaint_v25.fooocus.patch 640e4801...febc and inpaint.fooocus.patch ba2a82de...4476: one manifest
+#:   each (the node pack pinned to revision 74bbcc07); sizes not published (about 2.58 / 1.32 GB).
+#: - fooocus_upscaler_s409985e5.bin: NO published sha256 found (size 33 636 613 bytes, from SimpleSDXL's
+#:   manifests). sha256=None: set-up downloads it but refuses to convert (never unpickles it) until the
+#:   user checks the sha256 Hugging Face shows for the file and passes ``--trust-sha256``.
+UPSCALE_ASSETS: tuple[Asset, ...] = (
+    _converted_weight(UPSCALE_GROUP, "https://huggingface.co/lllyasviel/misc/resolve/main/fooocus_upscaler_s409985e5.bin",
+                      DATA_LAYOUT["upscale_models"], "fooocus_upscaler_s409985e5.safetensors", None, 33636613,
+                      "pickle_to_safetensors"),
+)
+INPAINT_ASSETS: tuple[Asset, ...] = (
+    _converted_weight(INPAINT_GROUP, _FOOOCUS_INPAINT_URL + "fooocus_inpaint_head.pth", DATA_LAYOUT["inpaint"],
+                      "fooocus_inpaint_head.safetensors",
+                      "32f7f838e0c6d8f13437ba8411e77a4688d77a2e34df8857e4ef4d51f6b97692", 52602, "pickle_to_safetensors"),
+    _converted_weight(INPAINT_GROUP, _FOOOCUS_INPAINT_URL + "inpaint_v26.fooocus.patch", DATA_LAYOUT["inpaint"],
+                      "inpaint_v26.fooocus.patch.safetensors",
+                      "f8657a025104e22d70f9c060635d8e8c2196f433871a2f68dc40abd2171f0d59", 1323362033,
+                      "fooocus_patch_to_safetensors"),
+    _converted_weight(INPAINT_OLDER_GROUP, _FOOOCUS_INPAINT_URL + "inpaint_v25.fooocus.patch", DATA_LAYOUT["inpaint"],
+                      "inpaint_v25.fooocus.patch.safetensors",
+                      "640e480158e8a8e0aa673c77d19f8b4095a562ac72e2f2a146b445f78ed0febc", None,
+                      "fooocus_patch_to_safetensors"),
+    _converted_weight(INPAINT_OLDER_GROUP, _FOOOCUS_INPAINT_URL + "inpaint.fooocus.patch", DATA_LAYOUT["inpaint"],
+                      "inpaint.fooocus.patch.safetensors",
+                      "ba2a82dec0151105cb593ba7254f58548ec6810aeb9e081c4533fb227d654476", None,
+                      "fooocus_patch_to_safetensors"),
+)
+
+OPTIONAL_ASSETS: tuple[Asset, ...] = (*EXPANSION_ASSETS, *PERFORMANCE_LORA_ASSETS, *UPSCALE_ASSETS, *INPAINT_ASSETS)
 ALL_ASSETS: tuple[Asset, ...] = (*DEFAULT_ASSETS, *OPTIONAL_ASSETS)
 
 

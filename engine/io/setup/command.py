@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from engine.core.errors import EXIT_OK, EXIT_USAGE, HooocusError, exit_code_for
+from engine.core.errors import EXIT_OK, EXIT_USAGE, HooocusError, InvalidRequest, exit_code_for
 from engine.io.setup import catalogue
 from engine.io.setup.catalogue import Asset, select_assets
 from engine.io.setup.install import _human, plan_setup, run_setup
@@ -32,6 +32,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true", help="re-hash large files that are already present")
     parser.add_argument("--mirror", metavar="URL", help="fetch every file from this base URL instead (same paths)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--trust-sha256", action="append", default=[], metavar="[NAME=]HEX",
+                        help="pin an asset that has no published sha256 (e.g. upscale/...) to the sha256 you "
+                             "checked; its pickle is converted only if the download has exactly these bytes")
+
+
+def trust_pins(assets: Sequence[Asset], values: Sequence[str]) -> list[Asset]:
+    """``assets`` with each ``--trust-sha256 [NAME=]HEX`` applied to an unpinned asset.
+
+    NAME may be left out when exactly one selected asset is unpinned. A pinned asset cannot be
+    re-pinned (its published pin wins), and HEX must be a full sha256: an InvalidRequest otherwise.
+    """
+    pins: dict[str, str] = {}
+    unpinned = [a.name for a in assets if a.sha256 is None]
+    for value in values:
+        name, sep, digest = value.rpartition("=")
+        digest = digest.strip().lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise InvalidRequest(f"--trust-sha256 {value!r}: expected 64 hex digits", loc=("trust_sha256",))
+        if not sep:
+            if len(unpinned) != 1:
+                raise InvalidRequest(f"--trust-sha256 without NAME= needs exactly one unpinned asset selected; "
+                                     f"unpinned: {', '.join(unpinned) or 'none'}", loc=("trust_sha256",))
+            name = unpinned[0]
+        known = {a.name: a for a in assets}
+        if name not in known:
+            raise InvalidRequest(f"--trust-sha256: {name!r} is not a selected asset", loc=("trust_sha256",))
+        if known[name].sha256 is not None:
+            raise InvalidRequest(f"--trust-sha256: {name} already has a published pin", loc=("trust_sha256",))
+        pins[name] = digest
+    return [replace(a, sha256=pins[a.name]) if a.name in pins else a for a in assets]
 
 
 def _with_mirror(asset: Asset, base: str) -> Asset:
@@ -57,6 +87,7 @@ def cli_setup(args: argparse.Namespace | Sequence[str], settings: Any = None) ->
         data_dir = Path(getattr(args, "data_dir", None) or default_data_dir())
     try:
         assets = select_assets(catalogue.ALL_ASSETS, args.only, include_optional=args.all)
+        assets = trust_pins(assets, args.trust_sha256)
     except HooocusError as exc:
         print(f"hooocus setup: {exc.message}", file=sys.stderr)
         return exit_code_for(exc)

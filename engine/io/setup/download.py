@@ -120,12 +120,15 @@ def download_file(url: str, dest: Path, *, sha256: str | None, size_bytes: int |
 # -- the pickle conversion -----------------------------------------------------------------------------
 
 
-def convert_pickle_to_safetensors(source: Path, dest: Path, *, expected_sha256: str | None) -> Path:
+def convert_pickle_to_safetensors(source: Path, dest: Path, *, expected_sha256: str | None,
+                                  kind: str = "pickle_to_safetensors") -> Path:
     """Convert a pickled tensor state dict to safetensors, only if its sha256 is the pinned one.
 
     The bytes are read once, hashed, and unpickled from memory with ``weights_only=True`` (tensors
     and plain containers only), so the file that was checked is the file that is read. An unpinned
     or mismatching file is never unpickled. Tied tensors are copied (safetensors stores no aliases).
+    ``kind`` "fooocus_patch_to_safetensors" flattens ``{key: (w_uint8, min, max)}`` into
+    ``<key>::w`` / ``<key>::min`` / ``<key>::max`` (the layout the inpaint patch loader reads).
     """
     if expected_sha256 is None:
         raise UnsafeFile(f"{source.name} is a pickle without a pinned sha256; refusing to open it")
@@ -142,6 +145,8 @@ def convert_pickle_to_safetensors(source: Path, dest: Path, *, expected_sha256: 
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # the restricted unpickler refused something that is not a tensor
         raise UnsafeFile(f"{source.name} is not a plain tensor state dict: {exc}") from None
+    if kind == "fooocus_patch_to_safetensors":
+        state = _flatten_fooocus_patch(state, source.name)
     if not (isinstance(state, dict) and state
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise ModelInvalid(f"{source.name} does not hold a state dict of named tensors")
@@ -152,3 +157,27 @@ def convert_pickle_to_safetensors(source: Path, dest: Path, *, expected_sha256: 
     os.replace(tmp, dest)
     return dest
 
+
+
+#: Separator and part names of the safetensors form of a ``.fooocus.patch`` (the loader's contract:
+#: engine.sdxl.models.inpaint.PATCH_KEY_SEPARATOR; not imported, io stays below the model family).
+_PATCH_SEPARATOR = "::"
+_PATCH_PARTS = ("w", "min", "max")
+
+
+def _flatten_fooocus_patch(state: Any, file_name: str) -> dict[str, Any]:
+    """``{key: (w_uint8, min, max)}`` -> ``{key::w, key::min, key::max}``; anything else is ModelInvalid."""
+    import torch
+
+    if not isinstance(state, dict) or not state:
+        raise ModelInvalid(f"{file_name} is not a fooocus patch (expected a dict of (w, min, max) tuples)")
+    flat: dict[str, Any] = {}
+    for key, value in state.items():
+        if not (isinstance(key, str) and isinstance(value, (tuple, list)) and len(value) == len(_PATCH_PARTS)
+                and all(isinstance(t, torch.Tensor) for t in value)):
+            raise ModelInvalid(f"{file_name}: entry {key!r} is not a (w, min, max) tensor triple")
+        if value[0].dtype != torch.uint8:
+            raise ModelInvalid(f"{file_name}: entry {key!r} has w of dtype {value[0].dtype}, expected uint8")
+        for part, tensor in zip(_PATCH_PARTS, value, strict=True):
+            flat[f"{key}{_PATCH_SEPARATOR}{part}"] = tensor
+    return flat

@@ -112,6 +112,15 @@ def _link(source: Path, dest: Path) -> None:
         shutil.copy2(source, dest)
 
 
+def _unpinned_refusal(asset: Asset, source: Path) -> str:
+    """Why an unpinned pickle was not converted, and how the user can pin it after checking it."""
+    digest = file_sha256(source)
+    return (f"{source.name} is a pickle with no published sha256 pin, so set-up did not open it. It is kept at "
+            f"{source} (sha256 {digest}). Check that value against the sha256 the publisher shows for "
+            f"{asset.url} (on Hugging Face: the file's page, 'SHA256'), then run set-up again with "
+            f"--trust-sha256 {asset.name}={digest}")
+
+
 def _manual_hint(asset: Asset, data_dir: Path) -> str:
     where = asset.download_dest(data_dir)
     pin = f" (sha256 {asset.sha256})" if asset.sha256 else ""
@@ -163,11 +172,16 @@ def run_setup(data_dir: Path, *, assets: Iterable[Asset] | None = None, only: Se
                     echo(f"downloading {asset.name} ({_human(asset.size_bytes)})")
                     source = download_file(asset.url, target, sha256=asset.sha256, size_bytes=asset.size_bytes,
                                            client=client, retries=retries, progress=progress, desc=asset.name)
-                    if asset.sha256 is None:
+                    if asset.sha256 is None and asset.convert is None:
                         echo(f"warning: {asset.name} has no pinned sha256; got {file_sha256(source)}")
-                if asset.convert == "pickle_to_safetensors":
+                if asset.convert is not None and asset.sha256 is None:
+                    # Never unpickle bytes nobody pinned: keep the download for the user to check.
+                    problems[asset.name] = _unpinned_refusal(asset, source)
+                    continue
+                if asset.convert is not None:
                     echo(f"converting {source.name} to {asset.dest}")
-                    convert_pickle_to_safetensors(source, data_dir / asset.dest, expected_sha256=asset.sha256)
+                    convert_pickle_to_safetensors(source, data_dir / asset.dest, expected_sha256=asset.sha256,
+                                                  kind=asset.convert)
                     if source.parent == data_dir / DATA_LAYOUT["downloads"]:
                         source.unlink()  # keep no pickle around once its tensors are safe
             except _Unreachable as exc:
