@@ -413,18 +413,18 @@ def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _add_setup(sub: argparse._SubParsersAction) -> None:
-    from engine.io import setup_assets
+    from engine.io.setup import command as setup_command
 
     p = sub.add_parser("setup", help="download models and Fooocus data files (pinned, checksummed)")
-    setup_assets.add_arguments(p)
+    setup_command.add_arguments(p)
     _add_common(p)
     p.set_defaults(func=_cmd_setup)
 
 
 def _cmd_setup(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.io import setup_assets
+    from engine.io.setup import command as setup_command
 
-    return setup_assets.cli_setup(args, settings)
+    return setup_command.cli_setup(args, settings)
 
 
 # -- serve and mcp: the front doors, joined here ----------------------------------------------------
