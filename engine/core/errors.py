@@ -27,6 +27,7 @@ HTTP_STATUS_BY_CODE: dict[str, int] = {
     "cancelled": 409,
     "conflict": 409,
     "out_of_memory": 503,
+    "model_missing": 409,
     "shutting_down": 503,
     "internal_error": 500,
 }
@@ -104,6 +105,19 @@ class ModelInvalid(HooocusError):
     """A weight file exists but cannot be used (corrupt, wrong architecture)."""
 
     code = "model_invalid"
+
+
+class ModelMissing(HooocusError):
+    """A weight file set-up should have installed is not there; the message names the file and the
+    ``hooocus setup --only ...`` command that installs it."""
+
+    code = "model_missing"
+
+
+class OutOfMemory(HooocusError):
+    """The device ran out of memory even after the fallbacks (smaller tiles, tiled decode)."""
+
+    code = "out_of_memory"
 
 
 class UnsafeFile(HooocusError):

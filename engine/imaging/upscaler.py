@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.core.errors import HooocusError, ModelInvalid, OutOfMemory, UnsafeFile
+from engine.core.errors import HooocusError, ModelInvalid, ModelMissing, OutOfMemory, UnsafeFile
 from engine.imaging.resize import resample_image
 from engine.imaging.sizes import upscale_plan
 
@@ -43,7 +43,6 @@ __all__ = [
     "TILE_PX",
     "UPSCALER_FILE_NAME",
     "UPSCALE_MODELS_DIR",
-    "ModelMissing",
     "Upscaler",
     "UpscalerCache",
     "build_network",
@@ -75,12 +74,6 @@ FAST_UPSCALE_FACTOR = 2.0
 #: Fooocus renames the dense blocks of its file before building the network (module docstring).
 _FOOOCUS_BLOCK_PREFIX = "residual_block_"
 _ESRGAN_BLOCK_PREFIX = "RDB"
-
-
-class ModelMissing(HooocusError):
-    """A weight file set-up should have installed is not there."""
-
-    code = "model_missing"
 
 
 # -- loading ------------------------------------------------------------------------------------
