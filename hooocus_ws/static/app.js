@@ -204,11 +204,23 @@
     for (const opt of $("styles").options) opt.selected = wanted.has(opt.value);
     // selectValue set the select's single value; restore the full selection.
     for (const opt of $("styles").options) opt.selected = wanted.has(opt.value);
+    state.styleOrder = [...names];
     renderChips();
   }
 
+  // The selected styles in the order they were picked: Fooocus applies styles in order, so the
+  // chips and the request keep it (a loaded job or image sets it whole).
+  function selectedStyles() {
+    const selected = new Set(Array.from($("styles").selectedOptions, (o) => o.value));
+    const order = (state.styleOrder || []).filter((name) => selected.has(name));
+    for (const name of selected) if (!order.includes(name)) order.push(name);
+    state.styleOrder = order;
+    return order;
+  }
+
   function renderChips() {
-    $("style-chips").replaceChildren(...Array.from($("styles").selectedOptions, (opt) => {
+    const byName = new Map(Array.from($("styles").options, (o) => [o.value, o]));
+    $("style-chips").replaceChildren(...selectedStyles().map((name) => byName.get(name)).map((opt) => {
       const chip = document.createElement("span");
       chip.className = "chip";
       chip.dataset.style = opt.value;
@@ -694,7 +706,7 @@
       image_number: parseInt($("count").value, 10) || 1,
     };
     if (seed) params.seed = seed;
-    const styles = Array.from($("styles").selectedOptions, (o) => o.value);
+    const styles = selectedStyles();
     if (styles.length) params.styles = styles;
     if (!readAdvanced(params)) return;
     const outpaint = Array.from(document.querySelectorAll("input[name=outpaint]:checked"), (c) => c.value);
