@@ -37,7 +37,7 @@ from engine.core.access import TokenStore
 from engine.core.errors import HooocusError, ShuttingDown
 from engine.core.history import JobHistory
 from engine.core.runtime import Runtime
-from hooocus_ws import http
+from hooocus_ws import http, parameters
 from hooocus_ws.auth import AuthFailure, AuthGate, FailedAuthLimiter, bearer_token, parse_networks
 from hooocus_ws.context import ServerContext, ServerLimits
 from hooocus_ws.protocol import PROTOCOL, PreviewSettings
@@ -275,6 +275,7 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
         Route("/v1/jobs/{job_id}", http.delete_job, methods=["DELETE"]),
         Route("/v1/images/{name}", http.get_image, methods=["GET"]),
         Route("/v1/options", http.options, methods=["GET"]),
+        Route("/v1/parameters", parameters.parameters, methods=["POST"]),
         Route("/v1/protocol.json", http.protocol_json, methods=["GET"]),
         Route("/openapi.json", http.openapi, methods=["GET"]),
         Route("/healthz", http.healthz, methods=["GET"]),

@@ -9,7 +9,11 @@
   const EXPANSION_STYLE = "Fooocus V2";
   const state = {
     ws: null, token: "", job: null, generateId: null, seeds: [], resultUrls: [], previewUrl: null,
+    defaults: {}, galleryUrls: [], galleryBefore: null,
+    // The input image: its server reference ("sha256:<hex>") and the object URL shown under the mask.
+    inputRef: null, inputUrl: null, maskPainted: false,
   };
+  const auth = () => ({ Authorization: "Bearer " + state.token });
 
   function status(text, isError) {
     $("status").textContent = text;
@@ -36,6 +40,206 @@
     // and picking it would only earn a warning.
     const styles = (o.styles || []).filter((s) => s !== EXPANSION_STYLE || o.expansion_available === true);
     fill($("styles"), styles, null);
+    renderChips();
+    state.defaults = d;
+    // "" = let the server choose (its default model, no refiner, the checkpoint's VAE): sending a name
+    // would override a server preset.
+    fillNamed($("adv-model"), o.models || [], "server default");
+    fillNamed($("adv-refiner"), o.refiners || [], "None");
+    fillNamed($("adv-vae"), o.vaes || [], "Default (model)");
+    fill($("adv-sampler"), o.samplers || [], d.sampler);
+    fill($("adv-scheduler"), o.schedulers || [], d.scheduler);
+    state.loraNames = o.loras || [];
+    buildLoras();
+    resetAdvanced();
+    loadGallery(false);
+  }
+
+  function fillNamed(select, names, noneLabel) {
+    fill(select, ["", ...names], "");
+    select.options[0].textContent = noneLabel;
+  }
+
+  // -- advanced panel ----------------------------------------------------------------------------
+  // Number fields and the request field each one sets. A field is sent only when it differs from the
+  // server's default (GET /v1/options "defaults"): an untouched panel sends nothing, so a server preset
+  // still applies.
+  const NUMBER_FIELDS = {
+    "adv-refiner-switch": "refiner_switch", "adv-cfg": "cfg", "adv-sharpness": "sharpness",
+    "adv-clip-skip": "clip_skip", "adv-adaptive-cfg": "adaptive_cfg", "adv-adm-positive": "adm_scaler_positive",
+    "adv-adm-negative": "adm_scaler_negative", "adv-adm-end": "adm_scaler_end",
+  };
+  const FREEU_KEYS = ["b1", "b2", "s1", "s2"];
+  const MAX_LORAS = 5;  // engine/core/constants.py MAX_LORAS
+
+  function buildLoras() {
+    const rows = [];
+    for (let i = 0; i < MAX_LORAS; i++) {
+      const row = document.createElement("div");
+      row.className = "lora-row";
+      const name = document.createElement("select");
+      name.className = "lora-name";
+      name.setAttribute("aria-label", "LoRA " + (i + 1));
+      fillNamed(name, state.loraNames || [], "None");
+      const weight = document.createElement("input");
+      Object.assign(weight, { type: "number", min: "-2", max: "2", step: "0.01", value: "1", className: "lora-weight" });
+      weight.setAttribute("aria-label", "LoRA " + (i + 1) + " weight");
+      const enabled = document.createElement("input");
+      Object.assign(enabled, { type: "checkbox", checked: true, className: "lora-enabled" });
+      enabled.setAttribute("aria-label", "LoRA " + (i + 1) + " enabled");
+      row.append(name, weight, enabled);
+      rows.push(row);
+    }
+    $("loras").replaceChildren(...rows);
+  }
+
+  function resetAdvanced() {
+    const d = state.defaults;
+    for (const [id, key] of Object.entries(NUMBER_FIELDS)) $(id).value = d[key] ?? "";
+    for (const id of ["adv-model", "adv-refiner", "adv-vae", "adv-steps", "adv-width", "adv-height"]) $(id).value = "";
+    $("adv-sampler").value = d.sampler || $("adv-sampler").value;
+    $("adv-scheduler").value = d.scheduler || $("adv-scheduler").value;
+    $("adv-format").value = d.output_format || "png";
+    const freeu = d.freeu;
+    $("adv-freeu").checked = !!(freeu && freeu.enabled);
+    if (freeu) for (const k of FREEU_KEYS) $("adv-freeu-" + k).value = freeu[k];
+    for (const row of $("loras").children) {
+      row.querySelector(".lora-name").value = "";
+      row.querySelector(".lora-weight").value = "1";
+      row.querySelector(".lora-enabled").checked = true;
+    }
+  }
+
+  // The advanced fields that differ from the server's defaults, or null with an error shown.
+  function readAdvanced(params) {
+    const d = state.defaults;
+    for (const [id, key] of Object.entries(NUMBER_FIELDS)) {
+      const text = $(id).value.trim();
+      if (text === "") continue;
+      const value = Number(text);
+      if (!Number.isFinite(value)) { status(key + ": not a number", true); return false; }
+      if (value !== d[key]) params[key] = value;
+    }
+    const steps = $("adv-steps").value.trim();
+    if (steps) params.steps = parseInt(steps, 10);
+    const w = $("adv-width").value.trim(), h = $("adv-height").value.trim();
+    if (w || h) { params.width = parseInt(w, 10); params.height = parseInt(h, 10); }
+    for (const [id, key] of [["adv-model", "base_model"], ["adv-refiner", "refiner_model"], ["adv-vae", "vae"]]) {
+      if ($(id).value) params[key] = $(id).value;
+    }
+    for (const [id, key] of [["adv-sampler", "sampler"], ["adv-scheduler", "scheduler"], ["adv-format", "output_format"]]) {
+      if ($(id).value && $(id).value !== d[key]) params[key] = $(id).value;
+    }
+    const freeu = { enabled: $("adv-freeu").checked };
+    for (const k of FREEU_KEYS) freeu[k] = Number($("adv-freeu-" + k).value);
+    const dFreeu = d.freeu || { enabled: false };
+    if (freeu.enabled !== !!dFreeu.enabled || (freeu.enabled && FREEU_KEYS.some((k) => freeu[k] !== dFreeu[k]))) {
+      params.freeu = freeu;
+    }
+    const loras = [];
+    for (const row of $("loras").children) {
+      const name = row.querySelector(".lora-name").value;
+      if (!name) continue;
+      loras.push({ name, weight: Number(row.querySelector(".lora-weight").value),
+                   enabled: row.querySelector(".lora-enabled").checked });
+    }
+    if (loras.length) params.loras = loras;
+    return true;
+  }
+
+  function selectValue(select, value) {
+    // A name the list does not have (another server's model) is added rather than silently lost:
+    // the server then says clearly that it does not know it.
+    if (value === null || value === undefined) return;
+    value = String(value);
+    if (!Array.from(select.options).some((o) => o.value === value)) {
+      const opt = document.createElement("option");
+      opt.value = opt.textContent = value;
+      select.append(opt);
+    }
+    select.value = value;
+  }
+
+  // Fill the form from request fields (a job's request, an image's metadata). Absent fields keep the
+  // server's defaults, as Fooocus's "Load Parameters" leaves what the metadata does not say.
+  function applyParams(p, seed) {
+    resetAdvanced();
+    if (p.prompt !== undefined) $("prompt").value = p.prompt;
+    if (p.negative_prompt !== undefined) $("negative").value = p.negative_prompt;
+    if (p.performance) selectValue($("performance"), p.performance);
+    const size = p.width && p.height ? p.width + "*" + p.height : null;
+    if (size && Array.from($("aspect").options).some((o) => o.value === size)) {
+      $("aspect").value = size;
+    } else if (size) {
+      $("adv-width").value = p.width;
+      $("adv-height").value = p.height;
+    } else if (p.aspect_ratio) selectValue($("aspect"), p.aspect_ratio);
+    if (p.image_number) $("count").value = p.image_number;
+    const s = seed ?? p.seed;
+    $("seed").value = s === null || s === undefined ? "" : String(s);
+    seedError("");
+    if (Array.isArray(p.styles)) setStyles(p.styles);
+    if (p.steps) $("adv-steps").value = p.steps;
+    for (const [id, key] of Object.entries(NUMBER_FIELDS)) if (p[key] !== undefined && p[key] !== null) $(id).value = p[key];
+    for (const [id, key] of [["adv-model", "base_model"], ["adv-refiner", "refiner_model"], ["adv-vae", "vae"],
+                             ["adv-sampler", "sampler"], ["adv-scheduler", "scheduler"], ["adv-format", "output_format"]]) {
+      if (p[key]) selectValue($(id), p[key]);
+    }
+    if (p.freeu) {
+      $("adv-freeu").checked = p.freeu.enabled !== false;
+      for (const k of FREEU_KEYS) if (p.freeu[k] !== undefined) $("adv-freeu-" + k).value = p.freeu[k];
+    }
+    const rows = Array.from($("loras").children);
+    (p.loras || []).slice(0, rows.length).forEach((lora, i) => {
+      selectValue(rows[i].querySelector(".lora-name"), lora.name);
+      rows[i].querySelector(".lora-weight").value = lora.weight ?? 1;
+      rows[i].querySelector(".lora-enabled").checked = lora.enabled !== false;
+    });
+  }
+
+  // -- style picker ------------------------------------------------------------------------------
+  function setStyles(names) {
+    const wanted = new Set(names);
+    for (const name of names) selectValue($("styles"), name);
+    for (const opt of $("styles").options) opt.selected = wanted.has(opt.value);
+    // selectValue set the select's single value; restore the full selection.
+    for (const opt of $("styles").options) opt.selected = wanted.has(opt.value);
+    state.styleOrder = [...names];
+    renderChips();
+  }
+
+  // The selected styles in the order they were picked: Fooocus applies styles in order, so the
+  // chips and the request keep it (a loaded job or image sets it whole).
+  function selectedStyles() {
+    const selected = new Set(Array.from($("styles").selectedOptions, (o) => o.value));
+    const order = (state.styleOrder || []).filter((name) => selected.has(name));
+    for (const name of selected) if (!order.includes(name)) order.push(name);
+    state.styleOrder = order;
+    return order;
+  }
+
+  function renderChips() {
+    const byName = new Map(Array.from($("styles").options, (o) => [o.value, o]));
+    $("style-chips").replaceChildren(...selectedStyles().map((name) => byName.get(name)).map((opt) => {
+      const chip = document.createElement("span");
+      chip.className = "chip";
+      chip.dataset.style = opt.value;
+      const x = document.createElement("button");
+      x.type = "button";
+      x.textContent = "×";
+      x.setAttribute("aria-label", "remove " + opt.value);
+      x.addEventListener("click", () => { opt.selected = false; renderChips(); });
+      chip.append(opt.value, x);
+      return chip;
+    }));
+  }
+
+  function filterStyles() {
+    const words = $("style-search").value.toLowerCase().split(/\s+/).filter(Boolean);
+    for (const opt of $("styles").options) {
+      const name = opt.value.toLowerCase();
+      opt.hidden = !words.every((w) => name.includes(w));
+    }
   }
 
   function clearPreview() {
@@ -83,7 +287,9 @@
       const cap = document.createElement("figcaption");
       cap.textContent = "seed " + header.seed + " · " + header.width + "×" + header.height;
       fig.dataset.seed = header.seed;
+      if (header.sha256) fig.dataset.sha256 = header.sha256;
       fig.append(img, cap);
+      if (header.sha256) fig.append(editButtons(header.sha256, blob, state.resultUrls));
       $("results").append(fig);
     }
   }
@@ -146,7 +352,7 @@
         break;
       }
       case "warning": addWarning(m); break;
-      case "done": $("progress").value = 1; finish("done · " + m.images_done + " image(s)"); break;
+      case "done": $("progress").value = 1; finish("done · " + m.images_done + " image(s)"); loadGallery(false); break;
       case "cancelled": {
         // A cancelled job's seeds are the only way to rerun what it was making.
         const seeds = seedsText();
@@ -208,10 +414,282 @@
     $("seed").setAttribute("aria-invalid", message ? "true" : "false");
   }
 
+  // -- image input and mask -----------------------------------------------------------------------
+  // "Vary / upscale / inpaint this" on a result or a gallery image: a generated image is a usable
+  // reference for the principal that made it, so nothing is uploaded again.
+  function editButtons(sha256, blob, urls) {
+    const box = document.createElement("div");
+    for (const [label, uov] of [["Vary (Subtle)", "Vary (Subtle)"], ["Vary (Strong)", "Vary (Strong)"],
+                                ["Upscale (2x)", "Upscale (2x)"], ["Inpaint", "Disabled"]]) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "small edit-this";
+      b.dataset.uov = uov;
+      b.textContent = label;
+      b.addEventListener("click", () => {
+        setInput("sha256:" + sha256, blob);
+        $("uov").value = uov;
+        $("image-input").scrollIntoView({ block: "start" });
+        status(uov === "Disabled" ? "paint the area to inpaint, then Generate" : uov + ": press Generate");
+      });
+      box.append(b);
+    }
+    const a = document.createElement("a");
+    a.className = "download";
+    a.textContent = "download";
+    a.download = sha256.slice(0, 16) + "." + ((blob.type || "image/png").split("/")[1] || "png");
+    a.href = URL.createObjectURL(blob);
+    urls.push(a.href);  // revoked with the result or gallery view it belongs to
+    box.append(" ", a);
+    return box;
+  }
+
+  function setInput(ref, blob) {
+    if (state.inputUrl) URL.revokeObjectURL(state.inputUrl);
+    state.inputRef = ref;
+    state.inputUrl = blob ? URL.createObjectURL(blob) : null;
+    $("input-ref").textContent = ref ? "input image " + ref : "";
+    $("image-clear").hidden = !ref;
+    const img = $("input-preview");
+    if (!state.inputUrl) {
+      img.removeAttribute("src");
+      $("canvas-wrap").hidden = true;
+      return;
+    }
+    img.onload = () => {
+      // The mask is painted at the image's own pixel size, whatever size it is shown at.
+      const mask = $("mask");
+      mask.width = img.naturalWidth;
+      mask.height = img.naturalHeight;
+      clearMask();
+    };
+    img.src = state.inputUrl;
+    $("canvas-wrap").hidden = false;
+  }
+
+  async function upload(blob) {
+    const res = await fetch("/v1/uploads", { method: "POST", headers: { ...auth(), "Content-Type": blob.type || "image/png" },
+                                             body: blob });
+    let body = null;
+    try { body = await res.json(); } catch (e) { /* a non-JSON answer: reported by status below */ }
+    if (!res.ok) {
+      const err = body && body.error;
+      throw new Error("upload failed (" + (err ? err.code + "): " + err.message : "HTTP " + res.status + ")"));
+    }
+    return "sha256:" + body.sha256;
+  }
+
+  async function pickInput(file) {
+    if (!file) return;
+    if (!state.token) { status("connect first", true); return; }
+    status("uploading the image");
+    try {
+      setInput(await upload(file), file);
+      status("image ready");
+    } catch (e) {
+      setInput(null, null);
+      status(String(e.message || e), true);
+    }
+  }
+
+  function clearMask() {
+    const mask = $("mask");
+    mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
+    state.maskPainted = false;
+  }
+
+  function invertMask() {
+    const mask = $("mask"), ctx = mask.getContext("2d");
+    const copy = document.createElement("canvas");
+    copy.width = mask.width;
+    copy.height = mask.height;
+    const c = copy.getContext("2d");
+    c.fillStyle = "#fff";
+    c.fillRect(0, 0, copy.width, copy.height);
+    c.globalCompositeOperation = "destination-out";
+    c.drawImage(mask, 0, 0);
+    ctx.clearRect(0, 0, mask.width, mask.height);
+    ctx.drawImage(copy, 0, 0);
+    state.maskPainted = true;
+  }
+
+  // Pointer painting: round white strokes (erase: cut them out); coordinates scaled from the shown
+  // size to the image's pixels.
+  function setupPainting() {
+    const mask = $("mask");
+    let last = null;
+    const point = (ev) => {
+      const r = mask.getBoundingClientRect();
+      return [(ev.clientX - r.left) * mask.width / r.width, (ev.clientY - r.top) * mask.height / r.height];
+    };
+    const stroke = (from, to) => {
+      const ctx = mask.getContext("2d");
+      const scale = mask.width / mask.getBoundingClientRect().width;
+      ctx.globalCompositeOperation = $("brush-erase").checked ? "destination-out" : "source-over";
+      ctx.strokeStyle = ctx.fillStyle = "#fff";
+      ctx.lineCap = ctx.lineJoin = "round";
+      ctx.lineWidth = Number($("brush-size").value) * scale;
+      ctx.beginPath();
+      ctx.moveTo(from[0], from[1]);
+      ctx.lineTo(to[0] + 0.01, to[1]);
+      ctx.stroke();
+      state.maskPainted = true;
+    };
+    mask.addEventListener("pointerdown", (ev) => {
+      mask.setPointerCapture(ev.pointerId);
+      last = point(ev);
+      stroke(last, last);
+    });
+    mask.addEventListener("pointermove", (ev) => {
+      if (!last) return;
+      const p = point(ev);
+      stroke(last, p);
+      last = p;
+    });
+    const end = () => { last = null; };
+    mask.addEventListener("pointerup", end);
+    mask.addEventListener("pointercancel", end);
+  }
+
+  // The painted mask as a PNG, white where painted on black (Fooocus reads channel 0, > 127 = inpaint),
+  // or null when nothing is painted.
+  async function maskPng() {
+    const mask = $("mask");
+    if (!state.maskPainted || !mask.width) return null;
+    const alpha = mask.getContext("2d").getImageData(0, 0, mask.width, mask.height).data;
+    let any = false;
+    for (let i = 3; i < alpha.length; i += 4) if (alpha[i] > 127) { any = true; break; }
+    if (!any) return null;
+    const out = document.createElement("canvas");
+    out.width = mask.width;
+    out.height = mask.height;
+    const c = out.getContext("2d");
+    c.fillStyle = "#000";
+    c.fillRect(0, 0, out.width, out.height);
+    c.drawImage(mask, 0, 0);
+    return await new Promise((resolve) => out.toBlob(resolve, "image/png"));
+  }
+
+  // -- metadata: an image's parameters into the form (POST /v1/parameters, the server's one parser) --
+  async function loadParameters(file) {
+    if (!file) return;
+    if (!state.token) { status("connect first", true); return; }
+    status("reading the image's parameters");
+    try {
+      const res = await fetch("/v1/parameters", { method: "POST", headers: { ...auth(), "Content-Type": file.type || "application/octet-stream" },
+                                                  body: file });
+      const body = await res.json();
+      if (!res.ok) throw new Error("(" + body.error.code + "): " + body.error.message);
+      applyParams(body.params);
+      $("warnings").replaceChildren();
+      $("warnings").hidden = true;
+      for (const w of body.warnings || []) addWarning({ code: "parameters", message: w });
+      status("parameters loaded from " + (file.name || "the image"));
+    } catch (e) {
+      status("cannot load parameters " + String(e.message || e), true);
+    }
+  }
+
+  // -- gallery: this token's past jobs (GET /v1/jobs, newest first, paged) -------------------------
+  async function fetchImage(url) {
+    const res = await fetch(url, { headers: auth() });
+    if (!res.ok) throw new Error("HTTP " + res.status);
+    return await res.blob();
+  }
+
+  async function loadGallery(more) {
+    if (!more) {
+      for (const url of state.galleryUrls) URL.revokeObjectURL(url);
+      state.galleryUrls = [];
+      state.galleryBefore = null;
+      $("gallery").replaceChildren();
+    }
+    const q = "?limit=12" + (more && state.galleryBefore ? "&before=" + encodeURIComponent(state.galleryBefore) : "");
+    let page;
+    try {
+      const res = await fetch("/v1/jobs" + q, { headers: auth() });
+      if (!res.ok) throw new Error("HTTP " + res.status);
+      page = await res.json();
+    } catch (e) {
+      status("gallery: " + String(e.message || e), true);
+      return;
+    }
+    state.galleryBefore = page.next_before;
+    $("gallery-more").hidden = !page.next_before;
+    for (const job of page.jobs) $("gallery").append(galleryEntry(job));
+  }
+
+  function galleryEntry(job) {
+    const fig = document.createElement("figure");
+    fig.dataset.jobId = job.job_id;
+    const request = job.request || job.params || {};
+    const cap = document.createElement("figcaption");
+    cap.textContent = job.state + " · " + (request.prompt || "(no prompt)").slice(0, 80);
+    const use = document.createElement("button");
+    use.type = "button";
+    use.className = "small use-params";
+    use.textContent = "Use these parameters";
+    // The job's own seed (the first image's), so the same image comes back.
+    use.addEventListener("click", () => {
+      applyParams(request, job.seeds && job.seeds.length ? job.seeds[0] : null);
+      status("parameters of job " + job.job_id);
+    });
+    fig.append(cap, use);
+    for (const image of job.images || []) {
+      const box = document.createElement("div");
+      box.className = "gallery-image";
+      const img = document.createElement("img");
+      img.alt = "seed " + image.seed;
+      box.append(img);
+      fig.append(box);
+      fetchImage(image.url).then((blob) => {
+        const url = URL.createObjectURL(blob);
+        state.galleryUrls.push(url);
+        img.src = url;
+        box.append(editButtons(image.sha256, blob, state.galleryUrls));
+      }).catch((e) => { img.alt = "image unavailable (" + e.message + ")"; });
+    }
+    return fig;
+  }
+
   $("connect").addEventListener("click", connect);
-  $("seed").addEventListener("input", () => seedError(""));
-  $("form").addEventListener("submit", (ev) => {
+  $("style-search").addEventListener("input", filterStyles);
+  // One click toggles a style (no Ctrl needed): a picker, not a list selection.
+  $("styles").addEventListener("mousedown", (ev) => {
+    if (ev.target.tagName !== "OPTION") return;
     ev.preventDefault();
+    ev.target.selected = !ev.target.selected;
+    renderChips();
+  });
+  $("styles").addEventListener("change", renderChips);
+  $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
+  $("mask-clear").addEventListener("click", clearMask);
+  $("mask-invert").addEventListener("click", invertMask);
+  $("image-clear").addEventListener("click", () => setInput(null, null));
+  $("image-file").addEventListener("change", () => pickInput($("image-file").files[0]));
+  $("params-file").addEventListener("change", () => loadParameters($("params-file").files[0]));
+  $("gallery-refresh").addEventListener("click", () => loadGallery(false));
+  $("gallery-more").addEventListener("click", () => loadGallery(true));
+  // Drops: onto the input box = the input image; anywhere else = load that image's parameters.
+  const imageFile = (ev) => Array.from(ev.dataTransfer ? ev.dataTransfer.files : []).find((f) => f.type.startsWith("image/"));
+  $("image-drop").addEventListener("dragover", (ev) => { ev.preventDefault(); $("image-drop").classList.add("over"); });
+  $("image-drop").addEventListener("dragleave", () => $("image-drop").classList.remove("over"));
+  $("image-drop").addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    ev.stopPropagation();
+    $("image-drop").classList.remove("over");
+    pickInput(imageFile(ev));
+  });
+  document.addEventListener("dragover", (ev) => ev.preventDefault());
+  document.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    loadParameters(imageFile(ev));
+  });
+  setupPainting();
+  $("seed").addEventListener("input", () => seedError(""));
+  $("form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (state.generateId) return;  // a submission (its uploads) is already under way
     const seed = readSeed();
     if (seed === null) {
       seedError("seed: a whole number from 0 to " + MAX_SEED + ", or empty for a random seed");
@@ -228,13 +706,40 @@
       image_number: parseInt($("count").value, 10) || 1,
     };
     if (seed) params.seed = seed;
-    const styles = Array.from($("styles").selectedOptions, (o) => o.value);
+    const styles = selectedStyles();
     if (styles.length) params.styles = styles;
-    clearJobView();
+    if (!readAdvanced(params)) return;
+    const outpaint = Array.from(document.querySelectorAll("input[name=outpaint]:checked"), (c) => c.value);
+    const uov = $("uov").value;
+    const id = "g" + Date.now();
+    state.generateId = id;
     $("generate").disabled = true;
+    if (state.inputRef) {
+      params.input_image = state.inputRef;
+      if (uov !== "Disabled") params.uov_method = uov;
+      if (outpaint.length) params.outpaint_selections = outpaint;
+      if ($("inpaint-mode").selectedIndex > 0) params.inpaint_mode = $("inpaint-mode").value;
+      try {
+        // Only when inpainting: with vary/upscale Fooocus ignores the mask, and an empty mask is none.
+        const mask = uov === "Disabled" ? await maskPng() : null;
+        if (mask) {
+          status("uploading the mask");
+          params.inpaint_mask = await upload(mask);
+        }
+      } catch (e) {
+        state.generateId = null;
+        $("generate").disabled = false;
+        status(String(e.message || e), true);
+        return;
+      }
+      if (state.generateId !== id || !state.ws || state.ws.readyState !== WebSocket.OPEN) {
+        if (state.generateId === id) { state.generateId = null; status("not connected", true); }
+        return;
+      }
+    }
+    clearJobView();
     status("submitting");
-    state.generateId = "g" + Date.now();
-    state.ws.send(JSON.stringify({ type: "generate", id: state.generateId, params }));
+    state.ws.send(JSON.stringify({ type: "generate", id, params }));
   });
   $("cancel").addEventListener("click", () => {
     if (state.job && state.ws) state.ws.send(JSON.stringify({ type: "cancel", id: "c" + Date.now(), job_id: state.job }));

@@ -1,0 +1,58 @@
+"""POST /v1/parameters: an image's generation parameters, read with engine.io.metadata (one parser)."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+from starlette.testclient import TestClient
+
+from engine.core.request import GenerationRequest
+from engine.core.testing import FakeRunner
+from engine.io.metadata import request_from_image
+from hooocus_ws import parameters as parameters_module
+from tests.paths import refdata_dir
+from tests.ws.conftest import ALICE, auth, make_app, make_runtime
+
+FOOOCUS_PNG = refdata_dir() / "metadata" / "case1_fooocus_png.png"
+
+
+def test_a_fooocus_png_gives_the_parameters_this_server_can_run(tmp_path):
+    runner = FakeRunner()
+    data = FOOOCUS_PNG.read_bytes()
+    with TestClient(make_app(make_runtime(tmp_path, runner))) as client:
+        response = client.post("/v1/parameters", headers=auth(ALICE), content=data)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        # The same reading the CLI does, against this server's installed names (the FakeRunner has
+        # the model "demo" only and no LoRAs: the file's checkpoint and LoRA are dropped with a warning).
+        options = runner.options()
+        expected, warnings = request_from_image(data, known_models=options["models"], known_loras=options["loras"],
+                                                known_styles=options["styles"])
+        assert body == {"params": expected.model_dump(mode="json", exclude_unset=True), "warnings": warnings}
+        unrestricted, _ = request_from_image(data)
+        assert unrestricted.base_model and "base_model" not in body["params"]
+        assert unrestricted.loras and "loras" not in body["params"]
+        assert any("not installed" in w for w in body["warnings"])
+        # What comes back is a request this server accepts as it is.
+        GenerationRequest.parse(body["params"])
+        accepted = client.post("/v1/generate", headers=auth(ALICE), json={**body["params"], "steps": 1})
+        assert accepted.status_code == 200, accepted.text
+        assert accepted.json()["seeds"] == [str(unrestricted.seed)]
+
+
+def test_bad_bodies_get_clear_errors_and_nothing_is_queued(tmp_path, monkeypatch):
+    runtime = make_runtime(tmp_path)
+    plain = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(plain, format="PNG")  # an image without generation parameters
+    monkeypatch.setattr(parameters_module, "DEFAULT_MAX_IMAGE_BYTES", 4096)
+    with TestClient(make_app(runtime)) as client:
+        assert client.post("/v1/parameters", content=b"x").status_code == 401
+        cases = {b"not an image at all": "cannot read image metadata", plain.getvalue(): "no generation parameters",
+                 b"": "empty", b"\x89PNG" + b"0" * 4096: "larger than 4096 bytes"}
+        for body, words in cases.items():
+            response = client.post("/v1/parameters", headers=auth(ALICE), content=body)
+            error = response.json()["error"]
+            assert response.status_code == 422 and error["code"] == "invalid_request", (body[:10], response.text)
+            assert words in error["message"], error
+        assert runtime.engine.jobs() == []
