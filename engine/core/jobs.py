@@ -27,7 +27,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from engine.core.errors import HooocusError, InvalidRequest, JobCancelled, NotFound, QueueFull, ShuttingDown, UnknownPreset
+from engine.core.errors import (
+    HooocusError,
+    InvalidRequest,
+    JobCancelled,
+    NotFound,
+    QueueFull,
+    ShuttingDown,
+    UnknownPreset,
+)
 from engine.core.events import (
     Cancelled,
     Done,
