@@ -50,6 +50,7 @@ from hooocus_mcp._sdk import (
     get_access_token,
 )
 from hooocus_mcp.backend import Backend, JobView, steps_done
+from hooocus_mcp.edit_image import image_ref_from_mcp
 from hooocus_mcp.thumbnails import preview_thumbnail, thumbnails_within_budget
 
 log = logging.getLogger("hooocus.mcp")
@@ -251,7 +252,7 @@ class ServerOptions:
 
 _GENERATE_ARGS = {"prompt", "negative_prompt", "styles", "performance", "aspect_ratio", "width", "height", "seed",
                   "image_number", "sampler", "scheduler", "cfg", "sharpness", "model", "output_format",
-                  "max_side_px", "wait_timeout_s"}
+                  "max_side_px", "wait_timeout_s", "image", "mask"}
 
 Side = Annotated[int, Field(ge=MIN_SIDE_PX, le=MAX_SIDE_PX, multiple_of=8)]
 SeedArg = Annotated[int, Field(ge=0, le=MAX_SEED)] | Annotated[str, Field(pattern=r"^\d{1,19}$")]
@@ -354,6 +355,9 @@ def build_server(backend: Backend, options: ServerOptions | None = None) -> Hooo
         max_side_px: ThumbSide = DEFAULT_THUMBNAIL_SIDE_PX,
         wait_timeout_s: Annotated[WaitS | None, Field(
             description="return status 'running' with the job_id if not done by then (default 45)")] = None,
+        image: Annotated[str | None, Field(description="input image: hooocus://images/<sha256> from an earlier "
+                                                       "result, or a data:image/png;base64 URI")] = None,
+        mask: Annotated[str | None, Field(description="inpaint mask (white = repaint), same forms as image")] = None,
     ) -> Annotated[CallToolResult, JobResult]:
         """Generate images from a text prompt with Fooocus-quality SDXL.
 
@@ -367,6 +371,11 @@ def build_server(backend: Backend, options: ServerOptions | None = None) -> Hooo
                  "seed": int(seed) if seed is not None else None, "image_number": image_number, "sampler": sampler,
                  "scheduler": scheduler, "cfg": cfg, "sharpness": sharpness, "base_model": model,
                  "output_format": output_format}
+        try:
+            given["input_image"] = image_ref_from_mcp(image, field="image")
+            given["inpaint_mask"] = image_ref_from_mcp(mask, field="mask")
+        except HooocusError as exc:
+            raise _tool_error(exc) from None
         job_id = await submit({k: v for k, v in given.items() if v is not None}, caller)
         timeout_s = opts.default_wait_timeout_s if wait_timeout_s is None else wait_timeout_s
         try:

@@ -270,6 +270,7 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
     routes: list[BaseRoute] = [
         WebSocketRoute("/v1/ws", websocket_endpoint),
         Route("/v1/generate", http.generate, methods=["POST"]),
+        Route("/v1/uploads", http.upload, methods=["POST"]),
         Route("/v1/jobs", http.list_jobs, methods=["GET"]),
         Route("/v1/jobs/{job_id}", http.get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}", http.delete_job, methods=["DELETE"]),

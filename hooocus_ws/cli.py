@@ -39,6 +39,7 @@ from engine.core.settings import Settings
 from hooocus_ws.app import McpMount, create_app, drain
 from hooocus_ws.auth import parse_networks
 from hooocus_ws.connlimits import ConnectionTracker, protocol_classes
+from hooocus_ws.protocol import upload_frame_cap
 
 log = logging.getLogger("hooocus.serve")
 
@@ -136,14 +137,17 @@ def default_allowed_hosts(settings: Settings) -> tuple[str, ...]:
 def uvicorn_config(app: Any, *, host: str, port: int, max_message_bytes: int, log_level: str = "info",
                    ping_interval_s: float = 20.0, ping_timeout_s: float = 20.0,
                    graceful_shutdown_s: float | None = 30.0, header_timeout_s: float = 10.0,
-                   max_connections_per_address: int = 64, trusted_proxies: Sequence[str] = ()) -> uvicorn.Config:
+                   max_connections_per_address: int = 64, trusted_proxies: Sequence[str] = (),
+                   max_upload_bytes: int = 0) -> uvicorn.Config:
     """The one uvicorn setup (also used by the tests and the conformance run): sans-io websockets,
     ``ws_max_size`` as the hard frame cap (close 1009), no per-message-deflate, protocol pings, and
-    our header-read timeout and per-address connection cap (:mod:`hooocus_ws.connlimits`)."""
+    our header-read timeout and per-address connection cap (:mod:`hooocus_ws.connlimits`).
+    With ``max_upload_bytes`` the frame cap also admits a binary upload frame of that size; text
+    frames stay capped at ``max_message_bytes`` by the session itself."""
     tracker = ConnectionTracker(max_connections_per_address, exempt=parse_networks(trusted_proxies))
     http_class, ws_class = protocol_classes(tracker, header_timeout_s=header_timeout_s)
     config = uvicorn.Config(app, host=host, port=port, http=http_class, ws=ws_class,
-                            ws_max_size=max_message_bytes,
+                            ws_max_size=max(max_message_bytes, upload_frame_cap(max_upload_bytes)),
                             ws_per_message_deflate=False, ws_ping_interval=ping_interval_s,
                             ws_ping_timeout=ping_timeout_s, lifespan="on", log_level=log_level,
                             timeout_graceful_shutdown=graceful_shutdown_s, server_header=False,
@@ -247,7 +251,7 @@ def prepare_server(args: argparse.Namespace, settings: Settings, *, out: TextIO 
                             graceful_shutdown_s=settings.shutdown_grace_s + 5.0,
                             header_timeout_s=settings.header_timeout_s,
                             max_connections_per_address=settings.max_connections_per_address,
-                            trusted_proxies=settings.trusted_proxies)
+                            trusted_proxies=settings.trusted_proxies, max_upload_bytes=settings.max_upload_bytes)
     return Prepared(config=config, runtime=runtime, settings=settings, history=history)
 
 

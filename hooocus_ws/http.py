@@ -1,6 +1,6 @@
 """HTTP companions of the websocket (same app, same tokens as ``Authorization: Bearer``).
 
-``POST /v1/generate``, ``GET /v1/jobs`` (history, newest first), ``GET|DELETE /v1/jobs/{id}``,
+``POST /v1/generate``, ``POST /v1/uploads`` (input images), ``GET /v1/jobs`` (history, newest first), ``GET|DELETE /v1/jobs/{id}``,
 ``GET /v1/images/{sha256}.{ext}`` (token or signed URL; falls back to the files the history wrote), ``GET /v1/options``, ``GET /healthz``, ``GET /metrics``, ``GET /openapi.json``,
 ``GET /v1/protocol.json``. Every error is ``{"error": {code, message, loc?}}`` with the status from
 ``engine.core.errors.HTTP_STATUS_BY_CODE``; a traceback never reaches a client.
@@ -19,10 +19,11 @@ import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
-from engine.core.access import Principal, may_read_image
-from engine.core.errors import HTTP_STATUS_BY_CODE, Forbidden, HooocusError, InvalidRequest, NotFound
+from engine.core.access import Principal, may_generate, may_read_image
+from engine.core.errors import HTTP_STATUS_BY_CODE, Forbidden, HooocusError, ImageTooLarge, InvalidRequest, NotFound
 from engine.core.events import TERMINAL_EVENTS, Cancelled, Event
 from engine.core.formats import MIME_BY_FORMAT, format_for_extension
+from engine.core.inputs import base64_cap
 from engine.core.jobs import Job, JobState
 from engine.core.request import GenerationRequest
 from hooocus_ws import service
@@ -81,15 +82,23 @@ def authenticate(request: Request) -> Principal:
                                  query_string=request.scope.get("query_string", b""))
 
 
-async def read_json_body(request: Request, max_bytes: int) -> Any:
+async def read_body(request: Request, max_bytes: int, *, too_large: type[HooocusError] = InvalidRequest,
+                    loc: tuple[str | int, ...] | None = None) -> bytes:
+    """The whole body, refused (``too_large``) as soon as it passes ``max_bytes``: a declared
+    Content-Length over the cap is refused before a byte is read."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise InvalidRequest(f"request body larger than {max_bytes} bytes")
+        raise too_large(f"request body larger than {max_bytes} bytes", loc=loc)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_bytes:
-            raise InvalidRequest(f"request body larger than {max_bytes} bytes")
+            raise too_large(f"request body larger than {max_bytes} bytes", loc=loc)
+    return bytes(body)
+
+
+async def read_json_body(request: Request, max_bytes: int) -> Any:
+    body = await read_body(request, max_bytes)
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
@@ -133,7 +142,10 @@ async def generate(request: Request) -> Response:
     """
     ctx = context(request)
     principal = authenticate(request)
-    body = await read_json_body(request, ctx.limits.max_http_body_bytes)
+    # Room for one input image inline as a data URI (engine/core/inputs.py caps it again); more or
+    # larger images go through POST /v1/uploads and are named by sha256.
+    body = await read_json_body(request, ctx.limits.max_http_body_bytes
+                                + base64_cap(ctx.runtime.settings.max_upload_bytes))
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object (a GenerationRequest)")
     wait = body.pop("wait", True)
@@ -163,6 +175,66 @@ async def generate(request: Request) -> Response:
                         headers={"X-Hooocus-Job-Id": job.job_id, "X-Hooocus-Seed": str(first.seed),
                                  "X-Hooocus-Sha256": first.sha256})
     return JSONResponse(service.job_summary(ctx, job))
+
+
+#: Multipart framing (boundaries, part headers) allowed on top of the file itself.
+MULTIPART_OVERHEAD_BYTES = 16 * 1024
+
+
+@guarded
+async def upload(request: Request) -> Response:
+    """Keep an input image for the caller: the raw body (``Content-Type: image/*``) or a multipart
+    form's ``file`` field. 201 ``{sha256, width, height, content_type, size_bytes}``; use
+    ``"sha256:<sha256>"`` as ``input_image`` / ``inpaint_mask``. Only this token's principal can."""
+    ctx = context(request)
+    principal = authenticate(request)
+    if not may_generate(principal):
+        raise Forbidden("this token may not upload images (scope 'generate' missing)")
+    uploads = ctx.runtime.uploads
+    if uploads is None:
+        raise InvalidRequest("this server does not take uploads")
+    max_bytes = ctx.runtime.settings.max_upload_bytes
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type == "multipart/form-data":
+        # The body is read under the cap first, then parsed from memory: starlette's parser would
+        # otherwise spool an unbounded body to disk before we could look at it.
+        body = await read_body(request, max_bytes + MULTIPART_OVERHEAD_BYTES, too_large=ImageTooLarge,
+                               loc=("file",))
+        data = await _multipart_file(request, body, max_bytes)
+    elif content_type.startswith("image/") or content_type == "application/octet-stream":
+        data = await read_body(request, max_bytes, too_large=ImageTooLarge, loc=("body",))
+    else:
+        raise InvalidRequest("send the image as the body (Content-Type: image/...) or as the 'file' field of "
+                             "a multipart/form-data form", loc=("content-type",))
+    loc = ("file",) if content_type == "multipart/form-data" else ("body",)
+    info = await anyio.to_thread.run_sync(lambda: uploads.put(data, owner=principal.name, loc=loc))
+    return JSONResponse(info.to_dict(), status_code=201)
+
+
+async def _multipart_file(request: Request, body: bytes, max_bytes: int) -> bytes:
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, receive=replay).form(max_files=1, max_fields=8)
+    except Exception:  # starlette raises its own parse errors (MultiPartException, HTTPException)
+        raise InvalidRequest("the multipart form could not be parsed", loc=("file",)) from None
+    try:
+        part = form.get("file")
+        if part is None or isinstance(part, str):
+            raise InvalidRequest("the form has no 'file' field with the image", loc=("file",))
+        data = await part.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ImageTooLarge(f"the upload is larger than {max_bytes} bytes", loc=("file",))
+        return data
+    finally:
+        await form.close()
 
 
 @guarded
@@ -302,6 +374,16 @@ def openapi_document() -> dict[str, Any]:
                                                      "first image's bytes"},
                               "202": {"description": "queued (wait=false, or still running after the wait limit)"},
                               "401": err, "409": err, "422": err, "429": err, "503": err}}},
+            "/v1/uploads": {"post": {
+                "summary": "Upload an input image (raw image/* body, or multipart field 'file'); use "
+                           "'sha256:<sha256>' as input_image / inpaint_mask. Owned by the caller's principal.",
+                "security": secured,
+                "requestBody": {"required": True, "content": {
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                    "multipart/form-data": {"schema": {"type": "object", "properties": {
+                        "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}},
+                "responses": {"201": {"description": "{sha256, width, height, content_type, size_bytes}"},
+                              "401": err, "403": err, "413": err, "422": err}}},
             "/v1/jobs": {"get": {
                 "summary": "The caller's jobs (admins: everyone's), newest first, from the job history",
                 "security": secured,

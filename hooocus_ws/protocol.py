@@ -33,6 +33,8 @@ TOKEN_SUBPROTOCOL_PREFIX = "hooocus.token."
 
 FRAME_PREVIEW = 1
 FRAME_IMAGE = 2
+#: Client → server: an image upload (header :class:`UploadFrameHeader`, payload = the file's bytes).
+FRAME_UPLOAD = 3
 _FRAME_HEAD = struct.Struct(">BBI")
 MAX_FRAME_HEADER_BYTES = 64 * 1024
 
@@ -128,10 +130,21 @@ class PingMessage(BaseModel):
     id: ClientId | None = None
 
 
+class UploadMessage(BaseModel):
+    """Upload an input image as base64 in a text frame (small images: the text frame cap,
+    ``hello.limits.max_message_bytes``, applies). Larger ones go in a binary upload frame (kind 3).
+    Answered with ``uploaded``; use ``"sha256:<sha256>"`` as ``input_image``/``inpaint_mask``."""
+
+    model_config = _CLIENT
+    type: Literal["upload"]
+    id: ClientId | None = None
+    data: Annotated[str, Field(min_length=1, description="the image file, base64")]
+
+
 ClientMessage = (GenerateMessage | CancelMessage | InterruptMessage | SubscribeMessage | UnsubscribeMessage
-                 | SetPreviewMessage | PingMessage)
+                 | SetPreviewMessage | PingMessage | UploadMessage)
 CLIENT_MESSAGES: dict[str, type[BaseModel]] = {
-    "generate": GenerateMessage, "cancel": CancelMessage, "interrupt": InterruptMessage,
+    "generate": GenerateMessage, "cancel": CancelMessage, "interrupt": InterruptMessage, "upload": UploadMessage,
     "subscribe": SubscribeMessage, "unsubscribe": UnsubscribeMessage, "set_preview": SetPreviewMessage,
     "ping": PingMessage,
 }
@@ -179,6 +192,11 @@ def encode_frame(kind: int, header: dict[str, Any], payload: bytes) -> bytes:
     return _FRAME_HEAD.pack(PROTOCOL_VERSION, kind, len(head)) + head + payload
 
 
+def upload_frame_cap(max_upload_bytes: int) -> int:
+    """The largest client binary frame: an upload of ``max_upload_bytes`` plus head and header."""
+    return _FRAME_HEAD.size + MAX_FRAME_HEADER_BYTES + max_upload_bytes
+
+
 def decode_frame(frame: bytes) -> tuple[int, dict[str, Any], bytes]:
     """(kind, header, payload). Raises :class:`ProtocolError` for anything that is not a v1 frame."""
     if len(frame) < _FRAME_HEAD.size:
@@ -186,7 +204,7 @@ def decode_frame(frame: bytes) -> tuple[int, dict[str, Any], bytes]:
     version, kind, header_len = _FRAME_HEAD.unpack_from(frame)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported binary frame version {version}")
-    if kind not in (FRAME_PREVIEW, FRAME_IMAGE):
+    if kind not in (FRAME_PREVIEW, FRAME_IMAGE, FRAME_UPLOAD):
         raise ProtocolError(f"unknown binary frame kind {kind}")
     end = _FRAME_HEAD.size + header_len
     if header_len > MAX_FRAME_HEADER_BYTES or end > len(frame):
@@ -355,6 +373,28 @@ class PongOut(BaseModel):
     re: Re = None
 
 
+class UploadedOut(BaseModel):
+    """Answer to an ``upload`` message or a binary upload frame: the image is kept for this
+    token's principal (no one else can use it) by content hash."""
+
+    model_config = _SERVER
+    type: Literal["uploaded"]
+    seq: ServerSeq
+    re: Re = None
+    sha256: str
+    width: int
+    height: int
+    content_type: str
+    size_bytes: int
+
+
+class UploadFrameHeader(BaseModel):
+    """The JSON header of a client binary upload frame (kind 3); ``id`` comes back as ``re``."""
+
+    model_config = _CLIENT
+    id: ClientId | None = None
+
+
 class FrameHeader(BaseModel):
     """The JSON header of a binary frame."""
 
@@ -373,7 +413,7 @@ class FrameHeader(BaseModel):
 SERVER_MESSAGES: dict[str, type[BaseModel]] = {
     "hello": HelloOut, "accepted": AcceptedOut, "queue": QueueOut, "started": StartedOut,
     "progress": ProgressOut, "image": ImageOut, "done": DoneOut, "cancelled": CancelledOut,
-    "error": ErrorOut, "warning": WarningOut, "ack": AckOut, "pong": PongOut,
+    "error": ErrorOut, "warning": WarningOut, "ack": AckOut, "pong": PongOut, "uploaded": UploadedOut,
 }
 
 
@@ -396,17 +436,20 @@ def protocol_schema() -> dict[str, Any]:
     server = {name: ref(model) for name, model in SERVER_MESSAGES.items()}
     ref(GenerationRequest)
     ref(FrameHeader)
+    ref(UploadFrameHeader)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "hooocus.v1",
         "title": "hooocus.v1 websocket protocol",
         "description": "Text frames: one JSON object with 'type'. Binary frames: [u8 version=1][u8 kind 1=preview "
-                       "2=image][u32 BE N][N bytes UTF-8 JSON FrameHeader][image bytes]. generate.params is a "
-                       "GenerationRequest. See docs/protocol.md.",
+                       "2=image 3=upload (client to server)][u32 BE N][N bytes UTF-8 JSON FrameHeader, or "
+                       "UploadFrameHeader for kind 3][image bytes]. generate.params is a GenerationRequest. "
+                       "See docs/protocol.md.",
         "client_messages": {"oneOf": list(client.values()), "discriminator": {"propertyName": "type"}},
         "server_messages": {"oneOf": list(server.values()), "discriminator": {"propertyName": "type"}},
         "binary_frame_header": {"$ref": "#/$defs/FrameHeader"},
         "generation_request": {"$ref": "#/$defs/GenerationRequest"},
-        "frame_kinds": {"preview": FRAME_PREVIEW, "image": FRAME_IMAGE},
+        "upload_frame_header": {"$ref": "#/$defs/UploadFrameHeader"},
+        "frame_kinds": {"preview": FRAME_PREVIEW, "image": FRAME_IMAGE, "upload": FRAME_UPLOAD},
         "$defs": defs,
     }

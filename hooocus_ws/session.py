@@ -14,6 +14,8 @@ the principal; ``subscribe`` re-attaches).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import itertools
 import json
 import logging
@@ -23,10 +25,11 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from engine.core.access import Principal, may_interrupt
-from engine.core.errors import Forbidden, HooocusError
+from engine.core.access import Principal, may_generate, may_interrupt
+from engine.core.errors import Forbidden, HooocusError, InvalidImage
 from engine.core.events import TERMINAL_EVENTS, Event, ImageReady, Preview, Queued
 from engine.core.jobs import Job
 from engine.core.logging_setup import log_context
@@ -36,6 +39,7 @@ from hooocus_ws.outbox import Outbox
 from hooocus_ws.protocol import (
     FRAME_IMAGE,
     FRAME_PREVIEW,
+    FRAME_UPLOAD,
     PROTOCOL,
     CancelMessage,
     ClientMessage,
@@ -46,9 +50,13 @@ from hooocus_ws.protocol import (
     SetPreviewMessage,
     SubscribeMessage,
     UnsubscribeMessage,
+    UploadFrameHeader,
+    UploadMessage,
+    decode_frame,
     encode_frame,
     message_id,
     parse_client_message,
+    upload_frame_cap,
 )
 
 log = logging.getLogger("hooocus.ws")
@@ -177,7 +185,12 @@ class Session:
                 return None
             text = message.get("text")
             if text is None:
-                return 1003, "binary frames are not accepted; send JSON text"
+                close = self._read_binary(message.get("bytes") or b"")
+                if close is not None:
+                    return close
+                if self._errors_in_a_row >= limits.max_consecutive_errors:
+                    return 1008, "too many invalid messages in a row"
+                continue
             if len(text) > limits.max_message_bytes or len(text.encode("utf-8")) > limits.max_message_bytes:
                 metrics.ws_messages_rejected["message_too_big"] += 1
                 return 1009, f"message larger than {limits.max_message_bytes} bytes"
@@ -195,6 +208,50 @@ class Session:
                     self._dispatch(parsed)
             if self._errors_in_a_row >= limits.max_consecutive_errors:
                 return 1008, "too many invalid messages in a row"
+
+    def _read_binary(self, frame: bytes) -> tuple[int, str] | None:
+        """A client binary frame: only uploads (kind 3, the server's frame layout). Frames over
+        the upload cap close the connection (1009) like an oversized text frame."""
+        cap = upload_frame_cap(self.ctx.runtime.settings.max_upload_bytes)
+        if len(frame) > cap:
+            self.ctx.metrics.ws_messages_rejected["message_too_big"] += 1
+            return 1009, f"binary frame larger than {cap} bytes"
+        self.ctx.metrics.ws_messages_in += 1
+        retry_after = self._bucket.take()
+        if retry_after is not None:
+            self._send_error(None, "rate_limited", "too many messages; slow down", retry_after_s=round(retry_after, 3))
+            return None
+        re: Any = None
+        try:
+            kind, header, payload = decode_frame(frame)
+            re = header.get("id") if isinstance(header.get("id"), str | int) else None
+            if kind != FRAME_UPLOAD:
+                raise ProtocolError(f"a client binary frame must be an upload (kind {FRAME_UPLOAD}), got kind {kind}")
+            try:
+                UploadFrameHeader.model_validate(header)
+            except ValidationError as exc:
+                raise ProtocolError(f"upload frame header: {exc.errors(include_url=False)[0]['msg']}") from None
+            self._upload(re, payload, loc=("bytes",))
+            self._errors_in_a_row = 0
+        except HooocusError as exc:
+            self._send_error(re, exc.code, exc.message, loc=exc.loc)
+        return None
+
+    def _upload(self, re: Any, data: bytes, *, loc: tuple[str | int, ...]) -> None:
+        if not may_generate(self.principal):
+            raise Forbidden("this token may not upload images (scope 'generate' missing)")
+        uploads = self.ctx.runtime.uploads
+        if uploads is None:
+            raise HooocusError("this server does not take uploads", code="invalid_request")
+        info = uploads.put(data, owner=self.principal.name, loc=loc)
+        self._push({"type": "uploaded", "re": re, **info.to_dict()})
+
+    def _upload_message(self, msg: UploadMessage) -> None:
+        try:
+            data = base64.b64decode(msg.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidImage("data is not valid base64", loc=("data",)) from None
+        self._upload(msg.id, data, loc=("data",))
 
     def _dispatch(self, msg: ClientMessage) -> None:
         try:
@@ -222,6 +279,8 @@ class Session:
                 self._push({"type": "ack", "re": msg.id, "job_id": job_id})
             elif isinstance(msg, PingMessage):
                 self._push({"type": "pong", "re": msg.id})
+            elif isinstance(msg, UploadMessage):
+                self._upload_message(msg)
             self._errors_in_a_row = 0
         except HooocusError as exc:
             self._send_error(msg.id, exc.code, exc.message, loc=exc.loc, details=exc.details)

@@ -12,6 +12,8 @@ from typing import Any
 #: code -> HTTP status a front door should use. The one table every front door reads.
 HTTP_STATUS_BY_CODE: dict[str, int] = {
     "invalid_request": 422,
+    "invalid_image": 422,
+    "image_too_large": 413,
     "unknown_model": 422,
     "unknown_style": 422,
     "unknown_lora": 422,
@@ -43,7 +45,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 #: Error codes that mean "fix your input" (exit code 2) rather than "it failed" (exit code 1).
 #: A refusal from a server (``unauthorized``, ``queue_full`` ...) is a failure: exit code 1.
-USAGE_ERROR_CODES = frozenset({"invalid_request", "unknown_model", "unknown_style", "unknown_lora", "unknown_preset",
+USAGE_ERROR_CODES = frozenset({"invalid_request", "invalid_image", "image_too_large", "unknown_model", "unknown_style", "unknown_lora", "unknown_preset",
                                "unsafe_file", "model_invalid"})
 
 
@@ -77,6 +79,19 @@ class HooocusError(Exception):
 
 class InvalidRequest(HooocusError):
     code = "invalid_request"
+
+
+class InvalidImage(HooocusError):
+    """An input image that cannot be used: not an image, damaged or truncated, bad base64."""
+
+    code = "invalid_image"
+
+
+class ImageTooLarge(HooocusError):
+    """An input image over the byte cap (``max_upload_bytes``) or the decoded-pixel cap
+    (``max_input_pixels``), refused before it is decoded."""
+
+    code = "image_too_large"
 
 
 class UsageError(InvalidRequest):

@@ -23,11 +23,19 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from engine.core.errors import HooocusError, JobCancelled, NotFound, QueueFull, ShuttingDown, UnknownPreset
+from engine.core.errors import (
+    HooocusError,
+    InvalidRequest,
+    JobCancelled,
+    NotFound,
+    QueueFull,
+    ShuttingDown,
+    UnknownPreset,
+)
 from engine.core.events import (
     Cancelled,
     Done,
@@ -41,6 +49,9 @@ from engine.core.events import (
     Started,
 )
 from engine.core.request import GenerationRequest
+
+if TYPE_CHECKING:  # the core stays numpy-free at import
+    import numpy as np
 
 log = logging.getLogger("hooocus.jobs")
 
@@ -87,6 +98,9 @@ class Job:
         self.job_id = job_id
         self.request = request
         self.owner = owner
+        #: The request's input images decoded at submit (engine.core.inputs), keyed by field name;
+        #: dropped when the job ends so finished jobs do not hold megapixels of arrays.
+        self.inputs: Mapping[str, np.ndarray] = {}
         self.cancel_token = CancelToken()
         self.state = JobState.QUEUED
         self.created_at = time.time()
@@ -223,11 +237,17 @@ class Job:
 
 
 class RunContext:
-    """What a :class:`Runner` gets for one job: the request, the cancel token, and emitters."""
+    """What a :class:`Runner` gets for one job: the request, its decoded input images, the cancel
+    token, and emitters.
 
-    def __init__(self, job: Job, engine: Engine) -> None:
+    ``inputs`` (issue 14 contract): the request's image fields decoded at submit, keyed by field
+    name (``input_image``: H×W×3 uint8 RGB; ``inpaint_mask``/``inpaint_mask_upload``: H×W uint8).
+    Tests may pass them directly; by default they are the job's."""
+
+    def __init__(self, job: Job, engine: Engine, inputs: Mapping[str, np.ndarray] | None = None) -> None:
         self.job = job
         self._engine = engine
+        self.inputs: Mapping[str, np.ndarray] = job.inputs if inputs is None else inputs
 
     @property
     def job_id(self) -> str:
@@ -293,6 +313,15 @@ def _no_presets(request: GenerationRequest) -> GenerationRequest:
     return request
 
 
+def _no_inputs(request: GenerationRequest, owner: str) -> Mapping[str, np.ndarray]:
+    from engine.core.inputs import IMAGE_FIELDS
+
+    for name in IMAGE_FIELDS:
+        if getattr(request, name, None) is not None:
+            raise InvalidRequest("this server does not take input images", loc=(name,))
+    return {}
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     # torch.OutOfMemoryError (torch >= 2.5) and torch.cuda.OutOfMemoryError; no torch import here.
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
@@ -311,12 +340,18 @@ class Engine:
 
     def __init__(self, runner: Runner, *, max_queue: int = 16, max_queued_per_owner: int | None = None,
                  max_history: int = 512, image_sink: Callable[..., None] | None = None,
-                 apply_preset: Callable[[GenerationRequest], GenerationRequest] | None = None) -> None:
+                 apply_preset: Callable[[GenerationRequest], GenerationRequest] | None = None,
+                 resolve_inputs: Callable[[GenerationRequest, str], Mapping[str, np.ndarray]] | None = None,
+                 ) -> None:
         self.runner = runner
         #: Lays a Fooocus preset under each request at submit (``PresetBook.apply`` from
         #: engine/io/presets.py, given by the runtime so the core does not import the io layer).
         #: None: no preset folders, so a request naming a preset gets unknown_preset.
         self.apply_preset = apply_preset or _no_presets
+        #: Turns the request's image references into decoded arrays for ``owner`` at submit, so a bad
+        #: reference fails before queueing (``engine.core.inputs.InputResolver``, given by the
+        #: runtime, which owns the uploads). None: a request with an image is invalid_request.
+        self.resolve_inputs = resolve_inputs or _no_inputs
         self.max_queue = max_queue
         self.max_queued_per_owner = max_queued_per_owner
         self.max_history = max_history
@@ -384,6 +419,7 @@ class Engine:
         """Validate and queue a job. Raises InvalidRequest/Unknown*/QueueFull/ShuttingDown."""
         request = self.apply_preset(GenerationRequest.parse(request))
         self.runner.check(request)
+        inputs = self.resolve_inputs(request, owner)
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down; no new jobs are accepted")
@@ -395,6 +431,7 @@ class Engine:
                 if mine >= self.max_queued_per_owner:
                     raise QueueFull(f"you already have {mine} unfinished jobs (limit {self.max_queued_per_owner})")
             job = Job(job_id or new_job_id(), request, owner)
+            job.inputs = inputs
             self._jobs[job.job_id] = job
             self._trim_history()
             self._queue.append(job)
@@ -474,6 +511,7 @@ class Engine:
         self._steps_total += 1  # only the worker thread writes it
 
     def _finish_queued_cancel(self, job: Job, reason: str) -> None:
+        job.inputs = {}
         job.cancel_token.cancel(reason)
         job.emit(Cancelled(job_id=job.job_id, images_done=0, reason=reason))
         with self._lock:
@@ -546,6 +584,8 @@ class Engine:
                                 message=f"internal error (error_id {error_id})", images_done=len(job.images)))
             if not isinstance(exc, Exception):
                 raise
+        finally:
+            job.inputs = {}
 
 
 def new_job_id() -> str:

@@ -12,7 +12,7 @@ Checks that need runtime knowledge (does this style / model / LoRA exist?) happe
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -121,6 +121,15 @@ class GenerationRequest(BaseModel):
     #: defaults that this request's own explicit fields override; ``None`` = the server's
     #: ``settings.preset``, if any. Applied by the engine at submit (engine/io/presets.py).
     preset: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\w.+ -]+$")] | None = None
+    # -- issue 14 image inputs: a STAND-IN for helper pipewire's fields (same names as the contract),
+    # so the doors can be tested on this branch; on merge, pipewire's version of this file wins.
+    uov_method: Literal["Disabled", "Vary (Subtle)", "Vary (Strong)", "Upscale (1.5x)", "Upscale (2x)",
+                        "Upscale (Fast 2x)"] = "Disabled"
+    #: Image references (engine/core/inputs.py): 'sha256:<hex>' or a data URI.
+    input_image: Annotated[str, Field(min_length=1)] | None = None
+    inpaint_mask: Annotated[str, Field(min_length=1)] | None = None
+    inpaint_mask_upload: Annotated[str, Field(min_length=1)] | None = None
+    outpaint_selections: list[Literal["Left", "Right", "Top", "Bottom"]] = Field(default_factory=list, max_length=4)
 
     @field_validator("performance", mode="before")
     @classmethod

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.history import JobHistory
+from engine.core.inputs import InputResolver, UploadStore
 from engine.core.jobs import Engine, Runner
 from engine.core.settings import Settings
 from engine.core.store import ImageStore
 
 IMAGE_STORE_DIR_NAME = "images"
+UPLOADS_DIR_NAME = "uploads"
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Runtime:
     images: ImageStore
     #: Attached to ``engine`` (records every job submitted); closed by :meth:`close`. None = not recording.
     history: JobHistory | None = None
+    #: Images uploaded by principals (issue 14), resolved with the generated images at submit.
+    uploads: UploadStore | None = None
 
     def start(self) -> Runtime:
         self.engine.start()
@@ -70,8 +74,15 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
 
     history = JobHistory.from_settings(settings) if record_history else None
     images = ImageStore(folder=image_store_folder(settings) if record_history else None)
+    uploads = UploadStore(max_bytes=settings.uploads_max_bytes, max_upload_bytes=settings.max_upload_bytes,
+                          max_pixels=settings.max_input_pixels,
+                          folder=Path(settings.data_dir) / UPLOADS_DIR_NAME if record_history else None)
+    # sha256 references find the caller's uploads, then images the caller's jobs generated.
+    resolver = InputResolver(uploads, images=images, history=history, max_pixels=settings.max_input_pixels,
+                             max_upload_bytes=settings.max_upload_bytes)
     engine = Engine(runner, max_queue=settings.queue_size, max_queued_per_owner=settings.max_queued_per_principal,
-                    image_sink=images.put, apply_preset=PresetBook.from_settings(settings).apply)
+                    image_sink=images.put, apply_preset=PresetBook.from_settings(settings).apply,
+                    resolve_inputs=resolver)
     if history is not None:
         history.attach(engine)
-    return Runtime(settings=settings, engine=engine, images=images, history=history)
+    return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads)

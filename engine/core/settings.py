@@ -108,6 +108,13 @@ class Settings(BaseModel):
     max_connections_per_address: int = Field(default=64, ge=1)
     #: Open websocket connections per token principal (each holds an outbox of its jobs' events).
     max_ws_per_principal: int = Field(default=8, ge=1)
+    #: Input images (issue 14): the largest upload or data URI, decoded bytes (the base64 text
+    #: cap follows: 4/3 of it), and the most pixels an input image may decode to, checked from
+    #: the header before decoding (a decompression bomb costs nothing).
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_input_pixels: int = Field(default=40_000_000, ge=64 * 64)
+    #: All uploads kept (oldest out first), in memory and in ``<data_dir>/uploads``.
+    uploads_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
 
     # -- derived paths --------------------------------------------------------------------------
 

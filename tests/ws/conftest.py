@@ -15,6 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from engine.core.access import TokenStore
+from engine.core.inputs import InputResolver, UploadStore
 from engine.core.jobs import Engine, Runner
 from engine.core.runtime import Runtime
 from engine.core.settings import Settings
@@ -44,11 +45,15 @@ def auth(token: str) -> dict[str, str]:
 
 def make_runtime(tmp_path: Path, runner: Runner | None = None, *, queue_size: int = 16,
                  per_owner: int | None = None) -> Runtime:
-    settings = Settings(data_dir=tmp_path, shutdown_grace_s=0.2, queue_size=queue_size)
+    settings = Settings(data_dir=tmp_path, shutdown_grace_s=0.2, queue_size=queue_size,
+                        max_upload_bytes=256 * 1024, max_input_pixels=1_000_000)
     images = ImageStore()
+    uploads = UploadStore(max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_input_pixels)
+    resolver = InputResolver(uploads, images=images, max_pixels=settings.max_input_pixels,
+                             max_upload_bytes=settings.max_upload_bytes)
     engine = Engine(runner or FakeRunner(), max_queue=queue_size, max_queued_per_owner=per_owner,
-                    image_sink=images.put)
-    return Runtime(settings=settings, engine=engine, images=images)
+                    image_sink=images.put, resolve_inputs=resolver)
+    return Runtime(settings=settings, engine=engine, images=images, uploads=uploads)
 
 
 def make_app(runtime: Runtime, **kwargs: Any) -> Any:
@@ -156,6 +161,7 @@ class LiveServer:
 
 def start_server(app: Any, runtime: Runtime, *, max_message_bytes: int = 64 * 1024, ping_interval_s: float = 20.0,
                  ping_timeout_s: float = 20.0, graceful_shutdown_s: float = 5.0, **config_kwargs: Any) -> LiveServer:
+    config_kwargs.setdefault("max_upload_bytes", runtime.settings.max_upload_bytes)
     config = uvicorn_config(app, host="127.0.0.1", port=0, max_message_bytes=max_message_bytes,
                             log_level="warning", ping_interval_s=ping_interval_s, ping_timeout_s=ping_timeout_s,
                             graceful_shutdown_s=graceful_shutdown_s, **config_kwargs)

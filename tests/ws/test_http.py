@@ -69,7 +69,12 @@ def test_http_errors_have_codes_and_paths(client, runtime):
     not_json = client.post("/v1/generate", headers=auth(ALICE), content=b"{")
     assert not_json.status_code == 422 and not_json.json()["error"]["code"] == "invalid_request"
     assert client.post("/v1/generate", headers=auth(ALICE), json=[1]).status_code == 422
-    too_big = client.post("/v1/generate", headers=auth(ALICE), json={"prompt": "x" * 300_000})
+    # The body cap: the JSON cap plus room for one input image as a data URI (issue 14).
+    from engine.core.inputs import base64_cap
+    from hooocus_ws.context import ServerLimits
+
+    body_cap = ServerLimits().max_http_body_bytes + base64_cap(client.app.state.hooocus.runtime.settings.max_upload_bytes)
+    too_big = client.post("/v1/generate", headers=auth(ALICE), json={"prompt": "x" * (body_cap + 1)})
     assert too_big.status_code == 422 and "larger" in too_big.json()["error"]["message"]
     assert client.post("/v1/generate", headers=auth(READER), json={}).status_code == 403
     assert client.get("/v1/jobs/j_nope", headers=auth(ALICE)).status_code == 404

@@ -208,12 +208,17 @@ def test_many_bad_messages_in_a_row_close_1008(client):
         assert raw["code"] == 1008
 
 
-def test_binary_frame_from_client_closes_1003(client):
+def test_binary_frame_from_client_that_is_not_an_upload_is_an_error(client):
+    # Binary frames from the client are uploads (kind 3, issue 14); anything else is refused with
+    # invalid_message and the connection stays usable.
     with connect(client) as ws:
-        WsReader(ws).recv()
+        reader = WsReader(ws)
+        reader.recv()
         ws.send_bytes(b"\x00\x01")
-        closed = ws.receive()
-        assert closed["type"] == "websocket.close" and closed["code"] == 1003
+        assert reader.recv()["code"] == "invalid_message"
+        reader.send({"type": "ping", "id": "p"})
+        pong = reader.recv()
+        assert (pong["type"], pong["re"]) == ("pong", "p")
 
 
 @pytest.mark.parametrize(("message", "loc"), [
