@@ -23,9 +23,9 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.core.errors import HooocusError, JobCancelled, NotFound, QueueFull, ShuttingDown, UnknownPreset
 from engine.core.events import (
@@ -41,6 +41,9 @@ from engine.core.events import (
     Started,
 )
 from engine.core.request import GenerationRequest
+
+if TYPE_CHECKING:  # core stays numpy-free at import
+    import numpy as np
 
 log = logging.getLogger("hooocus.jobs")
 
@@ -225,9 +228,15 @@ class Job:
 class RunContext:
     """What a :class:`Runner` gets for one job: the request, the cancel token, and emitters."""
 
-    def __init__(self, job: Job, engine: Engine) -> None:
+    #: The request's decoded image fields (contract14): images HWC uint8 RGB, masks HW uint8, keyed by
+    #: field name (input_image, inpaint_mask, inpaint_mask_upload). Resolved at submit; until the
+    #: submit-time resolver lands, a Job that carries ``inputs`` hands them on.
+    inputs: Mapping[str, np.ndarray]
+
+    def __init__(self, job: Job, engine: Engine, *, inputs: Mapping[str, np.ndarray] | None = None) -> None:
         self.job = job
         self._engine = engine
+        self.inputs = inputs if inputs is not None else getattr(job, "inputs", None) or {}
 
     @property
     def job_id(self) -> str:
