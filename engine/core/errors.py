@@ -106,6 +106,13 @@ class ModelInvalid(HooocusError):
     code = "model_invalid"
 
 
+class OutOfMemory(HooocusError):
+    """The device ran out of memory and the operation has no smaller fallback left (the upscaler's
+    tiles were halved down to their minimum). engine/imaging/upscaler.py raises it."""
+
+    code = "out_of_memory"
+
+
 class UnsafeFile(HooocusError):
     """A pickle-format weight file (or a pickle renamed .safetensors). Never unpickled."""
 

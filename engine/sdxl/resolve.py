@@ -264,7 +264,7 @@ def resolve_request(request: GenerationRequest, *, default_model: str, default_s
             height, width = vary_target_hw(in_h, in_w)
         elif request.uov_method == FAST_UPSCALE:
             task, factor = "upscale_fast", float(FAST_UPSCALE_FACTOR)
-            width, height = in_w * FAST_UPSCALE_FACTOR, in_h * FAST_UPSCALE_FACTOR
+            height, width = upscale_plan(in_h, in_w, factor).result_hw  # 2x, or shape ceil 1024 when smaller
         else:
             task, factor = "upscale", UPSCALE_FACTORS[request.uov_method]
             denoise = request.upscale_strength if request.upscale_strength is not None else UPSCALE_DENOISE

@@ -85,6 +85,8 @@ def test_upscale_uses_uov_steps_plan_size_and_0382(method: str, factor: float) -
 def test_fast_upscale_is_twice_the_input() -> None:
     resolved = _resolve(input_image=IMG, uov_method="Upscale (Fast 2x)")
     assert resolved.task == "upscale_fast" and resolved.size == (1280, 960)
+    small = _resolve(input_size=(64, 48), input_image=IMG, uov_method="Upscale (Fast 2x)")
+    assert (small.height, small.width) == upscale_plan(48, 64, 2.0).result_hw  # shape ceil 1024 rule
 
 
 @pytest.mark.parametrize(("mode", "expected"), [
