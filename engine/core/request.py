@@ -1,4 +1,4 @@
-"""The public request model: what a caller may ask the engine for (text-to-image).
+"""The public request model: what a caller may ask the engine for (text-to-image and image tasks).
 
 Validated once, here, at the boundary (house style A9.3 #4): ``extra="forbid"``, frozen, ranges
 from Fooocus's UI (refdata/tables/webui_controls.json). Defaults are Fooocus's ``presets/default.json``
@@ -38,6 +38,24 @@ from engine.core.constants import (
 from engine.core.errors import InvalidRequest, pydantic_error_to_hooocus
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+
+# Issue 14 image tasks: Fooocus's own option strings (modules/flags.py), what it logs and stores.
+UovMethod = Literal["Disabled", "Vary (Subtle)", "Vary (Strong)", "Upscale (1.5x)", "Upscale (2x)",
+                    "Upscale (Fast 2x)"]
+OutpaintSide = Literal["Left", "Right", "Top", "Bottom"]
+InpaintMode = Literal["Inpaint or Outpaint (default)", "Improve Detail (face, hand, eyes, etc.)",
+                      "Modify Content (add objects, change background, etc.)"]
+InpaintEngineName = Literal["None", "v1", "v2.5", "v2.6"]
+UOV_DISABLED = "Disabled"
+INPAINT_MODE_DEFAULT = "Inpaint or Outpaint (default)"
+#: An image reference is 'sha256:<hex>' or a data URI; the data URI is the long one. The decoded
+#: byte cap is the server's ``max_upload_bytes`` (checked by the resolver); this is only a hard upper
+#: bound on the text so a request can never carry more than 48 MiB of base64 (= 36 MiB decoded,
+#: above any sane upload cap) into the validator.
+MAX_IMAGE_REF_CHARS = 48 * 1024 * 1024
+ImageRefText = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE_REF_CHARS)]
+Strength = Annotated[float, Field(gt=0.0, le=1.0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 SidePx = Annotated[int, Field(ge=MIN_SIDE_PX, le=MAX_SIDE_PX, multiple_of=8)]
 _ASPECT_RE = re.compile(r"^\s*(\d+)\s*[*x×X]\s*(\d+)\s*$")
 
@@ -121,15 +139,32 @@ class GenerationRequest(BaseModel):
     #: defaults that this request's own explicit fields override; ``None`` = the server's
     #: ``settings.preset``, if any. Applied by the engine at submit (engine/io/presets.py).
     preset: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\w.+ -]+$")] | None = None
-    # -- issue 14 image inputs: a STAND-IN for helper pipewire's fields (same names as the contract),
-    # so the doors can be tested on this branch; on merge, pipewire's version of this file wins.
-    uov_method: Literal["Disabled", "Vary (Subtle)", "Vary (Strong)", "Upscale (1.5x)", "Upscale (2x)",
-                        "Upscale (Fast 2x)"] = "Disabled"
-    #: Image references (engine/core/inputs.py): 'sha256:<hex>' or a data URI.
-    input_image: Annotated[str, Field(min_length=1)] | None = None
-    inpaint_mask: Annotated[str, Field(min_length=1)] | None = None
-    inpaint_mask_upload: Annotated[str, Field(min_length=1)] | None = None
-    outpaint_selections: list[Literal["Left", "Right", "Top", "Bottom"]] = Field(default_factory=list, max_length=4)
+    # -- image tasks (issue 14; contract14.md). Fooocus runs Upscale/Vary (UOV) when uov_method is
+    # not Disabled, and inpaint/outpaint only when it is (UOV takes precedence, as in Fooocus).
+    uov_method: UovMethod = UOV_DISABLED
+    #: An image reference: 'sha256:<hex>' (an upload or an image of the caller's) or a data URI.
+    input_image: ImageRefText | None = None
+    #: The drawn mask and an uploaded mask; max-merged (pixels > 127) as Fooocus does.
+    inpaint_mask: ImageRefText | None = None
+    inpaint_mask_upload: ImageRefText | None = None
+    outpaint_selections: Annotated[list[OutpaintSide], Field(max_length=4)] = Field(default_factory=list)
+    inpaint_mode: InpaintMode = INPAINT_MODE_DEFAULT
+    #: ``None`` = the mode's engine (spec §12.2 table: v2.6, None for Improve Detail).
+    inpaint_engine: InpaintEngineName | None = None
+    #: ``None`` = the mode's denoise (1.0, 0.5 for Improve Detail); outpaint forces 1.0.
+    inpaint_strength: Fraction | None = None
+    #: ``None`` = the mode's respective field (0.618, 0.0 for Improve Detail / Modify Content).
+    inpaint_respective_field: Fraction | None = None
+    inpaint_erode_or_dilate: Annotated[int, Field(ge=-64, le=64)] = 0
+    invert_mask: bool = False
+    #: ``None`` = the mode's value (True only for Modify Content).
+    inpaint_disable_initial_latent: bool | None = None
+    #: Prepended to the prompt as its own first line (spec §12.2 "Inpaint prompt").
+    inpaint_additional_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
+    #: Fooocus overwrite_vary_strength: replaces 0.5 (Subtle) / 0.85 (Strong).
+    vary_strength: Strength | None = None
+    #: Fooocus overwrite_upscale_strength: replaces 0.382.
+    upscale_strength: Strength | None = None
 
     @field_validator("performance", mode="before")
     @classmethod
@@ -156,7 +191,37 @@ class GenerationRequest(BaseModel):
     def _check_size_pair(self) -> GenerationRequest:
         if (self.width is None) != (self.height is None):
             raise ValueError("give both width and height, or neither (then aspect_ratio is used)")
+        self._check_image_task()
         return self
+
+    def _check_image_task(self) -> None:
+        """The image fields must describe a task; errors carry the field's own path (loc)."""
+        masked = self.inpaint_mask is not None or self.inpaint_mask_upload is not None
+        wants_image = self.uov_method != UOV_DISABLED or masked or bool(self.outpaint_selections)
+        if wants_image and self.input_image is None:
+            field_name = ("uov_method" if self.uov_method != UOV_DISABLED else
+                          "outpaint_selections" if self.outpaint_selections and not masked else
+                          "inpaint_mask" if self.inpaint_mask is not None else
+                          "inpaint_mask_upload" if masked else "outpaint_selections")
+            raise InvalidRequest(f"{field_name} needs input_image (an image reference: 'sha256:<hex>' or a "
+                                 "data:image/...;base64 URI)", loc=("input_image",))
+        if self.input_image is not None and not wants_image:
+            raise InvalidRequest("nothing to do with the image: set uov_method (Vary/Upscale), or give a mask "
+                                 "(inpaint_mask / inpaint_mask_upload) or outpaint_selections",
+                                 loc=("input_image",))
+        if len(set(self.outpaint_selections)) != len(self.outpaint_selections):
+            raise InvalidRequest("outpaint_selections lists a side twice", loc=("outpaint_selections",))
+
+    @property
+    def image_task(self) -> str | None:
+        """'uov', 'inpaint' or None (text-to-image), as Fooocus picks: UOV wins over inpaint.
+
+        Whether the inpaint mask has a pixel > 127 is known only after decoding; the runner
+        skips an empty-mask inpaint with a warning (Fooocus generates from the prompt then).
+        """
+        if self.input_image is None:
+            return None
+        return "uov" if self.uov_method != UOV_DISABLED else "inpaint"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -174,5 +239,7 @@ class GenerationRequest(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise pydantic_error_to_hooocus(exc) from None
+        except InvalidRequest:  # a cross-field check that names its own field path
+            raise
         except (TypeError, ValueError) as exc:  # non-dict input
             raise InvalidRequest(str(exc)) from None

@@ -33,14 +33,24 @@ from engine.core.constants import (
     SCHEDULER_NAMES,
     SDXL_ASPECT_RATIOS,
 )
-from engine.core.errors import AssetsMissing, HooocusError, UnknownLora, UnknownModel
+from engine.core.errors import AssetsMissing, HooocusError, InvalidRequest, UnknownLora, UnknownModel
 from engine.core.events import ImageReady
 from engine.core.formats import MIME_BY_FORMAT
 from engine.core.jobs import RunContext
 from engine.core.request import GenerationRequest
 from engine.core.settings import Settings
+from engine.imaging.resize import resample_image
+from engine.imaging.upscaler import (
+    UPSCALE_MODELS_DIR,
+    UPSCALER_FILE_NAME,
+    Upscaler,
+    UpscalerCache,
+    fast_upscale_2x,
+    upscale_image,
+)
 from engine.io.imageio import encode_image
 from engine.io.metadata import MetadataInput, build_metadata_list, metadata_text
+from engine.io.metadata.write import fast_upscale_metadata
 from engine.prompts.assembly import PromptTask, process_resolved
 from engine.prompts.expansion import FooocusExpansion, load_expansion
 from engine.prompts.styles import StyleLibrary
@@ -59,6 +69,7 @@ from engine.sdxl.sampling.model_sampling import model_sampling_for
 from engine.sdxl.sampling.noise import BrownianNoise, prepare_noise
 from engine.sdxl.sampling.samplers import sample
 from engine.sdxl.sampling.schedules import plan_sigmas
+from engine.sdxl.vae_io import posterior_generator, vae_decode, vae_encode
 
 log = logging.getLogger("hooocus.pipeline")
 
@@ -113,6 +124,8 @@ class SDXLRunner:
         self._expansion: FooocusExpansion | None = None
         self._expansion_checked = False
         self._expansion_warning: str | None = None
+        self._upscalers = UpscalerCache()
+        self._demo_upscaler: Upscaler | None = None
 
     @property
     def base_components(self) -> SDXLComponents | None:
@@ -214,11 +227,23 @@ class SDXLRunner:
         ctx.check_cancelled()
         expansion_ok = self._expansion_available()
         available_loras = self.registry.names("loras")  # one folder scan per job
+        request = ctx.request
+        image = ctx.inputs.get("input_image") if request.image_task is not None else None
+        if request.image_task is not None and image is None:
+            raise InvalidRequest("input_image was not resolved to pixels", loc=("input_image",))
+        input_size = (int(image.shape[1]), int(image.shape[0])) if image is not None else None
         resolved = resolve_request(
             ctx.request, default_model=self.default_model_name,
             default_styles=self.settings.default_styles or self.styles.default_styles(expansion_available=expansion_ok),
             style_library=self.styles, rng=random.SystemRandom(), available_loras=available_loras,
-            expansion_available=expansion_ok, fooocus_quirks=self.settings.fooocus_quirks)
+            expansion_available=expansion_ok, fooocus_quirks=self.settings.fooocus_quirks,
+            input_size=input_size)
+        if resolved.task == "upscale_fast":
+            self._run_fast_upscale(ctx, resolved, image)
+            return
+        if resolved.task == "inpaint":
+            raise HooocusError("inpaint / outpaint is not wired into the SDXL runner yet", code="not_implemented",
+                               loc=("input_image",))
         for code, message in resolved.warnings:
             ctx.warning(code, message)
         if resolved.use_expansion and self._expansion is not None:
@@ -231,6 +256,13 @@ class SDXLRunner:
             ctx.warning("assets_missing", f"{resolved.performance_lora[0]} is not installed; the demo model runs "
                                           f"{resolved.performance} without it")
             resolved = dataclasses.replace(resolved, performance_lora=None, loras=resolved.user_loras)
+        uov_pixels = None
+        if resolved.task in ("vary", "upscale"):
+            uov_pixels = self._uov_pixels(resolved, image)
+            if resolved.upscale_direct_return:  # spec §12.1 step 3: no diffusion above shape ceil 2800
+                ctx.started({**resolved.to_public_dict(), "is_demo": False}, resolved.seeds[:1], 0)
+                ctx.image(self._pixels_image(resolved, uov_pixels, index=0, seed=resolved.seeds[0], metadata={}))
+                return
         plan = process_resolved(resolved, style_library=self.styles, wildcards=self.wildcards,
                                 expansion=self._expansion, available_loras=available_loras)
         base = self._load_base(resolved.base_model, vae=resolved.vae)
@@ -239,6 +271,15 @@ class SDXLRunner:
         if refiner is not None:  # spec §8: performance LoRAs go to the base only
             perf = {resolved.performance_lora} if resolved.performance_lora else set()
             self._apply_loras(refiner, [entry for entry in plan.loras if entry not in perf], ctx)
+        uov_latent = None
+        if uov_pixels is not None:
+            # spec §12.1: one posterior-sampled encode per Generate (tiled for Upscale); every image of
+            # the job starts from it. The generation size is the latent's (the encode crops to 8s).
+            uov_latent = vae_encode(base.components.vae, _to_bchw(uov_pixels), posterior_generator(),
+                                    tiled=resolved.task == "upscale")
+            self._record("uov.latent", uov_latent)
+            resolved = dataclasses.replace(resolved, width=int(uov_latent.shape[-1]) * 8,
+                                           height=int(uov_latent.shape[-2]) * 8)
         params = resolved.to_public_dict()
         params["base_model"] = base.components.name
         params["prompts"] = [{"seed": str(t.task_seed), "positive": t.positive, "negative": t.negative,
@@ -251,13 +292,14 @@ class SDXLRunner:
             freeu = apply_freeu_v2(base.components.unet, b1=f.b1, b2=f.b2, s1=f.s1, s2=f.s2)
         try:
             for task in plan.tasks:
-                self._run_image(ctx, resolved, task, base, refiner, len(plan.tasks), plan.loras)
+                self._run_image(ctx, resolved, task, base, refiner, len(plan.tasks), plan.loras, uov_latent)
         finally:
             if freeu is not None:
                 freeu.remove()
 
     def _run_image(self, ctx: RunContext, resolved: ResolvedRequest, task: PromptTask, base: LoadedModel,
-                   refiner: LoadedModel | None, image_count: int, loras: list[tuple[str, float]]) -> None:
+                   refiner: LoadedModel | None, image_count: int, loras: list[tuple[str, float]],
+                   uov_latent: torch.Tensor | None = None) -> None:
         ctx.check_cancelled()
         index = task.index
         width, height = resolved.width, resolved.height
@@ -326,20 +368,27 @@ class SDXLRunner:
                 ctx.preview(latent_to_rgb(state["denoised"][0].float()), step=min(i + 1, steps), image_index=index)
 
         run = {"generator": generator, "brownian": brownian, "callback": callback, "model_sampling": ms}
+        start = None if uov_latent is None else (uov_latent * comps.vae_scaling_factor).to(device)
         if refiner_stage is not None and not joint and 0 < switch < steps:
             # spec §8 "separate": base over sigmas[:switch+1] (no forced 0), then the refiner continues
             # from that latent with zero new noise and the same Brownian tree.
-            latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas[: switch + 1], noise, **run)
+            latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas[: switch + 1], noise, latent=start, **run)
             denoiser.stage = refiner_stage
             step_offset = switch
             latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas[switch:], torch.zeros_like(noise),
                             latent=latent, **run)
         else:
-            latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas, noise, **run)
+            latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas, noise, latent=start, **run)
         self._record(f"image{index}.latent", latent)
         ctx.check_cancelled()  # a cancel during the last step skips the decode
         ctx.progress(steps, steps, stage="decode", image_index=index, image_count=image_count)
-        rgb = self._decode(comps, latent, index)
+        if resolved.task == "upscale":  # spec §12.1 step 4: tiled decode
+            decoded = vae_decode(comps.vae, (latent / comps.vae_scaling_factor).float(), tiled=True)
+            image01 = decoded[0].permute(1, 2, 0).cpu()
+            self._record(f"image{index}.decoded", image01)
+            rgb = np.clip(255.0 * image01.numpy(), 0, 255).astype(np.uint8)
+        else:
+            rgb = self._decode(comps, latent, index)
         ctx.check_cancelled()
         overwrite_switch = ctx.request.refiner_switch_step or -1  # Fooocus writes the user's override
         ctx.image(self._encode(resolved, task, base, refiner, rgb, index, loras, overwrite_switch))
@@ -408,6 +457,46 @@ class SDXLRunner:
         return ImageReady(job_id="", index=index, seed=task.task_seed, data=data,
                           mime=MIME_BY_FORMAT[resolved.output_format], width=width, height=height,
                           sha256=hashlib.sha256(data).hexdigest(), metadata=metadata)
+
+    # -- image tasks ---------------------------------------------------------------------------
+
+    def _upscaler(self, resolved: ResolvedRequest) -> Upscaler:
+        """The ESRGAN: the demo model's tiny in-memory one, else the set-up file (model_missing if absent)."""
+        if resolved.base_model == DEMO_MODEL:
+            if self._demo_upscaler is None:
+                from engine.sdxl.models.demo import build_demo_upscaler
+
+                self._demo_upscaler = build_demo_upscaler(self.device)
+            return self._demo_upscaler
+        return self._upscalers.get(self.settings.models_dir / UPSCALE_MODELS_DIR / UPSCALER_FILE_NAME, self.device)
+
+    def _uov_pixels(self, resolved: ResolvedRequest, image: np.ndarray) -> np.ndarray:
+        """spec §12.1: Vary resizes to its clamped shape ceil; Upscale runs ESRGAN 4x, then resizes to the
+        planned size (both LANCZOS). Sizes come from resolve (engine/imaging/sizes.py)."""
+        if resolved.task == "upscale":
+            image = upscale_image(self._upscaler(resolved), image)
+        if image.shape[:2] != (resolved.height, resolved.width):
+            image = resample_image(image, resolved.width, resolved.height)
+        return image
+
+    def _run_fast_upscale(self, ctx: RunContext, resolved: ResolvedRequest, image: np.ndarray) -> None:
+        """Upscale (Fast 2x): ESRGAN then LANCZOS to 2x; no diffusion, no prompt processing (spec §12.1)."""
+        ctx.started(resolved.to_public_dict(), resolved.seeds[:1], 0)
+        pixels = fast_upscale_2x(self._upscaler(resolved), image)
+        ctx.check_cancelled()
+        scheme = None if resolved.metadata_scheme == "none" else resolved.metadata_scheme
+        text, items = fast_upscale_metadata(scheme)
+        ctx.image(self._pixels_image(resolved, pixels, index=0, seed=resolved.seeds[0],
+                                     metadata={key: value for _label, key, value in items}, parameters=text))
+
+    def _pixels_image(self, resolved: ResolvedRequest, rgb: np.ndarray, *, index: int, seed: int,
+                      metadata: dict[str, Any], parameters: str | None = None) -> ImageReady:
+        scheme = None if resolved.metadata_scheme == "none" else resolved.metadata_scheme
+        data = encode_image(rgb, fmt=resolved.output_format, parameters=parameters,
+                            scheme=scheme if parameters else None)
+        height, width = rgb.shape[:2]
+        return ImageReady(job_id="", index=index, seed=seed, data=data, mime=MIME_BY_FORMAT[resolved.output_format],
+                          width=width, height=height, sha256=hashlib.sha256(data).hexdigest(), metadata=metadata)
 
     # -- models --------------------------------------------------------------------------------
 
@@ -513,6 +602,11 @@ class SDXLRunner:
             calls["n"] += 1
 
         return observe
+
+
+def _to_bchw(image: np.ndarray) -> torch.Tensor:
+    """HWC uint8 RGB -> [1, 3, H, W] float32 in [0, 1] (what the VAE encode takes)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).to(torch.float32).div(255.0).permute(2, 0, 1)[None]
 
 
 def _existing(configured: tuple[Path, ...], default: Path) -> list[Path]:

@@ -31,6 +31,8 @@ A1111_LABELS: dict[str, str] = {
     "clip_skip": "Clip skip", "overwrite_switch": "Overwrite Switch", "refiner_swap_method": "Refiner Swap Method",
     "freeu": "FreeU", "lora_hashes": "Lora hashes", "lora_weights": "Lora weights", "version": "Version",
     "created_by": "User",
+    # Inpaint/outpaint images (Fooocus's Load Parameters keys inpaint_method / inpaint_engine_version).
+    "inpaint_method": "Inpaint Mode", "inpaint_engine_version": "Inpaint Engine Version",
     # Ours (Fooocus ignores labels it does not know): images made with the random-weight demo model.
     "is_demo": "Demo model",
 }

@@ -10,7 +10,7 @@ import urllib.parse
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 from engine.core.constants import (
     FOOOCUS_V2_STYLE,
@@ -28,7 +28,7 @@ from engine.core.constants import (
     SDXL_ASPECT_RATIOS,
 )
 from engine.core.errors import HooocusError, InvalidRequest
-from engine.core.request import GenerationRequest
+from engine.core.request import GenerationRequest, InpaintEngineName, InpaintMode
 from engine.io.metadata.labels import (
     A1111_KEYS,
     A1111_SAMPLER_NAMES,
@@ -37,6 +37,9 @@ from engine.io.metadata.labels import (
     file_stem,
 )
 from engine.sdxl.modes import PERFORMANCE_MODES, performance_for_steps
+
+INPAINT_MODES: tuple[str, ...] = get_args(InpaintMode)
+INPAINT_ENGINES: tuple[str, ...] = get_args(InpaintEngineName)
 
 # spec §13.6 step 3: one "key: value" pair of the last line (values with , \n or : are JSON-quoted).
 _A1111_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -435,6 +438,24 @@ def parameters_to_request(parsed: Mapping[str, Any], *, known_models: Collection
             warnings.append(f"ignored freeu={parsed['freeu']!r}")
         else:
             fields["freeu"] = {"enabled": True, "b1": b1, "b2": b2, "s1": s1, "s2": s2}
+
+    # Inpaint/outpaint images: the method and engine, as Fooocus's Load Parameters reads them. The
+    # mask and image are not in the metadata; they only become defaults for the next inpaint.
+    method = text("inpaint_method")
+    if method is not None:
+        if method in INPAINT_MODES:
+            fields["inpaint_mode"] = method
+        else:
+            warnings.append(f"unknown inpaint_method {method!r}; using the default")
+    engine_version = text("inpaint_engine_version")
+    if engine_version is not None:
+        if engine_version in INPAINT_ENGINES:
+            fields["inpaint_engine"] = engine_version
+        else:
+            warnings.append(f"unknown inpaint_engine_version {engine_version!r}; using the mode's engine")
+    if parsed.get("upscale_fast") not in (None, ""):
+        warnings.append("this image was made with Upscale (Fast 2x): give it as input_image with "
+                        "uov_method 'Upscale (Fast 2x)' to repeat it")
 
     fields_loras = _loras_from(parsed, mode.lora_file, known_loras, warnings)
     if fields_loras:

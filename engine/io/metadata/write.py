@@ -85,6 +85,10 @@ class MetadataInput:
     created_by: str = ""
     #: Made with the built-in random-weight demo model: recorded so nobody mistakes the image.
     is_demo: bool = False
+    #: Inpaint/outpaint: the method and engine (Fooocus's "Load Parameters" reads them back as
+    #: inpaint_method / inpaint_engine_version); None for other tasks.
+    inpaint_mode: str | None = None
+    inpaint_engine: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -137,6 +141,9 @@ def build_metadata_list(inp: MetadataInput) -> MetadataList:
     ]
     if inp.freeu is not None:
         out.append(("FreeU", "freeu", str(inp.freeu)))
+    if inp.inpaint_mode is not None:
+        out.append(("Inpaint Mode", "inpaint_method", inp.inpaint_mode))
+        out.append(("Inpaint Engine Version", "inpaint_engine_version", inp.inpaint_engine or "None"))
     for number, (name, weight, _hash) in enumerate(inp.loras, start=1):
         out.append((f"LoRA {number}", f"lora_combined_{number}", f"{name} : {weight}"))
     scheme = inp.metadata_scheme if inp.metadata_scheme in ("fooocus", "a1111") else False
@@ -208,7 +215,8 @@ def to_a1111_scheme(items: MetadataList, inp: MetadataInput) -> str:
     if inp.refiner_model not in (None, "", "None"):
         params["Refiner"] = file_stem(inp.refiner_model)
         params["Refiner hash"] = inp.refiner_model_hash
-    for key in ("adaptive_cfg", "clip_skip", "overwrite_switch", "refiner_swap_method", "freeu"):
+    for key in ("adaptive_cfg", "clip_skip", "overwrite_switch", "refiner_swap_method", "freeu", "inpaint_method",
+                "inpaint_engine_version"):
         if key in data:
             params[A1111_LABELS[key]] = data[key]
     if inp.loras:
@@ -226,6 +234,20 @@ def to_a1111_scheme(items: MetadataList, inp: MetadataInput) -> str:
     lines.append(", ".join(f"{label}: {_a1111_quote(str(value))}" for label, value in params.items()
                            if value is not None))
     return "\n".join(lines)
+
+
+#: spec §12.1: Fooocus logs Upscale (Fast 2x) as this one entry (no prompt processing ran).
+FAST_UPSCALE_ITEM = ("Upscale (Fast)", "upscale_fast", "2x")
+
+
+def fast_upscale_metadata(scheme: str | None, version: str | None = None) -> tuple[str | None, MetadataList]:
+    """The text to embed for an Upscale (Fast 2x) image and its list: Fooocus's one entry, plus the
+    scheme and version. Both schemes write the same JSON object (there is no prompt to put first)."""
+    items: MetadataList = [FAST_UPSCALE_ITEM, ("Metadata Scheme", "metadata_scheme", scheme or False),
+                           ("Version", "version", version or default_version_string())]
+    if scheme not in ("fooocus", "a1111"):
+        return None, items
+    return json.dumps(dict(sorted((key, value) for _label, key, value in items))), items
 
 
 def metadata_text(inp: MetadataInput) -> str | None:

@@ -381,3 +381,44 @@ def _open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             for ours, theirs in _OPEN_CLIP_LAYER.items():
                 out[f"{dst}{theirs}.{leaf}"] = state[f"{src}{ours}.{leaf}"]
     return out
+
+
+#: The demo upscaler: an old-arch ESRGAN (4×, 3→3) small enough to build per process in milliseconds,
+#: in Fooocus's key spelling so it goes through the same rename + spandrel path as the real file.
+_DEMO_ESRGAN_NF, _DEMO_ESRGAN_GC, _DEMO_ESRGAN_BLOCKS = 8, 32, 1  # spandrel reads gc as 32
+_DEMO_ESRGAN_SEED = 409985
+
+
+def demo_upscaler_state_dict() -> dict[str, torch.Tensor]:
+    """Random (seeded) weights of the tiny demo ESRGAN, keys as Fooocus's upscaler file spells them.
+
+    The last bias is 0.5 so the output sits mid-grey rather than clipping (as the parity recipe does).
+    """
+    nf, gc = _DEMO_ESRGAN_NF, _DEMO_ESRGAN_GC
+    generator = torch.Generator().manual_seed(_DEMO_ESRGAN_SEED)
+    state: dict[str, torch.Tensor] = {}
+
+    def conv(name: str, out_ch: int, in_ch: int, std: float) -> None:
+        state[f"{name}.weight"] = torch.randn((out_ch, in_ch, 3, 3), generator=generator) * std
+        state[f"{name}.bias"] = torch.zeros(out_ch)
+
+    conv("model.0", nf, 3, 0.1)
+    for block in range(_DEMO_ESRGAN_BLOCKS):
+        for j in range(1, 4):
+            for k in range(1, 6):
+                conv(f"model.1.sub.{block}.residual_block_{j}.conv{k}.0", gc if k < 5 else nf, nf + (k - 1) * gc, 0.05)
+    conv(f"model.1.sub.{_DEMO_ESRGAN_BLOCKS}", nf, nf, 0.05)
+    for name in ("model.3", "model.6", "model.8"):
+        conv(name, nf, nf, 0.1)
+    conv("model.10", 3, nf, 0.05)
+    state["model.10.bias"] = torch.full((3,), 0.5)
+    return state
+
+
+def build_demo_upscaler(device: str | torch.device = "cpu"):
+    """The demo model's upscaler (an ``engine.imaging.upscaler.Upscaler``), built in memory."""
+    from engine.imaging.upscaler import Upscaler, build_network, rename_fooocus_keys
+
+    device = torch.device(device)
+    network = build_network(rename_fooocus_keys(demo_upscaler_state_dict()))
+    return Upscaler(network=network.to(device=device, dtype=torch.float32), device=device, path=Path("demo-upscaler"))
