@@ -214,7 +214,7 @@ def test_runner_receives_decoded_inputs(runtime) -> None:
     mask = np.zeros((12, 16), dtype=np.uint8)
     mask[2:6, 3:9] = 255
     uploaded = runtime.uploads.put(encode(Image.fromarray(mask, "L")), owner="alice")
-    job = runtime.engine.submit(base(input_image=data_uri(encode(Image.fromarray(image))),
+    job = runtime.engine.submit(base(uov_method="Vary (Subtle)", input_image=data_uri(encode(Image.fromarray(image))),
                                      inpaint_mask=f"sha256:{uploaded.sha256}"), owner="alice")
     assert job.wait(10) and job.state is JobState.DONE
     seen = runtime.engine.runner.seen[job.job_id]
@@ -239,26 +239,26 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("field", "ref", "code"), BAD_INPUTS, ids=[c + "-" + f for f, _, c in BAD_INPUTS])
 def test_bad_input_fails_at_submit_nothing_queued_next_job_fine(runtime, field: str, ref: str, code: str) -> None:
     engine = runtime.engine
-    expect_error(code, (field,), engine.submit, base(**{"input_image": data_uri(rgb_png()), field: ref}),
+    expect_error(code, (field,), engine.submit, base(**{"uov_method": "Vary (Subtle)", "input_image": data_uri(rgb_png()), field: ref}),
                  owner="alice")
     assert engine.jobs() == [] and engine.stats().queue_depth == 0
-    job = engine.submit(base(input_image=data_uri(rgb_png())), owner="alice")
+    job = engine.submit(base(uov_method="Vary (Subtle)", input_image=data_uri(rgb_png())), owner="alice")
     assert job.wait(10) and job.state is JobState.DONE
 
 
 def test_sha256_refs_are_owned_per_principal(runtime) -> None:
     engine = runtime.engine
     upload = runtime.uploads.put(rgb_png(), owner="alice")
-    expect_error("not_found", ("input_image",), engine.submit, base(input_image=f"sha256:{upload.sha256}"),
+    expect_error("not_found", ("input_image",), engine.submit, base(uov_method="Vary (Subtle)", input_image=f"sha256:{upload.sha256}"),
                  owner="bob")
     assert engine.jobs() == []
     # An image alice's job generated is hers to reuse; bob gets not_found, as for an unknown hash.
     first = engine.submit(base(), owner="alice")
     assert first.wait(10) and first.images
     generated = first.images[0].sha256
-    expect_error("not_found", ("input_image",), engine.submit, base(input_image=f"sha256:{generated}"),
+    expect_error("not_found", ("input_image",), engine.submit, base(uov_method="Vary (Subtle)", input_image=f"sha256:{generated}"),
                  owner="bob")
-    again = engine.submit(base(input_image=f"sha256:{generated}"), owner="alice")
+    again = engine.submit(base(uov_method="Vary (Subtle)", input_image=f"sha256:{generated}"), owner="alice")
     assert again.wait(10) and again.state is JobState.DONE
     assert runtime.engine.runner.seen[again.job_id]["input_image"].shape == (
         first.images[0].height, first.images[0].width, 3)
@@ -268,7 +268,7 @@ def test_engine_without_resolver_refuses_images() -> None:
     from engine.core.jobs import Engine
 
     engine = Engine(FakeRunner())
-    expect_error("invalid_request", ("input_image",), engine.submit, base(input_image=data_uri(rgb_png())))
+    expect_error("invalid_request", ("input_image",), engine.submit, base(uov_method="Vary (Subtle)", input_image=data_uri(rgb_png())))
     assert engine.jobs() == []
 
 
@@ -283,9 +283,9 @@ def test_generated_images_found_through_history_after_restart(tmp_path: Path) ->
         rt.close()
     later = create_runtime(settings, runner=InputsRecorder()).start()
     try:
-        expect_error("not_found", ("input_image",), later.engine.submit, base(input_image=f"sha256:{sha}"),
+        expect_error("not_found", ("input_image",), later.engine.submit, base(uov_method="Vary (Subtle)", input_image=f"sha256:{sha}"),
                      owner="bob")
-        again = later.engine.submit(base(input_image=f"sha256:{sha}"), owner="alice")
+        again = later.engine.submit(base(uov_method="Vary (Subtle)", input_image=f"sha256:{sha}"), owner="alice")
         assert again.wait(10) and again.state is JobState.DONE
     finally:
         later.close()

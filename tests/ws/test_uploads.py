@@ -61,7 +61,7 @@ def test_http_upload_raw_and_multipart_then_generate(client: TestClient, fake_ru
     assert (raw["width"], raw["height"], raw["content_type"]) == (20, 10, "image/png")
     multi = client.post("/v1/uploads", files={"file": ("in.png", data, "image/png")}, headers=auth(ALICE))
     assert multi.status_code == 201 and multi.json()["sha256"] == raw["sha256"]
-    response = client.post("/v1/generate", json={**PARAMS, "input_image": f"sha256:{raw['sha256']}"},
+    response = client.post("/v1/generate", json={**PARAMS, "uov_method": "Vary (Subtle)", "input_image": f"sha256:{raw['sha256']}"},
                            headers=auth(ALICE))
     assert response.status_code == 200, response.text
     seen = fake_runner.seen[response.json()["job_id"]]
@@ -70,7 +70,7 @@ def test_http_upload_raw_and_multipart_then_generate(client: TestClient, fake_ru
 
 def test_http_upload_is_owned_by_the_principal(client: TestClient) -> None:
     sha = upload(client, png())["sha256"]
-    response = client.post("/v1/generate", json={**PARAMS, "input_image": f"sha256:{sha}"}, headers=auth(BOB))
+    response = client.post("/v1/generate", json={**PARAMS, "uov_method": "Vary (Subtle)", "input_image": f"sha256:{sha}"}, headers=auth(BOB))
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found" and response.json()["error"]["loc"] == ["input_image"]
     reader = client.post("/v1/uploads", content=png(), headers={**auth(READER), "Content-Type": "image/png"})
@@ -106,12 +106,12 @@ def test_http_upload_bad_input(client: TestClient, runtime) -> None:
     ("http://example.com/a.png", 422, "invalid_request"),
 ])
 def test_http_generate_bad_image_ref(client: TestClient, runtime, ref: str, status: int, code: str) -> None:
-    response = client.post("/v1/generate", json={**PARAMS, "inpaint_mask": ref, "input_image": data_uri(png())},
+    response = client.post("/v1/generate", json={**PARAMS, "inpaint_mask": ref, "uov_method": "Vary (Subtle)", "input_image": data_uri(png())},
                            headers=auth(ALICE))
     assert response.status_code == status, response.text
     assert response.json()["error"] == {**response.json()["error"], "code": code, "loc": ["inpaint_mask"]}
     assert runtime.engine.jobs() == []
-    ok = client.post("/v1/generate", json={**PARAMS, "input_image": data_uri(png())}, headers=auth(ALICE))
+    ok = client.post("/v1/generate", json={**PARAMS, "uov_method": "Vary (Subtle)", "input_image": data_uri(png())}, headers=auth(ALICE))
     assert ok.status_code == 200 and ok.json()["state"] == "done"
 
 
@@ -126,7 +126,7 @@ def test_ws_upload_message_and_binary_frame(client: TestClient, fake_runner: Inp
         framed = reader.until_type("uploaded", "error")[-1]
         assert framed["type"] == "uploaded" and framed["re"] == "u2" and framed["sha256"] != uploaded["sha256"]
         reader.send({"type": "generate", "id": "g", "params": {
-            **PARAMS, "input_image": f"sha256:{uploaded['sha256']}", "inpaint_mask": f"sha256:{framed['sha256']}"}})
+            **PARAMS, "uov_method": "Vary (Subtle)", "input_image": f"sha256:{uploaded['sha256']}", "inpaint_mask": f"sha256:{framed['sha256']}"}})
         accepted = reader.until_type("accepted", "error")[-1]
         assert accepted["type"] == "accepted", accepted
         assert reader.until_type("done", "error", job_id=accepted["job_id"])[-1]["type"] == "done"
@@ -137,7 +137,7 @@ def test_ws_upload_message_and_binary_frame(client: TestClient, fake_runner: Inp
     # bob cannot use alice's uploads over the websocket either
     cm, reader = open_session(client, BOB)
     try:
-        reader.send({"type": "generate", "id": "b", "params": {**PARAMS, "input_image": f"sha256:{framed['sha256']}"}})
+        reader.send({"type": "generate", "id": "b", "params": {**PARAMS, "uov_method": "Vary (Subtle)", "input_image": f"sha256:{framed['sha256']}"}})
         error = reader.until_type("accepted", "error")[-1]
         assert error["code"] == "not_found" and error["loc"] == ["params", "input_image"]
     finally:
@@ -159,11 +159,11 @@ def test_ws_bad_uploads_and_refs_keep_the_connection(client: TestClient, runtime
         reader.ws.send_bytes(encode_frame(FRAME_UPLOAD, {"id": 4}, png()[:30]))
         error = reader.until_type("error")[-1]
         assert (error["re"], error["code"], error["loc"]) == (4, "invalid_image", ["bytes"])
-        reader.send({"type": "generate", "id": 5, "params": {**PARAMS, "input_image": "sha256:" + "0" * 64}})
+        reader.send({"type": "generate", "id": 5, "params": {**PARAMS, "uov_method": "Vary (Subtle)", "input_image": "sha256:" + "0" * 64}})
         error = reader.until_type("error", "accepted")[-1]
         assert (error["re"], error["code"], error["loc"]) == (5, "not_found", ["params", "input_image"])
         assert runtime.engine.jobs() == []
-        reader.send({"type": "generate", "id": 6, "params": {**PARAMS, "input_image": data_uri(png())}})
+        reader.send({"type": "generate", "id": 6, "params": {**PARAMS, "uov_method": "Vary (Subtle)", "input_image": data_uri(png())}})
         accepted = reader.until_type("accepted", "error")[-1]
         assert accepted["type"] == "accepted"
         assert reader.until_type("done", job_id=accepted["job_id"])[-1]["type"] == "done"
@@ -218,7 +218,7 @@ def test_protocol_schema_documents_uploads(client: TestClient) -> None:
 
 def test_ws_demo_image_task_upscale_fast_2x(tmp_path: Path) -> None:
     """The real pipeline on the demo model (run by the lead after pipewire's branch is merged):
-    Upscale (Fast 2x) of an uploaded image doubles its size."""
+    Upscale (Fast 2x) of an uploaded image: Fooocus's 2x size, or shape ceil 1024 when 2x is smaller."""
     from engine.core.runtime import create_runtime
     from engine.core.settings import Settings
 
@@ -229,10 +229,13 @@ def test_ws_demo_image_task_upscale_fast_2x(tmp_path: Path) -> None:
         try:
             reader.send({"type": "generate", "id": "g", "params": {
                 "prompt": "x", "steps": 2, "seed": 1, "styles": [], "uov_method": "Upscale (Fast 2x)",
-                "input_image": f"sha256:{sha}"}})
+                "uov_method": "Vary (Subtle)", "input_image": f"sha256:{sha}"}})
             messages = reader.until_type("done", "error", "cancelled")
         finally:
             cm.__exit__(None, None, None)
     assert messages[-1]["type"] == "done", messages[-1]
     image = next(m for m in messages if m["type"] == "image")
-    assert (image["width"], image["height"]) == (128, 96)
+    from engine.imaging.sizes import get_shape_ceil, upscale_plan
+
+    h, w = upscale_plan(48, 64, 2.0, sr_scale=4).result_hw  # a 64x48 upload: 2x is under the 1024 ceil
+    assert (image["width"], image["height"]) == (w, h) and get_shape_ceil(h, w) == 1024
