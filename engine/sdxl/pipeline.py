@@ -33,13 +33,32 @@ from engine.core.constants import (
     SCHEDULER_NAMES,
     SDXL_ASPECT_RATIOS,
 )
-from engine.core.errors import AssetsMissing, HooocusError, InvalidRequest, UnknownLora, UnknownModel
+from engine.core.errors import (
+    AssetsMissing,
+    HooocusError,
+    InvalidRequest,
+    ModelMissing,
+    UnknownLora,
+    UnknownModel,
+)
 from engine.core.events import ImageReady
 from engine.core.formats import MIME_BY_FORMAT
 from engine.core.jobs import RunContext
 from engine.core.request import GenerationRequest
 from engine.core.settings import Settings
+from engine.imaging.inpaint import (
+    Box,
+    color_correction,
+    compute_initial_abcd,
+    crop_mask_for_generation,
+    fooocus_fill,
+    paste_back,
+    solve_abcd,
+)
+from engine.imaging.latent_mask import grey_filled_pixels, latent_mask
+from engine.imaging.masks import erode_or_dilate, invert_mask, merge_masks, morphological_open, needs_inpaint, outpaint_pad
 from engine.imaging.resize import resample_image
+from engine.imaging.sizes import get_shape_ceil, set_image_shape_ceil_hw
 from engine.imaging.upscaler import (
     UPSCALE_MODELS_DIR,
     UPSCALER_FILE_NAME,
@@ -57,8 +76,16 @@ from engine.prompts.styles import StyleLibrary
 from engine.prompts.wildcards import WildcardLibrary
 from engine.sdxl.acceleration import AccelerationConfig, Accelerator
 from engine.sdxl.conditioning.encode import TextEncoders, TextEncodingCache, encode_texts
+from engine.sdxl.img2img import inpaint_start_latent
+from engine.sdxl.inpaint_unet import InpaintEngine
 from engine.sdxl.denoiser import Guidance, SDXLDenoiser, Stage, base_branch, refiner_branch
 from engine.sdxl.models.freeu import apply_freeu_v2
+from engine.sdxl.models.inpaint import (
+    InpaintDenoiser,
+    fooocus_patches_from_state_dict,
+    inpaint_head_feature,
+    inpaint_head_feed,
+)
 from engine.sdxl.models.loading import SDXLComponents, choose_dtype, find_in_hf_cache, load_sdxl, resolve_device
 from engine.sdxl.models.lora import MergedLoras, load_lora, match_lora, merge_loras
 from engine.sdxl.models.registry import ModelRegistry
@@ -72,6 +99,20 @@ from engine.sdxl.sampling.schedules import plan_sigmas
 from engine.sdxl.vae_io import posterior_generator, vae_decode, vae_encode
 
 log = logging.getLogger("hooocus.pipeline")
+
+#: Where set-up installs the inpaint weights (engine/io/setup/catalogue.py), under the models folder.
+INPAINT_MODELS_DIR = "inpaint"
+INPAINT_HEAD_FILE = "fooocus_inpaint_head.safetensors"
+#: The head tensor's name in the converted file (Fooocus's InpaintHead module has one parameter, ``head``).
+INPAINT_HEAD_KEY = "head"
+INPAINT_PATCH_FILES = {"v1": "inpaint.fooocus.patch.safetensors", "v2.5": "inpaint_v25.fooocus.patch.safetensors",
+                       "v2.6": "inpaint_v26.fooocus.patch.safetensors"}
+INPAINT_SETUP_GROUPS = {"v1": "inpaint-older", "v2.5": "inpaint-older", "v2.6": "inpaint"}
+#: spec §12.2 crop step 3: crops below this shape ceil go through ESRGAN; every crop is then sized to it.
+INPAINT_SHAPE_CEIL_PX = 1024
+#: spec §12.2 crop step 5: fooocus_fill runs only for (near-)full denoise.
+INPAINT_FILL_ABOVE_DENOISE = 0.99
+EMPTY_MASK_WARNING = "mask is empty: inpaint skipped; generating from the prompt alone (as Fooocus does)"
 
 #: spec §4 / §8: the SDXL refiner's aesthetic scores.
 REFINER_POSITIVE_AESTHETIC = 6.0
@@ -103,6 +144,29 @@ class LoadedModel:
         return out
 
 
+@dataclass
+class InpaintPixels:
+    """One job's inpaint inputs after the pixel steps of spec §12.2 (mask, outpaint, crop, fill)."""
+
+    image: np.ndarray  # the (outpaint-padded) full image: what the result is pasted into
+    soft_mask: np.ndarray  # morphological_open of the full mask: the colour_correction weight
+    box: Box
+    crop: np.ndarray  # the crop at its generation size (ESRGAN + shape ceil 1024)
+    crop_mask: np.ndarray  # the crop mask at the generation size, 0/255
+    fill: np.ndarray  # fooocus_fill of the crop (or the crop itself below full denoise)
+
+
+@dataclass
+class InpaintLatents:
+    """The encoded inpaint inputs and the UNet changes, shared by every image of the job."""
+
+    latent_fill: torch.Tensor  # VAE space
+    mask: torch.Tensor  # latent mask, 1 = inpaint
+    engine: InpaintEngine | None  # head + patch (None for the engine "None")
+    pixels: InpaintPixels
+    disable_initial_latent: bool
+
+
 class SDXLRunner:
     """The engine's GPU side (``engine.core.jobs.Runner``) for SDXL base (+ refiner)."""
 
@@ -126,6 +190,8 @@ class SDXLRunner:
         self._expansion_warning: str | None = None
         self._upscalers = UpscalerCache()
         self._demo_upscaler: Upscaler | None = None
+        #: the last inpaint patch read (path, patches): the v2.6 file is 1.3 GB, read once per process.
+        self._inpaint_patch: tuple[Path, dict[str, Any]] | None = None
 
     @property
     def base_components(self) -> SDXLComponents | None:
@@ -241,9 +307,24 @@ class SDXLRunner:
         if resolved.task == "upscale_fast":
             self._run_fast_upscale(ctx, resolved, image)
             return
+        inpaint_pixels = None
         if resolved.task == "inpaint":
-            raise HooocusError("inpaint / outpaint is not wired into the SDXL runner yet", code="not_implemented",
-                               loc=("input_image",))
+            inpaint_pixels = self._inpaint_pixels(ctx, resolved, image)
+            if inpaint_pixels is None:
+                # spec §12.2 step 4: no mask pixel > 127 and no outpaint side: Fooocus drops the inpaint
+                # goal and runs text-to-image at the request's own size and prompt.
+                ctx.warning("mask_empty", EMPTY_MASK_WARNING)
+                plain = request.model_copy(update={"input_image": None, "inpaint_mask": None,
+                                                   "inpaint_mask_upload": None, "outpaint_selections": []})
+                resolved = dataclasses.replace(resolve_request(
+                    plain, default_model=self.default_model_name,
+                    default_styles=self.settings.default_styles or self.styles.default_styles(
+                        expansion_available=expansion_ok),
+                    style_library=self.styles, rng=random.SystemRandom(), available_loras=available_loras,
+                    expansion_available=expansion_ok, fooocus_quirks=self.settings.fooocus_quirks),
+                    seed=resolved.seed, seeds=resolved.seeds)
+            else:
+                self._inpaint_weights_present(resolved)  # model_missing before any model loads
         for code, message in resolved.warnings:
             ctx.warning(code, message)
         if resolved.use_expansion and self._expansion is not None:
@@ -280,6 +361,11 @@ class SDXLRunner:
             self._record("uov.latent", uov_latent)
             resolved = dataclasses.replace(resolved, width=int(uov_latent.shape[-1]) * 8,
                                            height=int(uov_latent.shape[-2]) * 8)
+        inpaint = None
+        if inpaint_pixels is not None:
+            inpaint = self._inpaint_latents(resolved, base, inpaint_pixels)
+            resolved = dataclasses.replace(resolved, width=int(inpaint.latent_fill.shape[-1]) * 8,
+                                           height=int(inpaint.latent_fill.shape[-2]) * 8)
         params = resolved.to_public_dict()
         params["base_model"] = base.components.name
         params["prompts"] = [{"seed": str(t.task_seed), "positive": t.positive, "negative": t.negative,
@@ -292,14 +378,17 @@ class SDXLRunner:
             freeu = apply_freeu_v2(base.components.unet, b1=f.b1, b2=f.b2, s1=f.s1, s2=f.s2)
         try:
             for task in plan.tasks:
-                self._run_image(ctx, resolved, task, base, refiner, len(plan.tasks), plan.loras, uov_latent)
+                self._run_image(ctx, resolved, task, base, refiner, len(plan.tasks), plan.loras, uov_latent,
+                                inpaint)
         finally:
+            if inpaint is not None and inpaint.engine is not None:
+                inpaint.engine.remove()  # never leave a patched UNet in the model cache
             if freeu is not None:
                 freeu.remove()
 
     def _run_image(self, ctx: RunContext, resolved: ResolvedRequest, task: PromptTask, base: LoadedModel,
                    refiner: LoadedModel | None, image_count: int, loras: list[tuple[str, float]],
-                   uov_latent: torch.Tensor | None = None) -> None:
+                   uov_latent: torch.Tensor | None = None, inpaint: InpaintLatents | None = None) -> None:
         ctx.check_cancelled()
         index = task.index
         width, height = resolved.width, resolved.height
@@ -349,6 +438,20 @@ class SDXLRunner:
         steps = len(sigma_plan.sigmas) - 1
         switch = resolved.switch_step
         joint = refiner_stage is not None and resolved.refiner_swap_method != "separate"
+        model: Any = denoiser
+        engine = inpaint.engine if inpaint is not None else None
+        # spec §8: with an inpaint engine and no user refiner, the last steps run without head and patch
+        synthetic = engine is not None and refiner_stage is None and resolved.synthetic_refiner
+        if inpaint is not None:
+            # spec §12.2: the wrapper (its own (seed+1) generator) around the guided x0, every step, every stage
+            wrapper = InpaintDenoiser(inpaint.latent_fill, inpaint.mask, task.task_seed,
+                                      scaling_factor=comps.vae_scaling_factor)
+
+            def model(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                return wrapper(lambda x_in: denoiser(x_in, sigma, **kwargs), x, sigma)
+
+            uov_latent = inpaint_start_latent(inpaint.latent_fill,
+                                              disable_initial_latent=inpaint.disable_initial_latent)
         preview_every = self.settings.preview_every_n_steps
         step_offset = 0
 
@@ -360,8 +463,10 @@ class SDXLRunner:
                 self._record(f"image{index}.step{i:02d}.denoised", state["denoised"])
             if joint and i == switch:  # spec §8 quirk: the swap fires after step `switch` ran on the base
                 denoiser.stage = refiner_stage
+            if synthetic and i == switch and engine is not None:  # the synthetic refiner (same swap point)
+                engine.remove()
             # joint: step `switch` itself still runs on the base; separate: the refiner starts at it
-            refining = refiner_stage is not None and (i > switch if joint else i >= switch)
+            refining = (refiner_stage is not None and (i > switch if joint else i >= switch)) or (synthetic and i > switch)
             stage_name = "refine" if refining else "sample"
             ctx.progress(min(i + 1, steps), steps, stage=stage_name, image_index=index, image_count=image_count)
             if (i + 1) % preview_every == 0 or i + 1 == steps:
@@ -369,16 +474,23 @@ class SDXLRunner:
 
         run = {"generator": generator, "brownian": brownian, "callback": callback, "model_sampling": ms}
         start = None if uov_latent is None else (uov_latent * comps.vae_scaling_factor).to(device)
-        if refiner_stage is not None and not joint and 0 < switch < steps:
-            # spec §8 "separate": base over sigmas[:switch+1] (no forced 0), then the refiner continues
-            # from that latent with zero new noise and the same Brownian tree.
-            latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas[: switch + 1], noise, latent=start, **run)
-            denoiser.stage = refiner_stage
-            step_offset = switch
-            latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas[switch:], torch.zeros_like(noise),
-                            latent=latent, **run)
-        else:
-            latent = sample(denoiser, resolved.sampler, sigma_plan.sigmas, noise, latent=start, **run)
+        if engine is not None:  # the base UNet gets head + patch for this image's sampling only
+            engine.remove()  # idempotent; the previous image's synthetic refiner already took them off
+            engine.apply()
+        try:
+            if refiner_stage is not None and not joint and 0 < switch < steps:
+                # spec §8 "separate": base over sigmas[:switch+1] (no forced 0), then the refiner continues
+                # from that latent with zero new noise and the same Brownian tree.
+                latent = sample(model, resolved.sampler, sigma_plan.sigmas[: switch + 1], noise, latent=start, **run)
+                denoiser.stage = refiner_stage
+                step_offset = switch
+                latent = sample(model, resolved.sampler, sigma_plan.sigmas[switch:], torch.zeros_like(noise),
+                                latent=latent, **run)
+            else:
+                latent = sample(model, resolved.sampler, sigma_plan.sigmas, noise, latent=start, **run)
+        finally:
+            if engine is not None:
+                engine.remove()
         self._record(f"image{index}.latent", latent)
         ctx.check_cancelled()  # a cancel during the last step skips the decode
         ctx.progress(steps, steps, stage="decode", image_index=index, image_count=image_count)
@@ -389,6 +501,9 @@ class SDXLRunner:
             rgb = np.clip(255.0 * image01.numpy(), 0, 255).astype(np.uint8)
         else:
             rgb = self._decode(comps, latent, index)
+        if inpaint is not None:  # spec §12.2 post-processing: paste the crop back, blend with the soft mask
+            px = inpaint.pixels
+            rgb = color_correction(px.image, paste_back(px.image, rgb, px.box), px.soft_mask)
         ctx.check_cancelled()
         overwrite_switch = ctx.request.refiner_switch_step or -1  # Fooocus writes the user's override
         ctx.image(self._encode(resolved, task, base, refiner, rgb, index, loras, overwrite_switch))
@@ -478,6 +593,106 @@ class SDXLRunner:
         if image.shape[:2] != (resolved.height, resolved.width):
             image = resample_image(image, resolved.width, resolved.height)
         return image
+
+    def _inpaint_pixels(self, ctx: RunContext, resolved: ResolvedRequest, image: np.ndarray) -> InpaintPixels | None:
+        """spec §12.2 mask preparation, outpaint, crop, ESRGAN, fill; None when there is nothing to inpaint."""
+        params = resolved.inpaint
+        assert params is not None
+        height, width = image.shape[:2]
+        masks = []
+        for name in ("inpaint_mask", "inpaint_mask_upload"):
+            mask = ctx.inputs.get(name)
+            if mask is not None and mask.shape[:2] != (height, width):
+                mask = resample_image(mask, width, height)  # Fooocus resamples a mask to the image (LANCZOS)
+            masks.append(mask)
+        drawn, uploaded = masks
+        if drawn is None:
+            drawn = np.zeros((height, width), dtype=np.uint8)
+        mask = merge_masks(drawn, uploaded)
+        mask = erode_or_dilate(mask, params.erode_or_dilate)
+        if params.invert_mask:
+            mask = invert_mask(mask)
+        sides = [side.lower() for side in params.outpaint_selections]
+        if not needs_inpaint(mask, sides):
+            return None
+        if sides:
+            padded = outpaint_pad(image, mask, sides)
+            image, mask = padded.image, padded.mask
+        full_h, full_w = image.shape[:2]
+        box = solve_abcd(full_h, full_w, compute_initial_abcd(mask), params.respective_field)
+        a, b, c, d = box
+        crop, crop_mask = image[a:b, c:d], mask[a:b, c:d]
+        if get_shape_ceil(*crop.shape[:2]) < INPAINT_SHAPE_CEIL_PX:
+            crop = upscale_image(self._upscaler(resolved), crop)  # super-resolve small crops (spec §12.2 step 3)
+        gen_h, gen_w = set_image_shape_ceil_hw(crop.shape[0], crop.shape[1], INPAINT_SHAPE_CEIL_PX)
+        crop = np.array(resample_image(crop, gen_w, gen_h))  # writable: torch.from_numpy warns on read-only
+        crop_mask = crop_mask_for_generation(crop_mask, gen_h, gen_w)
+        fill = fooocus_fill(crop, crop_mask) if params.denoise > INPAINT_FILL_ABOVE_DENOISE else crop.copy()
+        return InpaintPixels(image=image, soft_mask=morphological_open(mask), box=box, crop=crop,
+                             crop_mask=crop_mask, fill=fill)
+
+    def _inpaint_files(self, engine_version: str) -> tuple[Path, Path]:
+        folder = self.settings.models_dir / INPAINT_MODELS_DIR
+        return folder / INPAINT_HEAD_FILE, folder / INPAINT_PATCH_FILES[engine_version]
+
+    def _inpaint_weights_present(self, resolved: ResolvedRequest) -> None:
+        """model_missing naming the file and the set-up command, before anything loads or samples."""
+        params = resolved.inpaint
+        if params is None or params.engine == "None" or resolved.base_model == DEMO_MODEL:
+            return
+        for path in self._inpaint_files(params.engine):
+            if not path.is_file():
+                group = INPAINT_SETUP_GROUPS[params.engine]
+                raise ModelMissing(f"inpaint engine {params.engine} needs {path.name} in {path.parent}: run "
+                                   f"'hooocus setup --only {group} --data-dir {self.settings.data_dir}'",
+                                   loc=("inpaint_engine",))
+
+    def _inpaint_weights(self, resolved: ResolvedRequest, unet: torch.nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(head weight, patches): the demo's in-memory ones, else the set-up files (patch cached by path)."""
+        params = resolved.inpaint
+        assert params is not None
+        if resolved.base_model == DEMO_MODEL:
+            from engine.sdxl.models.demo import demo_inpaint_head, demo_inpaint_patches
+
+            return demo_inpaint_head(unet), demo_inpaint_patches(unet, params.engine)
+        from safetensors.torch import load_file
+
+        self._inpaint_weights_present(resolved)
+        head_path, patch_path = self._inpaint_files(params.engine)
+        head = load_file(str(head_path))
+        if INPAINT_HEAD_KEY not in head:
+            raise ModelMissing(f"{head_path} has no {INPAINT_HEAD_KEY!r} tensor: not an inpaint head file; re-run "
+                               "'hooocus setup --only inpaint'", loc=("inpaint_engine",))
+        if self._inpaint_patch is None or self._inpaint_patch[0] != patch_path:
+            self._inpaint_patch = None  # drop the old patch before reading the next one
+            self._inpaint_patch = (patch_path, fooocus_patches_from_state_dict(load_file(str(patch_path))))
+        return head[INPAINT_HEAD_KEY], self._inpaint_patch[1]
+
+    def _inpaint_latents(self, resolved: ResolvedRequest, base: LoadedModel, px: InpaintPixels) -> InpaintLatents:
+        """spec §12.2 "Latents" + head: one posterior generator for the task's encodes, in Fooocus's order
+        (the grey-filled crop, then the fill); the head feature and the patch on the LoRA-merged UNet."""
+        params = resolved.inpaint
+        assert params is not None
+        comps = base.components
+        gen = posterior_generator()
+        latent_inpaint = vae_encode(comps.vae, grey_filled_pixels(px.crop, px.crop_mask), gen)
+        latent_fill = vae_encode(comps.vae, _to_bchw(px.fill), gen)
+        lmask = latent_mask(px.crop_mask, (int(latent_fill.shape[-2]), int(latent_fill.shape[-1])))
+        self._record("inpaint.latent_inpaint", latent_inpaint)
+        self._record("inpaint.latent_fill", latent_fill)
+        self._record("inpaint.latent_mask", lmask)
+        engine = None
+        if params.engine != "None":
+            head, patches = self._inpaint_weights(resolved, comps.unet)
+            feature = inpaint_head_feature(
+                inpaint_head_feed(lmask.to(latent_inpaint), latent_inpaint, scaling_factor=comps.vae_scaling_factor),
+                head.float())
+            try:
+                engine = InpaintEngine(comps.unet, patches, feature)
+            except ValueError as exc:  # a patch made for another architecture
+                raise InvalidRequest(str(exc), loc=("inpaint_engine",)) from None
+        return InpaintLatents(latent_fill=latent_fill, mask=lmask, engine=engine, pixels=px,
+                              disable_initial_latent=params.disable_initial_latent)
 
     def _run_fast_upscale(self, ctx: RunContext, resolved: ResolvedRequest, image: np.ndarray) -> None:
         """Upscale (Fast 2x): ESRGAN then LANCZOS to 2x; no diffusion, no prompt processing (spec §12.1)."""

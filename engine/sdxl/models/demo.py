@@ -422,3 +422,40 @@ def build_demo_upscaler(device: str | torch.device = "cpu"):
     device = torch.device(device)
     network = build_network(rename_fooocus_keys(demo_upscaler_state_dict()))
     return Upscaler(network=network.to(device=device, dtype=torch.float32), device=device, path=Path("demo-upscaler"))
+
+
+#: The demo inpaint engine: a seeded head and patch built in memory for the demo UNet, so every
+#: inpaint mode runs in CI without Fooocus's weights (the real files come from set-up).
+_DEMO_INPAINT_SEED = 2606
+#: The demo patch's per-row diff range: small next to the demo UNet's weights (std ~0.02-0.2), so the
+#: patched model still denoises, but large enough that a missing merge changes the output.
+_DEMO_PATCH_RANGE = 0.01
+
+
+def demo_inpaint_head(unet: torch.nn.Module) -> torch.Tensor:
+    """The demo head weight ``[conv_in.out_channels, 5, 3, 3]`` (fan-in std, as the parity recipe)."""
+    channels = int(unet.conv_in.out_channels)
+    generator = torch.Generator().manual_seed(_DEMO_INPAINT_SEED)
+    return torch.randn((channels, 5, 3, 3), generator=generator) / (5 * 9) ** 0.5
+
+
+def demo_inpaint_patches(unet: torch.nn.Module, version: str = "v2.6") -> dict[str, Any]:
+    """A ``.fooocus.patch`` for every conv/linear weight of the demo UNet, keyed in ldm naming
+    (``diffusion_model.<ldm module>.weight``) like the real file, with per-row min/max (float16)."""
+    from engine.sdxl.models.lora import unet_lora_key_map
+    from engine.sdxl.models.patching import FooocusPatch
+
+    params = dict(unet.named_parameters())
+    generator = torch.Generator().manual_seed(_DEMO_INPAINT_SEED + sum(version.encode()))
+    patches: dict[str, Any] = {}
+    for key, (_component, module) in sorted(unet_lora_key_map(unet).items()):
+        if not key.startswith("diffusion_model."):
+            continue
+        weight = params.get(f"{module}.weight")
+        if weight is None or weight.dim() not in (2, 4):
+            continue
+        rows = (weight.shape[0],) + (1,) * (weight.dim() - 1)
+        w_uint8 = torch.randint(0, 256, tuple(weight.shape), generator=generator, dtype=torch.uint8)
+        patches[f"{key}.weight"] = FooocusPatch(w_uint8, torch.full(rows, -_DEMO_PATCH_RANGE, dtype=torch.float16),
+                                                torch.full(rows, _DEMO_PATCH_RANGE, dtype=torch.float16))
+    return patches
