@@ -23,10 +23,6 @@ from starlette.responses import JSONResponse, Response
 from engine.core.errors import InvalidRequest
 from hooocus_ws import http
 
-#: The request body cap when the settings have no ``max_upload_bytes`` (issue 14 contract default,
-#: 20 MiB decoded): a Fooocus PNG at 1152x896 is ~1.5 MiB, a 4x upscale of one ~25 MP ~ 15 MiB.
-DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
@@ -71,7 +67,7 @@ async def parameters(request: Request) -> Response:
     """Read an image's generation parameters; the caller must hold a valid token (nothing else is asked)."""
     ctx = http.context(request)
     http.authenticate(request)
-    max_bytes = getattr(ctx.runtime.settings, "max_upload_bytes", DEFAULT_MAX_IMAGE_BYTES)
-    data = await _read_body(request, max_bytes)
+    # The same cap as an upload: the body is one image file.
+    data = await _read_body(request, ctx.runtime.settings.max_upload_bytes)
     runner = ctx.runtime.engine.runner
     return JSONResponse(await anyio.to_thread.run_sync(parameters_from_image, runner, data))

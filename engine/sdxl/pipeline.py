@@ -56,7 +56,14 @@ from engine.imaging.inpaint import (
     solve_abcd,
 )
 from engine.imaging.latent_mask import grey_filled_pixels, latent_mask
-from engine.imaging.masks import erode_or_dilate, invert_mask, merge_masks, morphological_open, needs_inpaint, outpaint_pad
+from engine.imaging.masks import (
+    erode_or_dilate,
+    invert_mask,
+    merge_masks,
+    morphological_open,
+    needs_inpaint,
+    outpaint_pad,
+)
 from engine.imaging.resize import resample_image
 from engine.imaging.sizes import get_shape_ceil, set_image_shape_ceil_hw
 from engine.imaging.upscaler import (
@@ -76,9 +83,9 @@ from engine.prompts.styles import StyleLibrary
 from engine.prompts.wildcards import WildcardLibrary
 from engine.sdxl.acceleration import AccelerationConfig, Accelerator
 from engine.sdxl.conditioning.encode import TextEncoders, TextEncodingCache, encode_texts
+from engine.sdxl.denoiser import Guidance, SDXLDenoiser, Stage, base_branch, refiner_branch
 from engine.sdxl.img2img import inpaint_start_latent
 from engine.sdxl.inpaint_unet import InpaintEngine
-from engine.sdxl.denoiser import Guidance, SDXLDenoiser, Stage, base_branch, refiner_branch
 from engine.sdxl.models.freeu import apply_freeu_v2
 from engine.sdxl.models.inpaint import (
     InpaintDenoiser,

@@ -159,9 +159,10 @@ class LiveServer:
         assert not self.thread.is_alive(), "uvicorn did not stop"
 
 
-def start_server(app: Any, runtime: Runtime, *, max_message_bytes: int = 64 * 1024, ping_interval_s: float = 20.0,
+def start_server(app: Any, runtime: Runtime | None, *, max_message_bytes: int = 64 * 1024, ping_interval_s: float = 20.0,
                  ping_timeout_s: float = 20.0, graceful_shutdown_s: float = 5.0, **config_kwargs: Any) -> LiveServer:
-    config_kwargs.setdefault("max_upload_bytes", runtime.settings.max_upload_bytes)
+    if runtime is not None:  # a bare echo app (the Autobahn run) has none: uvicorn_config's default applies
+        config_kwargs.setdefault("max_upload_bytes", runtime.settings.max_upload_bytes)
     config = uvicorn_config(app, host="127.0.0.1", port=0, max_message_bytes=max_message_bytes,
                             log_level="warning", ping_interval_s=ping_interval_s, ping_timeout_s=ping_timeout_s,
                             graceful_shutdown_s=graceful_shutdown_s, **config_kwargs)

@@ -12,6 +12,7 @@ from engine.core.logging_setup import RedactFilter
 from engine.core.settings import settings_from_args
 from hooocus.cli import main, mcp_mount_factory
 from hooocus_ws import cli
+from hooocus_ws.protocol import upload_frame_cap
 from tests.ws.conftest import ALICE, TOKENS_TEXT, make_runtime
 
 
@@ -87,7 +88,10 @@ def test_uvicorn_settings(tmp_path):
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     assert issubclass(config.ws, WebSocketsSansIOProtocol) and config.ws_per_message_deflate is False
-    assert config.ws_max_size == prepared.settings.max_message_bytes == 64 * 1024
+    # Text frames are capped at max_message_bytes by the session; the transport's frame cap is the
+    # larger upload frame (an image in the server's binary frame layout).
+    assert prepared.settings.max_message_bytes == 64 * 1024
+    assert config.ws_max_size == upload_frame_cap(prepared.settings.max_upload_bytes) > 64 * 1024
     assert config.host == "127.0.0.1" and config.proxy_headers is False
     assert config.log_config is None  # uvicorn's records go through our root handler (masking)
     assert isinstance(prepared.server(), cli.HooocusServer)

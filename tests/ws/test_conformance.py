@@ -37,7 +37,7 @@ async def echo(websocket: WebSocket) -> None:
 @pytest.mark.skipif(not Path(KOSOKU).is_file(), reason="kosoku is not installed (pip install kosoku)")
 def test_autobahn_cases_pass_with_compression_off(tmp_path):
     app = Starlette(routes=[WebSocketRoute("/", echo), WebSocketRoute("/{path:path}", echo)])
-    live = start_server(app, runtime=None, max_message_bytes=16 * 2**20)  # type: ignore[arg-type]
+    live = start_server(app, runtime=None, max_message_bytes=16 * 2**20)
     try:
         # 9.* (large-message performance) belongs in a nightly run. kosoku exits 1 when any case is
         # not OK, and the permessage-deflate cases (12.*, 13.*) are UNIMPLEMENTED by design, so the

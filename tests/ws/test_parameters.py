@@ -10,7 +10,6 @@ from starlette.testclient import TestClient
 from engine.core.request import GenerationRequest
 from engine.core.testing import FakeRunner
 from engine.io.metadata import request_from_image
-from hooocus_ws import parameters as parameters_module
 from tests.paths import refdata_dir
 from tests.ws.conftest import ALICE, auth, make_app, make_runtime
 
@@ -41,11 +40,11 @@ def test_a_fooocus_png_gives_the_parameters_this_server_can_run(tmp_path):
         assert accepted.json()["seeds"] == [str(unrestricted.seed)]
 
 
-def test_bad_bodies_get_clear_errors_and_nothing_is_queued(tmp_path, monkeypatch):
+def test_bad_bodies_get_clear_errors_and_nothing_is_queued(tmp_path):
     runtime = make_runtime(tmp_path)
+    runtime.settings = runtime.settings.model_copy(update={"max_upload_bytes": 4096})
     plain = io.BytesIO()
     Image.new("RGB", (8, 8)).save(plain, format="PNG")  # an image without generation parameters
-    monkeypatch.setattr(parameters_module, "DEFAULT_MAX_IMAGE_BYTES", 4096)
     with TestClient(make_app(runtime)) as client:
         assert client.post("/v1/parameters", content=b"x").status_code == 401
         cases = {b"not an image at all": "cannot read image metadata", plain.getvalue(): "no generation parameters",

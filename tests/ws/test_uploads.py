@@ -229,7 +229,7 @@ def test_ws_demo_image_task_upscale_fast_2x(tmp_path: Path) -> None:
         try:
             reader.send({"type": "generate", "id": "g", "params": {
                 "prompt": "x", "steps": 2, "seed": 1, "styles": [], "uov_method": "Upscale (Fast 2x)",
-                "uov_method": "Vary (Subtle)", "input_image": f"sha256:{sha}"}})
+                "input_image": f"sha256:{sha}"}})
             messages = reader.until_type("done", "error", "cancelled")
         finally:
             cm.__exit__(None, None, None)
