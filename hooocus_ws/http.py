@@ -152,7 +152,7 @@ async def generate(request: Request) -> Response:
     if not isinstance(wait, bool):
         raise InvalidRequest("wait must be true or false", loc=("wait",))
     request_id = body.pop("request_id", None)
-    job, position, duplicate = service.submit_job(ctx, principal, body, request_id)
+    job, position, duplicate = await service.submit_job_async(ctx, principal, body, request_id)
     ctx.metrics.http_generate += 1
     if not wait or not await wait_for_job(job, ctx.limits.http_wait_timeout_s):
         return JSONResponse({"job_id": job.job_id, "state": job.state.value, "position": position,
