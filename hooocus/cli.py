@@ -39,6 +39,7 @@ from engine.core.errors import (
 )
 from engine.core.logging_setup import configure_logging
 from engine.core.settings import settings_from_args
+from hooocus import image_flags
 
 if TYPE_CHECKING:
     from engine.core.runtime import Runtime
@@ -94,6 +95,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", help="ws://host:port of a running 'hooocus serve' to generate on")
     p.add_argument("--token", help="token for --server (default: $HOOOCUS_TOKEN)")
     p.add_argument("--no-progress", action="store_true")
+    image_flags.add_arguments(p)
     _add_common(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -108,10 +110,13 @@ def _parse_lora(text: str) -> dict[str, Any]:
         raise UsageError(f"--lora: bad weight in {text!r}; use NAME:WEIGHT") from None
 
 
-def request_fields_from_args(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+def request_fields_from_args(args: argparse.Namespace, settings: Settings,
+                             uploads: dict[str, bytes] | None = None) -> dict[str, Any]:
     """The GenerationRequest fields: the start file's (``--from-image``/``--from-log``), then the
     flags on top (a flag always wins). ``base_model`` is set only when ``--model`` is a name; a
-    path is the operator's own model and goes to the runner instead (see :func:`_operator_model`)."""
+    path is the operator's own model and goes to the runner instead (see :func:`_operator_model`).
+    Input files (``--image``/``--mask``) become references; with ``--server`` their bytes go into
+    ``uploads`` (field -> bytes) for the caller to upload first (hooocus/image_flags.py)."""
     fields: dict[str, Any] = {}
     if args.from_image is not None or args.from_log is not None:
         fields.update(_start_request(args, settings))
@@ -126,6 +131,13 @@ def request_fields_from_args(args: argparse.Namespace, settings: Settings) -> di
         fields["base_model"] = args.model
     if args.lora:
         fields["loras"] = [_parse_lora(text) for text in args.lora]
+    fields.update(image_flags.task_fields(args))
+    image_flags.check_task(args, fields)
+    refs, files = image_flags.file_fields(args, max_bytes=settings.max_upload_bytes,
+                                          max_pixels=settings.max_input_pixels)
+    fields.update(refs)
+    if uploads is not None:
+        uploads.update(files)
     return fields
 
 
@@ -201,12 +213,14 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     if args.server and args.model:
         raise UsageError("hooocus generate: --model and --server exclude each other (the server owns the model)")
     model = None if args.server else _operator_model(settings, args.model)
-    request = GenerationRequest.parse(request_fields_from_args(args, settings))
+    uploads: dict[str, bytes] = {}
+    request = GenerationRequest.parse(request_fields_from_args(args, settings, uploads))
     if args.out is not None:  # the runtime's history writes the images there (local mode)
         settings = settings.model_copy(update={"output_dir": args.out})
     out_dir = settings.resolved_output_dir
     if args.server:
-        written = [(image, None) for image in _generate_remote(args, request, show_progress=not args.no_progress)]
+        written = [(image, None) for image in _generate_remote(args, request, uploads=uploads,
+                                                               show_progress=not args.no_progress)]
     else:
         written = _generate_local(settings, request, model=model, show_progress=not args.no_progress)
     for image, recorded_path in written:
@@ -293,9 +307,11 @@ def _ws_url(server: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
-def _generate_remote(args: argparse.Namespace, request: Any, *, show_progress: bool) -> list[Any]:
+def _generate_remote(args: argparse.Namespace, request: Any, *, uploads: dict[str, bytes],
+                     show_progress: bool) -> list[Any]:
     """Run the job on a ``hooocus serve`` over hooocus.v1; the images come back as ImageReady events.
-    Refusals and failures arrive as HooocusError with the server's code (hooocus_ws.client)."""
+    ``uploads`` (the input files) are uploaded on the same connection first. Refusals and failures
+    arrive as HooocusError with the server's code (hooocus_ws.client)."""
     import os
 
     from hooocus_ws.client import generate_images_sync
@@ -315,7 +331,7 @@ def _generate_remote(args: argparse.Namespace, request: Any, *, show_progress: b
 
     try:
         return generate_images_sync(_ws_url(args.server), token, request.model_dump(mode="json", exclude_unset=True),
-                                    on_event=on_event)
+                                    on_event=on_event, uploads=list(uploads.values()))
     finally:
         bar.close()
 

@@ -121,7 +121,10 @@ class LocalBackend:
     async def submit(self, request: GenerationRequest, caller: Principal) -> str:
         if not may_generate(caller):
             raise Forbidden("this token may not generate images (scope 'generate' missing)")
-        return self.runtime.engine.submit(request, owner=caller.name).job_id
+        # On a worker thread: the engine decodes input images at submit, which must not stall the
+        # event loop (other MCP sessions, and /mcp shares its loop with the websocket door).
+        job = await anyio.to_thread.run_sync(lambda: self.runtime.engine.submit(request, owner=caller.name))
+        return job.job_id
 
     def _job(self, job_id: str, caller: Principal) -> Job:
         # Someone else's job is "not found", so ids cannot be probed (reliability matrix #16).

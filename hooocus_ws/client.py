@@ -18,12 +18,13 @@ Scripts without asyncio use :class:`SyncHooocusClient` (same methods, blocking; 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +36,20 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from engine.core.errors import HooocusError, JobCancelled
 from engine.core.events import ImageReady
 from engine.core.outputs import write_image
-from hooocus_ws.protocol import FRAME_IMAGE, FRAME_PREVIEW, PROTOCOL, ProtocolError, decode_frame
+from hooocus_ws.protocol import (
+    FRAME_IMAGE,
+    FRAME_PREVIEW,
+    FRAME_UPLOAD,
+    PROTOCOL,
+    ProtocolError,
+    decode_frame,
+    encode_frame,
+)
 
 T = TypeVar("T")
 _TERMINAL = frozenset({"done", "cancelled", "error"})
+#: JSON around the base64 of an ``upload`` message ({"type":"upload","data":"…","id":"r123"}), with room to spare.
+_UPLOAD_MESSAGE_OVERHEAD_BYTES = 128
 log = logging.getLogger("hooocus.client")
 
 
@@ -266,18 +277,21 @@ class HooocusClient:
     # -- requests ------------------------------------------------------------------------------------
 
     async def _request(self, message: dict[str, Any], timeout_s: float | None = None, *,
-                       callbacks: _Callbacks | None = None) -> dict[str, Any]:
+                       callbacks: _Callbacks | None = None, upload: bytes | None = None) -> dict[str, Any]:
+        """Send ``message`` (or, with ``upload``, a binary upload frame whose header carries the id)
+        and wait for the reply that names it (``re``)."""
         if self._closed_exc is not None:
             raise ConnectionLost("the connection is closed")
         request_id = f"r{next(self._ids)}"
-        message = {**message, "id": request_id}
+        payload: str | bytes = (json.dumps({**message, "id": request_id}) if upload is None
+                                else encode_frame(FRAME_UPLOAD, {"id": request_id}, upload))
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         if callbacks is not None:
             self._callbacks[request_id] = callbacks
         timeout_s = timeout_s or self.timeout_s
         try:
-            await asyncio.wait_for(self._ws.send(json.dumps(message)), timeout_s)
+            await asyncio.wait_for(self._ws.send(payload), timeout_s)
             reply = await asyncio.wait_for(future, timeout_s)
         except ConnectionClosed as exc:
             raise ConnectionLost(f"the connection closed ({exc})") from None
@@ -305,6 +319,19 @@ class HooocusClient:
         # (with the callbacks) from the `accepted` reply, which the server sends before the job's events.
         reply = await self._request(message, callbacks=(on_event, on_preview))
         return reply["_stream"]
+
+    async def upload(self, data: bytes, timeout_s: float | None = None) -> str:
+        """Upload an input image (the file's bytes); returns its sha256, kept on the server for this
+        token's principal: pass ``"sha256:<it>"`` as ``input_image``/``inpaint_mask``. Small files
+        go as an ``upload`` message, larger ones as a binary upload frame (the text frame cap,
+        ``hello.limits.max_message_bytes``, would refuse them)."""
+        text = base64.b64encode(data).decode("ascii")
+        limit = int((self.hello.get("limits") or {}).get("max_message_bytes") or 0)
+        if len(text) + _UPLOAD_MESSAGE_OVERHEAD_BYTES <= limit:
+            reply = await self._request({"type": "upload", "data": text}, timeout_s)
+        else:
+            reply = await self._request({}, timeout_s, upload=data)
+        return str(reply["sha256"])
 
     async def cancel(self, job_id: str) -> str:
         """Ask to cancel; returns the job's state when the request arrived."""
@@ -479,6 +506,10 @@ class SyncHooocusClient:
         return SyncJobStream(self, self._run(self._client.generate(params, request_id=request_id, on_event=on_event,
                                                                    on_preview=on_preview)))
 
+    def upload(self, data: bytes) -> str:
+        """As :meth:`HooocusClient.upload`: the image's sha256."""
+        return str(self._run(self._client.upload(data)))
+
     def cancel(self, job_id: str) -> str:
         return str(self._run(self._client.cancel(job_id)))
 
@@ -508,11 +539,15 @@ class SyncHooocusClient:
 
 
 def generate_images_sync(url: str, token: str, params: dict[str, Any], *, timeout_s: float = 3600.0,
-                         on_event: EventCallback | None = None) -> list[ImageReady]:
+                         on_event: EventCallback | None = None, uploads: Sequence[bytes] = ()) -> list[ImageReady]:
     """Generate on a running ``hooocus serve`` and wait: the finished images (bytes included), as
-    :class:`~engine.core.events.ImageReady`. Raises HooocusError (the job failed, or the request was
-    refused), JobCancelled, ConnectionLost or TimeoutError (after ``timeout_s``, the job is cancelled)."""
+    :class:`~engine.core.events.ImageReady`. ``uploads`` (input image files that ``params`` names
+    by ``sha256:`` reference) are uploaded first, on the same connection. Raises HooocusError (the
+    job failed, or the request was refused), JobCancelled, ConnectionLost or TimeoutError (after
+    ``timeout_s``, the job is cancelled)."""
     with SyncHooocusClient(url, token, timeout_s=min(timeout_s, 30.0)) as client:
+        for data in uploads:
+            client.upload(data)
         stream = client.generate(params, on_event=on_event)
         try:
             result = stream.result(timeout_s=timeout_s)

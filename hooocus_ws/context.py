@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,30 +49,39 @@ class ServerLimits:
 class IdempotencyCache:
     """(principal, request_id) -> (job_id, params fingerprint) for ``ttl_s``; bounded, oldest out first.
     The fingerprint lets a reuse of the key with different parameters be refused (``conflict``)
-    instead of silently answering with the first job."""
+    instead of silently answering with the first job.
+
+    Thread-safe: the doors submit on worker threads (decoding input images off the event loop),
+    so ``get``/``put`` take the cache's lock, and :attr:`claim` is held by the submitter across
+    get → submit → put so two retries of one key cannot both queue a job."""
 
     def __init__(self, *, ttl_s: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._clock = clock
         self._items: collections.OrderedDict[tuple[str, str], tuple[str, str, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        #: Held across one keyed submit (check, submit, record); never taken inside ``_lock``.
+        self.claim = threading.Lock()
 
     def get(self, owner: str, request_id: str) -> tuple[str, str] | None:
         """(job_id, fingerprint) of the first use of the key, or None."""
         now = self._clock()
-        while self._items:  # expire from the oldest end
-            key, (_, _, expires) = next(iter(self._items.items()))
-            if expires > now:
-                break
-            del self._items[key]
-        hit = self._items.get((owner, request_id))
+        with self._lock:
+            while self._items:  # expire from the oldest end
+                key, (_, _, expires) = next(iter(self._items.items()))
+                if expires > now:
+                    break
+                del self._items[key]
+            hit = self._items.get((owner, request_id))
         return (hit[0], hit[1]) if hit is not None else None
 
     def put(self, owner: str, request_id: str, job_id: str, fingerprint: str = "") -> None:
-        self._items[(owner, request_id)] = (job_id, fingerprint, self._clock() + self.ttl_s)
-        self._items.move_to_end((owner, request_id))
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[(owner, request_id)] = (job_id, fingerprint, self._clock() + self.ttl_s)
+            self._items.move_to_end((owner, request_id))
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
 
 
 @dataclass

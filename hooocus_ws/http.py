@@ -152,7 +152,7 @@ async def generate(request: Request) -> Response:
     if not isinstance(wait, bool):
         raise InvalidRequest("wait must be true or false", loc=("wait",))
     request_id = body.pop("request_id", None)
-    job, position, duplicate = service.submit_job(ctx, principal, body, request_id)
+    job, position, duplicate = await service.submit_job_async(ctx, principal, body, request_id)
     ctx.metrics.http_generate += 1
     if not wait or not await wait_for_job(job, ctx.limits.http_wait_timeout_s):
         return JSONResponse({"job_id": job.job_id, "state": job.state.value, "position": position,
@@ -384,6 +384,14 @@ def openapi_document() -> dict[str, Any]:
                         "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}},
                 "responses": {"201": {"description": "{sha256, width, height, content_type, size_bytes}"},
                               "401": err, "403": err, "413": err, "422": err}}},
+            "/v1/parameters": {"post": {
+                "summary": "Read the generation parameters a Fooocus/A1111 image holds (raw image body), as "
+                           "GenerationRequest fields with warnings for what this server cannot use",
+                "security": secured,
+                "requestBody": {"required": True, "content": {
+                    "image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"200": {"description": "the request fields and warnings"},
+                              "401": err, "413": err, "422": err}}},
             "/v1/jobs": {"get": {
                 "summary": "The caller's jobs (admins: everyone's), newest first, from the job history",
                 "security": secured,

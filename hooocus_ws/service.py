@@ -16,6 +16,8 @@ import logging
 import time
 from typing import Any
 
+import anyio.to_thread
+
 from engine.core.access import Principal, may_cancel, may_generate, may_view_job, sees_every_job
 from engine.core.errors import Forbidden, HooocusError, InvalidRequest, NotFound
 from engine.core.events import TERMINAL_EVENTS, Event, ImageReady, Queued
@@ -46,25 +48,31 @@ def params_fingerprint(params: dict[str, Any]) -> str:
 def submit_job(ctx: ServerContext, principal: Principal, params: dict[str, Any],
                request_id: str | None) -> tuple[Job, int, bool]:
     """Queue ``params`` for ``principal``: (job, queue position, duplicate?). A repeated
-    ``request_id`` within the retention window returns the first job (idempotent retry)."""
+    ``request_id`` within the retention window returns the first job (idempotent retry).
+
+    Blocking (the engine decodes input images at submit): the doors call it on a worker thread
+    (:func:`submit_job_async`), so it is thread-safe."""
     if not may_generate(principal):
         raise Forbidden("this token may not generate (scope 'generate' missing)")
     engine = ctx.runtime.engine
-    if request_id is not None:
+    if request_id is None:
+        job = engine.submit(params, owner=principal.name)
+    else:
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
             raise InvalidRequest("request_id must be a string of 1 to 128 characters", loc=("request_id",))
         fingerprint = params_fingerprint(params)
-        existing = ctx.idempotency.get(principal.name, request_id)
-        job = engine.get_job(existing[0]) if existing else None
-        if job is not None and existing is not None:
-            if existing[1] != fingerprint:
-                raise HooocusError(f"request_id {request_id!r} was already used with different parameters "
-                                   f"(job {job.job_id}); use a new request_id", code="conflict",
-                                   loc=("request_id",))
-            return job, engine.queue_position(job.job_id) or 0, True
-    job = engine.submit(params, owner=principal.name)
-    if request_id is not None:
-        ctx.idempotency.put(principal.name, request_id, job.job_id, fingerprint)
+        # One keyed submit at a time: two retries racing on threads must not both queue a job.
+        with ctx.idempotency.claim:
+            existing = ctx.idempotency.get(principal.name, request_id)
+            job = engine.get_job(existing[0]) if existing else None
+            if job is not None and existing is not None:
+                if existing[1] != fingerprint:
+                    raise HooocusError(f"request_id {request_id!r} was already used with different parameters "
+                                       f"(job {job.job_id}); use a new request_id", code="conflict",
+                                       loc=("request_id",))
+                return job, engine.queue_position(job.job_id) or 0, True
+            job = engine.submit(params, owner=principal.name)
+            ctx.idempotency.put(principal.name, request_id, job.job_id, fingerprint)
     extra = {"job_id": job.job_id, "principal": principal.name}
     log.info("job %s queued", job.job_id, extra=extra)
     # Prompts are user data: only at DEBUG, and only as extras (logging_setup hides them above DEBUG).
@@ -74,6 +82,13 @@ def submit_job(ctx: ServerContext, principal: Principal, params: dict[str, Any],
     first = job.events_after(0)
     position = first[0].position if first and isinstance(first[0], Queued) else 0
     return job, position, False
+
+
+async def submit_job_async(ctx: ServerContext, principal: Principal, params: dict[str, Any],
+                           request_id: str | None) -> tuple[Job, int, bool]:
+    """:func:`submit_job` on a worker thread: decoding a large input image (up to the pixel cap)
+    must not stall every other request and websocket on the event loop."""
+    return await anyio.to_thread.run_sync(submit_job, ctx, principal, params, request_id)
 
 
 def visible_job(ctx: ServerContext, principal: Principal, job_id: str) -> Job:

@@ -205,7 +205,7 @@ class Session:
                 except ProtocolError as exc:
                     self._send_error(message_id(text), exc.code, exc.message, loc=exc.loc)
                 else:
-                    self._dispatch(parsed)
+                    await self._dispatch(parsed)
             if self._errors_in_a_row >= limits.max_consecutive_errors:
                 return 1008, "too many invalid messages in a row"
 
@@ -253,10 +253,10 @@ class Session:
             raise InvalidImage("data is not valid base64", loc=("data",)) from None
         self._upload(msg.id, data, loc=("data",))
 
-    def _dispatch(self, msg: ClientMessage) -> None:
+    async def _dispatch(self, msg: ClientMessage) -> None:
         try:
             if isinstance(msg, GenerateMessage):
-                self._generate(msg)
+                await self._generate(msg)
             elif isinstance(msg, CancelMessage):
                 self._cancel(msg)
             elif isinstance(msg, SubscribeMessage):
@@ -289,7 +289,7 @@ class Session:
             log.exception("ws message failed (conn %s, error_id %s)", self.conn_id, error_id)
             self._send_error(msg.id, "internal_error", f"internal error (error_id {error_id})", error_id=error_id)
 
-    def _generate(self, msg: GenerateMessage) -> None:
+    async def _generate(self, msg: GenerateMessage) -> None:
         params = dict(msg.params)
         request_id = msg.request_id
         if "request_id" in params:  # accepted inside params too, for clients that build one dict
@@ -298,7 +298,9 @@ class Session:
                 raise ProtocolError("request_id given twice with different values", loc=("request_id",))
             request_id = inner
         try:
-            job, position, duplicate = service.submit_job(self.ctx, self.principal, params, request_id)
+            # On a worker thread: the engine decodes input images at submit. This connection's
+            # messages stay in order (the read loop awaits this); the others keep being served.
+            job, position, duplicate = await service.submit_job_async(self.ctx, self.principal, params, request_id)
         except HooocusError as exc:
             if exc.loc is not None and exc.code != "forbidden":
                 exc.loc = ("params", *exc.loc)

@@ -303,3 +303,14 @@ def test_openapi_lists_401_for_images():
     responses = openapi_document()["paths"]["/v1/images/{name}"]["get"]["responses"]
     assert {"401", "403", "404"} <= set(responses)
 
+
+
+def test_openapi_documents_uploads_and_parameters():
+    """Every image-input route is in the OpenAPI document with its auth and error answers."""
+    from hooocus_ws.http import openapi_document
+
+    paths = openapi_document()["paths"]
+    for path in ("/v1/uploads", "/v1/parameters"):
+        post = paths[path]["post"]
+        assert post["security"] and "image/*" in post["requestBody"]["content"]
+        assert {"401", "413", "422"} <= set(post["responses"])

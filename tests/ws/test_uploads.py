@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,14 @@ def test_ws_cancel_image_job_mid_run_next_job_fine(tmp_path: Path) -> None:
             victim = reader.until_type("accepted")[-1]["job_id"]
             assert gate.reached.wait(10)
             reader.send({"type": "cancel", "id": "c", "job_id": victim})
+            # Release only once the server has taken the cancel: released earlier, the worker may
+            # finish the remaining steps first and the job ends 'done' (a race seen under load).
+            token = runtime.engine.get_job(victim).cancel_token
+            for _ in range(1000):
+                if token.is_set():
+                    break
+                time.sleep(0.01)
+            assert token.is_set()
             gate.release()
             assert reader.until_type("cancelled", job_id=victim)[-1]["type"] == "cancelled"
             reader.send({"type": "generate", "id": "n", "params": params})

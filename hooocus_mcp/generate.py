@@ -1,0 +1,82 @@
+"""The ``generate_image`` tool: text (and optionally an input image/mask) to images."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from engine.core.constants import (
+    MAX_IMAGE_NUMBER,
+    MAX_PROMPT_CHARS,
+    OutputFormat,
+    PerformanceName,
+    SamplerName,
+    SchedulerName,
+)
+from engine.core.errors import HooocusError
+from hooocus_mcp._sdk import CallToolResult, Context, ToolAnnotations
+from hooocus_mcp.edit_image import image_ref_from_mcp
+from hooocus_mcp.results import JobResult
+from hooocus_mcp.toolkit import (
+    DEFAULT_THUMBNAIL_SIDE_PX,
+    SeedArg,
+    Side,
+    ThumbSide,
+    ToolKit,
+    WaitS,
+    reject_unknown_arguments,
+    tool_error,
+)
+
+GENERATE_ARGS = {"prompt", "negative_prompt", "styles", "performance", "aspect_ratio", "width", "height", "seed",
+                 "image_number", "sampler", "scheduler", "cfg", "sharpness", "model", "output_format",
+                 "max_side_px", "wait_timeout_s", "image", "mask"}
+
+
+def register(kit: ToolKit) -> None:
+    @kit.tool(annotations=ToolAnnotations(title="Generate image", read_only_hint=False, destructive_hint=False,
+                                          idempotent_hint=False, open_world_hint=False))
+    async def generate_image(
+        prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")],
+        ctx: Context,
+        negative_prompt: Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS)] = None,
+        styles: Annotated[list[str] | None, Field(
+            description="style names from list_options (default: Fooocus V2, Enhance, Sharp)")] = None,
+        performance: Annotated[PerformanceName | None, Field(description="default Speed (30 steps)")] = None,
+        aspect_ratio: Annotated[str | None, Field(
+            description="'W*H' from list_options, e.g. '1152*896' (default); ignored if width/height given")] = None,
+        width: Annotated[Side | None, Field(description="pixels, multiple of 8; give with height")] = None,
+        height: Annotated[Side | None, Field(description="pixels, multiple of 8; give with width")] = None,
+        seed: Annotated[SeedArg | None, Field(description="default random; image i uses seed + i")] = None,
+        image_number: Annotated[int | None, Field(ge=1, le=MAX_IMAGE_NUMBER, description="default 1")] = None,
+        sampler: SamplerName | None = None,
+        scheduler: SchedulerName | None = None,
+        cfg: Annotated[float | None, Field(ge=1.0, le=30.0, description="guidance scale, default 4")] = None,
+        sharpness: Annotated[float | None, Field(ge=0.0, le=30.0, description="default 2")] = None,
+        model: Annotated[str | None, Field(description="base model name from list_options")] = None,
+        output_format: OutputFormat | None = None,
+        max_side_px: ThumbSide = DEFAULT_THUMBNAIL_SIDE_PX,
+        wait_timeout_s: Annotated[WaitS | None, Field(
+            description="return status 'running' with the job_id if not done by then (default 45)")] = None,
+        image: Annotated[str | None, Field(description="input image: hooocus://images/<sha256> from an earlier "
+                                                       "result, or a data:image/png;base64 URI")] = None,
+        mask: Annotated[str | None, Field(description="inpaint mask (white = repaint), same forms as image")] = None,
+    ) -> Annotated[CallToolResult, JobResult]:
+        """Generate images from a text prompt with Fooocus-quality SDXL.
+
+        Returns a one-line summary, small thumbnails, and a hooocus://images/<sha256> link per full
+        image. If the job takes longer than wait_timeout_s it keeps running: follow it with get_job.
+        """
+        reject_unknown_arguments(ctx, GENERATE_ARGS)
+        given = {"prompt": prompt, "negative_prompt": negative_prompt, "styles": styles, "performance": performance,
+                 "aspect_ratio": aspect_ratio, "width": width, "height": height,
+                 "seed": int(seed) if seed is not None else None, "image_number": image_number, "sampler": sampler,
+                 "scheduler": scheduler, "cfg": cfg, "sharpness": sharpness, "base_model": model,
+                 "output_format": output_format}
+        try:
+            given["input_image"] = image_ref_from_mcp(image, field="image")
+            given["inpaint_mask"] = image_ref_from_mcp(mask, field="mask")
+        except HooocusError as exc:
+            raise tool_error(exc) from None
+        return await kit.run_job(given, ctx, wait_timeout_s=wait_timeout_s, max_side_px=max_side_px)
