@@ -84,10 +84,10 @@ async def test_generate_image_with_image_links_owned_per_principal(runtime: Runt
         assert seen["input_image"].shape == (first["height"], first["width"], 3)
         assert seen["inpaint_mask"].shape == (first["height"], first["width"])
         jobs_before = len(runtime.engine.jobs())
-        foreign = await bob.call_tool("generate_image", {"prompt": "c", "image": first["uri"]})
+        foreign = await bob.call_tool("generate_image", {"prompt": "c", "image": first["uri"], "mask": png_uri()})
         assert foreign.is_error and "not_found: no image sha256:" in foreign.content[0].text
-        broken = await bob.call_tool("generate_image", {"prompt": "c", "image": "data:image/png;base64,AAAA"})
+        broken = await bob.call_tool("generate_image", {"prompt": "c", "image": "data:image/png;base64,AAAA", "mask": png_uri()})
         assert broken.is_error and "invalid_image:" in broken.content[0].text
         assert len(runtime.engine.jobs()) == jobs_before  # nothing queued
-        ok = await bob.call_tool("generate_image", {"prompt": "d", "performance": "Lightning", "image": png_uri()})
+        ok = await bob.call_tool("generate_image", {"prompt": "d", "performance": "Lightning", "image": png_uri(), "mask": png_uri()})
         assert not ok.is_error and ok.structured_content["status"] == "completed"
