@@ -28,8 +28,7 @@ from engine.core.jobs import JobState
 from engine.core.runtime import create_runtime
 from engine.core.settings import load_settings
 from engine.sdxl.pipeline import SDXLRunner
-from tests.parity.recorded import (Recorder, build_extra_weights, lora_names, parity_runs, rel, request_for,
-                                   unet_rows)
+from tests.parity.recorded import Recorder, build_extra_weights, lora_names, parity_runs, rel, request_for, unet_rows
 from tests.paths import fooocus_data_dir, parity_dir, parity_skip_reason
 
 #: The runner's trace names of the VAE-space latent an image task starts from (Vary/Upscale; inpaint's fill).
