@@ -17,9 +17,10 @@ final latent rel ≤ 5e-5; the decoded float image PSNR ≥ 100 dB; the PNG max 
 pixels with PSNR ≥ 80 dB. Image runs (README "Effect sizes and tolerance (image runs)"): the same
 criteria, plus the VAE-encoded start latent rel ≤ 1e-4. Each run prints one ``PARITY <run> {json}`` line with the measured numbers.
 
-Slow: 10.8 CPU-minutes in all (checkpoint generation, load, 4 runs of 6 steps, the replayed UNet
-calls), i.e. about 6–7 min on an idle 2-core machine with ``OMP_NUM_THREADS=2`` (torch uses that many
-threads here; the slow CI step should export it); 15.1 GB peak RSS. The model-independent half of
+Slow: runs a–d took 10.8 CPU-minutes in all (checkpoint generation, load, 4 runs of 6 steps, the
+replayed UNet calls), i.e. about 6–7 min on an idle 2-core machine with ``OMP_NUM_THREADS=2`` (torch
+uses that many threads here; the slow CI step should export it); 15.1 GB peak RSS. The 1024² image
+runs e–g take about 7–11 min each on 2 cores (Fooocus: 406 / 687 / 448 s), h about 1 min. The model-independent half of
 each run is checked fast by ``test_parity_plan.py``.
 """
 
