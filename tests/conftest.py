@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +64,20 @@ def parity_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, str(parity_dir() / "make_checkpoint.py"), str(path)], check=True,
                    stdout=subprocess.DEVNULL)
     return path
+
+
+@pytest.fixture(scope="session")
+def parity_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``models/`` folder with the extra weights the parity runs need (upscaler, inpaint head + patch,
+    every LoRA a run names), written once per session by the parity folder's own recipes (a few seconds
+    each, ~120 MB in a temp folder), laid out as the runtime looks for them (``<data_dir>/models``)."""
+    reason = parity_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    from tests.parity.recorded import build_extra_weights, lora_names, parity_runs
+
+    names = sorted({name for run in parity_runs()
+                    for name in lora_names(json.loads((run / "params.json").read_text(encoding="utf-8")))})
+    models = tmp_path_factory.mktemp("parity-data") / "models"
+    build_extra_weights(models, names, upscaler=True, inpaint=True)
+    return models
