@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -32,11 +33,23 @@ FOOOCUS_INPAINT_MODE_DEFAULT = "Inpaint or Outpaint (default)"
 ARG_OVERWRITE_STEP, ARG_OVERWRITE_WIDTH, ARG_OVERWRITE_HEIGHT = 50, 52, 53
 
 
+def run_folders() -> tuple[str, ...]:
+    """The parity folder's subfolders to run: $HOOOCUS_PARITY_SETS (names separated by spaces or
+    commas), default every one of RUN_FOLDERS. scripts/test narrows it while a set is not yet
+    verified end to end on CI (see the comment there)."""
+    given = os.environ.get("HOOOCUS_PARITY_SETS", "").replace(",", " ").split()
+    unknown = sorted(set(given) - set(RUN_FOLDERS))
+    if unknown:
+        raise ValueError(f"HOOOCUS_PARITY_SETS names unknown run folders {unknown}; known: {list(RUN_FOLDERS)}")
+    return tuple(given) or RUN_FOLDERS
+
+
 def parity_runs() -> list[Path]:
-    """Every ``runs/<name>/`` and ``runs-extra/<name>/`` holding a ``params.json``, sorted by name
-    (read at collection time; no run is named, so another parity folder works unchanged)."""
+    """Every ``runs/<name>/`` and ``runs-extra/<name>/`` (those of ``run_folders()``) holding a
+    ``params.json``, sorted by name (read at collection time; no run is named, so another parity
+    folder works unchanged)."""
     root = parity_dir()
-    found = [p.parent for sub in RUN_FOLDERS if (root / sub).is_dir() for p in (root / sub).glob("*/params.json")]
+    found = [p.parent for sub in run_folders() if (root / sub).is_dir() for p in (root / sub).glob("*/params.json")]
     return sorted(found, key=lambda p: p.name)
 
 
