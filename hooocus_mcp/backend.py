@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -146,19 +146,8 @@ class LocalBackend:
             if not isinstance(event, Preview):
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        unsubscribe = job.subscribe(on_event, after_seq=0)
-
-        async def events() -> AsyncIterator[Event]:
-            while True:
-                event = await queue.get()
-                yield event
-                if isinstance(event, TERMINAL_EVENTS):
-                    return
-
-        try:
-            yield events()
-        finally:
-            unsubscribe()
+        async with events_until_terminal(queue, job.subscribe(on_event, after_seq=0)) as events:
+            yield events
 
     async def job(self, job_id: str, caller: Principal) -> JobView:
         record = self._recorded(job_id, caller)
@@ -190,6 +179,26 @@ class LocalBackend:
     async def preview(self, job_id: str, caller: Principal) -> np.ndarray | None:
         preview = self._job(job_id, caller).latest_preview
         return None if preview is None else preview.rgb
+
+
+@contextlib.asynccontextmanager
+async def events_until_terminal(queue: asyncio.Queue[Event], unsubscribe: Callable[[], None]
+                                ) -> AsyncIterator[AsyncIterator[Event]]:
+    """The events put on `queue`, up to and including the terminal one; `unsubscribe` runs on exit.
+
+    Shared by the local and the remote backend's `follow`, which differ only in how events reach the queue.
+    """
+    async def events() -> AsyncIterator[Event]:
+        while True:
+            event = await queue.get()
+            yield event
+            if isinstance(event, TERMINAL_EVENTS):
+                return
+
+    try:
+        yield events()
+    finally:
+        unsubscribe()
 
 
 async def _no_events() -> AsyncIterator[Event]:

@@ -26,11 +26,11 @@ import numpy as np
 from engine.core.access import Principal, may_read_image, may_view_job
 from engine.core.constants import PERFORMANCE_NAMES, SAMPLER_NAMES, SCHEDULER_NAMES, SDXL_ASPECT_RATIOS
 from engine.core.errors import HooocusError, NotFound
-from engine.core.events import TERMINAL_EVENTS, Event, Failed, ImageReady, Queued, Started
+from engine.core.events import Event, Failed, ImageReady, Queued, Started
 from engine.core.jobs import Job
 from engine.core.request import GenerationRequest
 from engine.core.store import ImageStore, StoredImage
-from hooocus_mcp.backend import JobView, job_view
+from hooocus_mcp.backend import JobView, events_until_terminal, job_view
 
 log = logging.getLogger("hooocus.mcp.remote")
 
@@ -189,19 +189,8 @@ class RemoteBackend:
         job = self._job(job_id, caller).job
         queue: asyncio.Queue[Event] = asyncio.Queue()
         # Events are recorded on this loop, so the listener may put directly (replay first, then live).
-        unsubscribe = job.subscribe(queue.put_nowait, after_seq=0)
-
-        async def events() -> AsyncIterator[Event]:
-            while True:
-                event = await queue.get()
-                yield event
-                if isinstance(event, TERMINAL_EVENTS):
-                    return
-
-        try:
-            yield events()
-        finally:
-            unsubscribe()
+        async with events_until_terminal(queue, job.subscribe(queue.put_nowait, after_seq=0)) as events:
+            yield events
 
     async def job(self, job_id: str, caller: Principal) -> JobView:
         remote = self._job(job_id, caller)

@@ -21,48 +21,35 @@ class Metrics:
 
     def render(self, engine: Engine) -> str:
         stats = engine.stats()
+        # A labelled family always shows one sample, so a scraper sees it before the first event.
+        auth_reasons = sorted(self.auth_failures) or ["bad_token"]
+        rejected_codes = sorted(self.ws_messages_rejected) or ["invalid_json"]
         lines = [
-            "# HELP hooocus_queue_depth Jobs waiting in the queue (not counting the running one).",
-            "# TYPE hooocus_queue_depth gauge",
-            f"hooocus_queue_depth {stats.queue_depth}",
-            "# HELP hooocus_job_running 1 while a job holds the GPU worker.",
-            "# TYPE hooocus_job_running gauge",
-            f"hooocus_job_running {int(stats.running_job_id is not None)}",
-            "# HELP hooocus_jobs_total Finished jobs by outcome.",
-            "# TYPE hooocus_jobs_total counter",
-        ]
-        for outcome in ("done", "cancelled", "failed"):
-            lines.append(f'hooocus_jobs_total{{outcome="{outcome}"}} {stats.jobs_by_outcome.get(outcome, 0)}')
-        lines += [
-            "# HELP hooocus_steps_total Sampling steps run; rate() of it is the step rate.",
-            "# TYPE hooocus_steps_total counter",
-            f"hooocus_steps_total {stats.steps_total}",
-            "# HELP hooocus_auth_failures_total Refused handshakes and HTTP requests by reason.",
-            "# TYPE hooocus_auth_failures_total counter",
-        ]
-        for reason in sorted(self.auth_failures) or ["bad_token"]:
-            lines.append(f'hooocus_auth_failures_total{{reason="{reason}"}} {self.auth_failures[reason]}')
-        lines += [
-            "# HELP hooocus_ws_connections Open websocket connections.",
-            "# TYPE hooocus_ws_connections gauge",
-            f"hooocus_ws_connections {self.ws_connections}",
-            "# TYPE hooocus_ws_connections_total counter",
-            f"hooocus_ws_connections_total {self.ws_connections_total}",
-            "# TYPE hooocus_ws_messages_total counter",
-            f"hooocus_ws_messages_total {self.ws_messages_in}",
-            "# HELP hooocus_ws_messages_rejected_total Client messages answered with an error, by code.",
-            "# TYPE hooocus_ws_messages_rejected_total counter",
-        ]
-        for code in sorted(self.ws_messages_rejected) or ["invalid_json"]:
-            lines.append(f'hooocus_ws_messages_rejected_total{{code="{code}"}} {self.ws_messages_rejected[code]}')
-        lines += [
-            "# HELP hooocus_previews_sent_total Preview frames sent.",
-            "# TYPE hooocus_previews_sent_total counter",
-            f"hooocus_previews_sent_total {self.previews_sent}",
-            "# HELP hooocus_previews_dropped_total Previews replaced by a newer one before a slow client took them.",
-            "# TYPE hooocus_previews_dropped_total counter",
-            f"hooocus_previews_dropped_total {self.previews_dropped}",
-            "# TYPE hooocus_http_generate_total counter",
-            f"hooocus_http_generate_total {self.http_generate}",
+            *_family("hooocus_queue_depth", "gauge", "Jobs waiting in the queue (not counting the running one).",
+                     [("", stats.queue_depth)]),
+            *_family("hooocus_job_running", "gauge", "1 while a job holds the GPU worker.",
+                     [("", int(stats.running_job_id is not None))]),
+            *_family("hooocus_jobs_total", "counter", "Finished jobs by outcome.",
+                     [(f'{{outcome="{o}"}}', stats.jobs_by_outcome.get(o, 0)) for o in ("done", "cancelled", "failed")]),
+            *_family("hooocus_steps_total", "counter", "Sampling steps run; rate() of it is the step rate.",
+                     [("", stats.steps_total)]),
+            *_family("hooocus_auth_failures_total", "counter", "Refused handshakes and HTTP requests by reason.",
+                     [(f'{{reason="{r}"}}', self.auth_failures[r]) for r in auth_reasons]),
+            *_family("hooocus_ws_connections", "gauge", "Open websocket connections.", [("", self.ws_connections)]),
+            *_family("hooocus_ws_connections_total", "counter", None, [("", self.ws_connections_total)]),
+            *_family("hooocus_ws_messages_total", "counter", None, [("", self.ws_messages_in)]),
+            *_family("hooocus_ws_messages_rejected_total", "counter", "Client messages answered with an error, by code.",
+                     [(f'{{code="{c}"}}', self.ws_messages_rejected[c]) for c in rejected_codes]),
+            *_family("hooocus_previews_sent_total", "counter", "Preview frames sent.", [("", self.previews_sent)]),
+            *_family("hooocus_previews_dropped_total", "counter",
+                     "Previews replaced by a newer one before a slow client took them.", [("", self.previews_dropped)]),
+            *_family("hooocus_http_generate_total", "counter", None, [("", self.http_generate)]),
         ]
         return "\n".join(lines) + "\n"
+
+
+def _family(name: str, kind: str, help_text: str | None, samples: list[tuple[str, object]]) -> list[str]:
+    """One metric family in text format 0.0.4: HELP (where there is one), TYPE, then one line per
+    (label set, value) sample; the label set is "" or already rendered as ``{key="value"}``."""
+    head = [f"# HELP {name} {help_text}"] if help_text is not None else []
+    return [*head, f"# TYPE {name} {kind}", *(f"{name}{labels} {value}" for labels, value in samples)]

@@ -53,13 +53,20 @@ class ProtocolError(HooocusError):
 _CLIENT = ConfigDict(extra="forbid", frozen=True)
 
 
-class GenerateMessage(BaseModel):
+class _ClientMessage(BaseModel):
+    """The fields every client message has. Each message narrows ``type`` to its own literal; an
+    overridden field keeps its place, so the published schema lists ``type`` and ``id`` first."""
+
+    model_config = _CLIENT
+    type: str
+    id: ClientId | None = None
+
+
+class GenerateMessage(_ClientMessage):
     """Queue a job. ``params`` is a GenerationRequest, validated separately so its errors carry
     ``loc`` = ["params", field, ...] and code ``invalid_request``."""
 
-    model_config = _CLIENT
     type: Literal["generate"]
-    id: ClientId | None = None
     params: dict[str, Any]
     #: Idempotency key: a retry with the same key (same principal, within the retention time)
     #: returns the first job instead of queuing another.
@@ -68,35 +75,27 @@ class GenerateMessage(BaseModel):
     cancel_on_disconnect: bool = False
 
 
-class CancelMessage(BaseModel):
-    model_config = _CLIENT
+class CancelMessage(_ClientMessage):
     type: Literal["cancel"]
-    id: ClientId | None = None
     job_id: JobId
 
 
-class InterruptMessage(BaseModel):
+class InterruptMessage(_ClientMessage):
     """Stop whatever job is running (admin scope)."""
 
-    model_config = _CLIENT
     type: Literal["interrupt"]
-    id: ClientId | None = None
 
 
-class SubscribeMessage(BaseModel):
+class SubscribeMessage(_ClientMessage):
     """Attach to a job (after a reconnect): replay its events with ``job_seq > after_seq``, then follow it."""
 
-    model_config = _CLIENT
     type: Literal["subscribe"]
-    id: ClientId | None = None
     job_id: JobId
     after_seq: Annotated[int, Field(ge=0)] = 0
 
 
-class UnsubscribeMessage(BaseModel):
-    model_config = _CLIENT
+class UnsubscribeMessage(_ClientMessage):
     type: Literal["unsubscribe"]
-    id: ClientId | None = None
     job_id: JobId
 
 
@@ -111,12 +110,10 @@ class PreviewSettings(BaseModel):
     min_interval_ms: Annotated[int, Field(ge=0, le=60_000)] = 100
 
 
-class SetPreviewMessage(BaseModel):
+class SetPreviewMessage(_ClientMessage):
     """Change this connection's preview settings; fields left out keep their value."""
 
-    model_config = _CLIENT
     type: Literal["set_preview"]
-    id: ClientId | None = None
     enabled: bool | None = None
     max_side: Annotated[int, Field(ge=16, le=1024)] | None = None
     format: Literal["jpeg", "webp"] | None = None
@@ -124,20 +121,16 @@ class SetPreviewMessage(BaseModel):
     min_interval_ms: Annotated[int, Field(ge=0, le=60_000)] | None = None
 
 
-class PingMessage(BaseModel):
-    model_config = _CLIENT
+class PingMessage(_ClientMessage):
     type: Literal["ping"]
-    id: ClientId | None = None
 
 
-class UploadMessage(BaseModel):
+class UploadMessage(_ClientMessage):
     """Upload an input image as base64 in a text frame (small images: the text frame cap,
     ``hello.limits.max_message_bytes``, applies). Larger ones go in a binary upload frame (kind 3).
     Answered with ``uploaded``; use ``"sha256:<sha256>"`` as ``input_image``/``inpaint_mask``."""
 
-    model_config = _CLIENT
     type: Literal["upload"]
-    id: ClientId | None = None
     data: Annotated[str, Field(min_length=1, description="the image file, base64")]
 
 
@@ -226,6 +219,22 @@ JobSeq = Annotated[int, Field(ge=1, description="the job's own event number; giv
 Re = Annotated[str | int | None, Field(description="the id of the client message this answers")]
 
 
+class _ServerMessage(BaseModel):
+    """The fields every server message has; each narrows ``type`` to its own literal (an overridden
+    field keeps its place, so the published schema lists ``type`` and ``seq`` first)."""
+
+    model_config = _SERVER
+    type: str
+    seq: ServerSeq
+
+
+class _JobEventOut(_ServerMessage):
+    """A job's event, as the engine recorded it: the job and its own event number."""
+
+    job_id: str
+    job_seq: JobSeq
+
+
 class Limits(BaseModel):
     model_config = _SERVER
     max_message_bytes: int
@@ -235,10 +244,8 @@ class Limits(BaseModel):
     event_retention_s: float
 
 
-class HelloOut(BaseModel):
-    model_config = _SERVER
+class HelloOut(_ServerMessage):
     type: Literal["hello"]
-    seq: ServerSeq
     protocol: Literal["hooocus.v1"]
     principal: str
     scopes: list[str]
@@ -246,42 +253,28 @@ class HelloOut(BaseModel):
     preview: PreviewSettings
 
 
-class AcceptedOut(BaseModel):
-    model_config = _SERVER
+class AcceptedOut(_ServerMessage):
     type: Literal["accepted"]
-    seq: ServerSeq
     re: Re = None
     job_id: str
     position: Annotated[int, Field(ge=0, description="0 = running next")]
     duplicate: bool = False
 
 
-class QueueOut(BaseModel):
-    model_config = _SERVER
+class QueueOut(_JobEventOut):
     type: Literal["queue"]
-    seq: ServerSeq
-    job_id: str
-    job_seq: JobSeq
     position: int
 
 
-class StartedOut(BaseModel):
-    model_config = _SERVER
+class StartedOut(_JobEventOut):
     type: Literal["started"]
-    seq: ServerSeq
-    job_id: str
-    job_seq: JobSeq
     params: dict[str, Any]
     seeds: list[str]
     total_steps: int
 
 
-class ProgressOut(BaseModel):
-    model_config = _SERVER
+class ProgressOut(_JobEventOut):
     type: Literal["progress"]
-    seq: ServerSeq
-    job_id: str
-    job_seq: JobSeq
     step: int
     total_steps: int
     stage: str
@@ -289,14 +282,10 @@ class ProgressOut(BaseModel):
     image_count: int
 
 
-class ImageOut(BaseModel):
+class ImageOut(_JobEventOut):
     """Followed at once by a binary frame of kind 2 with the image bytes."""
 
-    model_config = _SERVER
     type: Literal["image"]
-    seq: ServerSeq
-    job_id: str
-    job_seq: JobSeq
     index: int
     seed: str
     sha256: str
@@ -307,31 +296,21 @@ class ImageOut(BaseModel):
     url: str
 
 
-class DoneOut(BaseModel):
-    model_config = _SERVER
+class DoneOut(_JobEventOut):
     type: Literal["done"]
-    seq: ServerSeq
-    job_id: str
-    job_seq: JobSeq
     images_done: int
 
 
-class CancelledOut(BaseModel):
-    model_config = _SERVER
+class CancelledOut(_JobEventOut):
     type: Literal["cancelled"]
-    seq: ServerSeq
-    job_id: str
-    job_seq: JobSeq
     images_done: int
     reason: str
 
 
-class ErrorOut(BaseModel):
+class ErrorOut(_ServerMessage):
     """A request that failed (with ``re``) or a job that failed (with ``job_id``, terminal)."""
 
-    model_config = _SERVER
     type: Literal["error"]
-    seq: ServerSeq
     re: Re = None
     job_id: str | None = None
     job_seq: int | None = None
@@ -344,42 +323,32 @@ class ErrorOut(BaseModel):
     images_done: int | None = None
 
 
-class WarningOut(BaseModel):
-    model_config = _SERVER
+class WarningOut(_JobEventOut):
     type: Literal["warning"]
-    seq: ServerSeq
-    job_id: str
-    job_seq: JobSeq
     code: str
     message: str
 
 
-class AckOut(BaseModel):
+class AckOut(_ServerMessage):
     """Reply to cancel / interrupt / subscribe / unsubscribe / set_preview. ``state`` is the job's
     state when the request arrived."""
 
-    model_config = _SERVER
     type: Literal["ack"]
-    seq: ServerSeq
     re: Re = None
     job_id: str | None = None
     state: str | None = None
 
 
-class PongOut(BaseModel):
-    model_config = _SERVER
+class PongOut(_ServerMessage):
     type: Literal["pong"]
-    seq: ServerSeq
     re: Re = None
 
 
-class UploadedOut(BaseModel):
+class UploadedOut(_ServerMessage):
     """Answer to an ``upload`` message or a binary upload frame: the image is kept for this
     token's principal (no one else can use it) by content hash."""
 
-    model_config = _SERVER
     type: Literal["uploaded"]
-    seq: ServerSeq
     re: Re = None
     sha256: str
     width: int

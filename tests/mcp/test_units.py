@@ -3,6 +3,7 @@ values, result rendering, and the HTTP allowlists."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from engine.core.events import Done, Progress, Started
 from hooocus_mcp._sdk import sniff_image_mime
-from hooocus_mcp.backend import ImageInfo, JobView
+from hooocus_mcp.backend import ImageInfo, JobView, events_until_terminal
 from hooocus_mcp.http import security_settings
 from hooocus_mcp.thumbnails import b64_len, preview_thumbnail, thumbnails_within_budget
 from hooocus_mcp.tools import ProgressReporter, job_result, summary_line
@@ -87,6 +88,20 @@ async def test_progress_reporter_throttles_but_always_ends_at_total(anyio_backen
     assert values == sorted(set(values)) and values[-1] == 8 and all(t == 8 for _, t, _ in sent)
     assert len(values) < 8  # throttled
     assert sent[0][2] == "image 1/2 · step 1/4 · sample"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_events_until_terminal_stops_at_the_terminal_event_and_unsubscribes(anyio_backend: str) -> None:
+    queue: asyncio.Queue = asyncio.Queue()
+    for event in (Started(job_id="j", total_steps=1), Done(job_id="j"), Progress(job_id="j", step=9)):
+        queue.put_nowait(event)
+    unsubscribed: list[bool] = []
+    async with events_until_terminal(queue, lambda: unsubscribed.append(True)) as events:
+        kinds = [event.kind async for event in events]
+        assert not unsubscribed  # still following while the context is open
+    assert kinds == ["started", "done"]  # nothing after the terminal event is read
+    assert unsubscribed == [True] and queue.qsize() == 1
 
 
 def test_summary_lines_tell_the_model_what_to_do_next() -> None:

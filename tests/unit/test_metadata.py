@@ -197,6 +197,21 @@ def test_bad_values_are_warnings_not_crashes() -> None:
     assert len(warnings) == 6
 
 
+def test_unknown_choices_are_named_in_warnings_and_known_ones_are_kept() -> None:
+    bad = {"performance": "Turbo", "sampler": "magic", "scheduler": "odd", "refiner_swap_method": "x",
+           "inpaint_method": "Paint", "inpaint_engine_version": "v9"}
+    request, warnings = parameters_to_request(bad)
+    assert request == parameters_to_request({})[0]
+    assert warnings == [f"unknown {key} {value!r}; using the default" for key, value in list(bad.items())[:5]] + [
+        "unknown inpaint_engine_version 'v9'; using the mode's engine"]
+    good = {"performance": "Quality", "sampler": "euler", "scheduler": "karras", "inpaint_method": "Inpaint or Outpaint (default)",
+            "inpaint_engine_version": "v2.6"}
+    request, warnings = parameters_to_request(good)
+    assert warnings == []
+    assert (request.performance, request.sampler, request.scheduler, request.inpaint_mode, request.inpaint_engine) == (
+        "Quality", "euler", "karras", "Inpaint or Outpaint (default)", "v2.6")
+
+
 def test_a1111_quotes_values_with_a_colon() -> None:
     """spec §13.3: ',' '\\n' or ':' quote a value; one LoRA's 'name: hash' has only the colon."""
     inp = _input(metadata_scheme="a1111", prompt="ratio 16:9", loras=[("one.safetensors", 0.5, "dddddddddd")])

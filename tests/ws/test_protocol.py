@@ -94,3 +94,19 @@ def test_frames_round_trip(kind, header, payload):
 def test_bad_frames_are_refused(frame):
     with pytest.raises(ProtocolError):
         decode_frame(frame)
+
+
+def test_every_published_message_is_typed_by_its_own_literal_listed_first():
+    # The messages share their common fields through base classes; the published schema must still
+    # list `type` first, as a required constant of that message, and refuse a neighbour's type.
+    from pydantic import ValidationError
+
+    from hooocus_ws.protocol import CLIENT_MESSAGES, SERVER_MESSAGES, protocol_schema
+
+    defs = protocol_schema()["$defs"]
+    for name, model in {**CLIENT_MESSAGES, **SERVER_MESSAGES}.items():
+        schema = defs[model.__name__]
+        assert next(iter(schema["properties"])) == "type", name
+        assert schema["properties"]["type"]["const"] == name and "type" in schema["required"], name
+    with pytest.raises(ValidationError):
+        CancelMessage.model_validate({"type": "ping", "job_id": "j"})

@@ -343,6 +343,15 @@ def parameters_to_request(parsed: Mapping[str, Any], *, known_models: Collection
         except (TypeError, ValueError):
             warnings.append(f"ignored {key}={value!r}: not a number")
 
+    def choice(key: str, allowed: Collection[str], target: str | None = None, fallback: str = "the default") -> None:
+        value = text(key)
+        if value is None:
+            return
+        if value in allowed:
+            fields[target or key] = value
+        else:
+            warnings.append(f"unknown {key} {value!r}; using {fallback}")
+
     for key in ("prompt", "negative_prompt"):
         if text(key) is not None:
             fields[key] = text(key)
@@ -362,12 +371,7 @@ def parameters_to_request(parsed: Mapping[str, Any], *, known_models: Collection
                     warnings.append(f"style {name!r} is not installed; left out")
             fields["styles"] = kept
 
-    performance = text("performance")
-    if performance is not None:
-        if performance in PERFORMANCE_NAMES:
-            fields["performance"] = performance
-        else:
-            warnings.append(f"unknown performance {performance!r}; using the default")
+    choice("performance", PERFORMANCE_NAMES)
     mode = PERFORMANCE_MODES[fields.get("performance", "Speed")]
 
     number("steps", int)
@@ -402,15 +406,9 @@ def parameters_to_request(parsed: Mapping[str, Any], *, known_models: Collection
     if fields.get("refiner_switch_step", 1) <= 0:
         del fields["refiner_switch_step"]
 
-    for key, allowed in (("sampler", SAMPLER_NAMES), ("scheduler", SCHEDULER_NAMES),
-                         ("refiner_swap_method", REFINER_SWAP_METHODS)):
-        value = text(key)
-        if value is None:
-            continue
-        if value in allowed:
-            fields[key] = value
-        else:
-            warnings.append(f"unknown {key} {value!r}; using the default")
+    choice("sampler", SAMPLER_NAMES)
+    choice("scheduler", SCHEDULER_NAMES)
+    choice("refiner_swap_method", REFINER_SWAP_METHODS)
 
     seed = text("seed")
     if seed is not None:
@@ -441,18 +439,8 @@ def parameters_to_request(parsed: Mapping[str, Any], *, known_models: Collection
 
     # Inpaint/outpaint images: the method and engine, as Fooocus's Load Parameters reads them. The
     # mask and image are not in the metadata; they only become defaults for the next inpaint.
-    method = text("inpaint_method")
-    if method is not None:
-        if method in INPAINT_MODES:
-            fields["inpaint_mode"] = method
-        else:
-            warnings.append(f"unknown inpaint_method {method!r}; using the default")
-    engine_version = text("inpaint_engine_version")
-    if engine_version is not None:
-        if engine_version in INPAINT_ENGINES:
-            fields["inpaint_engine"] = engine_version
-        else:
-            warnings.append(f"unknown inpaint_engine_version {engine_version!r}; using the mode's engine")
+    choice("inpaint_method", INPAINT_MODES, "inpaint_mode")
+    choice("inpaint_engine_version", INPAINT_ENGINES, "inpaint_engine", fallback="the mode's engine")
     if parsed.get("upscale_fast") not in (None, ""):
         warnings.append("this image was made with Upscale (Fast 2x): give it as input_image with "
                         "uov_method 'Upscale (Fast 2x)' to repeat it")
