@@ -4,18 +4,14 @@ progress, client-cancel and thumbnail handling (FakeRunner engine, SDK client in
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Iterator
 
 import anyio
-import numpy as np
 import pytest
-from PIL import Image
 
 from engine.core.access import Principal
 from engine.core.inputs import InputResolver, UploadStore
-from engine.core.jobs import Engine, JobState, RunContext
+from engine.core.jobs import Engine, JobState
 from engine.core.runtime import Runtime
 from engine.core.settings import Settings
 from engine.core.store import ImageStore
@@ -24,19 +20,10 @@ from hooocus_mcp._sdk import Client, ImageContent, ResourceLink
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.edit_image import UOV_METHOD_BY_MODE, edit_fields
 from hooocus_mcp.tools import ServerOptions, build_server
+from tests.images import InputsRecorder, data_uri, solid_png
 
 pytestmark = pytest.mark.anyio
 ALICE = Principal("alice", frozenset({"generate", "cancel:own"}))
-
-
-class InputsRecorder(FakeRunner):
-    def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)
-        self.seen: dict[str, dict[str, np.ndarray]] = {}
-
-    def run(self, ctx: RunContext) -> None:
-        self.seen[ctx.job_id] = {k: np.array(v) for k, v in ctx.inputs.items()}
-        super().run(ctx)
 
 
 def make_runtime(runner: FakeRunner) -> Runtime:
@@ -57,9 +44,7 @@ def server_for(runtime: Runtime):
 
 
 def png_uri(width: int = 32, height: int = 24, *, white: bool = False) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (255, 255, 255) if white else (9, 99, 199)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return data_uri(solid_png(width, height, (255, 255, 255) if white else (9, 99, 199)))
 
 
 @pytest.mark.parametrize("mode, extra, expected", [
