@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.core.jobs import RunContext
 from engine.core.settings import settings_from_args
-from engine.core.testing import FakeRunner
 from hooocus import cli
 from hooocus.cli import build_parser, main, request_fields_from_args
+from tests.images import InputsRecorder
 from tests.paths import TEST_DATA_VARIABLES
 
 
@@ -122,16 +121,6 @@ def test_from_image_of_a_vary_image_asks_for_the_input_image(capsys: pytest.Capt
     assert "give that image with --image PATH" in err
     got = fields("--from-image", made_with_vary, "--image", picture(tmp_path / "in.png"))
     assert got["uov_method"] == "Vary (Subtle)" and got["input_image"].startswith("data:image/png")
-
-
-class InputsRecorder(FakeRunner):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[str, dict[str, np.ndarray]] = {}
-
-    def run(self, ctx: RunContext) -> None:
-        self.seen[ctx.job_id] = {k: np.array(v) for k, v in ctx.inputs.items()}
-        super().run(ctx)
 
 
 def test_server_mode_uploads_the_files_and_sends_sha256_references(capsys: pytest.CaptureFixture[str],

@@ -5,7 +5,6 @@ mid-job ends the job and the next one runs."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +20,15 @@ from engine.core.settings import load_settings
 from engine.imaging.sizes import upscale_plan, vary_target_hw
 from engine.io.imageio import read_image_metadata
 from engine.sdxl.pipeline import SDXLRunner
+from tests.engine.demo import StubEngine, noise_image
 
 IMG = "sha256:" + "0" * 64
-
-
-class _Engine:
-    """The two things RunContext needs from an Engine (the submit-time resolver is not ours)."""
-
-    image_sink = None
-
-    def _count_step(self) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SDXLRunner]:
-    settings, _ = load_settings(cli={"data_dir": tmp_path_factory.mktemp("data"), "device": "cpu"}, env={})
-    yield SDXLRunner(settings, model="demo")
-
-
-def _image(height: int, width: int) -> np.ndarray:
-    rng = np.random.default_rng(3)
-    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 def run(runner: SDXLRunner, image: np.ndarray, **fields: Any) -> tuple[Job, list[ImageReady]]:
     request = GenerationRequest.parse({"prompt": "a fox", "seed": 11, "input_image": IMG, **fields})
     job = Job("j", request, "local")
-    runner.run(RunContext(job, _Engine(), inputs={"input_image": image}))  # type: ignore[arg-type]
+    runner.run(RunContext(job, StubEngine(), inputs={"input_image": image}))  # type: ignore[arg-type]
     return job, [e for e in job.events_after(0) if isinstance(e, ImageReady)]
 
 
@@ -63,7 +43,7 @@ def _size(event: ImageReady) -> tuple[int, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["Vary (Subtle)", "Vary (Strong)"])
 def test_vary_gives_the_clamped_shape_ceil_size(runner: SDXLRunner, method: str) -> None:
-    image = _image(48, 64)
+    image = noise_image(48, 64)
     _job, out = run(runner, image, uov_method=method, steps=2)
     height, width = vary_target_hw(48, 64)
     assert len(out) == 1 and _size(out[0]) == (width // 8 * 8, height // 8 * 8)
@@ -71,7 +51,7 @@ def test_vary_gives_the_clamped_shape_ceil_size(runner: SDXLRunner, method: str)
 
 @pytest.mark.slow
 def test_upscale_2x_size_and_determinism(runner: SDXLRunner) -> None:
-    image = _image(40, 40)
+    image = noise_image(40, 40)
     _job, first = run(runner, image, uov_method="Upscale (2x)", steps=1)
     height, width = upscale_plan(40, 40, 2.0).result_hw
     assert _size(first[0]) == (width // 8 * 8, height // 8 * 8)
@@ -83,10 +63,10 @@ def test_upscale_2x_size_and_determinism(runner: SDXLRunner) -> None:
 
 @pytest.mark.slow
 def test_upscale_above_2800_returns_the_upscaled_pixels(runner: SDXLRunner) -> None:
-    image = _image(720, 720)  # 2x → shape ceil 1472; 1.5x of 2000+ would be slow on CPU: use the 2x rule
+    image = noise_image(720, 720)  # 2x → shape ceil 1472; 1.5x of 2000+ would be slow on CPU: use the 2x rule
     plan = upscale_plan(720, 720, 2.0)
     assert not plan.direct_return
-    big = _image(1440, 1440)
+    big = noise_image(1440, 1440)
     big_plan = upscale_plan(1440, 1440, 2.0)
     assert big_plan.direct_return
     job, out = run(runner, big, uov_method="Upscale (2x)", steps=1)
@@ -96,7 +76,7 @@ def test_upscale_above_2800_returns_the_upscaled_pixels(runner: SDXLRunner) -> N
 
 
 def test_fast_upscale_has_fooocus_log_entry_and_no_diffusion(runner: SDXLRunner) -> None:
-    image = _image(24, 32)
+    image = noise_image(24, 32)
     job, out = run(runner, image, uov_method="Upscale (Fast 2x)")
     height, width = upscale_plan(24, 32, 2.0).result_hw
     assert _size(out[0]) == (width, height)
@@ -106,7 +86,7 @@ def test_fast_upscale_has_fooocus_log_entry_and_no_diffusion(runner: SDXLRunner)
 
 
 def test_cancel_mid_vary_then_next_job_runs(runner: SDXLRunner) -> None:
-    image = _image(48, 64)
+    image = noise_image(48, 64)
     request = GenerationRequest.parse({"prompt": "a fox", "seed": 11, "input_image": IMG,
                                        "uov_method": "Vary (Strong)", "steps": 3})
     job = Job("c", request, "local")
@@ -117,7 +97,7 @@ def test_cancel_mid_vary_then_next_job_runs(runner: SDXLRunner) -> None:
 
     job.subscribe(cancel_on_first_step)
     with pytest.raises(JobCancelled):
-        runner.run(RunContext(job, _Engine(), inputs={"input_image": image}))  # type: ignore[arg-type]
+        runner.run(RunContext(job, StubEngine(), inputs={"input_image": image}))  # type: ignore[arg-type]
     assert not [e for e in job.events_after(0) if isinstance(e, ImageReady)]
     _job, out = run(runner, image, uov_method="Vary (Strong)", steps=1)
     assert len(out) == 1

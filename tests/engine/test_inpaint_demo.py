@@ -6,7 +6,6 @@ text-to-image with a warning, a cancel leaves the UNet unpatched, missing weight
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from engine.core.settings import load_settings
 from engine.imaging.masks import morphological_open, outpaint_pad
 from engine.sdxl.pipeline import EMPTY_MASK_WARNING, SDXLRunner
 from engine.sdxl.resolve import inpaint_params
+from tests.engine.demo import StubEngine, noise_image
 
 IMG = "sha256:" + "0" * 64
 MASK = "sha256:" + "1" * 64
@@ -32,21 +32,8 @@ DETAIL = "Improve Detail (face, hand, eyes, etc.)"
 MODIFY = "Modify Content (add objects, change background, etc.)"
 
 
-class _Engine:
-    image_sink = None
-
-    def _count_step(self) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SDXLRunner]:
-    settings, _ = load_settings(cli={"data_dir": tmp_path_factory.mktemp("data"), "device": "cpu"}, env={})
-    yield SDXLRunner(settings, model="demo")
-
-
 def _image(height: int = 48, width: int = 96) -> np.ndarray:
-    return np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return noise_image(height, width)
 
 
 def _corner_mask(height: int = 48, width: int = 96) -> np.ndarray:
@@ -61,7 +48,7 @@ def _job(fields: dict[str, Any]) -> Job:
 
 def run(runner: SDXLRunner, inputs: dict[str, np.ndarray], **fields: Any) -> tuple[Job, list[ImageReady]]:
     job = _job(fields)
-    runner.run(RunContext(job, _Engine(), inputs=inputs))  # type: ignore[arg-type]
+    runner.run(RunContext(job, StubEngine(), inputs=inputs))  # type: ignore[arg-type]
     return job, [e for e in job.events_after(0) if isinstance(e, ImageReady)]
 
 
@@ -106,7 +93,7 @@ def test_inpaint_pixels_merge_invert_and_crop(runner: SDXLRunner) -> None:
     upload = np.zeros((24, 48), np.uint8)  # half size: resampled to the image, then merged (> 127)
     upload[2:7, 2:7] = 200
     job = _job({"inpaint_mask": MASK, "inpaint_mask_upload": UPLOAD, "inpaint_mode": MODIFY})
-    ctx = RunContext(job, _Engine(), inputs={"input_image": image, "inpaint_mask": drawn,  # type: ignore[arg-type]
+    ctx = RunContext(job, StubEngine(), inputs={"input_image": image, "inpaint_mask": drawn,  # type: ignore[arg-type]
                                              "inpaint_mask_upload": upload})
     resolved = type("R", (), {"inpaint": inpaint_params(job.request), "base_model": "demo"})()
     px = runner._inpaint_pixels(ctx, resolved, image)  # type: ignore[arg-type]
@@ -118,7 +105,7 @@ def test_inpaint_pixels_merge_invert_and_crop(runner: SDXLRunner) -> None:
     assert np.array_equal(px.fill, px.crop) is False  # Modify Content (denoise 1.0) fills the hole
 
     inverted = _job({"inpaint_mask": MASK, "inpaint_mode": MODIFY, "invert_mask": True})
-    ctx = RunContext(inverted, _Engine(), inputs={"input_image": image,  # type: ignore[arg-type]
+    ctx = RunContext(inverted, StubEngine(), inputs={"input_image": image,  # type: ignore[arg-type]
                                                   "inpaint_mask": _corner_mask()})
     resolved = type("R", (), {"inpaint": inpaint_params(inverted.request), "base_model": "demo"})()
     px = runner._inpaint_pixels(ctx, resolved, image)  # type: ignore[arg-type]
@@ -148,7 +135,7 @@ def test_cancel_mid_inpaint_leaves_the_unet_unpatched(runner: SDXLRunner) -> Non
     runner._load_base("demo", vae=None)
     before = {k: v.clone() for k, v in runner.base_components.unet.state_dict().items()}  # type: ignore[union-attr]
     with pytest.raises(JobCancelled):
-        runner.run(RunContext(job, _Engine(), inputs={"input_image": _image(),  # type: ignore[arg-type]
+        runner.run(RunContext(job, StubEngine(), inputs={"input_image": _image(),  # type: ignore[arg-type]
                                                       "inpaint_mask": _corner_mask()}))
     assert seen["hooked"]  # the head was on while sampling
     unet = runner.base_components.unet  # type: ignore[union-attr]

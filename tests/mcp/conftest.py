@@ -10,15 +10,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import anyio
 import pytest
 import uvicorn
 
 from engine.core.access import Principal
-from engine.core.jobs import Engine
+from engine.core.jobs import Engine, Job, JobState
 from engine.core.runtime import Runtime
 from engine.core.settings import Settings
 from engine.core.store import ImageStore
-from engine.core.testing import FakeRunner
+from engine.core.testing import FakeRunner, StepGate
 
 STDIO = Principal("stdio", frozenset({"generate", "cancel:own"}))
 ALICE_TOKEN = "alice-token-0123456789abcdef"
@@ -74,3 +75,21 @@ def live_server(app, *, host: str = "127.0.0.1") -> Iterator[LiveServer]:
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+async def cancel_tool_call_mid_job(client, runtime: Runtime, gate: StepGate, tool: str, arguments: dict) -> Job:
+    """Start ``tool`` through ``client``, cancel the call (the client side) once the job reaches the
+    gate's step, and check that this cancels the engine job: its token is set within 5 s and, once the
+    gate lets the runner go on, the job ends CANCELLED. Returns the job (the runtime's first)."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client.call_tool, tool, arguments)
+        assert await anyio.to_thread.run_sync(gate.reached.wait, 10)
+        tg.cancel_scope.cancel()
+    victim = runtime.engine.jobs()[0]
+    with anyio.fail_after(5):
+        while not victim.cancel_token.is_set():
+            await anyio.sleep(0.01)
+    gate.release()
+    assert await anyio.to_thread.run_sync(victim.wait, 5)
+    assert victim.state is JobState.CANCELLED
+    return victim

@@ -4,18 +4,13 @@ progress, client-cancel and thumbnail handling (FakeRunner engine, SDK client in
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Iterator
 
-import anyio
-import numpy as np
 import pytest
-from PIL import Image
 
 from engine.core.access import Principal
 from engine.core.inputs import InputResolver, UploadStore
-from engine.core.jobs import Engine, JobState, RunContext
+from engine.core.jobs import Engine
 from engine.core.runtime import Runtime
 from engine.core.settings import Settings
 from engine.core.store import ImageStore
@@ -24,19 +19,11 @@ from hooocus_mcp._sdk import Client, ImageContent, ResourceLink
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.edit_image import UOV_METHOD_BY_MODE, edit_fields
 from hooocus_mcp.tools import ServerOptions, build_server
+from tests.images import InputsRecorder, data_uri, solid_png
+from tests.mcp.conftest import cancel_tool_call_mid_job
 
 pytestmark = pytest.mark.anyio
 ALICE = Principal("alice", frozenset({"generate", "cancel:own"}))
-
-
-class InputsRecorder(FakeRunner):
-    def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)
-        self.seen: dict[str, dict[str, np.ndarray]] = {}
-
-    def run(self, ctx: RunContext) -> None:
-        self.seen[ctx.job_id] = {k: np.array(v) for k, v in ctx.inputs.items()}
-        super().run(ctx)
 
 
 def make_runtime(runner: FakeRunner) -> Runtime:
@@ -57,9 +44,7 @@ def server_for(runtime: Runtime):
 
 
 def png_uri(width: int = 32, height: int = 24, *, white: bool = False) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (255, 255, 255) if white else (9, 99, 199)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return data_uri(solid_png(width, height, (255, 255, 255) if white else (9, 99, 199)))
 
 
 @pytest.mark.parametrize("mode, extra, expected", [
@@ -154,17 +139,8 @@ async def test_client_cancel_of_a_vary_job_stops_it_and_the_next_job_runs() -> N
     runtime = make_runtime(runner).start()
     try:
         async with Client(server_for(runtime)) as client:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(client.call_tool, "edit_image", {"image": png_uri(), "mode": "vary_strong"})
-                assert await anyio.to_thread.run_sync(gate.reached.wait, 10)
-                tg.cancel_scope.cancel()
-            victim = runtime.engine.jobs()[0]
-            with anyio.fail_after(5):
-                while not victim.cancel_token.is_set():
-                    await anyio.sleep(0.01)
-            gate.release()
-            assert await anyio.to_thread.run_sync(victim.wait, 5)
-            assert victim.state is JobState.CANCELLED
+            await cancel_tool_call_mid_job(client, runtime, gate, "edit_image",
+                                           {"image": png_uri(), "mode": "vary_strong"})
             nxt = await client.call_tool("edit_image", {"image": png_uri(), "mode": "vary_subtle",
                                                         "performance": "Lightning"})
             assert nxt.structured_content["status"] == "completed"

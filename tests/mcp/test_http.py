@@ -8,19 +8,25 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Iterator
 
-import anyio
 import httpx2
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from engine.core.access import TokenStore
-from engine.core.jobs import JobState
 from engine.core.runtime import Runtime
 from engine.core.testing import FakeRunner, StepGate
 from hooocus_mcp._sdk import Client, streamable_http_client
 from hooocus_mcp.http import McpMount, TokenStoreVerifier, create_mcp_mount
-from tests.mcp.conftest import ALICE_TOKEN, BOB_TOKEN, TOKENS_TEXT, LiveServer, live_server, make_runtime
+from tests.mcp.conftest import (
+    ALICE_TOKEN,
+    BOB_TOKEN,
+    TOKENS_TEXT,
+    LiveServer,
+    cancel_tool_call_mid_job,
+    live_server,
+    make_runtime,
+)
 
 pytestmark = pytest.mark.anyio
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
@@ -157,16 +163,8 @@ async def test_cancelling_the_http_call_cancels_the_engine_job(mode: str) -> Non
     try:
         with serving(runtime) as live:
             async with mcp_client(live, ALICE_TOKEN, mode=mode) as client:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(client.call_tool, "generate_image", {"prompt": "victim", "performance": "Speed"})
-                    assert await anyio.to_thread.run_sync(gate.reached.wait, 10)
-                    tg.cancel_scope.cancel()
-                victim = runtime.engine.jobs()[0]
-                with anyio.fail_after(5):
-                    while not victim.cancel_token.is_set():
-                        await anyio.sleep(0.01)
-                gate.release()
-                assert await anyio.to_thread.run_sync(victim.wait, 5) and victim.state is JobState.CANCELLED
+                await cancel_tool_call_mid_job(client, runtime, gate, "generate_image",
+                                               {"prompt": "victim", "performance": "Speed"})
                 after = await client.call_tool("generate_image", {"prompt": "next", "performance": "Lightning"})
                 assert after.structured_content["status"] == "completed"
     finally:

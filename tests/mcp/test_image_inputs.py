@@ -4,40 +4,26 @@ code, nothing queued, and the next call works."""
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from engine.core.access import Principal
 from engine.core.errors import InvalidRequest
 from engine.core.inputs import InputResolver, UploadStore
-from engine.core.jobs import Engine, RunContext
+from engine.core.jobs import Engine
 from engine.core.runtime import Runtime
 from engine.core.settings import Settings
 from engine.core.store import ImageStore
-from engine.core.testing import FakeRunner
 from hooocus_mcp._sdk import Client
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.edit_image import image_ref_from_mcp
 from hooocus_mcp.tools import ServerOptions, build_server
+from tests.images import InputsRecorder, data_uri, solid_png
 
 pytestmark = pytest.mark.anyio
 ALICE = Principal("alice", frozenset({"generate", "cancel:own"}))
 BOB = Principal("bob", frozenset({"generate", "cancel:own"}))
-
-
-class InputsRecorder(FakeRunner):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[str, dict[str, np.ndarray]] = {}
-
-    def run(self, ctx: RunContext) -> None:
-        self.seen[ctx.job_id] = {k: np.array(v) for k, v in ctx.inputs.items()}
-        super().run(ctx)
 
 
 @pytest.fixture
@@ -55,9 +41,7 @@ def server_for(runtime: Runtime, caller: Principal):
 
 
 def png_uri(width: int = 24, height: int = 16) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (9, 99, 199)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return data_uri(solid_png(width, height, (9, 99, 199)))
 
 
 def test_image_ref_from_mcp_maps_links() -> None:

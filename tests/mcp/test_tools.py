@@ -14,13 +14,12 @@ import pytest
 from PIL import Image
 
 from engine.core.access import Principal
-from engine.core.jobs import JobState
 from engine.core.runtime import Runtime
 from engine.core.testing import FakeRunner, StepGate
 from hooocus_mcp._sdk import Client, ImageContent, MCPError, ResourceLink, TextContent
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.tools import JobResult, ServerOptions, build_server
-from tests.mcp.conftest import STDIO
+from tests.mcp.conftest import STDIO, cancel_tool_call_mid_job
 
 pytestmark = pytest.mark.anyio
 
@@ -174,17 +173,8 @@ async def test_client_cancel_stops_the_job_within_a_step_and_frees_the_engine(mo
     runtime = make_runtime(runner).start()
     try:
         async with Client(server_for(runtime), mode=mode) as client:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(client.call_tool, "generate_image", {"prompt": "victim", "performance": "Speed"})
-                assert await anyio.to_thread.run_sync(gate.reached.wait, 10)
-                tg.cancel_scope.cancel()
-            victim = runtime.engine.jobs()[0]
-            with anyio.fail_after(5):
-                while not victim.cancel_token.is_set():
-                    await anyio.sleep(0.01)
-            gate.release()
-            assert await anyio.to_thread.run_sync(victim.wait, 5)
-            assert victim.state is JobState.CANCELLED
+            victim = await cancel_tool_call_mid_job(client, runtime, gate, "generate_image",
+                                                    {"prompt": "victim", "performance": "Speed"})
             assert max(step for job_id, step in runner.step_log if job_id == victim.job_id) <= 3
             nxt = await client.call_tool("generate_image", {"prompt": "next", "performance": "Lightning"})
             assert nxt.structured_content["status"] == "completed"

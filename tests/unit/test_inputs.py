@@ -3,8 +3,6 @@ submit-time resolver (bad input → stable code + field path, nothing queued, th
 
 from __future__ import annotations
 
-import base64
-import io
 import struct
 import zlib
 from pathlib import Path
@@ -22,25 +20,16 @@ from engine.core.inputs import (
     parse_image_ref,
     probe_image,
 )
-from engine.core.jobs import JobState, RunContext
+from engine.core.jobs import JobState
 from engine.core.runtime import create_runtime
 from engine.core.settings import Settings
 from engine.core.testing import FakeRunner
 from engine.imaging.convert import hwc3, uint16_to_uint8
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
+from tests.images import InputsRecorder, data_uri, encode, solid_png
 
 
 def rgb_png(width: int = 16, height: int = 12, color: tuple[int, int, int] = (10, 200, 30)) -> bytes:
-    return encode(Image.new("RGB", (width, height), color))
+    return solid_png(width, height, color)
 
 
 def bomb_png(width: int, height: int) -> bytes:
@@ -183,18 +172,6 @@ def test_upload_store_refuses_bad_uploads() -> None:
 
 
 # -- the submit-time resolver through the engine -----------------------------------------------------------
-
-
-class InputsRecorder(FakeRunner):
-    """A FakeRunner that keeps what each job's RunContext.inputs held."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[str, dict[str, np.ndarray]] = {}
-
-    def run(self, ctx: RunContext) -> None:
-        self.seen[ctx.job_id] = {k: np.array(v) for k, v in ctx.inputs.items()}
-        super().run(ctx)
 
 
 @pytest.fixture()

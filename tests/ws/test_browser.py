@@ -9,7 +9,6 @@ checks share one test (one runtime, one browser) because a demo job at the small
 
 from __future__ import annotations
 
-import shutil
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,51 +17,10 @@ import pytest
 
 from engine.core.constants import MAX_SEED
 from engine.core.testing import FakeRunner
+from tests.ws.browser import By, Select, WebDriverWait, chromium_browser, connect_page, status  # noqa: F401 (fixture)
 from tests.ws.conftest import ALICE, make_runtime
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-if CHROMIUM is None or CHROMEDRIVER is None:
-    pytest.skip("no chromium/chromedriver binary (apt-get install chromium chromium-driver)", allow_module_level=True)
-
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
-
-
-@pytest.fixture
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    # No background traffic (no network at test time) and a fresh profile per test.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-extensions", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1200,900",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(20)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def connect_page(browser: Any, url: str) -> WebDriverWait:
-    wait = WebDriverWait(browser, 20)
-    browser.get(url)
-    browser.find_element(By.ID, "token").send_keys(ALICE)
-    browser.find_element(By.ID, "connect").click()
-    wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
-    wait.until(lambda d: len(Select(d.find_element(By.ID, "performance")).options) > 0)
-    return wait
-
-
-def status(browser: Any) -> str:
-    return browser.find_element(By.ID, "status").text
 
 
 def preview_cleared(browser: Any) -> bool:
@@ -78,7 +36,7 @@ def preview_showing(browser: Any) -> bool:
 
 def test_page_generates_with_progress_preview_and_seeds(browser, tmp_path, live_factory):
     live = live_factory(make_runtime(tmp_path, FakeRunner(step_delay_s=0.03)))
-    wait = connect_page(browser, live.http_url + "/")
+    wait = connect_page(browser, live.http_url + "/", "performance")
     assert "alice" in browser.find_element(By.ID, "who").text
     browser.find_element(By.ID, "prompt").send_keys("a red fox in snow")
     browser.find_element(By.ID, "seed").send_keys("9007199254740993")  # 2^53 + 1: must stay exact
@@ -100,7 +58,7 @@ def test_page_generates_with_progress_preview_and_seeds(browser, tmp_path, live_
 
 def test_page_cancel_button(browser, tmp_path, live_factory):
     live = live_factory(make_runtime(tmp_path, FakeRunner(step_delay_s=0.05)))
-    wait = connect_page(browser, live.http_url + "/")
+    wait = connect_page(browser, live.http_url + "/", "performance")
     Select(browser.find_element(By.ID, "performance")).select_by_visible_text("Quality")  # 60 fake steps
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda d: "step" in status(d))
@@ -217,7 +175,7 @@ def test_page_csp_lets_the_page_connect_only_to_its_own_origin(browser, tmp_path
         csp = response.headers["Content-Security-Policy"]
     directives = {part.split()[0]: part.split()[1:] for part in csp.split(";") if part.strip()}
     assert directives["connect-src"] == ["'self'"]  # not 'ws:'/'wss:', which allow any host
-    connect_page(browser, live.http_url + "/")  # the page's own ws://127.0.0.1:port is same-origin
+    connect_page(browser, live.http_url + "/", "performance")  # the page's own ws://127.0.0.1:port is same-origin
     # The same server under another name is another origin: the browser must refuse to open it,
     # while the same socket under the page's own origin opens (the control).
     outcomes = {url: browser.execute_async_script(_OPEN_WS_SCRIPT, url, ALICE)

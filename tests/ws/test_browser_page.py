@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,20 +24,11 @@ from engine.core.jobs import RunContext
 from engine.core.testing import FakeRunner
 from engine.io.metadata import request_from_image
 from tests.paths import refdata_dir
+from tests.ws.browser import ActionChains, By, Select, WebDriverWait, chromium_browser, connect_page, status  # noqa: F401 (fixture)
 from tests.ws.conftest import ALICE, auth, make_app, make_runtime, start_server
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-if CHROMIUM is None or CHROMEDRIVER is None:
-    pytest.skip("no chromium/chromedriver binary (apt-get install chromium chromium-driver)", allow_module_level=True)
-
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 FOOOCUS_PNG = refdata_dir() / "metadata" / "case1_fooocus_png.png"
 
@@ -56,37 +46,6 @@ class PageRunner(FakeRunner):
     def run(self, ctx: RunContext) -> None:
         self.inputs_seen.append(dict(getattr(ctx, "inputs", {})))
         super().run(ctx)
-
-
-@pytest.fixture
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-extensions", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1200,900",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(20)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def connect_page(browser: Any, url: str) -> WebDriverWait:
-    wait = WebDriverWait(browser, 20)
-    browser.get(url)
-    browser.find_element(By.ID, "token").send_keys(ALICE)
-    browser.find_element(By.ID, "connect").click()
-    wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
-    wait.until(lambda d: len(Select(d.find_element(By.ID, "adv-sampler")).options) > 0)
-    return wait
-
-
-def status(browser: Any) -> str:
-    return browser.find_element(By.ID, "status").text
 
 
 def chips(browser: Any) -> list[str]:
@@ -111,7 +70,7 @@ def generate_and_wait(browser: Any, wait: WebDriverWait) -> None:
 
 def test_advanced_panel_and_style_picker_go_into_the_request(browser, tmp_path, live_factory):
     live = live_factory(make_runtime(tmp_path, PageRunner()))
-    wait = connect_page(browser, live.http_url + "/")
+    wait = connect_page(browser, live.http_url + "/", "adv-sampler")
     # Style search: filters as you type, a click picks, the chip's x removes.
     set_value(browser, "style-search", "sharp")
     shown = browser.execute_script("return Array.from(document.querySelectorAll('#styles option'))"
@@ -172,7 +131,7 @@ def test_gallery_lists_this_tokens_jobs_and_reuses_their_parameters(browser, tmp
                                           headers={**auth(ALICE), "Content-Type": "application/json"})
             with urllib.request.urlopen(post, timeout=20) as response:
                 assert json.load(response)["state"] == "done"
-        wait = connect_page(browser, live.http_url + "/")
+        wait = connect_page(browser, live.http_url + "/", "adv-sampler")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 2)
         figures = browser.find_elements(By.CSS_SELECTOR, "#gallery figure")
         assert "second job" in figures[0].text and "first job" in figures[1].text  # newest first
@@ -206,7 +165,7 @@ _DROP_SCRIPT = """
 def test_dropping_a_fooocus_png_fills_the_form(browser, tmp_path, live_factory):
     runner = PageRunner()
     live = live_factory(make_runtime(tmp_path, runner))
-    wait = connect_page(browser, live.http_url + "/")
+    wait = connect_page(browser, live.http_url + "/", "adv-sampler")
     data = FOOOCUS_PNG.read_bytes()
     browser.execute_script(_DROP_SCRIPT, base64.b64encode(data).decode(), FOOOCUS_PNG.name)
     wait.until(lambda d: status(d).startswith(("parameters loaded", "cannot load")))
@@ -230,7 +189,7 @@ def test_page_inpaints_with_a_painted_mask(browser, tmp_path, live_factory):
     """Needs POST /v1/uploads (imgdoors) and the request's image fields (pipewire)."""
     runner = PageRunner()
     live = live_factory(make_runtime(tmp_path, runner))
-    wait = connect_page(browser, live.http_url + "/")
+    wait = connect_page(browser, live.http_url + "/", "adv-sampler")
     picture = tmp_path / "input.png"
     Image.new("RGB", (256, 192), (40, 120, 200)).save(picture)
     browser.find_element(By.ID, "image-file").send_keys(str(picture))

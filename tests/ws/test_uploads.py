@@ -15,20 +15,10 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from engine.core.jobs import RunContext
 from engine.core.testing import FakeRunner, StepGate
 from hooocus_ws.protocol import FRAME_IMAGE, FRAME_UPLOAD, encode_frame, upload_frame_cap
+from tests.images import InputsRecorder, data_uri, noise_png
 from tests.ws.conftest import ALICE, BOB, READER, WsReader, auth, connect, make_app, open_session
-
-
-class InputsRecorder(FakeRunner):
-    def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)
-        self.seen: dict[str, dict[str, np.ndarray]] = {}
-
-    def run(self, ctx: RunContext) -> None:
-        self.seen[ctx.job_id] = {k: np.array(v) for k, v in ctx.inputs.items()}
-        super().run(ctx)
 
 
 @pytest.fixture
@@ -37,14 +27,7 @@ def fake_runner() -> FakeRunner:
 
 
 def png(width: int = 20, height: int = 10, seed: int = 0) -> bytes:
-    array = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def data_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
+    return noise_png(width, height, seed)
 
 
 PARAMS = {"prompt": "p", "steps": 2, "width": 512, "height": 512}
