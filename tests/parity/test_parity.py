@@ -120,6 +120,7 @@ def parity(parity_checkpoint: Path, parity_models_dir: Path) -> Iterator[ParityS
         hook.remove()
         session.runtime.close()
         session.__dict__.clear()  # drop the 14 GB of weights before the next module
+        del runner, recorder, add_embedding, hook  # this frame's own references to the models
         gc.collect()
         torch.set_num_threads(threads_before)
 
