@@ -501,13 +501,7 @@ class SDXLRunner:
         self._record(f"image{index}.latent", latent)
         ctx.check_cancelled()  # a cancel during the last step skips the decode
         ctx.progress(steps, steps, stage="decode", image_index=index, image_count=image_count)
-        if resolved.task == "upscale":  # spec §12.1 step 4: tiled decode
-            decoded = vae_decode(comps.vae, (latent / comps.vae_scaling_factor).float(), tiled=True)
-            image01 = decoded[0].permute(1, 2, 0).cpu()
-            self._record(f"image{index}.decoded", image01)
-            rgb = np.clip(255.0 * image01.numpy(), 0, 255).astype(np.uint8)
-        else:
-            rgb = self._decode(comps, latent, index)
+        rgb = self._decode(comps, latent, index, tiled=resolved.task == "upscale")
         if inpaint is not None:  # spec §12.2 post-processing: paste the crop back, blend with the soft mask
             px = inpaint.pixels
             rgb = color_correction(px.image, paste_back(px.image, rgb, px.box), px.soft_mask)
@@ -533,17 +527,22 @@ class SDXLRunner:
                                     aesthetic_score=REFINER_NEGATIVE_AESTHETIC, **args),
                      timed_adm=False)
 
-    def _decode(self, comps: SDXLComponents, latent: torch.Tensor, index: int) -> np.ndarray:
-        """VAE decode → clamp((x+1)/2) → uint8 by truncation, as Fooocus saves it (parity README)."""
+    def _decode(self, comps: SDXLComponents, latent: torch.Tensor, index: int, *, tiled: bool = False) -> np.ndarray:
+        """VAE decode → clamp((x+1)/2) → uint8 by truncation, as Fooocus saves it (parity README).
+        ``tiled``: Fooocus's tiled decode (spec §12.1 step 4, Upscale)."""
         vae = comps.vae
-        z = (latent / comps.vae_scaling_factor).to(vae.device, vae.dtype)
-        try:
-            decoded = vae.decode(z, return_dict=False)[0]
-        except torch.OutOfMemoryError:
-            # Reliability matrix row 18: one retry with the tiled decoder, then give up.
-            self.recover_after_oom()
-            decoded = vae.tiled_decode(z, return_dict=False)[0]
-        image = torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)[0].permute(1, 2, 0).cpu()
+        if tiled:
+            decoded01 = vae_decode(vae, (latent / comps.vae_scaling_factor).float(), tiled=True)
+            image = decoded01[0].permute(1, 2, 0).cpu()
+        else:
+            z = (latent / comps.vae_scaling_factor).to(vae.device, vae.dtype)
+            try:
+                decoded = vae.decode(z, return_dict=False)[0]
+            except torch.OutOfMemoryError:
+                # Reliability matrix row 18: one retry with the tiled decoder, then give up.
+                self.recover_after_oom()
+                decoded = vae.tiled_decode(z, return_dict=False)[0]
+            image = torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)[0].permute(1, 2, 0).cpu()
         self._record(f"image{index}.decoded", image)
         return np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8)
 
