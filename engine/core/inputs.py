@@ -211,12 +211,16 @@ class UploadStore:
     """Uploaded images by content hash, each owned by the principals who uploaded it.
 
     Bounded by bytes (oldest out first; a file evicted from memory is also deleted from the
-    folder, so the folder is bounded the same way). With ``folder``, uploads survive a restart:
+    folder, so the folder is bounded the same way), and per principal by ``max_bytes_per_owner``:
+    a principal over its share loses its own oldest uploads first, so one busy token cannot push
+    everybody else's uploads out of the shared cap. With ``folder``, uploads survive a restart:
     ``<sha>.<ext>`` plus ``<sha>.owners`` (one principal per line). Thread-safe."""
 
     def __init__(self, *, max_bytes: int = 256 * 1024 * 1024, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-                 max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, folder: Path | None = None) -> None:
+                 max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, folder: Path | None = None,
+                 max_bytes_per_owner: int | None = None) -> None:
         self.max_bytes = max_bytes
+        self.max_bytes_per_owner = max_bytes if max_bytes_per_owner is None else min(max_bytes_per_owner, max_bytes)
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
         self.folder = folder
@@ -245,11 +249,41 @@ class UploadStore:
             self._items.move_to_end(info.sha256)
             item.owners.add(owner)
             owners = sorted(item.owners)
+            released = self._enforce_owner_share_locked(owner, keep=info.sha256)
             evicted = self._evict_locked()
         self._write(info, data, owners)
+        for item, remaining in released:  # the folder follows: fewer owners, or the files go
+            if remaining:
+                self._write(item.info, item.data, remaining)
+            else:
+                self._delete(item.info.sha256)
         for sha in evicted:
             self._delete(sha)
         return info
+
+    def owner_bytes(self, owner: str) -> int:
+        """Bytes of the uploads ``owner`` holds (an upload shared by two principals counts for both)."""
+        with self._lock:
+            return sum(len(item.data) for item in self._items.values() if owner in item.owners)
+
+    def _enforce_owner_share_locked(self, owner: str, *, keep: str) -> list[tuple[_Upload, list[str]]]:
+        """Drop ``owner`` from its oldest uploads (not ``keep``, the one just put) until it is within
+        ``max_bytes_per_owner``; an upload nobody owns any more is removed. Returns (upload, owners left)."""
+        used = sum(len(item.data) for item in self._items.values() if owner in item.owners)
+        released: list[tuple[_Upload, list[str]]] = []
+        for sha in list(self._items):  # oldest first
+            if used <= self.max_bytes_per_owner:
+                break
+            item = self._items[sha]
+            if sha == keep or owner not in item.owners:
+                continue
+            item.owners.discard(owner)
+            used -= len(item.data)
+            if not item.owners:
+                del self._items[sha]
+                self._bytes -= len(item.data)
+            released.append((item, sorted(item.owners)))
+        return released
 
     def get(self, sha256: str, *, owner: str) -> bytes | None:
         """The bytes if ``owner`` uploaded them, else None (also for someone else's upload)."""

@@ -76,6 +76,7 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     images = ImageStore(folder=image_store_folder(settings) if record_history else None)
     uploads = UploadStore(max_bytes=settings.uploads_max_bytes, max_upload_bytes=settings.max_upload_bytes,
                           max_pixels=settings.max_input_pixels,
+                          max_bytes_per_owner=settings.uploads_max_bytes_per_principal,
                           folder=Path(settings.data_dir) / UPLOADS_DIR_NAME if record_history else None)
     # sha256 references find the caller's uploads, then images the caller's jobs generated.
     resolver = InputResolver(uploads, images=images, history=history, max_pixels=settings.max_input_pixels,

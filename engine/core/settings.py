@@ -115,6 +115,9 @@ class Settings(BaseModel):
     max_input_pixels: int = Field(default=40_000_000, ge=64 * 64)
     #: All uploads kept (oldest out first), in memory and in ``<data_dir>/uploads``.
     uploads_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
+    #: Each principal's share of that (its own oldest uploads go first when it is over), so one busy
+    #: token cannot evict everybody else's inputs from the shared cap.
+    uploads_max_bytes_per_principal: int = Field(default=128 * 1024 * 1024, ge=1024 * 1024)
 
     # -- derived paths --------------------------------------------------------------------------
 

@@ -162,6 +162,28 @@ def test_upload_store_owner_bounds_and_folder(tmp_path: Path) -> None:
     assert reloaded.get(last.sha256, owner="bob") is None
 
 
+def test_a_principal_over_its_share_loses_only_its_own_oldest_uploads(tmp_path: Path) -> None:
+    noisy = [encode(Image.effect_noise((24, 24), 60 + i).convert("RGB")) for i in range(6)]
+    assert all(1000 < len(d) < 2000 for d in noisy), [len(d) for d in noisy]
+    # Room for all six overall, but alice may hold at most two (each is 1–2 kB).
+    store = UploadStore(max_bytes=20_000, max_bytes_per_owner=4000, folder=tmp_path)
+    bob_first = store.put(noisy[0], owner="bob")
+    shared = store.put(noisy[1], owner="alice")
+    store.put(noisy[1], owner="bob")  # bob holds the same bytes
+    alice = [store.put(data, owner="alice") for data in noisy[2:]]
+    assert store.get(bob_first.sha256, owner="bob") == noisy[0]  # bob's uploads are untouched
+    assert store.get(shared.sha256, owner="bob") == noisy[1]  # still bob's, though alice let go of it
+    assert store.get(shared.sha256, owner="alice") is None
+    assert store.get(alice[0].sha256, owner="alice") is None  # alice's oldest went first
+    assert store.get(alice[-1].sha256, owner="alice") == noisy[-1]
+    assert store.owner_bytes("alice") <= 4000
+    assert not list(tmp_path.glob(f"{alice[0].sha256}.*"))  # nobody owns it: gone from the folder
+    owners = (tmp_path / f"{shared.sha256}.owners").read_text(encoding="utf-8").split()
+    assert owners == ["bob"]  # the folder follows, so a restart keeps the same owners
+    reloaded = UploadStore(max_bytes=20_000, max_bytes_per_owner=4000, folder=tmp_path)
+    assert reloaded.get(shared.sha256, owner="alice") is None and reloaded.get(shared.sha256, owner="bob")
+
+
 def test_upload_store_refuses_bad_uploads() -> None:
     store = UploadStore(max_upload_bytes=2048, max_pixels=10_000)
     expect_error("image_too_large", ("file",), store.put, b"\0" * 2049, owner="a")
