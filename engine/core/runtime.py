@@ -73,7 +73,8 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     from engine.io.presets import PresetBook  # the composition root wires the io layer into the core
 
     history = JobHistory.from_settings(settings) if record_history else None
-    images = ImageStore(folder=image_store_folder(settings) if record_history else None)
+    images = ImageStore(folder=image_store_folder(settings) if record_history else None,
+                        max_folder_bytes=settings.images_max_disk_bytes)
     uploads = UploadStore(max_bytes=settings.uploads_max_bytes, max_upload_bytes=settings.max_upload_bytes,
                           max_pixels=settings.max_input_pixels,
                           max_bytes_per_owner=settings.uploads_max_bytes_per_principal,

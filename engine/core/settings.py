@@ -117,6 +117,10 @@ class Settings(BaseModel):
     uploads_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
     #: Each principal's share of that (its own oldest uploads go first when it is over), so one busy
     #: token cannot evict everybody else's inputs from the shared cap.
+    #: Generated images kept by content hash in ``<data_dir>/images`` (what signed URLs and
+    #: ``sha256:`` references serve after a restart); oldest out first. ``outputs/`` is the user's and
+    #: is never pruned.
+    images_max_disk_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=1024 * 1024)
     uploads_max_bytes_per_principal: int = Field(default=128 * 1024 * 1024, ge=1024 * 1024)
 
     # -- derived paths --------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Content-addressed store of finished images, shared by every front door.
 
 Images are keyed by the sha256 of their encoded bytes. The in-memory part is bounded by bytes
-(oldest out first); an optional folder keeps them across restarts.
+(oldest out first); an optional folder keeps them across restarts, bounded the same way by
+``max_folder_bytes`` (oldest files out first), so a long-running server's disk does not fill up
+with copies of images whose jobs left the history long ago.
 
 Each image also remembers which principals' jobs produced it (``owners``): an image's PNG
 metadata holds the prompt, so front doors serve it only to an owner or an admin (or via a
@@ -37,9 +39,14 @@ class StoredImage:
 class ImageStore:
     """Thread-safe: the worker thread puts, async front doors get."""
 
-    def __init__(self, *, max_bytes: int = 512 * 1024 * 1024, folder: Path | None = None) -> None:
+    def __init__(self, *, max_bytes: int = 512 * 1024 * 1024, folder: Path | None = None,
+                 max_folder_bytes: int = 4 * 1024 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
         self.folder = folder
+        self.max_folder_bytes = max_folder_bytes
+        #: The folder's files, oldest first (path -> size); bounded by ``max_folder_bytes``.
+        self._files: collections.OrderedDict[Path, int] = collections.OrderedDict()
+        self._folder_bytes = 0
         self._items: collections.OrderedDict[str, StoredImage] = collections.OrderedDict()
         #: sha256 -> owner names; an entry leaves with its image (bounded like ``_items``).
         self._owners: dict[str, set[str]] = {}
@@ -47,6 +54,12 @@ class ImageStore:
         self._lock = threading.Lock()
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
+            existing = sorted((p for p in folder.iterdir() if p.is_file() and _SHA256_RE.match(p.stem)),
+                              key=lambda p: p.stat().st_mtime)
+            for path in existing:
+                self._files[path] = path.stat().st_size
+                self._folder_bytes += self._files[path]
+            self._prune_folder()
 
     def put(self, image: ImageReady, *, owner: str | None = None) -> StoredImage:
         """Store ``image``; ``owner`` is the principal whose job produced it."""
@@ -69,7 +82,29 @@ class ImageStore:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_bytes(item.data)
                 tmp.replace(path)
+            with self._lock:
+                if path not in self._files:
+                    self._files[path] = len(item.data)
+                    self._folder_bytes += len(item.data)
+                self._files.move_to_end(path)
+            self._prune_folder()
         return item
+
+    @property
+    def folder_bytes(self) -> int:
+        with self._lock:
+            return self._folder_bytes
+
+    def _prune_folder(self) -> None:
+        """Delete the oldest files until the folder is within ``max_folder_bytes`` (the newest stays)."""
+        doomed: list[Path] = []
+        with self._lock:
+            while self._folder_bytes > self.max_folder_bytes and len(self._files) > 1:
+                path, size = self._files.popitem(last=False)
+                self._folder_bytes -= size
+                doomed.append(path)
+        for path in doomed:
+            path.unlink(missing_ok=True)
 
     def get(self, sha256: str) -> StoredImage | None:
         """The image, or None. ``sha256`` is validated so it can never become a path trick."""
