@@ -58,4 +58,5 @@ def test_cli_local_image_vary_subtle(capsys: pytest.CaptureFixture[str], tmp_pat
     with Image.open(row["path"]) as image:
         assert image.size == (1024, 1024)  # Vary generates at its shape ceil, clamped to [1024, 2048]
     stored = json.loads(read_image_metadata(Path(row["path"]).read_bytes())[0])
-    assert "Vary (Subtle)" in json.dumps(stored)
+    # Fooocus logs no UOV entry (spec §13.1); the resolution is the generated one.
+    assert stored["prompt"] == "x" and stored["resolution"] == "(1024, 1024)"

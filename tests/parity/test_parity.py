@@ -72,7 +72,8 @@ START_LATENT_TRACES = ("uov.latent", "inpaint.latent_fill")
 SIGMA_REL = 1e-6
 #: torch's CPU normal sampler may differ in the last bit between CPU instruction sets (parity README).
 NOISE_REL = 1e-6
-JOB_TIMEOUT_S = 900.0
+#: A hang guard, not a timing goal: f took 1,000+ s on a 2-core box shared with other work.
+JOB_TIMEOUT_S = 2000.0
 
 if parity_skip_reason() is not None:  # the runs live outside the repository: one reason, this module
     pytest.skip(parity_skip_reason(), allow_module_level=True)
@@ -309,7 +310,7 @@ def failures(m: dict[str, Any]) -> list[str]:
 
 #: The first run also pays for generating (~2 min) and loading (~30 s) the checkpoint; f (Upscale, tiled
 #: VAE at 1024²) took Fooocus 687 s on 2 cores.
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(2700)
 @pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
 def test_run_matches_fooocus(parity: ParitySession, run: Path) -> None:
     m = measure_run(parity, run)

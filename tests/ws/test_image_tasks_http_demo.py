@@ -46,12 +46,12 @@ def test_http_upload_then_fast_upscale_on_the_demo_model(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_http_inpaint_with_an_uploaded_mask_on_the_demo_model(tmp_path: Path) -> None:
-    rgb = np.array(Image.open(io.BytesIO(noise_png(96, 64, seed=4))).convert("RGB"))
-    mask = np.zeros((64, 96, 3), np.uint8)
-    mask[16:40, 24:56] = 255
+    rgb = np.array(Image.open(io.BytesIO(noise_png(160, 128, seed=4))).convert("RGB"))
+    mask = np.zeros((128, 160, 3), np.uint8)
+    mask[56:72, 72:88] = 255
     runtime = create_runtime(Settings(data_dir=tmp_path, shutdown_grace_s=1.0), model="demo")
     with TestClient(make_app(runtime)) as client:
-        image_ref = _upload(client, noise_png(96, 64, seed=4))
+        image_ref = _upload(client, noise_png(160, 128, seed=4))
         buffer = io.BytesIO()
         Image.fromarray(mask).save(buffer, format="PNG")
         mask_ref = _upload(client, buffer.getvalue())
@@ -59,8 +59,9 @@ def test_http_inpaint_with_an_uploaded_mask_on_the_demo_model(tmp_path: Path) ->
             "prompt": "x", "seed": 2, "steps": 2, "styles": [], "input_image": image_ref,
             "inpaint_mask": mask_ref}))
     assert out.shape == rgb.shape  # Fooocus pastes the generated crop back into the input's size
-    # Far from the mask (the soft mask is the opened mask; the paste is confined to it), pixels are the input's.
-    far = np.ones((64, 96), bool)
-    far[8:48, 16:64] = False
+    # color_correction blends with the soft mask, which reaches 32 px beyond the mask (spec §12.2:
+    # 32 rounds of a 3×3 dilation); beyond that the pixels are exactly the input's.
+    far = np.ones((128, 160), bool)
+    far[56 - 33:72 + 33, 72 - 33:88 + 33] = False
     assert np.array_equal(out[far], rgb[far])
-    assert not np.array_equal(out[16:40, 24:56], rgb[16:40, 24:56])  # inside the mask it generated
+    assert not np.array_equal(out[56:72, 72:88], rgb[56:72, 72:88])  # inside the mask it generated
