@@ -3,6 +3,11 @@ Fooocus in tests/golden/test_ip_adapter_attention.py."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
@@ -48,3 +53,153 @@ def test_bad_cond_or_uncond_is_rejected(codes: list[int]) -> None:
     q, k, v = _qkv(2)
     with pytest.raises(ValueError, match="cond_or_uncond"):
         fooocus_ip_attention(q, k, v, [_prompt()], codes, 0.1, n_heads=2)
+
+
+# --- the attention-processor hook on the demo UNet (engine/sdxl/ip_adapter/hook.py, model.py) ----------
+
+_STOP_AT = 0.5
+_EARLY_T, _LATE_T = 999, 400  # progress 0.0 (< stop_at) and 1 − 400/999 ≈ 0.6 (≥ stop_at)
+
+
+@pytest.fixture(scope="module")
+def demo() -> Any:
+    from engine.sdxl.models.demo import build_demo_sdxl
+
+    return build_demo_sdxl("base")
+
+
+@pytest.fixture(scope="module")
+def adapter(demo: Any) -> Any:
+    from engine.sdxl.ip_adapter.model import build_tiny_ip_adapter
+
+    return build_tiny_ip_adapter(demo.unet)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+
+
+def _unet_inputs(demo: Any) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    unet = demo.unet
+    return {"sample": torch.randn(2, 4, 16, 16, generator=g),
+            "encoder_hidden_states": torch.randn(2, 7, unet.config.cross_attention_dim, generator=g),
+            "added_cond_kwargs": {"text_embeds": torch.randn(2, demo.text_encoder_2.config.projection_dim, generator=g),
+                                  "time_ids": torch.randn(2, 6, generator=g)}}
+
+
+@torch.no_grad()
+def _eps(demo: Any, timestep: int) -> torch.Tensor:
+    return demo.unet(timestep=torch.tensor([timestep, timestep]), return_dict=False, **_unet_inputs(demo))[0]
+
+
+def _layers(adapter: Any, image: np.ndarray, weight: float) -> list[list[ImagePromptKV]]:
+    from engine.sdxl.ip_adapter.model import image_prompt_layers
+
+    return [[kv] for kv in image_prompt_layers(adapter, image, stop_at=_STOP_AT, weight=weight)]
+
+
+@contextmanager
+def _installed(demo: Any, layers: list[list[ImagePromptKV]], codes: list[int] | None = None) -> Iterator[Any]:
+    from engine.sdxl.ip_adapter.hook import install
+
+    hook = install(demo.unet, layers, cond_or_uncond=codes or [UNCOND, COND])
+    try:
+        yield hook
+    finally:
+        hook.remove()
+
+
+def test_hook_changes_output_while_active_and_not_after_stop_at(demo: Any, adapter: Any, image: np.ndarray) -> None:
+    plain_early, plain_late = _eps(demo, _EARLY_T), _eps(demo, _LATE_T)
+    with _installed(demo, _layers(adapter, image, 0.6)) as hook:
+        early = _eps(demo, _EARLY_T)
+        assert hook.state.progress == 0.0
+        late = _eps(demo, _LATE_T)
+        assert hook.state.progress == pytest.approx(1 - _LATE_T / 999) and hook.state.progress >= _STOP_AT
+    assert float((early - plain_early).abs().max()) > 1e-4
+    # Past stop_at the processor runs the same projections and SDPA call as diffusers' AttnProcessor2_0
+    # with nothing appended: bit-identical (measured: max |diff| 0.0).
+    assert torch.equal(late, plain_late)
+
+
+def test_weight_zero_still_shifts_attention_as_fooocus_does(demo: Any, adapter: Any, image: np.ndarray) -> None:
+    """Fooocus keeps a weight-0 prompt's tokens (zero keys, mean-free values): they take softmax mass,
+    so the output changes (golden case out_3); no prompt at all leaves it unchanged."""
+    plain = _eps(demo, _EARLY_T)
+    with _installed(demo, _layers(adapter, image, 0.0)):
+        zero = _eps(demo, _EARLY_T)
+    with _installed(demo, [[] for _ in _layers(adapter, image, 0.0)]):
+        none = _eps(demo, _EARLY_T)
+    assert float((zero - plain).abs().max()) > 1e-5
+    assert torch.equal(none, plain)
+
+
+def test_processor_applies_the_attention_math_at_each_layer(demo: Any, adapter: Any, image: np.ndarray) -> None:
+    """Each attn2 layer's output is ``to_out(fooocus_ip_attention(to_q(h), to_k(c), to_v(c)))`` with
+    that layer's own tokens (so the ip_index → layer wiring is right)."""
+    from engine.sdxl.ip_adapter.hook import attn2_processor_names
+
+    layers = _layers(adapter, image, 0.8)
+    modules = dict(demo.unet.named_modules())
+    attns = [modules[name.removesuffix(".processor")] for name in attn2_processor_names(demo.unet)]
+    seen: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    handles = [a.register_forward_hook(lambda m, args, kwargs, out, i=i: seen.append(
+        (i, args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"], out)), with_kwargs=True)
+        for i, a in enumerate(attns)]
+    try:
+        with _installed(demo, layers):
+            _eps(demo, _EARLY_T)
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(i for i, *_ in seen) == list(range(len(attns)))
+    for i, hidden, context, out in seen:
+        a = attns[i]
+        with torch.no_grad():
+            expected = a.to_out[0](fooocus_ip_attention(a.to_q(hidden), a.to_k(context), a.to_v(context), layers[i],
+                                                        [UNCOND, COND], 0.0, a.heads))
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_cond_or_uncond_picks_image_or_negative_tokens(demo: Any, adapter: Any, image: np.ndarray) -> None:
+    layers = _layers(adapter, image, 0.6)
+    with _installed(demo, layers, [UNCOND, COND]):
+        neg_pos = _eps(demo, _EARLY_T)
+    with _installed(demo, layers, [COND, UNCOND]):
+        pos_neg = _eps(demo, _EARLY_T)
+    assert float((neg_pos - pos_neg).abs().max()) > 1e-4
+
+
+def test_remove_restores_the_original_processors(demo: Any, adapter: Any, image: np.ndarray) -> None:
+    from engine.sdxl.ip_adapter.hook import FooocusIPAttnProcessor, attn2_processor_names
+
+    before = dict(demo.unet.attn_processors)
+    with _installed(demo, _layers(adapter, image, 0.6)) as hook:
+        now = demo.unet.attn_processors
+        assert all(isinstance(now[n], FooocusIPAttnProcessor) for n in attn2_processor_names(demo.unet))
+        assert hook.installed
+    assert not hook.installed
+    after = demo.unet.attn_processors
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    hook.remove()  # twice is harmless
+
+
+def test_install_refuses_wrong_layer_count(demo: Any) -> None:
+    from engine.sdxl.ip_adapter.hook import attn2_processor_names, install
+
+    before = dict(demo.unet.attn_processors)
+    with pytest.raises(ValueError, match="cross-attention layers"):
+        install(demo.unet, [[]] * (len(attn2_processor_names(demo.unet)) + 1))
+    assert all(demo.unet.attn_processors[n] is before[n] for n in before)
+
+
+def test_clip_pixel_values_normalise_and_refuse_non_rgb() -> None:
+    from engine.sdxl.ip_adapter.model import CLIP_MEAN, CLIP_STD, clip_pixel_values
+
+    white = clip_pixel_values(np.full((224, 224, 3), 255, np.uint8))
+    assert white.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(white[0, :, 0, 0], (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD))
+    with pytest.raises(ValueError):
+        clip_pixel_values(np.zeros((224, 224), np.uint8))
