@@ -203,3 +203,73 @@ def test_clip_pixel_values_normalise_and_refuse_non_rgb() -> None:
     torch.testing.assert_close(white[0, :, 0, 0], (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD))
     with pytest.raises(ValueError):
         clip_pixel_values(np.zeros((224, 224), np.uint8))
+
+
+# --- loading the released IP-Adapter layout (engine/sdxl/ip_adapter/model.py load_ip_adapter) ----------
+
+#: diffusers resampler names → the IP-Adapter repository's (the layout of ip-adapter-plus_sdxl_vit-h),
+#: written here by hand so the loader's use of diffusers' converter is checked against an independent map.
+_TO_IP_ADAPTER = {"ln0": "0.norm1", "ln1": "0.norm2", "attn.to_q": "0.to_q", "attn.to_out.0": "0.to_out",
+                  "ff.0": "1.0", "ff.1.net.0.proj": "1.1", "ff.1.net.2": "1.3"}
+
+
+def _released_layout(adapter: Any, attn1_between: bool = True) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    state = adapter.resampler.state_dict()
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] != "layers":
+            out[f"image_proj.{key}"] = value
+            continue
+        layer, rest = parts[1], ".".join(parts[2:])
+        if rest.startswith("attn.to_k"):
+            kv = torch.cat([value, state[key.replace("to_k", "to_v")]])
+            out[f"image_proj.layers.{layer}.0.to_kv.weight"] = kv
+            continue
+        if rest.startswith("attn.to_v"):
+            continue
+        module, leaf = rest.rsplit(".", 1)
+        out[f"image_proj.layers.{layer}.{_TO_IP_ADAPTER[module]}.{leaf}"] = value
+    for i in range(adapter.kv.layer_count):
+        index = 2 * i + 1 if attn1_between else i  # attn1 layers take the even numbers in the released file
+        out[f"ip_adapter.{index}.to_k_ip.weight"] = adapter.kv.kv[2 * i].weight
+        out[f"ip_adapter.{index}.to_v_ip.weight"] = adapter.kv.kv[2 * i + 1].weight
+    return out
+
+
+def test_load_ip_adapter_from_the_released_layout(demo: Any, adapter: Any, image: np.ndarray) -> None:
+    from engine.sdxl.ip_adapter.model import image_prompt_layers, load_ip_adapter
+
+    loaded = load_ip_adapter(demo.unet, _released_layout(adapter), adapter.negative_tokens, vision=adapter.vision)
+    want = image_prompt_layers(adapter, image, stop_at=0.5, weight=0.6)
+    got = image_prompt_layers(loaded, image, stop_at=0.5, weight=0.6)
+    for a, b in zip(got, want, strict=True):
+        for field in ("k_cond", "v_cond", "k_uncond", "v_uncond"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=0, rtol=0)
+
+
+def test_load_ip_adapter_refuses_a_layer_count_mismatch(demo: Any, adapter: Any) -> None:
+    from engine.sdxl.ip_adapter.model import load_ip_adapter
+
+    state = _released_layout(adapter)
+    for key in [k for k in state if k.startswith("ip_adapter.1.")]:
+        del state[key]
+    with pytest.raises(ValueError, match="k/v layers"):
+        load_ip_adapter(demo.unet, state, adapter.negative_tokens, vision=adapter.vision)
+
+
+def test_load_clip_vision_sizes_from_the_tensors(adapter: Any) -> None:
+    from engine.sdxl.ip_adapter.model import load_clip_vision
+
+    # The released layout carries the "vision_model." prefix and a projection the plus adapters ignore.
+    state = {f"vision_model.{k}": v for k, v in adapter.vision.state_dict().items()}
+    state["visual_projection.weight"] = torch.zeros(8, adapter.vision.config.hidden_size)
+    vision = load_clip_vision(state, num_attention_heads=adapter.vision.config.num_attention_heads)
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        b = adapter.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    del state["vision_model.post_layernorm.weight"]
+    with pytest.raises(ValueError, match="lacks"):
+        load_clip_vision(state, num_attention_heads=adapter.vision.config.num_attention_heads)

@@ -10,7 +10,10 @@
   space) go through the same ``to_k_ip``/``to_v_ip`` for the uncond rows.
 
 :func:`build_tiny_ip_adapter` makes a random, seeded tiny version from config for tests and the demo
-engine; loading the real converted weights is the set-up's job (later work).
+engine. :func:`load_ip_adapter` builds the resampler, the k/v layers and the negative tokens from the
+IP-Adapter file's layout (``image_proj.*``, ``ip_adapter.<n>.to_{k,v}_ip.weight``) once the set-up has
+converted the released pickle to safetensors; :func:`load_clip_vision` builds the vision encoder
+from a transformers-layout CLIP vision state dict.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ __all__ = [
     "IPAdapterKV",
     "IPAdapterModels",
     "build_tiny_ip_adapter",
+    "load_clip_vision",
+    "load_ip_adapter",
     "clip_pixel_values",
     "image_prompt_layers",
     "unet_attn2_widths",
@@ -117,7 +122,7 @@ def build_tiny_ip_adapter(unet: nn.Module, *, token_dim: int | None = None, seed
     """A tiny random IP-Adapter "plus" for ``unet`` (any UNet with attn2 layers), from config only.
 
     Same shapes of computation as the SDXL one, shrunk: a 2-layer CLIP vision model on 224² with
-    32-pixel patches, a 1-layer resampler with 4 queries, and one k/v pair per attn2 layer of ``unet``.
+    32-pixel patches, a 4-layer one-head resampler with 4 queries, and one k/v pair per attn2 layer of ``unet``.
     """
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -126,9 +131,11 @@ def build_tiny_ip_adapter(unet: nn.Module, *, token_dim: int | None = None, seed
     vision_width = 32
     vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=vision_width, intermediate_size=64, num_hidden_layers=2,
                                               num_attention_heads=4, image_size=224, patch_size=32,
-                                              projection_dim=vision_width))
-    resampler = IPAdapterPlusImageProjection(embed_dims=vision_width, output_dims=token_dim, hidden_dims=32, depth=1,
-                                             dim_head=8, heads=4, num_queries=4, ffn_ratio=2)
+                                              projection_dim=vision_width, hidden_act="gelu"))
+    # Depth 4, 64-wide heads and ffn ratio 4 as in the SDXL plus resampler (diffusers' converter of the
+    # IP-Adapter layout assumes them), only one head and 64 channels wide.
+    resampler = IPAdapterPlusImageProjection(embed_dims=vision_width, output_dims=token_dim, hidden_dims=64, depth=4,
+                                             dim_head=64, heads=1, num_queries=4, ffn_ratio=4)
     kv = IPAdapterKV(token_dim, unet_attn2_widths(unet))
     for part, module in (("vision", vision), ("resampler", resampler), ("kv", kv)):
         _seeded_init(module, f"{seed_tag}/{part}")
@@ -137,3 +144,84 @@ def build_tiny_ip_adapter(unet: nn.Module, *, token_dim: int | None = None, seed
                                                      "little"))
     negative = torch.randn(1, 4, token_dim, generator=g)
     return IPAdapterModels(vision=vision, resampler=resampler, kv=kv, negative_tokens=negative)
+
+
+_IMAGE_PROJ, _IP_ADAPTER = "image_proj.", "ip_adapter."
+
+
+def _ip_layer_indices(state_dict: dict[str, torch.Tensor]) -> list[int]:
+    """The adapter's attention indices with a ``to_k_ip`` weight, ascending (the IP-Adapter numbers all
+    attention processors, attn1 included, so SDXL's 70 attn2 layers are 1, 3, …, 139)."""
+    indices = []
+    for key in state_dict:
+        if key.startswith(_IP_ADAPTER) and key.endswith(".to_k_ip.weight"):
+            indices.append(int(key[len(_IP_ADAPTER):].split(".")[0]))
+    return sorted(indices)
+
+
+@torch.no_grad()
+def load_ip_adapter(unet: nn.Module, state_dict: dict[str, torch.Tensor], negative_tokens: torch.Tensor, *,
+                    vision: nn.Module) -> IPAdapterModels:
+    """An :class:`IPAdapterModels` from a "plus" IP-Adapter state dict (flat ``image_proj.*`` /
+    ``ip_adapter.*`` keys) and Fooocus's negative tokens (``fooocus_ip_negative``'s ``data``).
+
+    The resampler goes through diffusers' own IP-Adapter-plus converter (exact key renaming, strict
+    load). The k/v pairs are taken in ascending attention index, which is Fooocus's layer order; their
+    count and widths must match the UNet's attn2 layers. Raises ValueError when they do not.
+    """
+    proj = {k[len(_IMAGE_PROJ):]: v for k, v in state_dict.items() if k.startswith(_IMAGE_PROJ)}
+    if "latents" not in proj:
+        raise ValueError("not an IP-Adapter plus state dict: no image_proj.latents")
+    resampler = unet._convert_ip_adapter_image_proj_to_diffusers(proj, low_cpu_mem_usage=False)
+    widths = unet_attn2_widths(unet)
+    indices = _ip_layer_indices(state_dict)
+    if len(indices) != len(widths):
+        raise ValueError(f"the IP-Adapter has {len(indices)} k/v layers, the UNet {len(widths)} attn2 layers")
+    token_dim = int(proj["proj_out.weight"].shape[0])
+    kv = IPAdapterKV(token_dim, widths)
+    for layer, index in enumerate(indices):
+        for slot, name in ((2 * layer, "k"), (2 * layer + 1, "v")):
+            weight = state_dict[f"{_IP_ADAPTER}{index}.to_{name}_ip.weight"]
+            if tuple(weight.shape) != tuple(kv.kv[slot].weight.shape):
+                raise ValueError(f"ip_adapter.{index}.to_{name}_ip.weight is {tuple(weight.shape)}, layer {layer} "
+                                 f"needs {tuple(kv.kv[slot].weight.shape)}")
+            kv.kv[slot].weight.copy_(weight)
+    negative = negative_tokens.reshape(1, -1, token_dim).float()
+    for module in (resampler, kv):
+        module.eval().requires_grad_(False)
+    return IPAdapterModels(vision=vision, resampler=resampler, kv=kv, negative_tokens=negative)
+
+
+def load_clip_vision(state_dict: dict[str, torch.Tensor], *, num_attention_heads: int = 16) -> nn.Module:
+    """A transformers ``CLIPVisionModel`` sized from a CLIP vision state dict in transformers' layout,
+    with or without the ``vision_model.`` prefix (released files have it; transformers 5's
+    ``CLIPVisionModel`` does not).
+
+    Sizes come from the tensors; the head count does not show in any shape, so it is an argument
+    (16 for OpenCLIP ViT-H/14, the encoder of the SDXL plus adapters). Keys outside the vision tower
+    (``visual_projection``, unused by the plus adapters) are ignored; missing ones raise ValueError.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    prefix = "vision_model."
+    tower = {k.removeprefix(prefix): v for k, v in state_dict.items()
+             if (k.startswith(prefix) or not k.startswith("visual_projection")) and not k.endswith("position_ids")}
+    try:
+        patch = tower["embeddings.patch_embedding.weight"]
+        positions = tower["embeddings.position_embedding.weight"].shape[0]
+        intermediate = tower["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as exc:
+        raise ValueError(f"not a CLIP vision state dict: no {exc.args[0]}") from None
+    layers = 1 + max(int(k.split(".")[2]) for k in tower if k.startswith("encoder.layers."))
+    grid = round((positions - 1) ** 0.5)
+    config = CLIPVisionConfig(hidden_size=int(patch.shape[0]), patch_size=int(patch.shape[2]),
+                              image_size=grid * int(patch.shape[2]), num_hidden_layers=layers,
+                              intermediate_size=int(intermediate), num_attention_heads=num_attention_heads,
+                              hidden_act="gelu")
+    model = CLIPVisionModel(config)
+    expected = model.state_dict().keys()
+    missing = [k for k in expected if k not in tower and not k.endswith("position_ids")]
+    if missing:
+        raise ValueError(f"CLIP vision state dict lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    model.load_state_dict({k: v for k, v in tower.items() if k in expected}, strict=False)
+    return model.eval().requires_grad_(False)
