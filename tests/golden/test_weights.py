@@ -1,7 +1,8 @@
 """Golden: weight patch math (spec §11.1) and FreeU V2 (spec §11.4) against refdata/weights/.
 
-Not covered here: ``ip_adapter_attention``, ``inpaint_denoiser_wrapper`` and ``controlnet_softness``
-belong to the image-input features, which are not built yet.
+The other files of refdata/weights/ have their own modules: ``ip_adapter_attention`` in
+test_ip_adapter_attention.py, ``controlnet_softness`` in test_controlnet_softness.py and
+``inpaint_denoiser_wrapper`` in test_inpaint_weights.py.
 """
 
 from __future__ import annotations
