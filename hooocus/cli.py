@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from engine.core.constants import (
+    DEMO_FLUX_MODELS,
     DEMO_MODEL,
     DEMO_REFINER,
     OUTPUT_FORMATS,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from engine.core.runtime import Runtime
     from engine.core.settings import Settings
 
-DEMO_MODELS: tuple[str, ...] = (DEMO_MODEL, DEMO_REFINER)
+DEMO_MODELS: tuple[str, ...] = (DEMO_MODEL, DEMO_REFINER, *DEMO_FLUX_MODELS)
 BUILTIN_MODEL_NOTE = "tiny random-weight demo: paints abstract noise; 'hooocus setup' installs a real model"
 
 

@@ -249,10 +249,12 @@ def test_fast_mode_without_its_lora_names_a_setup_command_that_works(
 
 
 def test_demo_model_names_are_the_runners() -> None:
+    from engine.flux.runner import DEMO_FLUX_VARIANTS
     from engine.sdxl import pipeline
     from hooocus.cli import DEMO_MODELS
 
-    assert DEMO_MODELS == (pipeline.DEMO_MODEL, pipeline.DEMO_REFINER) and pipeline.DEMO_MODEL == "demo"
+    assert DEMO_MODELS == (pipeline.DEMO_MODEL, pipeline.DEMO_REFINER, *DEMO_FLUX_VARIANTS)
+    assert pipeline.DEMO_MODEL == "demo" and tuple(DEMO_FLUX_VARIANTS) == ("demo-flux", "demo-flux-dev")
 
 
 # -- --from-image / --from-log ------------------------------------------------------------------------
