@@ -153,6 +153,9 @@ class FluxRunner:
             self._loaded = LoadedFlux(components, self._spec)
         self._expansion: FooocusExpansion | None = None
         self._expansion_checked = False
+        #: Called as ``on_step(job_id, step)`` after each sampling step, after the cancel check (tests
+        #: hold a job at a step with engine.core.testing.StepGate, as with the FakeRunner).
+        self.on_step: Callable[[str, int], None] | None = None
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -266,6 +269,8 @@ class FluxRunner:
         def on_step(i: int, steps: int, _x: torch.Tensor, x0: torch.Tensor) -> None:
             ctx.check_cancelled()
             ctx.progress(i + 1, steps, stage="sample", image_index=index, image_count=image_count)
+            if self.on_step is not None:
+                self.on_step(ctx.job_id, i + 1)
             if (i + 1) % preview_every == 0 or i + 1 == steps:
                 ctx.preview(flux_latent_to_rgb(unpack_latents(x0, latent_h, latent_w)), step=i + 1,
                             image_index=index)
