@@ -207,6 +207,22 @@ def _operator_model(settings: Settings, spec: str | None) -> str | None:
     return spec
 
 
+def _flux_model_for(settings: Settings, name: str) -> str | None:
+    """The model a local run must load when the request names a FLUX.1 model without ``--model``
+    (``--from-image`` of a Flux image): the runtime picks its runner from the operator's model, so a
+    Flux name must become it; None for anything else (the SDXL runner resolves it as before)."""
+    from engine.flux.family import is_flux_spec
+    from engine.sdxl.models.registry import ModelRegistry
+
+    if is_flux_spec(name):
+        return name
+    try:
+        path = ModelRegistry.from_settings(settings).resolve("checkpoints", name)
+    except HooocusError:
+        return None
+    return str(path) if is_flux_spec(path) else None
+
+
 def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from engine.core.outputs import write_image
     from engine.core.request import GenerationRequest
@@ -216,6 +232,8 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     model = None if args.server else _operator_model(settings, args.model)
     uploads: dict[str, bytes] = {}
     request = GenerationRequest.parse(request_fields_from_args(args, settings, uploads))
+    if model is None and not args.server and request.base_model is not None:
+        model = _flux_model_for(settings, request.base_model)
     if args.out is not None:  # the runtime's history writes the images there (local mode)
         settings = settings.model_copy(update={"output_dir": args.out})
     out_dir = settings.resolved_output_dir
