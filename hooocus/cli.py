@@ -73,7 +73,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style", dest="styles", action="append", help="style name; repeat for several")
     p.add_argument("--performance", choices=PERFORMANCE_NAMES)
     p.add_argument("--aspect-ratio")
-    p.add_argument("--model", help="model name, path, HF repo id, or 'demo'")
+    p.add_argument("--model", help="model name, path, HF repo id, 'demo' or 'demo-flux'")
     p.add_argument("--refiner", dest="refiner_model")
     p.add_argument("--preset", help="Fooocus preset name (presets/<name>.json); flags given here override it")
     p.add_argument("--seed", type=int)
