@@ -211,7 +211,7 @@ def _flux_model_for(settings: Settings, name: str) -> str | None:
     """The model a local run must load when the request names a FLUX.1 model without ``--model``
     (``--from-image`` of a Flux image): the runtime picks its runner from the operator's model, so a
     Flux name must become it; None for anything else (the SDXL runner resolves it as before)."""
-    from engine.flux.family import is_flux_spec
+    from engine.io.model_family import is_flux_spec
     from engine.sdxl.models.registry import ModelRegistry
 
     if is_flux_spec(name):

@@ -60,15 +60,15 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
                    record_history: bool = True) -> Runtime:
     """Build (not start) the runtime. Without ``runner`` the runner of the model's family is created
     for ``model`` (a name, path, repo id, "demo" or "demo-flux"; None = settings.default_model): the
-    Flux runner when the weights are FLUX.1 (engine.flux.family), else the SDXL runner. Loading weights happens
-    lazily on the worker thread, so this returns quickly.
+    Flux runner when the weights are FLUX.1 (engine.io.model_family), else the SDXL runner. Loading
+    weights happens lazily on the worker thread, so this returns quickly.
 
     ``record_history`` (the default for every command) opens the job history from ``settings``
     (which marks jobs a crashed earlier process left unfinished as interrupted), attaches it before
     any job can be submitted, writes images to ``settings.resolved_output_dir`` and keeps the image
     store's folder. False: nothing is written to disk."""
     if runner is None:
-        from engine.flux.family import is_flux_spec  # reads a file header at most; no torch
+        from engine.io.model_family import is_flux_spec  # reads a file header at most; no torch
 
         if is_flux_spec(model if model is not None else settings.default_model):
             from engine.flux.runner import FluxRunner  # torch is imported only here

@@ -275,7 +275,9 @@ class FluxRunner:
                 ctx.preview(flux_latent_to_rgb(unpack_latents(x0, latent_h, latent_w)), step=i + 1,
                             image_index=index)
 
-        dtype = comps.transformer.dtype
+        # FluxPipeline draws the latents in the text embedding's dtype, not the transformer's (which is
+        # float8 for a float8-stored model with per-layer upcast).
+        dtype = embedding.sequence.dtype
         packed = sample_flux(comps, embedding, seed=task.task_seed, width=fs.width, height=fs.height,
                              steps=fs.steps, guidance=fs.guidance, device=self.device, dtype=dtype, callback=on_step)
         ctx.check_cancelled()  # a cancel during the last step skips the decode

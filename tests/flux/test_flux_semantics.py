@@ -10,9 +10,9 @@ import pytest
 
 from engine.core.errors import HTTP_STATUS_BY_CODE, UnsupportedForModel, exit_code_for
 from engine.core.request import GenerationRequest
-from engine.flux.family import is_flux_spec
 from engine.flux.semantics import IMAGE_TASK_FIELDS, SDXL_ONLY_FIELDS, check_flux_request, flux_settings
 from engine.io.metadata import MetadataInput, metadata_text, parameters_to_request, parse_parameters
+from engine.io.model_family import is_flux_spec
 
 #: One non-default value per SDXL-only field (each one a value the request model accepts).
 NON_DEFAULT = {"sharpness": 5.0, "adaptive_cfg": 3.0, "adm_scaler_positive": 1.2, "adm_scaler_negative": 0.9,

@@ -102,3 +102,17 @@ def test_a_wrong_schedule_is_caught(models: dict, monkeypatch: pytest.MonkeyPatc
         stock = _stock(comps, **kwargs)
         wrong = _ours(comps, **kwargs)
     assert _rel(wrong, stock) > 100 * REL_TOL
+
+
+def test_float8_stored_transformer_with_per_layer_upcast_matches_stock() -> None:
+    """Issue 17: float8 weights stay float8 in memory and are upcast per layer (diffusers' layerwise
+    casting); our sampler runs such a transformer and still agrees with stock on it (same tolerance)."""
+    comps = _tiny("dev")
+    comps.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    stored = {p.dtype for p in comps.transformer.parameters()}
+    assert torch.float8_e4m3fn in stored
+    kwargs = {"width": 64, "height": 64, "steps": 2, "seed": 3, "guidance": 3.5, "max_sequence_length": 32}
+    with torch.inference_mode():
+        stock = _stock(comps, **kwargs)
+        ours = _ours(comps, **kwargs)
+    assert _rel(ours, stock) <= REL_TOL

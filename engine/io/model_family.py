@@ -1,4 +1,5 @@
-"""Is a model spec a FLUX.1 model? Decided from the weights' layout, never by downloading (issue 17).
+"""Which model family a model spec is: FLUX.1 or SDXL, decided from the weights' layout, never by
+downloading (issue 17). Family-neutral (engine/io), so the runtime, both runners and the CLI use it.
 
 Cheap enough for start-up: a diffusers folder's ``model_index.json`` names its pipeline class; a
 safetensors file's header (the tensor names, no tensor data) has FLUX.1's transformer blocks in the
@@ -13,8 +14,11 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Literal
 
 from engine.core.constants import DEMO_FLUX_MODELS
+
+ModelFamily = Literal["sdxl", "flux"]
 
 #: Tensor-name prefixes only a FLUX.1 transformer has (after stripping an all-in-one file's prefix).
 _FLUX_KEY_PREFIXES = ("double_blocks.", "single_blocks.", "single_transformer_blocks.")
@@ -66,3 +70,8 @@ def is_flux_spec(spec: str | os.PathLike[str] | None) -> bool:
     if path.is_file() and path.suffix == ".safetensors":
         return is_flux_state_dict_keys(safetensors_keys(path))
     return False
+
+
+def model_family(spec: str | os.PathLike[str] | None) -> ModelFamily:
+    """"flux" for a FLUX.1 model (see :func:`is_flux_spec`), else "sdxl"."""
+    return "flux" if is_flux_spec(spec) else "sdxl"
