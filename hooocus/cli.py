@@ -410,8 +410,10 @@ def _cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     files_found = bool(rows)
     # The built-in models need no file; listing them tells a new user what runs right now, and that
     # it is not a real model (random weights paint abstract noise).
+    # Each built-in model says its family (issue 17): demo-flux / demo-flux-dev are FLUX.1.
     rows += [{"kind": "checkpoints", "name": name, "path": None, "size_bytes": None, "usable": True,
-              "reason": None, "sha256": None, "builtin": True, "note": BUILTIN_MODEL_NOTE} for name in DEMO_MODELS]
+              "reason": None, "sha256": None, "builtin": True, "note": BUILTIN_MODEL_NOTE,
+              "family": "flux" if name in DEMO_FLUX_MODELS else "sdxl"} for name in DEMO_MODELS]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
