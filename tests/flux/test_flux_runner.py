@@ -120,3 +120,19 @@ def test_dev_variant_uses_its_guidance_default(tmp_path: Path) -> None:
     finally:
         rt.close()
     assert explicit_same.data == default.data and explicit_other.data != default.data
+
+
+def test_fooocus_text_features_apply_per_image(runtime: Runtime) -> None:
+    """Arrays, styles and seeds per image as Fooocus assembles them (engine/prompts); each image's T5/CLIP
+    text is its positive lines joined, so the two images differ by prompt and by seed."""
+    job = runtime.engine.submit({**PARAMS, "prompt": "a [[red,blue]] cube", "image_number": 2,
+                                 "styles": ["Hooocus Sharp"], "negative_prompt": "blurry"})
+    events = list(job.iter_events(timeout_s=WAIT_S))
+    assert isinstance(events[-1], Done), events[-1]
+    prompts = job.resolved_params["prompts"]
+    assert [p["seed"] for p in prompts] == ["11", "12"]
+    (red,), (blue,) = (p["positive"] for p in prompts)  # the style's template around each image's prompt
+    # Fooocus splits an array on ',' and keeps the space that follows it: the second item is " blue".
+    assert red.startswith("a red cube, ") and blue == red.replace("a red cube", "a  blue cube", 1)
+    assert [img.metadata["prompt"] for img in job.images] == ["a red cube", "a  blue cube"]
+    assert job.images[0].data != job.images[1].data
