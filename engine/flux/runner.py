@@ -108,14 +108,23 @@ def sample_flux(components: FluxComponents, text: FluxTextEmbedding, *, seed: in
     return x
 
 
-def decode_latents(components: FluxComponents, packed: torch.Tensor, width: int, height: int) -> np.ndarray:
+def decode_latents(components: FluxComponents, packed: torch.Tensor, width: int, height: int,
+                   *, on_oom: Callable[[], None] | None = None) -> np.ndarray:
     """Packed latent -> uint8 HWC RGB: unpack, ``z / scaling + shift``, VAE decode, then
-    ``round(clamp(x/2 + 0.5) · 255)`` as diffusers' image processor (FluxPipeline's PIL output)."""
+    ``round(clamp(x/2 + 0.5) · 255)`` as diffusers' image processor (FluxPipeline's PIL output).
+
+    Out of memory in the decode: ``on_oom()`` (free what can be freed), then one retry with the tiled
+    decoder, as the SDXL runner does (reliability matrix row 18); a second OOM propagates."""
     vae = components.vae
     latent_h, latent_w = latent_hw(width, height)
     z = unpack_latents(packed, latent_h, latent_w)
-    z = z / vae.config.scaling_factor + vae.config.shift_factor
-    decoded = vae.decode(z.to(next(vae.parameters()).device, vae.dtype), return_dict=False)[0]
+    z = (z / vae.config.scaling_factor + vae.config.shift_factor).to(next(vae.parameters()).device, vae.dtype)
+    try:
+        decoded = vae.decode(z, return_dict=False)[0]
+    except torch.OutOfMemoryError:
+        if on_oom is not None:
+            on_oom()
+        decoded = vae.tiled_decode(z, return_dict=False)[0]
     image = (decoded.float() * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
     return (image * 255).round().astype(np.uint8)
 
@@ -282,7 +291,7 @@ class FluxRunner:
                              steps=fs.steps, guidance=fs.guidance, device=self.device, dtype=dtype, callback=on_step)
         ctx.check_cancelled()  # a cancel during the last step skips the decode
         ctx.progress(fs.steps, fs.steps, stage="decode", image_index=index, image_count=image_count)
-        rgb = decode_latents(comps, packed, fs.width, fs.height)
+        rgb = decode_latents(comps, packed, fs.width, fs.height, on_oom=self.recover_after_oom)
         ctx.check_cancelled()
         ctx.image(self._encode(loaded, fs, task, text, rgb, request))
 

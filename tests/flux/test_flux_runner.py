@@ -136,3 +136,30 @@ def test_fooocus_text_features_apply_per_image(runtime: Runtime) -> None:
     assert red.startswith("a red cube, ") and blue == red.replace("a red cube", "a  blue cube", 1)
     assert [img.metadata["prompt"] for img in job.images] == ["a red cube", "a  blue cube"]
     assert job.images[0].data != job.images[1].data
+
+
+def test_vae_out_of_memory_retries_with_the_tiled_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reliability matrix row 18 for Flux: an OOM in the decode frees memory and retries tiled once."""
+    import torch
+
+    from engine.flux.demo import build_demo_flux
+    from engine.flux.runner import decode_latents
+
+    comps = build_demo_flux("schnell")
+    packed = torch.randn(1, (64 // 16) * (96 // 16), 64, generator=torch.Generator().manual_seed(0))
+    calls: list[str] = []
+    tiled = comps.vae.tiled_decode
+
+    def exploding(*args, **kwargs):
+        calls.append("decode")
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    def counting_tiled(*args, **kwargs):
+        calls.append("tiled")
+        return tiled(*args, **kwargs)
+
+    monkeypatch.setattr(comps.vae, "decode", exploding)
+    monkeypatch.setattr(comps.vae, "tiled_decode", counting_tiled)
+    with torch.inference_mode():
+        rgb = decode_latents(comps, packed, 96, 64, on_oom=lambda: calls.append("freed"))
+    assert calls == ["decode", "freed", "tiled"] and rgb.shape == (64, 96, 3)
