@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from engine.core.constants import (
+    DEMO_FLUX_MODELS,
     DEMO_MODEL,
     DEMO_REFINER,
     OUTPUT_FORMATS,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from engine.core.runtime import Runtime
     from engine.core.settings import Settings
 
-DEMO_MODELS: tuple[str, ...] = (DEMO_MODEL, DEMO_REFINER)
+DEMO_MODELS: tuple[str, ...] = (DEMO_MODEL, DEMO_REFINER, *DEMO_FLUX_MODELS)
 BUILTIN_MODEL_NOTE = "tiny random-weight demo: paints abstract noise; 'hooocus setup' installs a real model"
 
 
@@ -72,7 +73,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style", dest="styles", action="append", help="style name; repeat for several")
     p.add_argument("--performance", choices=PERFORMANCE_NAMES)
     p.add_argument("--aspect-ratio")
-    p.add_argument("--model", help="model name, path, HF repo id, or 'demo'")
+    p.add_argument("--model", help="model name, path, HF repo id, 'demo' or 'demo-flux'")
     p.add_argument("--refiner", dest="refiner_model")
     p.add_argument("--preset", help="Fooocus preset name (presets/<name>.json); flags given here override it")
     p.add_argument("--seed", type=int)
@@ -206,6 +207,22 @@ def _operator_model(settings: Settings, spec: str | None) -> str | None:
     return spec
 
 
+def _flux_model_for(settings: Settings, name: str) -> str | None:
+    """The model a local run must load when the request names a FLUX.1 model without ``--model``
+    (``--from-image`` of a Flux image): the runtime picks its runner from the operator's model, so a
+    Flux name must become it; None for anything else (the SDXL runner resolves it as before)."""
+    from engine.io.model_family import is_flux_spec
+    from engine.sdxl.models.registry import ModelRegistry
+
+    if is_flux_spec(name):
+        return name
+    try:
+        path = ModelRegistry.from_settings(settings).resolve("checkpoints", name)
+    except HooocusError:
+        return None
+    return str(path) if is_flux_spec(path) else None
+
+
 def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from engine.core.outputs import write_image
     from engine.core.request import GenerationRequest
@@ -215,6 +232,8 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     model = None if args.server else _operator_model(settings, args.model)
     uploads: dict[str, bytes] = {}
     request = GenerationRequest.parse(request_fields_from_args(args, settings, uploads))
+    if model is None and not args.server and request.base_model is not None:
+        model = _flux_model_for(settings, request.base_model)
     if args.out is not None:  # the runtime's history writes the images there (local mode)
         settings = settings.model_copy(update={"output_dir": args.out})
     out_dir = settings.resolved_output_dir
@@ -391,8 +410,10 @@ def _cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     files_found = bool(rows)
     # The built-in models need no file; listing them tells a new user what runs right now, and that
     # it is not a real model (random weights paint abstract noise).
+    # Each built-in model says its family (issue 17): demo-flux / demo-flux-dev are FLUX.1.
     rows += [{"kind": "checkpoints", "name": name, "path": None, "size_bytes": None, "usable": True,
-              "reason": None, "sha256": None, "builtin": True, "note": BUILTIN_MODEL_NOTE} for name in DEMO_MODELS]
+              "reason": None, "sha256": None, "builtin": True, "note": BUILTIN_MODEL_NOTE,
+              "family": "flux" if name in DEMO_FLUX_MODELS else "sdxl"} for name in DEMO_MODELS]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -80,3 +80,8 @@ FOOOCUS_VERSION = "Fooocus v2.5.5"
 #: refiner role so refiner swaps can be tried offline.
 DEMO_MODEL = "demo"
 DEMO_REFINER = "demo-refiner"
+#: The built-in tiny random FLUX.1 models (engine/flux/demo.py, issue 17): schnell-style (4 steps, no
+#: guidance) and dev-style (guidance-distilled, 28 steps).
+DEMO_FLUX_MODEL = "demo-flux"
+DEMO_FLUX_DEV_MODEL = "demo-flux-dev"
+DEMO_FLUX_MODELS: tuple[str, ...] = (DEMO_FLUX_MODEL, DEMO_FLUX_DEV_MODEL)

@@ -18,6 +18,7 @@ HTTP_STATUS_BY_CODE: dict[str, int] = {
     "unknown_style": 422,
     "unknown_lora": 422,
     "unknown_preset": 422,
+    "unsupported_for_model": 422,
     "model_invalid": 422,
     "unsafe_file": 422,
     "assets_missing": 409,
@@ -46,7 +47,7 @@ EXIT_INTERRUPTED = 130
 #: Error codes that mean "fix your input" (exit code 2) rather than "it failed" (exit code 1).
 #: A refusal from a server (``unauthorized``, ``queue_full`` ...) is a failure: exit code 1.
 USAGE_ERROR_CODES = frozenset({"invalid_request", "invalid_image", "image_too_large", "unknown_model", "unknown_style", "unknown_lora", "unknown_preset",
-                               "unsafe_file", "model_invalid"})
+                               "unsafe_file", "model_invalid", "unsupported_for_model"})
 
 
 def exit_code_for(error: HooocusError) -> int:
@@ -114,6 +115,13 @@ class UnknownLora(HooocusError):
 
 class UnknownPreset(HooocusError):
     code = "unknown_preset"
+
+
+class UnsupportedForModel(HooocusError):
+    """A request field the chosen model's family does not have (e.g. sharpness on FLUX.1), set to a
+    value other than its default; ``loc`` names the field. Refused at submit, nothing is queued."""
+
+    code = "unsupported_for_model"
 
 
 class ModelInvalid(HooocusError):

@@ -58,18 +58,26 @@ def image_store_folder(settings: Settings) -> Path:
 
 def create_runtime(settings: Settings, *, runner: Runner | None = None, model: str | None = None,
                    record_history: bool = True) -> Runtime:
-    """Build (not start) the runtime. Without ``runner`` the SDXL runner is created for ``model``
-    (a name, path, repo id or "demo"; None = settings.default_model). Loading weights happens
-    lazily on the worker thread, so this returns quickly.
+    """Build (not start) the runtime. Without ``runner`` the runner of the model's family is created
+    for ``model`` (a name, path, repo id, "demo" or "demo-flux"; None = settings.default_model): the
+    Flux runner when the weights are FLUX.1 (engine.io.model_family), else the SDXL runner. Loading
+    weights happens lazily on the worker thread, so this returns quickly.
 
     ``record_history`` (the default for every command) opens the job history from ``settings``
     (which marks jobs a crashed earlier process left unfinished as interrupted), attaches it before
     any job can be submitted, writes images to ``settings.resolved_output_dir`` and keeps the image
     store's folder. False: nothing is written to disk."""
     if runner is None:
-        from engine.sdxl.pipeline import SDXLRunner  # torch is imported only here
+        from engine.io.model_family import is_flux_spec  # reads a file header at most; no torch
 
-        runner = SDXLRunner(settings, model=model)
+        if is_flux_spec(model if model is not None else settings.default_model):
+            from engine.flux.runner import FluxRunner  # torch is imported only here
+
+            runner = FluxRunner(settings, model=model)
+        else:
+            from engine.sdxl.pipeline import SDXLRunner  # torch is imported only here
+
+            runner = SDXLRunner(settings, model=model)
     from engine.io.presets import PresetBook  # the composition root wires the io layer into the core
 
     history = JobHistory.from_settings(settings) if record_history else None

@@ -267,8 +267,9 @@ class SDXLRunner:
 
     def options(self) -> dict[str, Any]:
         expansion_ok = self._expansion_available()
+        models = list(dict.fromkeys([self.default_model_name, *self.registry.names("checkpoints"), DEMO_MODEL]))
         return {
-            "models": list(dict.fromkeys([self.default_model_name, *self.registry.names("checkpoints"), DEMO_MODEL])),
+            "models": models, "family": "sdxl", "model_families": dict.fromkeys(models, "sdxl"),  # issue 17
             "refiners": [*self.registry.names("checkpoints"), DEMO_REFINER],
             "loras": self.registry.names("loras"),
             "vaes": self.registry.names("vae"),

@@ -249,10 +249,12 @@ def test_fast_mode_without_its_lora_names_a_setup_command_that_works(
 
 
 def test_demo_model_names_are_the_runners() -> None:
+    from engine.flux.runner import DEMO_FLUX_VARIANTS
     from engine.sdxl import pipeline
     from hooocus.cli import DEMO_MODELS
 
-    assert DEMO_MODELS == (pipeline.DEMO_MODEL, pipeline.DEMO_REFINER) and pipeline.DEMO_MODEL == "demo"
+    assert DEMO_MODELS == (pipeline.DEMO_MODEL, pipeline.DEMO_REFINER, *DEMO_FLUX_VARIANTS)
+    assert pipeline.DEMO_MODEL == "demo" and tuple(DEMO_FLUX_VARIANTS) == ("demo-flux", "demo-flux-dev")
 
 
 # -- --from-image / --from-log ------------------------------------------------------------------------
@@ -436,7 +438,9 @@ def test_models_lists_usable_files_and_says_why_others_are_skipped(capsys: pytes
     assert code == 0, err
     rows = {row["name"]: row for row in json.loads(out)}
     assert set(rows) == {"good_sdxl.safetensors", "style.safetensors", "old.ckpt", "broken.safetensors",
-                         "demo", "demo-refiner"}
+                         "demo", "demo-refiner", "demo-flux", "demo-flux-dev"}
+    assert [rows[name]["family"] for name in ("demo", "demo-refiner", "demo-flux", "demo-flux-dev")] == [
+        "sdxl", "sdxl", "flux", "flux"]
     for name in ("demo", "demo-refiner"):  # built in, always usable, and says it is no real model
         assert (rows[name]["kind"], rows[name]["usable"], rows[name]["builtin"]) == ("checkpoints", True, True)
         assert "abstract noise" in rows[name]["note"] and "hooocus setup" in rows[name]["note"]
@@ -453,7 +457,9 @@ def test_models_lists_usable_files_and_says_why_others_are_skipped(capsys: pytes
     assert "built in" in lines["demo"] and "abstract noise" in lines["demo"]
     code, out, err = run(capsys, "models", "--data-dir", tmp_path / "empty")
     assert code == 0 and "hooocus setup" in err
-    assert [line.split()[:2] for line in out.splitlines()] == [["checkpoints", "demo"], ["checkpoints", "demo-refiner"]]
+    assert [line.split()[:2] for line in out.splitlines()] == [
+        ["checkpoints", "demo"], ["checkpoints", "demo-refiner"], ["checkpoints", "demo-flux"],
+        ["checkpoints", "demo-flux-dev"]]
 
 
 def test_config_show_gives_each_value_its_source_and_masks_secrets(capsys: pytest.CaptureFixture[str],

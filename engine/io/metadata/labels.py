@@ -35,6 +35,8 @@ A1111_LABELS: dict[str, str] = {
     "inpaint_method": "Inpaint Mode", "inpaint_engine_version": "Inpaint Engine Version",
     # Ours (Fooocus ignores labels it does not know): images made with the random-weight demo model.
     "is_demo": "Demo model",
+    # Ours (issue 17): the model family of a FLUX.1 image ("flux"); SDXL images do not write it.
+    "model_family": "Model family",
 }
 A1111_KEYS: dict[str, str] = {label: key for key, label in A1111_LABELS.items()}
 NEGATIVE_PREFIX = "Negative prompt:"

@@ -229,7 +229,8 @@ def _parse_a1111(text: str, *, styles: StyleSource | None, model_filenames: Coll
     if "raw_negative_prompt" in data:
         data["negative_prompt"] = data["raw_negative_prompt"]
     data["styles"] = str(found_styles)
-    if "steps" in data and "performance" not in data:  # spec §9: plain A1111 images
+    # spec §9: plain A1111 images get the performance of their step count; a FLUX.1 image has none.
+    if "steps" in data and "performance" not in data and data.get("model_family") != "flux":
         try:
             performance = performance_for_steps(int(data["steps"]))
         except ValueError:
@@ -375,7 +376,8 @@ def parameters_to_request(parsed: Mapping[str, Any], *, known_models: Collection
     mode = PERFORMANCE_MODES[fields.get("performance", "Speed")]
 
     number("steps", int)
-    if fields.get("steps") == mode.steps:  # Fooocus: -1, "not overwritten"
+    # Fooocus: -1, "not overwritten"; a FLUX.1 image's steps are its own (no performance mode)
+    if fields.get("steps") == mode.steps and parsed.get("model_family") != "flux":
         del fields["steps"]
 
     if parsed.get("resolution") not in (None, ""):

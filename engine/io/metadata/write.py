@@ -89,6 +89,12 @@ class MetadataInput:
     #: inpaint_method / inpaint_engine_version); None for other tasks.
     inpaint_mode: str | None = None
     inpaint_engine: str | None = None
+    #: The model family (issue 17): "sdxl" writes Fooocus's list; "flux" writes only what FLUX.1 has
+    #: (no negative prompt, sharpness, ADM, refiner, sampler, scheduler, VAE, CLIP skip, FreeU) plus
+    #: the family, so a reader knows the image is not an SDXL one.
+    family: str = "sdxl"
+    #: FLUX.1 [dev]'s distilled guidance (written as guidance_scale, read back as cfg); None for schnell.
+    guidance: float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -104,11 +110,38 @@ class MetadataInput:
         set_(self, "full_negative_prompt", tuple(self.full_negative_prompt))
 
 
-def build_metadata_list(inp: MetadataInput) -> MetadataList:
-    """spec §13.1: Fooocus's ``(label, key, value)`` list, in its order, with its conditions."""
+def _styles_label(inp: MetadataInput) -> list[str]:
     styles = [s for s in inp.styles if s != FOOOCUS_V2_STYLE]
     if inp.expansion and FOOOCUS_V2_STYLE in inp.styles:  # 'Fooocus V2' prepended when it ran
         styles = [FOOOCUS_V2_STYLE, *styles]
+    return styles
+
+
+def _flux_metadata_list(inp: MetadataInput) -> MetadataList:
+    """The FLUX.1 list (issue 17): Fooocus's keys for what FLUX.1 has, in Fooocus's order, plus the family."""
+    out: MetadataList = [
+        ("Prompt", "prompt", inp.prompt),
+        ("Fooocus V2 Expansion", "prompt_expansion", inp.expansion),
+        ("Styles", "styles", str(_styles_label(inp))),
+        ("Steps", "steps", inp.steps),
+        ("Resolution", "resolution", str((inp.width, inp.height))),
+    ]
+    if inp.guidance is not None:
+        out.append(("Guidance Scale", "guidance_scale", float(inp.guidance)))
+    out += [("Base Model", "base_model", inp.base_model), ("Seed", "seed", str(inp.seed)),
+            ("Model Family", "model_family", inp.family)]
+    for number, (name, weight, _hash) in enumerate(inp.loras, start=1):
+        out.append((f"LoRA {number}", f"lora_combined_{number}", f"{name} : {weight}"))
+    scheme = inp.metadata_scheme if inp.metadata_scheme in ("fooocus", "a1111") else False
+    out += [("Metadata Scheme", "metadata_scheme", scheme), ("Version", "version", inp.version)]
+    return out
+
+
+def build_metadata_list(inp: MetadataInput) -> MetadataList:
+    """spec §13.1: Fooocus's ``(label, key, value)`` list, in its order, with its conditions."""
+    if inp.family == "flux":
+        return _flux_metadata_list(inp)
+    styles = _styles_label(inp)
     refiner = inp.refiner_model if inp.refiner_model not in (None, "", "None") else None
     out: MetadataList = [
         ("Prompt", "prompt", inp.prompt),
@@ -160,14 +193,15 @@ def to_fooocus_scheme(items: MetadataList, inp: MetadataInput) -> str:
             value = f"{file_stem(name)} : {weight}"
         data[key] = value
     data["full_prompt"] = list(inp.full_prompt)
-    data["full_negative_prompt"] = list(inp.full_negative_prompt)
     data["steps"] = inp.steps
     data["base_model"] = file_stem(inp.base_model)
     data["base_model_hash"] = inp.base_model_hash
-    if inp.refiner_model not in (None, "", "None"):
-        data["refiner_model"] = file_stem(inp.refiner_model)
-        data["refiner_model_hash"] = inp.refiner_model_hash
-    data["vae"] = file_stem(inp.vae or DEFAULT_VAE_LABEL)
+    if inp.family != "flux":  # FLUX.1 has no negative prompt, refiner or separate VAE
+        data["full_negative_prompt"] = list(inp.full_negative_prompt)
+        if inp.refiner_model not in (None, "", "None"):
+            data["refiner_model"] = file_stem(inp.refiner_model)
+            data["refiner_model_hash"] = inp.refiner_model_hash
+        data["vae"] = file_stem(inp.vae or DEFAULT_VAE_LABEL)
     data["loras"] = [[file_stem(name), weight, digest] for name, weight, digest in inp.loras]
     if inp.created_by:
         data["created_by"] = inp.created_by
@@ -196,6 +230,8 @@ def a1111_sampler_label(sampler: str, scheduler: str) -> str:
 def to_a1111_scheme(items: MetadataList, inp: MetadataInput) -> str:
     """spec §13.3: A1111's three-part text (prompt, 'Negative prompt:' line, parameter line)."""
     data = {key: value for _label, key, value in items}
+    if inp.family == "flux":
+        return _flux_a1111(data, inp)
     params: dict[str, Any] = {
         "Steps": inp.steps,
         "Sampler": a1111_sampler_label(str(data["sampler"]), str(data["scheduler"])),
@@ -234,6 +270,25 @@ def to_a1111_scheme(items: MetadataList, inp: MetadataInput) -> str:
     lines.append(", ".join(f"{label}: {_a1111_quote(str(value))}" for label, value in params.items()
                            if value is not None))
     return "\n".join(lines)
+
+
+def _flux_a1111(data: dict[str, Any], inp: MetadataInput) -> str:
+    """A1111 text for a FLUX.1 image: the prompt line and the parameters FLUX.1 has, with the family."""
+    params: dict[str, Any] = {"Steps": inp.steps, "Seed": data["seed"], "Size": f"{inp.width}x{inp.height}"}
+    if "guidance_scale" in data:
+        params["CFG scale"] = data["guidance_scale"]
+    params.update({"Model": file_stem(inp.base_model), "Model hash": inp.base_model_hash,
+                   "Raw prompt": inp.prompt, A1111_LABELS["model_family"]: inp.family})
+    if inp.loras:
+        params["Lora hashes"] = ", ".join(f"{file_stem(name)}: {digest}" for name, _w, digest in inp.loras)
+        params["Lora weights"] = ", ".join(f"{file_stem(name)}: {weight}" for name, weight, _h in inp.loras)
+    params["Version"] = data["version"]
+    if inp.created_by:
+        params["User"] = inp.created_by
+    if inp.is_demo:
+        params["Demo model"] = True
+    return "\n".join([", ".join(inp.full_prompt), ", ".join(f"{label}: {_a1111_quote(str(value))}"
+                                                             for label, value in params.items())])
 
 
 #: spec §12.1: Fooocus logs Upscale (Fast 2x) as this one entry (no prompt processing ran).
