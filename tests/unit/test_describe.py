@@ -14,16 +14,16 @@ from engine.core.errors import HooocusError, InvalidRequest, JobCancelled, Model
 from engine.core.settings import Settings
 from engine.describe import text
 from engine.describe.service import Describer, DescribeParams
-from tests.describe_models import TAGS, WORDS, install_tiny_describe_models
+from tests.describe_models import TAGS, WORDS
 from tests.images import data_uri, solid_png
 
 BLUE = (0, 0, 255)
 RED = (255, 0, 0)
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_tiny_describe_models(tmp_path_factory.mktemp("data") / "models")
+@pytest.fixture
+def models_dir(describe_models_dir: Path) -> Path:
+    return describe_models_dir
 
 
 @pytest.fixture
