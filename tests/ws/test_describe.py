@@ -90,3 +90,18 @@ def test_ws_describe_then_cancel(client: TestClient, runtime: Runtime) -> None:
         assert reader.until_type("describe_result")[-1]["prompt"] == BLUE_TAGS
     finally:
         cm.__exit__(None, None, None)
+
+
+def test_cli_describe_on_a_server(runtime: Runtime, live_factory, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``hooocus describe IMG --server``: upload, then POST /v1/describe on a real uvicorn."""
+    from hooocus.cli import main
+
+    live = live_factory(runtime)
+    image = tmp_path / "in.png"
+    image.write_bytes(solid_png(30, 20, (0, 0, 255)))
+    server = f"ws://127.0.0.1:{live.port}"
+    assert main(["describe", str(image), "--mode", "anime", "--server", server, "--token", ALICE]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == BLUE_TAGS
+    assert main(["describe", str(image), "--server", server, "--token", READER]) == 1
+    assert "[forbidden]" in capsys.readouterr().err
