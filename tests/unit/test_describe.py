@@ -13,7 +13,7 @@ import pytest
 from engine.core.errors import HooocusError, InvalidRequest, JobCancelled, ModelMissing, QueueFull
 from engine.core.settings import Settings
 from engine.describe import text
-from engine.describe.service import Describer, DescribeParams
+from engine.describe.service import DescribeParams, Describer
 from tests.describe_models import TAGS, WORDS
 from tests.images import data_uri, solid_png
 
