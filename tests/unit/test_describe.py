@@ -262,3 +262,32 @@ def test_the_engine_worker_holds_the_device_lock_while_a_job_runs() -> None:
         assert held == [True] and not engine.device_lock.locked()
     finally:
         engine.close()
+
+
+def test_ctrl_c_while_waiting_cancels_the_describe(tmp_path: Path) -> None:
+    """What `hooocus describe` relies on: a KeyboardInterrupt in the waiting thread cancels the work."""
+    import _thread
+
+    gate = threading.Event()
+    d, started = _gated(Settings(data_dir=tmp_path), gate)
+    seen = []
+    real_submit = d.submit
+
+    def spy(*args, **kwargs):
+        task = real_submit(*args, **kwargs)
+        seen.append(task)
+        return task
+
+    d.submit = spy  # type: ignore[method-assign]
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            d.describe({"image": data_uri(solid_png(8, 8, RED))}, timeout_s=10)
+        assert seen[0].cancel_token.is_set() and seen[0].cancel_token.reason == "interrupted"
+        with pytest.raises(JobCancelled):
+            seen[0].future.result(timeout=5)
+    finally:
+        timer.cancel()
+        gate.set()
+        d.close()
