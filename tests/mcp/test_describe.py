@@ -107,3 +107,27 @@ async def test_cancelling_the_call_cancels_the_describe(runtime: Runtime) -> Non
     with pytest.raises(Exception) as info:
         await anyio.to_thread.run_sync(lambda: seen[0].future.result(timeout=5))
     assert getattr(info.value, "code", None) == "cancelled"
+
+
+async def test_describe_image_through_a_proxy_to_a_server(runtime: Runtime) -> None:
+    """``hooocus mcp --connect``: the remote backend posts the describe to the server's /v1/describe."""
+    from engine.core.access import TokenStore
+    from hooocus.cli import connect_ws_client
+    from hooocus_mcp.remote import RemoteBackend
+    from hooocus_ws.app import create_app
+    from tests.mcp.conftest import ALICE_TOKEN, STDIO, TOKENS_TEXT, live_server
+
+    app = create_app(runtime, tokens=TokenStore.parse(TOKENS_TEXT), manage_runtime=False)
+    with live_server(app) as live:
+        backend = RemoteBackend.for_url(live.url.replace("http", "ws") + "/v1/ws", ALICE_TOKEN,
+                                        connect_client=connect_ws_client)
+        try:
+            async with Client(build_server(backend, ServerOptions(default_caller=STDIO))) as mcp:
+                tagged = await mcp.call_tool("describe_image", {"image": data_uri(solid_png(20, 20, (0, 0, 255))),
+                                                                "mode": "anime"})
+                assert not tagged.is_error, tagged.content
+                assert tagged.structured_content["prompt"] == BLUE_TAGS
+                missing = await mcp.call_tool("describe_image", {"image": "sha256:" + "0" * 64})
+                assert missing.is_error and "not_found:" in missing.content[0].text
+        finally:
+            await backend.aclose()
