@@ -1,4 +1,4 @@
-"""The ``hooocus`` command: generate, serve, mcp, setup, models, config.
+"""The ``hooocus`` command: generate, serve, mcp, setup, describe, models, config.
 
 This module sits above the engine and both front doors and is the only place that joins them:
 ``serve`` gets the ``/mcp`` mount built by ``hooocus_mcp``, ``mcp --connect`` gets the websocket
@@ -40,7 +40,7 @@ from engine.core.errors import (
 )
 from engine.core.logging_setup import configure_logging
 from engine.core.settings import settings_from_args
-from hooocus import image_flags
+from hooocus import describe_cmd, image_flags
 
 if TYPE_CHECKING:
     from engine.core.runtime import Runtime
@@ -510,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     ws_cli.add_parser(sub).set_defaults(func=run_serve)
     mcp_cli.add_parser(sub).set_defaults(func=run_mcp)
     _add_setup(sub)
+    describe_cmd.add_parser(sub, _add_common)
     _add_models(sub)
     _add_config(sub)
     return parser

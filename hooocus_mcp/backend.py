@@ -20,7 +20,7 @@ import anyio
 import numpy as np
 
 from engine.core.access import Principal, may_cancel, may_generate, may_read_image, may_view_job
-from engine.core.errors import Forbidden, NotFound
+from engine.core.errors import Forbidden, InvalidRequest, NotFound
 from engine.core.events import TERMINAL_EVENTS, Event, Preview, Progress, Started
 from engine.core.jobs import Job
 from engine.core.request import GenerationRequest
@@ -85,6 +85,9 @@ class Backend(Protocol):
         """Cancel a queued or running job; False if it had already finished."""
 
     async def image(self, sha256: str) -> StoredImage | None: ...
+
+    async def describe(self, params: dict[str, Any], caller: Principal) -> dict[str, Any]:
+        """Describe an image (engine/describe): ``{image, mode}`` → ``{prompt, styles, mode, elapsed_s}``."""
 
     async def may_read_image(self, sha256: str, caller: Principal) -> bool:
         """Whether ``caller`` produced the image (or is admin): its PNG metadata holds the prompt."""
@@ -167,6 +170,16 @@ class LocalBackend:
 
     async def image(self, sha256: str) -> StoredImage | None:
         return self.runtime.images.get(sha256)
+
+    async def describe(self, params: dict[str, Any], caller: Principal) -> dict[str, Any]:
+        if not may_generate(caller):
+            raise Forbidden("this token may not describe images (scope 'generate' missing)")
+        describer = self.runtime.describer
+        if describer is None:
+            raise InvalidRequest("this server does not describe images")
+        # Cancelling this call (the client's notifications/cancelled) cancels the describe.
+        result = await describer.describe_async(params, owner=caller.name)
+        return dict(result.to_dict())
 
     async def may_read_image(self, sha256: str, caller: Principal) -> bool:
         if may_read_image(caller, self.runtime.images.owners(sha256)):

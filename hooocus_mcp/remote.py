@@ -32,6 +32,9 @@ from engine.core.request import GenerationRequest
 from engine.core.store import ImageStore, StoredImage
 from hooocus_mcp.backend import JobView, events_until_terminal, job_view
 
+#: A remote describe on a CPU-only server can take a minute; the server cancels its own at 300 s.
+DESCRIBE_TIMEOUT_S = 330.0
+
 log = logging.getLogger("hooocus.mcp.remote")
 
 
@@ -80,9 +83,11 @@ class RemoteBackend:
     """A :class:`hooocus_mcp.backend.Backend` over a websocket client to ``hooocus serve``."""
 
     def __init__(self, connect: ClientFactory, *, fetch_options: OptionsFetcher | None = None,
-                 max_jobs: int = 256) -> None:
+                 max_jobs: int = 256, post_describe: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
+                 ) -> None:
         self._connect = connect
         self._fetch_options = fetch_options
+        self._post_describe = post_describe
         self._client: Any = None
         self._lock = asyncio.Lock()
         self._jobs: dict[str, _RemoteJob] = {}
@@ -109,7 +114,23 @@ class RemoteBackend:
                 response.raise_for_status()
                 return dict(response.json())
 
-        return cls(connect, fetch_options=fetch_options)
+        async def post_describe(params: dict[str, Any]) -> dict[str, Any]:
+            import httpx
+
+            # The server answers POST /v1/describe with {prompt, ...} or {"error": {code, message, loc}}.
+            base = re.sub(r"^ws", "http", url.split("/v1/ws", 1)[0].rstrip("/"))
+            async with httpx.AsyncClient(timeout=DESCRIBE_TIMEOUT_S) as http:
+                response = await http.post(f"{base}/v1/describe", json=params,
+                                           headers={"Authorization": f"Bearer {token}"})
+            body = response.json()
+            if response.status_code != 200:
+                error = body.get("error", {}) if isinstance(body, dict) else {}
+                loc = error.get("loc")
+                raise HooocusError(error.get("message", f"HTTP {response.status_code}"),
+                                   code=error.get("code", "internal_error"), loc=tuple(loc) if loc else None)
+            return dict(body)
+
+        return cls(connect, fetch_options=fetch_options, post_describe=post_describe)
 
     async def _get_client(self) -> Any:
         async with self._lock:
@@ -202,6 +223,11 @@ class RemoteBackend:
             return False
         await (await self._get_client()).cancel(job_id)
         return True
+
+    async def describe(self, params: dict[str, Any], caller: Principal) -> dict[str, Any]:
+        if self._post_describe is None:
+            raise HooocusError("this engine connection cannot describe images", code="invalid_request")
+        return await self._post_describe(params)
 
     async def image(self, sha256: str) -> StoredImage | None:
         return self._images.get(sha256)

@@ -37,7 +37,7 @@ from engine.core.access import TokenStore
 from engine.core.errors import HooocusError, ShuttingDown
 from engine.core.history import JobHistory
 from engine.core.runtime import Runtime
-from hooocus_ws import http, parameters
+from hooocus_ws import describe, http, parameters
 from hooocus_ws.auth import AuthFailure, AuthGate, FailedAuthLimiter, bearer_token, parse_networks
 from hooocus_ws.context import ServerContext, ServerLimits
 from hooocus_ws.protocol import PROTOCOL, PreviewSettings
@@ -271,6 +271,7 @@ def create_app(runtime: Runtime, *, tokens: TokenStore, allowed_origins: Iterabl
         WebSocketRoute("/v1/ws", websocket_endpoint),
         Route("/v1/generate", http.generate, methods=["POST"]),
         Route("/v1/uploads", http.upload, methods=["POST"]),
+        Route("/v1/describe", describe.describe, methods=["POST"]),
         Route("/v1/jobs", http.list_jobs, methods=["GET"]),
         Route("/v1/jobs/{job_id}", http.get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}", http.delete_job, methods=["DELETE"]),

@@ -384,6 +384,7 @@ def openapi_document() -> dict[str, Any]:
                         "file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}},
                 "responses": {"201": {"description": "{sha256, width, height, content_type, size_bytes}"},
                               "401": err, "403": err, "413": err, "422": err}}},
+            "/v1/describe": describe_openapi_path(),
             "/v1/parameters": {"post": {
                 "summary": "Read the generation parameters a Fooocus/A1111 image holds (raw image body), as "
                            "GenerationRequest fields with warnings for what this server cannot use",
@@ -423,6 +424,12 @@ def openapi_document() -> dict[str, Any]:
                                           "responses": {"200": {"description": "schema"}}}},
         },
     }
+
+
+def describe_openapi_path() -> dict[str, Any]:
+    from hooocus_ws.describe import OPENAPI_PATH  # that module imports this one
+
+    return OPENAPI_PATH
 
 
 async def openapi(request: Request) -> Response:

@@ -134,12 +134,23 @@ class UploadMessage(_ClientMessage):
     data: Annotated[str, Field(min_length=1, description="the image file, base64")]
 
 
+class DescribeMessage(_ClientMessage):
+    """Describe an image (image → prompt, Fooocus's Describe). Answered at once with ``ack``
+    (``job_id`` = the describe's id ``d_...``, which ``cancel`` takes), then ``describe_result`` or
+    ``error`` with the same ``re``. ``image``: ``sha256:<hex>`` (an upload or one of your images) or a
+    ``data:image/...;base64,`` URI."""
+
+    type: Literal["describe"]
+    image: Annotated[str, Field(min_length=1)]
+    mode: Literal["photo", "anime", "both"] = "photo"
+
+
 ClientMessage = (GenerateMessage | CancelMessage | InterruptMessage | SubscribeMessage | UnsubscribeMessage
-                 | SetPreviewMessage | PingMessage | UploadMessage)
+                 | SetPreviewMessage | PingMessage | UploadMessage | DescribeMessage)
 CLIENT_MESSAGES: dict[str, type[BaseModel]] = {
     "generate": GenerateMessage, "cancel": CancelMessage, "interrupt": InterruptMessage, "upload": UploadMessage,
     "subscribe": SubscribeMessage, "unsubscribe": UnsubscribeMessage, "set_preview": SetPreviewMessage,
-    "ping": PingMessage,
+    "ping": PingMessage, "describe": DescribeMessage,
 }
 
 
@@ -357,6 +368,18 @@ class UploadedOut(_ServerMessage):
     size_bytes: int
 
 
+class DescribeResultOut(_ServerMessage):
+    """The answer to ``describe``: the prompt and styles as Fooocus's Describe sets them."""
+
+    type: Literal["describe_result"]
+    re: Re = None
+    describe_id: str
+    prompt: str
+    styles: list[str]
+    mode: str
+    elapsed_s: float
+
+
 class UploadFrameHeader(BaseModel):
     """The JSON header of a client binary upload frame (kind 3); ``id`` comes back as ``re``."""
 
@@ -383,6 +406,7 @@ SERVER_MESSAGES: dict[str, type[BaseModel]] = {
     "hello": HelloOut, "accepted": AcceptedOut, "queue": QueueOut, "started": StartedOut,
     "progress": ProgressOut, "image": ImageOut, "done": DoneOut, "cancelled": CancelledOut,
     "error": ErrorOut, "warning": WarningOut, "ack": AckOut, "pong": PongOut, "uploaded": UploadedOut,
+    "describe_result": DescribeResultOut,
 }
 
 

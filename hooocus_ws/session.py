@@ -33,7 +33,7 @@ from engine.core.errors import Forbidden, HooocusError, InvalidImage
 from engine.core.events import TERMINAL_EVENTS, Event, ImageReady, Preview, Queued
 from engine.core.jobs import Job
 from engine.core.logging_setup import log_context
-from hooocus_ws import service
+from hooocus_ws import describe, service
 from hooocus_ws.context import ServerContext
 from hooocus_ws.outbox import Outbox
 from hooocus_ws.protocol import (
@@ -43,6 +43,7 @@ from hooocus_ws.protocol import (
     PROTOCOL,
     CancelMessage,
     ClientMessage,
+    DescribeMessage,
     GenerateMessage,
     InterruptMessage,
     PingMessage,
@@ -101,6 +102,8 @@ class Session:
         self._bucket = TokenBucket(ctx.limits.messages_per_s, ctx.limits.message_burst)
         self._errors_in_a_row = 0
         self._closed = False
+        #: This connection's describes: id -> (DescribeTask, the task that sends the answer).
+        self._describes: dict[str, tuple[Any, asyncio.Task[None]]] = {}
 
     @property
     def has_pending_output(self) -> bool:
@@ -165,6 +168,7 @@ class Session:
                     pass
 
     def _detach_all(self) -> None:
+        describe.cancel_all(self)
         for job_id in list(self._subs):
             self._unsubscribe(job_id)
         engine = self.ctx.runtime.engine
@@ -281,6 +285,8 @@ class Session:
                 self._push({"type": "pong", "re": msg.id})
             elif isinstance(msg, UploadMessage):
                 self._upload_message(msg)
+            elif isinstance(msg, DescribeMessage):
+                await describe.start(self, msg)
             self._errors_in_a_row = 0
         except HooocusError as exc:
             self._send_error(msg.id, exc.code, exc.message, loc=exc.loc, details=exc.details)
@@ -317,6 +323,8 @@ class Session:
             self._subscribe_job(job, after_seq=0)
 
     def _cancel(self, msg: CancelMessage) -> None:
+        if describe.cancel(self, msg):
+            return
         job = service.check_cancel_allowed(self.ctx, self.principal, msg.job_id)
         # Follow the job first so this connection hears the resulting `cancelled` event.
         if job.job_id not in self._subs and not job.state.terminal:

@@ -81,3 +81,12 @@ def parity_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models = tmp_path_factory.mktemp("parity-data") / "models"
     build_extra_weights(models, names, upscaler=True, inpaint=True)
     return models
+
+
+@pytest.fixture(scope="session")
+def describe_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``models/`` folder holding the tiny describe models (tests/describe_models.py), written once
+    per session where set-up puts the real ones, so every door runs the real loaders."""
+    from tests.describe_models import install_tiny_describe_models
+
+    return install_tiny_describe_models(tmp_path_factory.mktemp("describe-data") / "models")

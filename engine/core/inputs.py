@@ -397,6 +397,13 @@ class InputResolver:
             out[name] = decode_image(data, max_pixels=self.max_pixels, loc=loc, kind=kind)
         return out
 
+    def resolve_one(self, text: Any, owner: str, *, loc: Loc = ("image",)) -> np.ndarray:
+        """One image reference (``loc`` its field path) → H×W×3 uint8 RGB, for ``owner`` (describe)."""
+        ref = parse_image_ref(text, loc=loc, max_bytes=self.max_upload_bytes)
+        data = ref.data if ref.kind == "data" else self.fetch(ref.sha256 or "", owner=owner, loc=loc)
+        assert data is not None
+        return decode_image(data, max_pixels=self.max_pixels, loc=loc, kind="image")
+
     def fetch(self, sha256: str, *, owner: str, loc: Loc) -> bytes:
         """The bytes of an image ``owner`` may use, or ``not_found`` (unknown and foreign alike)."""
         data = self.uploads.get(sha256, owner=owner)

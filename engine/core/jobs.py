@@ -368,6 +368,9 @@ class Engine:
         self._outcomes: collections.Counter[str] = collections.Counter()
         self._steps_total = 0
         self._job_listeners: list[Callable[[Job], None]] = []
+        #: Held by the worker while a job runs: other users of the device (engine/describe) take it
+        #: too, so two models never share the GPU at once.
+        self.device_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -560,7 +563,8 @@ class Engine:
         ctx = RunContext(job, self)
         try:
             job.cancel_token.raise_if_set()
-            self.runner.run(ctx)
+            with self.device_lock:
+                self.runner.run(ctx)
             job.cancel_token.raise_if_set()
             job.emit(Done(job_id=job.job_id, images_done=len(job.images)))
         except JobCancelled as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.core.history import JobHistory
 from engine.core.inputs import InputResolver, UploadStore
@@ -36,6 +37,8 @@ class Runtime:
     history: JobHistory | None = None
     #: Images uploaded by principals (issue 14), resolved with the generated images at submit.
     uploads: UploadStore | None = None
+    #: Describe (image -> prompt, engine/describe), sharing the engine's device lock and the uploads.
+    describer: Any = None
 
     def start(self) -> Runtime:
         self.engine.start()
@@ -45,6 +48,8 @@ class Runtime:
         """Stop the engine (the running job gets ``grace_s``), then close the history, which
         records those last events (cancelled / done) first."""
         try:
+            if self.describer is not None:
+                self.describer.close()
             self.engine.close(grace_s=grace_s)
         finally:
             if self.history is not None:
@@ -95,4 +100,8 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
                     resolve_inputs=resolver)
     if history is not None:
         history.attach(engine)
-    return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads)
+    from engine.describe.service import Describer  # torch-free; its models load on first use
+
+    describer = Describer(settings, resolve_image=resolver.resolve_one, device_lock=engine.device_lock)
+    return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads,
+                   describer=describer)

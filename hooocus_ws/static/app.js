@@ -322,6 +322,7 @@
       status("");  // whatever went wrong before this connection is no longer true
       return;
     }
+    if (state.describeId && m.re === state.describeId) { onDescribe(m); return; }
     if (m.type === "error" && !m.job_id) {
       // A refused generate ends the submission; any other refused request (e.g. a cancel that came
       // too late) leaves the running job alone.
@@ -361,6 +362,31 @@
       }
       case "error": finish("failed (" + m.code + "): " + m.message, true); break;
     }
+  }
+
+  // Describe (Fooocus's image-to-prompt): the answer replaces the prompt and, with "apply styles"
+  // (Fooocus's default), the styles, as Fooocus's Describe button does.
+  function onDescribe(m) {
+    if (m.type === "ack") { status("describing"); return; }
+    state.describeId = null;
+    $("describe").disabled = false;
+    if (m.type === "describe_result") {
+      $("prompt").value = m.prompt;
+      if ($("describe-styles").checked) setStyles(m.styles.filter((name) => $("styles").querySelector(
+        "option[value='" + CSS.escape(name) + "']")));
+      status("described (" + m.mode + ")");
+    } else if (m.type === "error") {
+      status("describe failed (" + m.code + "): " + m.message, true);
+    }
+  }
+
+  function describeInput() {
+    if (!state.inputRef) { status("pick an input image first", true); return; }
+    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) { status("not connected", true); return; }
+    state.describeId = "d" + Date.now();
+    $("describe").disabled = true;
+    state.ws.send(JSON.stringify({ type: "describe", id: state.describeId, image: state.inputRef,
+                                   mode: $("describe-mode").value }));
   }
 
   function connect() {
@@ -741,6 +767,7 @@
     status("submitting");
     state.ws.send(JSON.stringify({ type: "generate", id, params }));
   });
+  $("describe").addEventListener("click", describeInput);
   $("cancel").addEventListener("click", () => {
     if (state.job && state.ws) state.ws.send(JSON.stringify({ type: "cancel", id: "c" + Date.now(), job_id: state.job }));
   });

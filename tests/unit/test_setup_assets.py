@@ -416,7 +416,7 @@ def test_cli_lists_optional_groups_and_installs_them_only_when_asked(server: Fak
     assert cli_setup(["--data-dir", str(tmp_path), "--list"]) == 0
     out = capsys.readouterr().out
     assert not any(name in out for name in names)
-    assert re.search(rf"optional, not selected: expansion, .*{PERFORMANCE_LORA_GROUP}", out)
+    assert re.search(rf"optional, not selected: (.*, )?expansion, .*{PERFORMANCE_LORA_GROUP}", out)
     for flags in (["--only", PERFORMANCE_LORA_GROUP], ["--all"]):
         assert cli_setup(["--data-dir", str(tmp_path), "--list", *flags]) == 0
         out = capsys.readouterr().out
@@ -578,3 +578,49 @@ def test_trusted_sha256_converts_only_the_exact_bytes(server: FakeServer, tmp_pa
     assert cli_setup([*args, "--trust-sha256", _sha(data).upper()]) == EXIT_OK
     loaded = load_file(data_dir / asset.dest)
     assert set(loaded) == set(state) and not list((data_dir / "downloads").iterdir())
+
+
+# -- issue 16: the describe group ------------------------------------------------------------------------
+
+
+def test_describe_group_installs_what_the_describer_loads(tmp_path: Path, server: FakeServer,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``hooocus setup --only describe`` puts BLIP and the tagger where engine/describe reads them
+    (tiny stand-ins served by a mirror); they are unpinned, so set-up warns with the sha256 it got."""
+    import json
+
+    from engine.core.settings import Settings
+    from engine.describe.blip import BLIP_DIR, BLIP_FILES
+    from engine.describe.service import Describer
+    from engine.describe.tagger import TAGGER_DIR, TAGGER_MODEL_FILE, TAGGER_TAGS_FILE
+    from engine.io.setup import DESCRIBE_ASSETS, DESCRIBE_GROUP
+    from tests.describe_models import install_tiny_describe_models
+    from tests.images import data_uri, solid_png
+
+    assets = select_assets(ALL_ASSETS, [DESCRIBE_GROUP])
+    assert assets == list(DESCRIBE_ASSETS) and all(a.optional and a.convert is None for a in assets)
+    assert not set(assets) & set(select_assets(ALL_ASSETS, None))  # never by default
+    # Only safetensors, ONNX and text: nothing to unpickle, so unpinned is allowed (download only).
+    assert {Path(a.dest).suffix for a in assets} <= {".safetensors", ".onnx", ".json", ".txt", ".csv"}
+    dests = {a.dest for a in assets}
+    assert {f"models/{BLIP_DIR}/{name}" for name in BLIP_FILES} <= dests
+    assert {f"models/{TAGGER_DIR}/{name}" for name in (TAGGER_MODEL_FILE, TAGGER_TAGS_FILE)} <= dests
+
+    source = install_tiny_describe_models(tmp_path / "src")
+    special = source / BLIP_DIR / "special_tokens_map.json"
+    if not special.exists():  # transformers 5 no longer writes it; the Hub repository has one
+        special.write_text(json.dumps({"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                                       "unk_token": "[UNK]", "mask_token": "[MASK]"}))
+    for asset in assets:
+        server.files[urlsplit(asset.url).path] = (source / asset.dest.split("/", 1)[1]).read_bytes()
+    data_dir = tmp_path / "data"
+    assert cli_setup(["--data-dir", str(data_dir), "--yes", "--no-progress", "--mirror", server.base_url,
+                      "--only", DESCRIBE_GROUP]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert all(f"warning: {a.name} has no pinned sha256" in out for a in assets)
+    describer = Describer(Settings(data_dir=data_dir, device="cpu"))
+    try:
+        result = describer.describe({"image": data_uri(solid_png(16, 16, (0, 0, 255))), "mode": "both"})
+    finally:
+        describer.close()
+    assert result.prompt.endswith("hatsune miku, smile, ribbon \\(hair\\), blue theme")

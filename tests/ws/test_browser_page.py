@@ -216,3 +216,39 @@ def test_page_inpaints_with_a_painted_mask(browser, tmp_path, live_factory):
     # painted; outside the line and its caps (16 px radius) nothing is.
     assert (painted[90:103, 45:196] > 127).all()
     assert (painted[:70] == 0).all() and (painted[122:] == 0).all() and (painted[:, :20] == 0).all()
+
+
+def test_describe_button_fills_the_prompt_and_styles(browser, tmp_path, live_factory, describe_models_dir):
+    """Issue 16: the Describe button sends the uploaded image to the tiny tagger (the real loaders)
+    and fills the prompt and the styles this server offers; the next generate carries them."""
+    from engine.core.settings import Settings
+    from engine.describe.service import Describer
+
+    runtime = make_runtime(tmp_path, PageRunner())
+    runtime.describer = Describer(Settings(data_dir=describe_models_dir.parent, device="cpu"),
+                                  resolve_image=runtime.engine.resolve_inputs.resolve_one,
+                                  device_lock=runtime.engine.device_lock)
+    try:
+        live = live_factory(runtime)
+        wait = connect_page(browser, live.http_url + "/", "adv-sampler")
+        picture = tmp_path / "blue.png"
+        Image.new("RGB", (64, 48), (0, 0, 255)).save(picture)
+        browser.find_element(By.ID, "image-file").send_keys(str(picture))
+        wait.until(lambda d: status(d).startswith(("image ready", "upload failed")))
+        Select(browser.find_element(By.ID, "describe-mode")).select_by_value("both")
+        browser.find_element(By.ID, "describe").click()
+        wait.until(lambda d: status(d).startswith(("described", "describe failed")))
+        assert status(browser) == "described (both)", status(browser)
+        # Both: the BLIP caption (random words from the tiny model), then the tagger's tags.
+        tags = "hatsune miku, smile, ribbon \\(hair\\), blue theme"
+        prompt = value(browser, "prompt")
+        assert prompt.endswith(", " + tags) and len(prompt) > len(tags) + 2
+        # Fooocus's styles for both are V2, Enhance, Sharp, Masterpiece; this server (no expansion,
+        # no Masterpiece style) offers Enhance and Sharp of them, and only those are picked.
+        assert chips(browser) == ["Fooocus Enhance", "Fooocus Sharp"]
+        Select(browser.find_element(By.ID, "uov")).select_by_visible_text("Vary (Subtle)")
+        generate_and_wait(browser, wait)
+        request = live.runtime.engine.jobs()[-1].request
+        assert request.prompt == prompt and list(request.styles) == ["Fooocus Enhance", "Fooocus Sharp"]
+    finally:
+        runtime.describer.close()

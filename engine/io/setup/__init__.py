@@ -12,6 +12,8 @@ from engine.io.setup.catalogue import (
     ALL_ASSETS,
     DATA_LAYOUT,
     DEFAULT_ASSETS,
+    DESCRIBE_ASSETS,
+    DESCRIBE_GROUP,
     EXPANSION_ASSETS,
     EXPANSION_LICENCE_NOTICE,
     FOOOCUS_COMMIT,
@@ -30,7 +32,8 @@ from engine.io.setup.download import ChecksumMismatch, convert_pickle_to_safeten
 from engine.io.setup.install import AssetStatus, plan_setup, run_setup
 
 __all__ = [
-    "ALL_ASSETS", "Asset", "AssetStatus", "ChecksumMismatch", "DATA_LAYOUT", "DEFAULT_ASSETS", "EXPANSION_ASSETS",
+    "ALL_ASSETS", "Asset", "AssetStatus", "ChecksumMismatch", "DATA_LAYOUT", "DEFAULT_ASSETS", "DESCRIBE_ASSETS",
+    "DESCRIBE_GROUP", "EXPANSION_ASSETS",
     "EXPANSION_LICENCE_NOTICE", "FOOOCUS_COMMIT", "INPAINT_ASSETS", "INPAINT_GROUP", "OPTIONAL_ASSETS", "PERFORMANCE_LORA_ASSETS",
     "PERFORMANCE_LORA_GROUP", "UPSCALE_ASSETS", "UPSCALE_GROUP", "add_arguments", "cli_setup", "convert_pickle_to_safetensors", "download_file",
     "plan_setup", "run_setup", "select_assets", "trust_pins",

@@ -33,6 +33,7 @@ DATA_LAYOUT: dict[str, str] = {
     "presets": "presets",
     "upscale_models": "models/upscale_models",
     "inpaint": "models/inpaint",
+    "describe": "models/describe",
     "downloads": "downloads",
 }
 
@@ -283,7 +284,39 @@ INPAINT_ASSETS: tuple[Asset, ...] = (
                       "fooocus_patch_to_safetensors"),
 )
 
-OPTIONAL_ASSETS: tuple[Asset, ...] = (*EXPANSION_ASSETS, *PERFORMANCE_LORA_ASSETS, *UPSCALE_ASSETS, *INPAINT_ASSETS)
+DESCRIBE_GROUP = "describe"
+#: Where engine/describe reads them (engine.describe.blip.BLIP_DIR / engine.describe.tagger.TAGGER_DIR,
+#: relative to the models folder; checked by the set-up tests).
+DESCRIBE_BLIP_DIR = f"{DATA_LAYOUT['describe']}/blip-image-captioning-base"
+DESCRIBE_TAGGER_DIR = f"{DATA_LAYOUT['describe']}/wd-v1-4-moat-tagger-v2"
+_BLIP_URL = "https://huggingface.co/Salesforce/blip-image-captioning-base/resolve/main/"
+_TAGGER_URL = "https://huggingface.co/SmilingWolf/wd-v1-4-moat-tagger-v2/resolve/main/"
+_LICENCE_BLIP = "BLIP (Salesforce), BSD-3-Clause (its Hugging Face model card)"
+_LICENCE_WD14 = "WD 1.4 MOAT tagger v2 (SmilingWolf), Apache-2.0 (its Hugging Face model card)"
+
+
+def _describe_file(folder: str, url: str, file_name: str, licence: str) -> Asset:
+    return Asset(name=f"{DESCRIBE_GROUP}/{file_name}", group=DESCRIBE_GROUP, url=url + file_name, sha256=None,
+                 dest=f"{folder}/{file_name}", size_bytes=None, licence=licence, optional=True)
+
+
+#: Describe (spec §12.5, issue 16). Fooocus downloads BLIP as the pickle
+#: model_base_caption_capfilt_large.pth and the tagger as lllyasviel/misc wd-v1-4-moat-tagger-v2.onnx/.csv;
+#: we take safetensors BLIP weights (transformers' conversion of the same BLIP base capfilt-large caption
+#: model) and the tagger from its author's repository (the same model, ONNX: no pickle anywhere, so
+#: nothing is converted). Pins: NO published sha256 was found for any of these files (searched public
+#: manifests, session 3), so they are unpinned like the upscaler: set-up downloads them, prints the
+#: sha256 it got with a warning, and they are never unpickled (safetensors / ONNX / text only).
+DESCRIBE_ASSETS: tuple[Asset, ...] = (
+    *(_describe_file(DESCRIBE_BLIP_DIR, _BLIP_URL, name, _LICENCE_BLIP)
+      for name in ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")),
+    *(_describe_file(DESCRIBE_TAGGER_DIR, _TAGGER_URL, name, _LICENCE_WD14)
+      for name in ("model.onnx", "selected_tags.csv")),
+)
+
+OPTIONAL_ASSETS: tuple[Asset, ...] = (*EXPANSION_ASSETS, *PERFORMANCE_LORA_ASSETS, *UPSCALE_ASSETS, *INPAINT_ASSETS,
+                                      *DESCRIBE_ASSETS)
 ALL_ASSETS: tuple[Asset, ...] = (*DEFAULT_ASSETS, *OPTIONAL_ASSETS)
 
 
