@@ -11,6 +11,7 @@ answer for an earlier one's jobs and images. ``record_history=False`` keeps ever
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class Runtime:
     history: JobHistory | None = None
     #: Images uploaded by principals (issue 14), resolved with the generated images at submit.
     uploads: UploadStore | None = None
+    #: Called by :meth:`close` after the engine stops (the Ray backend deletes its application).
+    on_close: Callable[[], None] | None = None
 
     def start(self) -> Runtime:
         self.engine.start()
@@ -47,8 +50,12 @@ class Runtime:
         try:
             self.engine.close(grace_s=grace_s)
         finally:
-            if self.history is not None:
-                self.history.close()
+            try:
+                if self.history is not None:
+                    self.history.close()
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
 
 
 def image_store_folder(settings: Settings) -> Path:
@@ -66,7 +73,17 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     (which marks jobs a crashed earlier process left unfinished as interrupted), attaches it before
     any job can be submitted, writes images to ``settings.resolved_output_dir`` and keeps the image
     store's folder. False: nothing is written to disk."""
-    if runner is None:
+    on_close = None
+    if runner is None and settings.backend == "ray":
+        from engine.distributed.ray_serve import RayRunner, deploy, undeploy  # ray only with this backend
+
+        if settings.ray_deploy:
+            deploy(settings, model=model)
+            on_close = undeploy
+        # One RayRunner per job slot of the cluster (ray_job_slots) once the engine takes a list of
+        # runners; the engine of this branch runs one worker thread, so it gets one.
+        runner = RayRunner.from_settings(settings)
+    elif runner is None:
         from engine.sdxl.pipeline import SDXLRunner  # torch is imported only here
 
         runner = SDXLRunner(settings, model=model)
@@ -85,4 +102,5 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
                     resolve_inputs=resolver)
     if history is not None:
         history.attach(engine)
-    return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads)
+    return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads,
+                   on_close=on_close)
