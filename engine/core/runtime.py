@@ -75,11 +75,10 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     store's folder. False: nothing is written to disk."""
     on_close = None
     if runner is None and settings.backend == "ray":
-        from engine.distributed.ray_serve import RayRunner, deploy, undeploy  # ray only with this backend
+        from engine.distributed.ray_serve import RayRunner, deploy  # ray only with this backend
 
         if settings.ray_deploy:
-            deploy(settings, model=model)
-            on_close = undeploy
+            on_close = deploy(settings, model=model)
         # One RayRunner per job slot of the cluster (ray_job_slots) once the engine takes a list of
         # runners; the engine of this branch runs one worker thread, so it gets one.
         runner = RayRunner.from_settings(settings)

@@ -286,28 +286,30 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(settings, model=model)
 
 
-def deploy(settings: Settings, *, model: str | None = None, runner_factory: RunnerFactory | None = None) -> None:
-    """Connect to Ray (``settings.ray_address``; None starts a local one) and run the application,
-    waiting until its replicas are up. Serve's HTTP proxy stays off: the front door calls handles."""
+def deploy(settings: Settings, *, model: str | None = None,
+           runner_factory: RunnerFactory | None = None) -> Callable[[], None]:
+    """Connect to Ray (``settings.ray_address``; None: $RAY_ADDRESS, else a new local Ray) and run
+    the application, waiting until its replicas are up. Serve's HTTP proxy stays off: the front door
+    calls deployment handles. Returns the undo: delete the application, and disconnect from Ray if
+    this call connected (a caller that started Ray itself keeps it)."""
     import ray
     from ray import serve
 
-    if not ray.is_initialized():
+    connected_here = not ray.is_initialized()
+    if connected_here:
         ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")
     serve.run(build_app(settings, model=model, runner_factory=runner_factory), name=APP_NAME,
               route_prefix=None, blocking=False)
 
+    def undeploy() -> None:
+        try:
+            serve.delete(APP_NAME)
+        finally:
+            if connected_here:
+                ray.shutdown()
 
-def undeploy() -> None:
-    """Delete the application this process deployed and disconnect from Ray."""
-    import ray
-    from ray import serve
-
-    try:
-        serve.delete(APP_NAME)
-    finally:
-        ray.shutdown()
+    return undeploy
 
 
 # -- front-door side ------------------------------------------------------------------------------
