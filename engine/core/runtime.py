@@ -73,12 +73,10 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     (which marks jobs a crashed earlier process left unfinished as interrupted), attaches it before
     any job can be submitted, writes images to ``settings.resolved_output_dir`` and keeps the image
     store's folder. False: nothing is written to disk."""
-    on_close = None
-    if runner is None and settings.backend == "ray":
-        from engine.distributed.ray_serve import RayRunner, deploy  # ray only with this backend
+    on_ray = runner is None and settings.backend == "ray"
+    if on_ray:
+        from engine.distributed.ray_serve import RayRunner  # ray only with this backend
 
-        if settings.ray_deploy:
-            on_close = deploy(settings, model=model)
         # One RayRunner per job slot of the cluster (ray_job_slots) once the engine takes a list of
         # runners; the engine of this branch runs one worker thread, so it gets one.
         runner = RayRunner.from_settings(settings)
@@ -99,6 +97,16 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     engine = Engine(runner, max_queue=settings.queue_size, max_queued_per_owner=settings.max_queued_per_principal,
                     image_sink=images.put, apply_preset=PresetBook.from_settings(settings).apply,
                     resolve_inputs=resolver)
+    on_close = None
+    if on_ray:  # last, so that nothing before it can fail and leave the application deployed
+        from engine.distributed.ray_serve import attach, deploy
+
+        try:
+            on_close = deploy(settings, model=model) if settings.ray_deploy else attach(settings)
+        except BaseException:
+            if history is not None:
+                history.close()
+            raise
     if history is not None:
         history.attach(engine)
     return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads,

@@ -132,6 +132,8 @@ class Settings(BaseModel):
     ray_max_ongoing_requests: int = Field(default=1, ge=1, le=64)
     #: GPUs each replica reserves (0 runs replicas on CPU, as the tests do).
     ray_num_gpus_per_replica: float = Field(default=1.0, ge=0)
+    #: The longest wait for the Serve application's replicas to start (placed, not yet loaded).
+    ray_deploy_timeout_s: float = Field(default=300.0, gt=0)
     #: The longest wait for a replica's next event (the first one includes loading the model).
     ray_event_timeout_s: float = Field(default=600.0, gt=0)
     #: The longest wait for a name check / options answer from the cluster.

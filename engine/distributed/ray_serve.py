@@ -65,6 +65,9 @@ PREVIEW_TYPE = "preview"
 #: one sampling step (tens of ms on a GPU at the smallest sizes, seconds at full size).
 CANCEL_POLL_S = 0.02
 
+#: How long Serve lets a replica being stopped finish its requests before killing it.
+REPLICA_SHUTDOWN_S = 2.0
+
 #: ``factory(settings, model) -> Runner``: what a replica runs. None builds the SDXL runner.
 RunnerFactory = Callable[[Settings, "str | None"], Runner]
 
@@ -238,6 +241,9 @@ def worker_deployment_options(settings: Settings) -> dict[str, Any]:
         "max_queued_requests": settings.ray_max_replicas * settings.ray_max_ongoing_requests,
         # One CPU for the replica's Python side; the GPU count is the operator's (0 on CPU-only tests).
         "ray_actor_options": {"num_cpus": 1, "num_gpus": settings.ray_num_gpus_per_replica},
+        # The front door drains its jobs (shutdown_grace_s) before it deletes the application, so
+        # a replica being stopped has nothing left to finish; Serve's 20 s default only delays exit.
+        "graceful_shutdown_timeout_s": REPLICA_SHUTDOWN_S,
     }
     if settings.ray_min_replicas == settings.ray_max_replicas:
         options["num_replicas"] = settings.ray_max_replicas
@@ -255,6 +261,7 @@ CATALOG_OPTIONS: dict[str, Any] = {
     "max_ongoing_requests": 32,
     "max_queued_requests": 256,
     "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
+    "graceful_shutdown_timeout_s": REPLICA_SHUTDOWN_S,
 }
 
 
@@ -299,8 +306,18 @@ def deploy(settings: Settings, *, model: str | None = None,
     if connected_here:
         ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")
-    serve.run(build_app(settings, model=model, runner_factory=runner_factory), name=APP_NAME,
-              route_prefix=None, blocking=False)
+    serve.run_many([serve.RunTarget(build_app(settings, model=model, runner_factory=runner_factory),
+                                    name=APP_NAME, route_prefix=None)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    try:
+        wait_until_running(settings.ray_deploy_timeout_s)
+    except BaseException:
+        try:  # leave nothing half-deployed (pending replicas keep asking the autoscaler for GPUs)
+            serve.delete(APP_NAME)
+        finally:
+            if connected_here:
+                ray.shutdown()
+        raise
 
     def undeploy() -> None:
         try:
@@ -310,6 +327,52 @@ def deploy(settings: Settings, *, model: str | None = None,
                 ray.shutdown()
 
     return undeploy
+
+
+def attach(settings: Settings) -> Callable[[], None]:
+    """Join the cluster where a Serve config or RayService deployed the application
+    (``--no-ray-deploy``) and wait until it runs; a missing application is a clear start-up error,
+    not a first job that hangs. ``ray_address`` None means "auto" here: a fresh local Ray would
+    have no application. Returns the undo (disconnect, if this call connected)."""
+    import ray
+
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init(address=settings.ray_address or "auto", include_dashboard=False, log_to_driver=False)
+    try:
+        wait_until_running(settings.ray_deploy_timeout_s)
+    except BaseException:
+        if connected_here:
+            ray.shutdown()
+        raise
+
+    def detach() -> None:
+        if connected_here:
+            ray.shutdown()
+
+    return detach
+
+
+def wait_until_running(timeout_s: float) -> None:
+    """Wait for the application's replicas to start (not for models to load: replicas warm up in
+    the background). ``serve.run`` would wait forever for a replica that cannot be placed, e.g. one
+    asking for a GPU the cluster does not have; this names the problem instead."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    message = "no status yet"
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None:
+            status = str(getattr(app.status, "value", app.status))
+            message = f"{status}: {app.message}" if app.message else status
+            if status == "RUNNING":
+                return
+            if status == "DEPLOY_FAILED":
+                break
+        time.sleep(0.5)
+    raise WorkerLost(f"the Ray Serve application {APP_NAME!r} did not start within {timeout_s:g} s ({message}); "
+                     "is it deployed, and does the cluster have the GPUs ray_num_gpus_per_replica asks for?")
 
 
 # -- front-door side ------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ import pytest
 import ray
 from ray import serve
 
+from engine.core.errors import HooocusError
 from engine.core.events import ImageReady, Queued
 from engine.core.jobs import Engine, Job, JobState
 from engine.core.runtime import Runtime, create_runtime
 from engine.core.settings import Settings, load_settings
-from engine.distributed.ray_serve import deploy, is_worker_lost
+from engine.distributed.ray_serve import APP_NAME, deploy, is_worker_lost
 from tests.distributed.probe_runner import HOLD_PREFIX, probe_factory
 
 #: Object store: the smallest Ray accepts is 75 MiB; a job moves a few kB.
@@ -145,6 +146,28 @@ def test_ray_replicas_give_the_in_process_demo_engines_image_bytes(
         assert runtime.images.get(got.images[0].sha256) is not None  # the front door stored it
     finally:
         runtime.close()  # deletes the application it deployed, keeps the module's Ray
+
+
+def test_attaching_to_an_application_nobody_deployed_is_a_clear_start_up_error(
+        local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> None:
+    settings = ray_settings(tmp_path_factory.mktemp("data"), ray_deploy=False, ray_deploy_timeout_s=2)
+    with pytest.raises(HooocusError) as info:
+        create_runtime(settings, record_history=False)
+    assert info.value.code == "worker_lost"
+    assert f"application {APP_NAME!r} did not start within 2 s" in info.value.message
+
+
+def test_replicas_that_cannot_be_placed_are_a_clear_error_and_leave_nothing_deployed(
+        local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = tmp_path_factory.mktemp("probe")
+    # This local Ray has no GPU, so a replica asking for one can never start.
+    settings = ray_settings(tmp_path_factory.mktemp("data"), ray_num_gpus_per_replica=1, ray_deploy_timeout_s=3)
+    with pytest.raises(HooocusError) as info:
+        deploy(settings, runner_factory=probe_factory(folder))
+    assert info.value.code == "worker_lost"
+    assert "did not start within 3 s" in info.value.message and "ray_num_gpus_per_replica" in info.value.message
+    assert APP_NAME not in serve.status().applications
+    assert ray.is_initialized()  # the module's Ray, which deploy did not start, is kept
 
 
 # -- cancel, a lost replica, backpressure (ProbeRunner) ---------------------------------------------
