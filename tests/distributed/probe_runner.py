@@ -5,6 +5,7 @@ the replica's worker process can import (not in the test module, which imports p
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class ProbeRunner:
         seed = req.seed if req.seed is not None else 1
         ctx.started({"prompt": req.prompt, "steps": steps}, [seed], steps)
         self._log(ctx.job_id, "start")
+        for name, array in sorted(ctx.inputs.items()):  # what crossed from the front door
+            digest = hashlib.sha256(array.tobytes()).hexdigest()[:16]
+            self._log(ctx.job_id, f"input {name} {'x'.join(map(str, array.shape))} {digest}")
         try:
             for step in range(1, steps + 1):
                 ctx.check_cancelled()

@@ -9,6 +9,7 @@ Replica-side facts come from ``ProbeRunner``'s log files (tests/distributed/prob
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,6 +110,14 @@ def probe_runtime(local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         runtime.close()
         undeploy()
+
+
+@contextlib.contextmanager
+def runtime_closed(runtime: Runtime) -> Iterator[Runtime]:
+    try:
+        yield runtime
+    finally:
+        runtime.close()
 
 
 def submit(runtime: Runtime, prompt: str, **fields: Any) -> Job:
@@ -242,3 +251,58 @@ def test_image_ready_from_the_replica_carries_bytes_and_metadata(probe_runtime: 
     assert len(images) == 1 and images[0].data[:8] == b"\x89PNG\r\n\x1a\n"
     assert images[0].metadata["seed"] == "7"
     assert runtime.images.get(images[0].sha256) is not None
+
+
+def test_the_http_door_runs_jobs_with_input_images_on_ray_and_refuses_bad_names_before_queueing(
+        probe_runtime: tuple[Runtime, Probe]) -> None:
+    import hashlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from tests.images import data_uri, noise_png
+    from tests.ws.conftest import ALICE, auth, make_app
+
+    shared, probe = probe_runtime
+    # Its own front door on the same application: the app's shutdown drains the runtime's engine.
+    runtime = create_runtime(shared.settings, record_history=False).start()
+    picture = noise_png(20, 10, seed=3)
+    pixels = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB"))
+    with runtime_closed(runtime), TestClient(make_app(runtime)) as client:
+        response = client.post("/v1/generate", headers=auth(ALICE), json={
+            "prompt": "over http", "steps": 2, "width": 64, "height": 64, "seed": 11,
+            "uov_method": "Vary (Subtle)", "input_image": data_uri(picture)})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["state"] == "done" and body["seeds"] == ["11"]
+        data = client.get(body["images"][0]["url"]).content
+        assert hashlib.sha256(data).hexdigest() == body["images"][0]["sha256"]
+        job = runtime.engine.require_job(body["job_id"])
+        digest = hashlib.sha256(pixels.tobytes()).hexdigest()[:16]
+        assert f"input input_image 10x20x3 {digest}" in probe.lines(job)  # the decoded array crossed
+
+        jobs_before = len(runtime.engine.jobs())
+        refused = client.post("/v1/generate", headers=auth(ALICE),
+                              json={"prompt": "x", "styles": ["No Such Style"], "steps": 2})
+        assert refused.status_code == 422
+        assert refused.json()["error"]["code"] == "unknown_style"
+        assert refused.json()["error"]["loc"] == ["styles", 0]  # the catalog replica's field path
+        assert len(runtime.engine.jobs()) == jobs_before  # nothing queued
+
+
+def test_a_replica_silent_past_the_event_timeout_fails_its_job_with_worker_lost_and_frees_its_slot(
+        probe_runtime: tuple[Runtime, Probe]) -> None:
+    from engine.distributed.ray_serve import RayRunner
+
+    runtime, probe = probe_runtime
+    with Engine(RayRunner(event_timeout_s=1.0)) as impatient:  # the deployed application, a 1 s patience
+        job = impatient.submit({"prompt": f"{HOLD_PREFIX} silent", **SMALL})
+        assert finished(job).state is JobState.FAILED
+        assert job.error is not None and job.error["code"] == "worker_lost", job.error
+        assert "sent nothing for 1 s" in job.error["message"]
+        wait_for(lambda: probe.ended(job), "the replica to stop the abandoned job")
+        assert "held cancel_set=True" in probe.lines(job)  # the stream's cancel reached it, not the hold limit
+    after = finished(submit(runtime, "after the silent one"))
+    assert after.state is JobState.DONE, after.error
