@@ -47,7 +47,7 @@ from engine.core.events import (
     Progress,
     Started,
 )
-from engine.core.jobs import Job, Runner, RunContext
+from engine.core.jobs import Job, RunContext, Runner
 from engine.core.request import GenerationRequest
 from engine.core.settings import Settings
 
