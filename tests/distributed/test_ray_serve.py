@@ -36,6 +36,10 @@ SMALL = {"width": 64, "height": 64, "steps": 4}
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
+    # No network in tests: Ray's usage-stats report is off (the processes ray.init starts read it
+    # from the environment).
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
              _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
@@ -44,6 +48,7 @@ def local_ray() -> Iterator[None]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        patch.undo()
 
 
 def ray_settings(data_dir: Path, **extra: Any) -> Settings:
