@@ -54,8 +54,11 @@ class Runtime:
                 if self.history is not None:
                     self.history.close()
             finally:
-                if self.on_close is not None:
-                    self.on_close()
+                # Once: the server's drain and its lifespan both close the runtime, and a second
+                # Ray undeploy after disconnecting would start a fresh local Ray to delete from.
+                on_close, self.on_close = self.on_close, None
+                if on_close is not None:
+                    on_close()
 
 
 def image_store_folder(settings: Settings) -> Path:

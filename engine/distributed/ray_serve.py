@@ -320,6 +320,8 @@ def deploy(settings: Settings, *, model: str | None = None,
         raise
 
     def undeploy() -> None:
+        if not ray.is_initialized():  # serve.delete would ray.init() a new local cluster to delete from
+            return
         try:
             serve.delete(APP_NAME)
         finally:
