@@ -79,6 +79,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ray-max-replicas", type=int, metavar="N", help="with --backend ray: most GPU replicas (default 1)")
     p.add_argument("--ray-max-ongoing-requests", type=int, metavar="N",
                    help="with --backend ray: jobs in flight per replica, 1 or the batch size (default 1)")
+    p.add_argument("--ray-num-gpus-per-replica", type=float, metavar="N",
+                   help="with --backend ray: GPUs each replica reserves (default 1; 0 runs replicas on CPU)")
     p.add_argument("--no-ray-deploy", action="store_false", dest="ray_deploy", default=None,
                    help="with --backend ray: attach to an application deployed by a Serve config / RayService")
     p.set_defaults(func=run)

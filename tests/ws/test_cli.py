@@ -40,9 +40,11 @@ def test_register_adds_serve_with_every_flag():
 def test_backend_ray_flags_reach_the_settings():
     settings, sources = settings_from_args(parse("--backend", "ray", "--ray-address", "ray://head:10001",
                                                  "--ray-min-replicas", "2", "--ray-max-replicas", "4",
-                                                 "--ray-max-ongoing-requests", "2", "--no-ray-deploy"), env={})
+                                                 "--ray-max-ongoing-requests", "2", "--ray-num-gpus-per-replica",
+                                                 "0.5", "--no-ray-deploy"), env={})
     assert (settings.backend, settings.ray_address, settings.ray_min_replicas, settings.ray_max_replicas,
             settings.ray_max_ongoing_requests, settings.ray_deploy) == ("ray", "ray://head:10001", 2, 4, 2, False)
+    assert settings.ray_num_gpus_per_replica == 0.5
     assert settings.ray_job_slots == 8 and sources["backend"] == "cli"
     default, _ = settings_from_args(parse(), env={})
     assert (default.backend, default.ray_deploy) == ("local", True)
