@@ -202,10 +202,7 @@ class WorkerReplica:
             # job at its next step and keep this replica's slot until the runner has let go of the GPU.
             if worker.is_alive():
                 job.cancel_token.cancel("user")
-                await asyncio.to_thread(worker.join)
-
-    def ping(self) -> bool:
-        return True
+                await asyncio.to_thread(worker.join)  # bounded by one step: the runner checks the token
 
 
 class CatalogReplica:
