@@ -71,6 +71,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="on SIGTERM, how long the running job may take to finish (default 30)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--backend", choices=["local", "ray"],
+                   help="where jobs run: this process's GPU (local, default) or Ray Serve replicas (ray)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --backend ray: the Ray cluster (auto, ray://host:10001; default $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--ray-min-replicas", type=int, metavar="N", help="with --backend ray: fewest GPU replicas (default 1)")
+    p.add_argument("--ray-max-replicas", type=int, metavar="N", help="with --backend ray: most GPU replicas (default 1)")
+    p.add_argument("--ray-max-ongoing-requests", type=int, metavar="N",
+                   help="with --backend ray: jobs in flight per replica, 1 or the batch size (default 1)")
+    p.add_argument("--ray-num-gpus-per-replica", type=float, metavar="N",
+                   help="with --backend ray: GPUs each replica reserves (default 1; 0 runs replicas on CPU)")
+    p.add_argument("--no-ray-deploy", action="store_false", dest="ray_deploy", default=None,
+                   help="with --backend ray: attach to an application deployed by a Serve config / RayService")
     p.set_defaults(func=run)
     return p
 

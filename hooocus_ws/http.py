@@ -317,7 +317,8 @@ async def options(request: Request) -> Response:
     """What a caller may choose (models, styles, samplers, aspect ratios ...), from the runner."""
     ctx = context(request)
     authenticate(request)
-    return JSONResponse(ctx.runtime.engine.runner.options())
+    # Off the event loop: with --backend ray the answer is a round trip to the cluster.
+    return JSONResponse(await anyio.to_thread.run_sync(ctx.runtime.engine.runner.options))
 
 
 async def healthz(request: Request) -> Response:

@@ -32,6 +32,7 @@ HTTP_STATUS_BY_CODE: dict[str, int] = {
     "out_of_memory": 503,
     "model_missing": 409,
     "shutting_down": 503,
+    "worker_lost": 503,
     "internal_error": 500,
 }
 
@@ -169,6 +170,13 @@ class Forbidden(HooocusError):
 
 class ShuttingDown(HooocusError):
     code = "shutting_down"
+
+
+class WorkerLost(HooocusError):
+    """The remote worker running the job went away (a Ray replica died, its node was lost, or it
+    went silent); the job failed, the queue goes on and the same request may be submitted again."""
+
+    code = "worker_lost"
 
 
 class JobCancelled(HooocusError):

@@ -11,6 +11,7 @@ answer for an earlier one's jobs and images. ``record_history=False`` keeps ever
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ class Runtime:
     uploads: UploadStore | None = None
     #: Describe (image -> prompt, engine/describe), sharing the engine's device lock and the uploads.
     describer: Any = None
+    #: Called by :meth:`close` after the engine stops (the Ray backend deletes its application).
+    on_close: Callable[[], None] | None = None
 
     def start(self) -> Runtime:
         self.engine.start()
@@ -52,8 +55,15 @@ class Runtime:
                 self.describer.close()
             self.engine.close(grace_s=grace_s)
         finally:
-            if self.history is not None:
-                self.history.close()
+            try:
+                if self.history is not None:
+                    self.history.close()
+            finally:
+                # Once: the server's drain and its lifespan both close the runtime, and a second
+                # Ray undeploy after disconnecting would start a fresh local Ray to delete from.
+                on_close, self.on_close = self.on_close, None
+                if on_close is not None:
+                    on_close()
 
 
 def image_store_folder(settings: Settings) -> Path:
@@ -74,6 +84,15 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     store's folder. False: nothing is written to disk."""
     if runner is None:
         from engine.io.model_family import is_flux_spec  # reads a file header at most; no torch
+    on_ray = runner is None and settings.backend == "ray"
+    if on_ray:
+        from engine.distributed.ray_serve import RayRunner  # ray only with this backend
+
+        # One RayRunner per job slot of the cluster (ray_job_slots) once the engine takes a list of
+        # runners; the engine of this branch runs one worker thread, so it gets one.
+        runner = RayRunner.from_settings(settings)
+    elif runner is None:
+        from engine.sdxl.pipeline import SDXLRunner  # torch is imported only here
 
         if is_flux_spec(model if model is not None else settings.default_model):
             from engine.flux.runner import FluxRunner  # torch is imported only here
@@ -98,6 +117,16 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     engine = Engine(runner, max_queue=settings.queue_size, max_queued_per_owner=settings.max_queued_per_principal,
                     image_sink=images.put, apply_preset=PresetBook.from_settings(settings).apply,
                     resolve_inputs=resolver)
+    on_close = None
+    if on_ray:  # last, so that nothing before it can fail and leave the application deployed
+        from engine.distributed.ray_serve import attach, deploy
+
+        try:
+            on_close = deploy(settings, model=model) if settings.ray_deploy else attach(settings)
+        except BaseException:
+            if history is not None:
+                history.close()
+            raise
     if history is not None:
         history.attach(engine)
     from engine.describe.service import Describer  # torch-free; its models load on first use
@@ -105,3 +134,5 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     describer = Describer(settings, resolve_image=resolver.resolve_one, device_lock=engine.device_lock)
     return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads,
                    describer=describer)
+    return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads,
+                   on_close=on_close)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.core.errors import InvalidRequest, pydantic_error_to_hooocus
 
@@ -122,6 +122,41 @@ class Settings(BaseModel):
     #: is never pruned.
     images_max_disk_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=1024 * 1024)
     uploads_max_bytes_per_principal: int = Field(default=128 * 1024 * 1024, ge=1024 * 1024)
+
+    # -- backend (issue 15) ---------------------------------------------------------------------
+    #: Where jobs run: "local" = this process's GPU; "ray" = Ray Serve replicas
+    #: (engine/distributed/ray_serve.py), this process keeping doors, auth, queue and history.
+    backend: Literal["local", "ray"] = "local"
+    #: Ray cluster to join ("auto", "ray://host:10001", ...); None = $RAY_ADDRESS, else a local Ray.
+    ray_address: str | None = None
+    #: Deploy the Serve application from this process (False: it was deployed by a Serve config /
+    #: KubeRay RayService, deploy/ray/, and the front door only attaches to it by name).
+    ray_deploy: bool = True
+    #: Autoscaling bounds of the worker deployment (equal: a fixed number of replicas).
+    ray_min_replicas: int = Field(default=1, ge=0, le=1024)
+    ray_max_replicas: int = Field(default=1, ge=1, le=1024)
+    #: Jobs in flight per replica: 1, or the batch size; a replica still runs them one at a time.
+    ray_max_ongoing_requests: int = Field(default=1, ge=1, le=64)
+    #: GPUs each replica reserves (0 runs replicas on CPU, as the tests do).
+    ray_num_gpus_per_replica: float = Field(default=1.0, ge=0)
+    #: The longest wait for the Serve application's replicas to start (placed, not yet loaded).
+    ray_deploy_timeout_s: float = Field(default=300.0, gt=0)
+    #: The longest wait for a replica's next event (the first one includes loading the model).
+    ray_event_timeout_s: float = Field(default=600.0, gt=0)
+    #: The longest wait for a name check / options answer from the cluster.
+    ray_call_timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> Settings:
+        if self.ray_min_replicas > self.ray_max_replicas:
+            raise ValueError(f"ray_min_replicas ({self.ray_min_replicas}) is above ray_max_replicas "
+                             f"({self.ray_max_replicas})")
+        return self
+
+    @property
+    def ray_job_slots(self) -> int:
+        """Jobs the Ray workers can hold at once: the front door keeps that many in flight."""
+        return self.ray_max_replicas * self.ray_max_ongoing_requests
 
     # -- derived paths --------------------------------------------------------------------------
 

@@ -52,6 +52,9 @@ FORBIDDEN_ANYWHERE = {
 #: the documented way to reach the heavy family code, e.g. engine.core.runtime -> SDXLRunner).
 FORBIDDEN_AT_MODULE_LEVEL = {
     "engine/core/": ("engine.sdxl", "engine.io", "engine.prompts", "torch"),
+    # The distributed backends are family-neutral too, and Ray is an optional extra: a replica
+    # reaches the SDXL runner, and every function reaches ray, lazily (issue 15).
+    "engine/distributed/": ("engine.sdxl", "engine.io", "engine.prompts", "torch", "ray"),
 }
 
 
@@ -181,14 +184,22 @@ def test_the_real_tree_has_the_imports_the_rules_are_about() -> None:
             assert _matches(module, "engine.core"), module
 
 
+def test_the_ray_backend_reaches_ray_and_the_sdxl_runner_only_lazily() -> None:
+    """The engine/distributed rule above is about real imports: the Ray backend does import ray and
+    the SDXL runner, inside functions."""
+    found = imports_of(REPO / "engine" / "distributed" / "ray_serve.py")
+    assert ("ray", False) in found and ("engine.sdxl.pipeline", False) in found
+    assert not any(at_module_level and (_matches(m, "ray") or _matches(m, "torch")) for m, at_module_level in found)
+
+
 def test_importing_engine_core_loads_no_torch() -> None:
-    """What the module-level rule protects: every engine.core module imports without torch (the
-    front doors and the CLI's fast paths rely on it). A subprocess, so this test's own imports do
+    """What the module-level rule protects: every engine.core (and engine.distributed) module imports
+    without torch or ray (the front doors and the CLI's fast paths rely on it). A subprocess, so this test's own imports do
     not count."""
-    modules = sorted(_module_name(p) for p in (REPO / "engine" / "core").glob("*.py"))
+    modules = sorted(_module_name(p) for folder in ("core", "distributed") for p in (REPO / "engine" / folder).glob("*.py"))
     code = ("import importlib, sys\n"
             f"for name in {modules!r}:\n    importlib.import_module(name)\n"
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={"PATH": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr

@@ -37,6 +37,26 @@ def test_register_adds_serve_with_every_flag():
     assert args.allowed_origins == ["https://a.example", "https://b.example"]
 
 
+def test_backend_ray_flags_reach_the_settings():
+    settings, sources = settings_from_args(parse("--backend", "ray", "--ray-address", "ray://head:10001",
+                                                 "--ray-min-replicas", "2", "--ray-max-replicas", "4",
+                                                 "--ray-max-ongoing-requests", "2", "--ray-num-gpus-per-replica",
+                                                 "0.5", "--no-ray-deploy"), env={})
+    assert (settings.backend, settings.ray_address, settings.ray_min_replicas, settings.ray_max_replicas,
+            settings.ray_max_ongoing_requests, settings.ray_deploy) == ("ray", "ray://head:10001", 2, 4, 2, False)
+    assert settings.ray_num_gpus_per_replica == 0.5
+    assert settings.ray_job_slots == 8 and sources["backend"] == "cli"
+    default, _ = settings_from_args(parse(), env={})
+    assert (default.backend, default.ray_deploy) == ("local", True)
+
+
+def test_ray_replica_bounds_out_of_order_are_a_usage_error_naming_the_settings():
+    with pytest.raises(HooocusError) as info:
+        settings_from_args(parse("--backend", "ray", "--ray-min-replicas", "3", "--ray-max-replicas", "2"), env={})
+    assert info.value.code == "invalid_request"
+    assert "ray_min_replicas (3) is above ray_max_replicas (2)" in info.value.message
+
+
 def test_output_limits_and_grace_reach_the_settings_and_the_history(tmp_path):
     args = parse("--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "imgs"), "--output-max-bytes", "5000",
                  "--output-max-age-days", "7.5", "--shutdown-grace-s", "3")

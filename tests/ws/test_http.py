@@ -314,3 +314,29 @@ def test_openapi_documents_uploads_and_parameters():
         post = paths[path]["post"]
         assert post["security"] and "image/*" in post["requestBody"]["content"]
         assert {"401", "413", "422"} <= set(post["responses"])
+
+
+class LoopCheckingRunner(FakeRunner):
+    """Records whether options() ran on an event loop thread (a remote runner's options block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.options_on_loop: list[bool] = []
+
+    def options(self) -> dict[str, object]:
+        import asyncio
+
+        try:
+            asyncio.get_running_loop()
+            self.options_on_loop.append(True)
+        except RuntimeError:
+            self.options_on_loop.append(False)
+        return super().options()
+
+
+def test_options_are_asked_off_the_event_loop(tmp_path):
+    runner = LoopCheckingRunner()
+    with TestClient(make_app(make_runtime(tmp_path, runner))) as client:
+        response = client.get("/v1/options", headers=auth(ALICE))
+    assert response.status_code == 200 and response.json()["models"] == ["demo"]
+    assert runner.options_on_loop == [False]
