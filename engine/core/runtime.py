@@ -11,6 +11,7 @@ answer for an earlier one's jobs and images. ``record_history=False`` keeps ever
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,8 @@ UPLOADS_DIR_NAME = "uploads"
 
 @dataclass
 class Runtime:
-    """One engine (one GPU worker), one image store, one settings object, and the job history
-    when this process records its work."""
+    """One engine (one worker per device), one image store, one settings object, and the job
+    history when this process records its work."""
 
     settings: Settings
     engine: Engine
@@ -56,20 +57,30 @@ def image_store_folder(settings: Settings) -> Path:
     return Path(settings.data_dir) / IMAGE_STORE_DIR_NAME
 
 
-def create_runtime(settings: Settings, *, runner: Runner | None = None, model: str | None = None,
-                   record_history: bool = True) -> Runtime:
-    """Build (not start) the runtime. Without ``runner`` the SDXL runner is created for ``model``
-    (a name, path, repo id or "demo"; None = settings.default_model). Loading weights happens
-    lazily on the worker thread, so this returns quickly.
+def create_runtime(settings: Settings, *, runner: Runner | None = None, runners: Sequence[Runner] | None = None,
+                   model: str | None = None, record_history: bool = True) -> Runtime:
+    """Build (not start) the runtime. Without ``runner``/``runners`` one SDXL runner is created
+    per entry of ``settings.devices`` (auto: every visible GPU, else the CPU), each for ``model``
+    (a name, path, repo id or "demo"; None = settings.default_model) with its own models. Loading
+    weights happens lazily on the worker threads, so this returns quickly.
 
     ``record_history`` (the default for every command) opens the job history from ``settings``
     (which marks jobs a crashed earlier process left unfinished as interrupted), attaches it before
     any job can be submitted, writes images to ``settings.resolved_output_dir`` and keeps the image
     store's folder. False: nothing is written to disk."""
-    if runner is None:
-        from engine.sdxl.pipeline import SDXLRunner  # torch is imported only here
+    if runner is not None and runners is not None:
+        raise TypeError("give runner or runners, not both")
+    if runner is not None:
+        all_runners: list[Runner] = [runner]
+    elif runners is not None:
+        all_runners = list(runners)
+    else:
+        from engine.sdxl.models.loading import expand_devices  # torch is imported only here
+        from engine.sdxl.pipeline import SDXLRunner
 
-        runner = SDXLRunner(settings, model=model)
+        # Each runner sees its own device in its settings: the pipeline reads settings.device.
+        all_runners = [SDXLRunner(settings.model_copy(update={"device": device}), model=model)
+                       for device in expand_devices(settings.devices, settings.device)]
     from engine.io.presets import PresetBook  # the composition root wires the io layer into the core
 
     history = JobHistory.from_settings(settings) if record_history else None
@@ -80,9 +91,10 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     # sha256 references find the caller's uploads, then images the caller's jobs generated.
     resolver = InputResolver(uploads, images=images, history=history, max_pixels=settings.max_input_pixels,
                              max_upload_bytes=settings.max_upload_bytes)
-    engine = Engine(runner, max_queue=settings.queue_size, max_queued_per_owner=settings.max_queued_per_principal,
+    engine = Engine(all_runners, max_queue=settings.queue_size,
+                    max_queued_per_owner=settings.max_queued_per_principal,
                     image_sink=images.put, apply_preset=PresetBook.from_settings(settings).apply,
-                    resolve_inputs=resolver)
+                    resolve_inputs=resolver, max_batch=settings.max_batch, batch_window_ms=settings.batch_window_ms)
     if history is not None:
         history.attach(engine)
     return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads)

@@ -301,3 +301,63 @@ def test_an_error_out_of_run_batch_fails_every_job_of_the_batch() -> None:
         assert all(job.wait(10) for job in jobs)
     assert [job.error["code"] for job in jobs] == ["internal_error", "internal_error"]
     assert all("secret" not in job.error["message"] for job in jobs)
+
+
+# -- settings, CLI and runtime -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("devices", "loc"), [
+    (("cpu", "gpu0"), ("devices", 1)),  # not a device name
+    (("cpu", ""), ("devices", 1)),  # "--devices cpu," leaves an empty entry
+    (("auto", "cpu"), ("devices",)),  # auto already means every GPU
+    (("cuda:0", "cuda:0"), ("devices",)),  # one job per GPU
+    ((), ("devices",)),
+])
+def test_devices_setting_is_checked_at_the_boundary(devices: tuple[str, ...], loc: tuple[object, ...]) -> None:
+    from engine.core.settings import load_settings
+
+    with pytest.raises(InvalidRequest) as info:
+        load_settings(cli={"devices": devices}, env={})
+    assert info.value.loc == loc
+
+
+def test_devices_from_env_and_defaults() -> None:
+    from engine.core.settings import load_settings
+
+    settings, sources = load_settings(cli={}, env={"HOOOCUS_DEVICES": "cpu,cuda:1", "HOOOCUS_MAX_BATCH": "4"})
+    assert settings.devices == ("cpu", "cuda:1") and sources["devices"] == "env:HOOOCUS_DEVICES"
+    assert settings.max_batch == 4
+    defaults, _ = load_settings(cli={}, env={})
+    assert defaults.devices == ("auto",) and defaults.max_batch == 1 and defaults.batch_window_ms == 0
+
+
+def test_auto_means_every_visible_gpu_else_the_cpu_else_the_single_device_setting(monkeypatch) -> None:
+    import torch
+
+    from engine.sdxl.models.loading import expand_devices
+
+    assert expand_devices(("cpu", "cpu")) == ["cpu", "cpu"]
+    assert expand_devices(("auto",), "cuda:1") == ["cuda:1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert expand_devices(("auto",)) == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert expand_devices(("auto",)) == ["cuda:0", "cuda:1"]
+
+
+def test_serve_devices_flag_builds_one_runner_per_device(tmp_path) -> None:
+    from engine.core.runtime import create_runtime
+    from engine.core.settings import settings_from_args
+    from hooocus.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--devices", "cpu,cpu", "--model", "demo", "--max-batch", "4",
+                                      "--batch-window-ms", "20", "--data-dir", str(tmp_path)])
+    settings, sources = settings_from_args(args, env={})
+    assert settings.devices == ("cpu", "cpu") and sources["devices"] == "cli"
+    runtime = create_runtime(settings, model="demo", record_history=False)
+    engine = runtime.engine
+    assert len(engine.runners) == 2 and engine.runners[0] is not engine.runners[1]  # each its own models
+    assert engine.device_names == ("cpu", "cpu") and engine.runner is engine.runners[0]
+    assert (engine.max_batch, engine.batch_window_ms) == (4, 20.0)
+    with pytest.raises(InvalidRequest) as info:
+        settings_from_args(build_parser().parse_args(["serve", "--devices", "cpu,tpu"]), env={})
+    assert info.value.loc == ("devices", 1)
