@@ -35,6 +35,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from engine.core.constants import SEED_MODULUS
 from engine.core.errors import (
     HooocusError,
     InvalidRequest,
@@ -258,6 +259,9 @@ class RunContext:
         self.inputs: Mapping[str, np.ndarray] = job.inputs if inputs is None else inputs
         #: Set by :meth:`fail`: a batch runner ends this job alone with it (the others go on).
         self.failure: BaseException | None = None
+        #: The image indices this run makes (None = all). Set when the engine splits a job's
+        #: images over several devices; only runners with ``supports_image_subset`` get it.
+        self.image_indices: tuple[int, ...] | None = None
 
     @property
     def job_id(self) -> str:
@@ -331,6 +335,9 @@ class Runner(Protocol):
     #     started/progress/image events and must honour its own cancel token (a cancelled job is
     #     dropped from the batch, its partners go on). ctx.fail(exc) ends one job with an error; an
     #     exception out of run_batch ends every job of the batch that was not cancelled.
+    #   supports_image_subset = True: run() honours ctx.image_indices (it still calls ctx.started
+    #     with the whole job's params, seeds and total steps, and makes only those images, each
+    #     with its own index and seed), so the engine may split a job's images over idle devices.
 
 
 def _no_presets(request: GenerationRequest) -> GenerationRequest:
@@ -511,10 +518,113 @@ class _Worker:
         self.busy_since: float | None = None
         self.jobs_done = 0
         self.thread: threading.Thread | None = None
+        #: True while it waits for work (so a split may hand it a share of a job).
+        self.idle = False
+        #: A share of a split job handed to this worker while it waited.
+        self.assigned: _PartContext | None = None
 
     @property
     def can_batch(self) -> bool:
         return callable(getattr(self.runner, "run_batch", None))
+
+    @property
+    def can_split(self) -> bool:
+        return bool(getattr(self.runner, "supports_image_subset", False))
+
+
+@dataclass
+class _Work:
+    jobs: list[Job]
+    part: _PartContext | None = None
+
+
+def split_indices(count: int, parts: int) -> list[tuple[int, ...]]:
+    """``range(count)`` in ``parts`` contiguous runs, the earlier ones one longer where it does not
+    divide: the first device makes image 0 first, so clients see images as early as one device."""
+    size, extra = divmod(count, parts)
+    out: list[tuple[int, ...]] = []
+    start = 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        out.append(tuple(range(start, end)))
+        start = end
+    return out
+
+
+class _Split:
+    """One job whose images run on several devices. Every share runs the same request (with the
+    seed drawn once here when it had none), so each image is what one device would make; the
+    shares' events are merged into the job's one stream: the first ``started`` (all shares send
+    the same), each warning once, and images in index order (a later index waits for the earlier)."""
+
+    def __init__(self, job: Job, engine: Engine, request: GenerationRequest, parts: list[tuple[int, ...]]) -> None:
+        self.job = job
+        self.engine = engine
+        self.request = request
+        self.remaining = len(parts)
+        self.errors: list[BaseException] = []
+        self.lock = threading.Lock()
+        self._order = sorted(index for part in parts for index in part)
+        self._next = 0
+        self._pending: dict[int, ImageReady] = {}
+        self._started = False
+        self._warnings: set[tuple[str, str]] = set()
+
+    def started(self, event: Started) -> None:
+        with self.lock:
+            if self._started:
+                return
+            self._started = True
+            self.job.emit(event)
+
+    def warning(self, event: JobWarning) -> None:
+        with self.lock:
+            if (event.code, event.message) in self._warnings:
+                return
+            self._warnings.add((event.code, event.message))
+            self.job.emit(event)
+
+    def image(self, image: ImageReady) -> None:
+        with self.lock:
+            self._pending[image.index] = image
+            while self._next < len(self._order) and self._order[self._next] in self._pending:
+                self._publish(self._pending.pop(self._order[self._next]))
+                self._next += 1
+
+    def flush(self) -> None:
+        """At the end (a share failed or was cancelled): what was made goes out, in index order."""
+        with self.lock:
+            for index in sorted(self._pending):
+                self._publish(self._pending.pop(index))
+
+    def _publish(self, image: ImageReady) -> None:
+        if self.engine.image_sink is not None:
+            self.engine.image_sink(image, owner=self.job.owner)
+        self.job.emit(image)
+
+
+class _PartContext(RunContext):
+    """A :class:`RunContext` for one device's share of a split job (``image_indices``)."""
+
+    def __init__(self, split: _Split, indices: tuple[int, ...]) -> None:
+        super().__init__(split.job, split.engine)
+        self.split = split
+        self.image_indices = indices
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.split.request
+
+    def started(self, params: dict[str, Any], seeds: tuple[int, ...] | list[int], total_steps: int) -> None:
+        self.split.started(Started(job_id=self.job_id, params=params, seeds=tuple(seeds), total_steps=total_steps))
+
+    def warning(self, code: str, message: str) -> None:
+        self.split.warning(JobWarning(job_id=self.job_id, code=code, message=message))
+
+    def image(self, image: ImageReady) -> None:
+        if self.image_indices is not None and image.index not in self.image_indices:
+            return  # a task that always makes image 0 (a fast upscale): the first share sends it
+        self.split.image(replace(image, job_id=self.job_id))
 
 
 class Engine:
@@ -805,8 +915,14 @@ class Engine:
     def _take(self, worker: _Worker) -> list[Job] | None:
         """Wait for work; the next job by fair share, plus its batch partners. None: stop."""
         with self._lock:
-            while not self._queue and not self._stopping:
+            worker.idle = True
+            while not self._queue and worker.assigned is None and not self._stopping:
                 self._lock.wait()
+            worker.idle = False
+            if worker.assigned is not None:  # a share of a job another worker split (even when stopping:
+                part, worker.assigned = worker.assigned, None  # the job's token then ends it at once)
+                worker.busy_since = time.monotonic()
+                return _Work([part.job], part)
             if self._stopping:
                 return None
             job = self._queue.popleft()
@@ -832,8 +948,30 @@ class Engine:
             for taken in jobs:
                 self._batch_keys.pop(taken.job_id, None)
             worker.busy_since = time.monotonic()
+            part = self._split(worker, job) if len(jobs) == 1 else None
             self._announce_positions()
-            return jobs
+            return _Work(jobs, part)
+
+    def _split(self, worker: _Worker, job: Job) -> _PartContext | None:
+        """Share ``job``'s images with idle workers when nothing else waits (a queued job would keep
+        them busy anyway). Under the engine lock. Returns this worker's share, or None: run it whole."""
+        count = job.request.image_number
+        if count < 2 or self._queue or not worker.can_split:
+            return None
+        helpers = [w for w in self._workers
+                   if w is not worker and w.idle and w.assigned is None and w.can_split][:count - 1]
+        if not helpers:
+            return None
+        request = job.request
+        if request.seed is None:  # one seed for every share, drawn as the runner would (uniform in [0, 2^63))
+            request = request.model_copy(update={"seed": secrets.randbelow(SEED_MODULUS)})
+        parts = split_indices(count, len(helpers) + 1)
+        split = _Split(job, self, request, parts)
+        for helper, indices in zip(helpers, parts[1:], strict=True):
+            helper.assigned = _PartContext(split, indices)
+            helper.jobs = (job,)
+        self._lock.notify_all()
+        return _PartContext(split, parts[0])
 
     def _worker(self, worker: _Worker) -> None:
         warmup = getattr(worker.runner, "warmup", None)
@@ -843,12 +981,15 @@ class Engine:
             except Exception:
                 log.exception("runner warm-up failed (device %s)", worker.device)
         while True:
-            jobs = self._take(worker)
-            if jobs is None:
+            work = self._take(worker)
+            if work is None:
                 return
+            jobs = work.jobs
             try:
                 with worker.lock:
-                    if len(jobs) == 1:
+                    if work.part is not None:
+                        self._run_part(worker.runner, work.part)
+                    elif len(jobs) == 1:
                         self._run_one(worker.runner, jobs[0])
                     else:
                         self._run_batch(worker.runner, jobs)
@@ -859,8 +1000,6 @@ class Engine:
                         worker.busy_s += time.monotonic() - worker.busy_since
                         worker.busy_since = None
                     worker.jobs_done += len(jobs)
-                    for job in jobs:
-                        self._outcomes[job.state.value] += 1
 
     def _run_one(self, runner: Runner, job: Job) -> None:
         job.started_at = time.time()
@@ -869,7 +1008,7 @@ class Engine:
             job.cancel_token.raise_if_set()
             runner.run(ctx)
             job.cancel_token.raise_if_set()
-            job.emit(Done(job_id=job.job_id, images_done=len(job.images)))
+            self._terminal(job, Done(job_id=job.job_id, images_done=len(job.images)))
         except BaseException as exc:  # noqa: BLE001 - the worker must survive anything
             if _is_out_of_memory(exc):
                 self._recover(runner)
@@ -878,6 +1017,40 @@ class Engine:
                 raise
         finally:
             job.inputs = {}
+
+    def _run_part(self, runner: Runner, ctx: _PartContext) -> None:
+        """One device's share of a split job; the share that ends last ends the job. A failing
+        share cancels the others (their images would not change the outcome)."""
+        split, job = ctx.split, ctx.job
+        if job.started_at is None:
+            job.started_at = time.time()
+        error: BaseException | None = None
+        try:
+            job.cancel_token.raise_if_set()
+            runner.run(ctx)
+        except BaseException as exc:  # noqa: BLE001 - the worker must survive anything
+            error = exc
+            if _is_out_of_memory(exc):
+                self._recover(runner)
+        failed = error is not None and not isinstance(error, JobCancelled)
+        with split.lock:
+            if failed:
+                split.errors.append(error)  # type: ignore[arg-type]
+            split.remaining -= 1
+            last = split.remaining == 0
+        if failed:
+            job.cancel_token.cancel("failed")  # stop the other shares; the job ends failed below
+        if last:
+            split.flush()
+            job.inputs = {}
+            if split.errors:
+                self._end_with(job, split.errors[0])
+            elif job.cancel_token.is_set():
+                self._end_with(job, JobCancelled(job.cancel_token.reason or "user"))
+            else:
+                self._terminal(job, Done(job_id=job.job_id, images_done=len(job.images)))
+        if error is not None and not isinstance(error, Exception):
+            raise error
 
     def _run_batch(self, runner: Runner, jobs: list[Job]) -> None:
         """One ``run_batch`` call for jobs that share a batch key. Each job still ends on its own:
@@ -904,7 +1077,7 @@ class Engine:
                 elif ctx.failure is not None or error is not None:
                     self._end_with(job, ctx.failure or error)  # type: ignore[arg-type]
                 else:
-                    job.emit(Done(job_id=job.job_id, images_done=len(job.images)))
+                    self._terminal(job, Done(job_id=job.job_id, images_done=len(job.images)))
         finally:
             for job in jobs:
                 job.inputs = {}
@@ -920,20 +1093,27 @@ class Engine:
     def _end_with(self, job: Job, exc: BaseException) -> None:
         """Emit the terminal event ``exc`` calls for (the event every door maps to the wire)."""
         if isinstance(exc, JobCancelled):
-            job.emit(Cancelled(job_id=job.job_id, images_done=len(job.images), reason=exc.reason))
+            self._terminal(job, Cancelled(job_id=job.job_id, images_done=len(job.images), reason=exc.reason))
         elif isinstance(exc, HooocusError):
-            job.emit(Failed(job_id=job.job_id, code=exc.code, message=exc.message, images_done=len(job.images)))
+            self._terminal(job, Failed(job_id=job.job_id, code=exc.code, message=exc.message,
+                                       images_done=len(job.images)))
         elif _is_out_of_memory(exc):
             error_id = secrets.token_hex(6)
             log.warning("out of memory in job %s (error_id %s)", job.job_id, error_id)
-            job.emit(Failed(job_id=job.job_id, code="out_of_memory", error_id=error_id,
-                            message="out of memory; try a smaller size or fewer images",
-                            images_done=len(job.images)))
+            self._terminal(job, Failed(job_id=job.job_id, code="out_of_memory", error_id=error_id,
+                                       message="out of memory; try a smaller size or fewer images",
+                                       images_done=len(job.images)))
         else:
             error_id = secrets.token_hex(6)
             log.error("job %s failed (error_id %s)", job.job_id, error_id, exc_info=exc)
-            job.emit(Failed(job_id=job.job_id, code="internal_error", error_id=error_id,
-                            message=f"internal error (error_id {error_id})", images_done=len(job.images)))
+            self._terminal(job, Failed(job_id=job.job_id, code="internal_error", error_id=error_id,
+                                       message=f"internal error (error_id {error_id})",
+                                       images_done=len(job.images)))
+
+    def _terminal(self, job: Job, event: Event) -> None:
+        job.emit(event)
+        with self._lock:
+            self._outcomes[job.state.value] += 1
 
 
 def new_job_id() -> str:

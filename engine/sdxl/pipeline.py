@@ -177,6 +177,10 @@ class InpaintLatents:
 class SDXLRunner:
     """The engine's GPU side (``engine.core.jobs.Runner``) for SDXL base (+ refiner)."""
 
+    #: Each image depends only on its own task seed, so the engine may run a job's images on
+    #: several devices (``ctx.image_indices``) and get what one device makes.
+    supports_image_subset = True
+
     def __init__(self, settings: Settings, *, model: str | os.PathLike[str] | None = None,
                  trace: Trace | None = None) -> None:
         self.settings = settings
@@ -384,9 +388,11 @@ class SDXLRunner:
             f = resolved.freeu
             freeu = apply_freeu_v2(base.components.unet, b1=f.b1, b2=f.b2, s1=f.s1, s2=f.s2)
         try:
+            wanted = getattr(ctx, "image_indices", None)  # a share of a job split over devices (engine)
             for task in plan.tasks:
-                self._run_image(ctx, resolved, task, base, refiner, len(plan.tasks), plan.loras, uov_latent,
-                                inpaint)
+                if wanted is None or task.index in wanted:
+                    self._run_image(ctx, resolved, task, base, refiner, len(plan.tasks), plan.loras, uov_latent,
+                                    inpaint)
         finally:
             if inpaint is not None and inpaint.engine is not None:
                 inpaint.engine.remove()  # never leave a patched UNet in the model cache

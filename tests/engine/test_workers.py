@@ -361,3 +361,121 @@ def test_serve_devices_flag_builds_one_runner_per_device(tmp_path) -> None:
     with pytest.raises(InvalidRequest) as info:
         settings_from_args(build_parser().parse_args(["serve", "--devices", "cpu,tpu"]), env={})
     assert info.value.loc == ("devices", 1)
+
+
+# -- one job's images over several devices -------------------------------------------------------
+
+def wait_all_idle(engine: Engine, timeout_s: float = 10.0) -> None:
+    # White-box: a split only hands shares to workers that wait for work; right after start() a
+    # thread may still be on its way there.
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not all(w.idle for w in engine._workers):
+        assert time.monotonic() < deadline, "workers never became idle"
+        time.sleep(0.005)
+
+
+def image_events(job: Job) -> list[ImageReady]:
+    return [e for e in job.events_after(0) if isinstance(e, ImageReady)]
+
+
+class HoldFirstShare(FakeRunner):
+    """Holds the share with image 0 until released, so the other share finishes first."""
+
+    def __init__(self, release: threading.Event, **kw: object) -> None:
+        super().__init__(supports_image_subset=True, **kw)
+        self.release = release
+        self.indices: tuple[int, ...] | None = None
+
+    def _run(self, ctx: RunContext) -> None:
+        self.indices = ctx.image_indices
+        if 0 in (ctx.image_indices or ()):
+            assert self.release.wait(10)
+        super()._run(ctx)
+
+
+def test_a_jobs_images_run_on_every_idle_device_and_arrive_in_index_order() -> None:
+    import time
+
+    release = threading.Event()
+    runners = [HoldFirstShare(release), HoldFirstShare(release)]
+    with Engine(runners) as engine:
+        wait_all_idle(engine)
+        job = engine.submit(req("x", image_number=4))  # no seed: one is drawn for both shares
+        deadline = time.monotonic() + 10
+        while sum(len(r.step_log) for r in runners) < 4:  # the second share (images 2, 3) finishes first ...
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert image_events(job) == []  # ... but its images wait for 0 and 1
+        release.set()
+        assert job.wait(10)
+    assert sorted(r.indices for r in runners) == [(0, 1), (2, 3)]
+    assert job.state is JobState.DONE
+    events = job.events_after(0)
+    assert sum(1 for e in events if e.kind == "started") == 1
+    images = image_events(job)
+    assert [im.index for im in images] == [0, 1, 2, 3]
+    assert [im.seed for im in images] == list(job.seeds) and job.seeds[1:] == tuple(s + 1 for s in job.seeds[:-1])
+    assert [len(r.step_log) for r in runners] == [4, 4]  # two images of two steps each
+    assert engine.stats().jobs_by_outcome == {"done": 1}
+    # exactly what one device makes for the same request and seed
+    with Engine(FakeRunner()) as single:
+        alone = single.submit(req("x", image_number=4, seed=job.seeds[0]))
+        assert alone.wait(10)
+    assert [im.data for im in image_events(alone)] == [im.data for im in images]
+
+
+def test_a_failing_share_fails_the_job_once_and_stops_the_other() -> None:
+    from engine.core.errors import HooocusError
+
+    hold = HoldAt(1)
+    good = FakeRunner(on_step=hold, supports_image_subset=True)
+    bad = FakeRunner(supports_image_subset=True, faults={("x", 1): HooocusError("device lost", code="model_missing")})
+    with Engine([good, bad]) as engine:
+        wait_all_idle(engine)
+        job = engine.submit(req("x", image_number=2, seed=1))
+        assert hold.wait_for(1) and _wait_token(job)  # the failing share stops the held one
+        hold.release()
+        assert job.wait(10)
+    assert job.state is JobState.FAILED and job.error["code"] == "model_missing"
+    assert sum(1 for e in job.events_after(0) if e.kind in ("done", "failed", "cancelled")) == 1
+    assert engine.stats().jobs_by_outcome == {"failed": 1}
+    assert len(good.step_log) <= 1  # it stopped at its next cancel check
+
+
+def _wait_token(job: Job) -> bool:
+    return job.cancel_token._event.wait(10)
+
+
+def test_no_split_while_other_jobs_wait() -> None:
+    meet = Rendezvous(2)  # both jobs run at once, so neither worker is idle when the other takes a job
+    runners = [FakeRunner(supports_image_subset=True, on_step=meet),
+               FakeRunner(supports_image_subset=True, on_step=meet)]
+    engine = Engine(runners)
+    jobs = [engine.submit(req(f"j{i}", image_number=2, seed=i)) for i in range(2)]
+    with engine:
+        assert all(job.wait(10) for job in jobs)
+    for runner in runners:  # each device ran one whole job
+        assert len({job_id for job_id, _ in runner.step_log}) == 1 and len(runner.step_log) == 4
+
+
+def test_demo_model_on_two_cpu_workers_makes_the_same_bytes_as_on_one(tmp_path) -> None:
+    from engine.core.runtime import create_runtime
+    from engine.core.settings import load_settings
+
+    settings, _ = load_settings(cli={"data_dir": tmp_path, "devices": ("cpu", "cpu")}, env={})
+    runtime = create_runtime(settings, model="demo", record_history=False)
+    request = req("a fox in the snow", steps=2, width=64, height=64, image_number=3, seed=7)
+    with runtime.engine as engine:
+        wait_all_idle(engine, timeout_s=120)  # each worker loads its demo model first
+        split = engine.submit(request)
+        assert split.wait(120), split.info()
+        per_device = [w.jobs_done for w in engine.stats().workers]
+    assert split.state is JobState.DONE and per_device == [1, 1]  # both devices made a share
+    with Engine(runtime.engine.runners[0]) as one:
+        whole = one.submit(request)
+        assert whole.wait(120)
+    assert [im.index for im in image_events(split)] == [0, 1, 2]
+    assert [im.data for im in image_events(split)] == [im.data for im in image_events(whole)]
+    assert split.events_after(0)[1].kind == "started" and split.seeds == whole.seeds
