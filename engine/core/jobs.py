@@ -958,8 +958,10 @@ class Engine:
         count = job.request.image_number
         if count < 2 or self._queue or not worker.can_split:
             return None
-        helpers = [w for w in self._workers
-                   if w is not worker and w.idle and w.assigned is None and w.can_split][:count - 1]
+        # Same device kind only: a CPU share of a CUDA job would not make the bytes the GPU makes.
+        kind = worker.device.split(":")[0]
+        helpers = [w for w in self._workers if w is not worker and w.idle and w.assigned is None and w.can_split
+                   and w.device.split(":")[0] == kind][:count - 1]
         if not helpers:
             return None
         request = job.request

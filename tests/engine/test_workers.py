@@ -3,6 +3,7 @@ interrupt by job id or all, per-device stats, fair share across owners, and batc
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Hashable
 
@@ -479,3 +480,16 @@ def test_demo_model_on_two_cpu_workers_makes_the_same_bytes_as_on_one(tmp_path) 
     assert [im.index for im in image_events(split)] == [0, 1, 2]
     assert [im.data for im in image_events(split)] == [im.data for im in image_events(whole)]
     assert split.events_after(0)[1].kind == "started" and split.seeds == whole.seeds
+
+
+def test_no_split_across_device_kinds() -> None:
+    @dataclasses.dataclass
+    class OnCuda(FakeRunner):
+        device: str = "cuda:0"
+
+    runners = [FakeRunner(supports_image_subset=True), OnCuda(supports_image_subset=True)]
+    with Engine(runners) as engine:
+        wait_all_idle(engine)
+        job = engine.submit(req("x", image_number=2, seed=3))
+        assert job.wait(10)
+    assert sorted(len(r.step_log) for r in runners) == [0, 4]  # one device made both images
