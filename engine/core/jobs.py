@@ -889,9 +889,9 @@ class Engine:
         with self._lock:
             self._forget_queued(job)
         job.cancel_token.cancel(reason)
-        job.emit(Cancelled(job_id=job.job_id, images_done=0, reason=reason))
-        with self._lock:
+        with self._lock:  # counted first, as _terminal does
             self._outcomes["cancelled"] += 1
+        job.emit(Cancelled(job_id=job.job_id, images_done=0, reason=reason))
 
     def _announce_positions(self) -> None:
         """Tell each queued job whose position changed where it stands now. Under the engine lock,
@@ -990,40 +990,50 @@ class Engine:
             try:
                 with worker.lock:
                     if work.part is not None:
-                        self._run_part(worker.runner, work.part)
+                        self._run_part(worker, work.part)
                     elif len(jobs) == 1:
-                        self._run_one(worker.runner, jobs[0])
+                        self._run_one(worker, jobs[0])
                     else:
-                        self._run_batch(worker.runner, jobs)
+                        self._run_batch(worker, jobs)
             finally:
-                with self._lock:
-                    worker.jobs = ()
-                    if worker.busy_since is not None:
-                        worker.busy_s += time.monotonic() - worker.busy_since
-                        worker.busy_since = None
-                    worker.jobs_done += len(jobs)
+                with self._lock:  # normally done already, just before each job's terminal event
+                    self._release(worker, *jobs)
 
-    def _run_one(self, runner: Runner, job: Job) -> None:
+    def _release(self, worker: _Worker, *jobs: Job) -> None:
+        """``jobs`` leave ``worker`` (under the engine lock): counted as done there, its busy time
+        closed when it has nothing left. Called before the terminal event goes out, so whoever
+        sees a job end also sees the device free in the stats."""
+        gone = [job for job in jobs if job in worker.jobs]
+        if not gone:
+            return
+        worker.jobs = tuple(job for job in worker.jobs if job not in gone)
+        worker.jobs_done += len(gone)
+        if not worker.jobs and worker.busy_since is not None:
+            worker.busy_s += time.monotonic() - worker.busy_since
+            worker.busy_since = None
+
+    def _run_one(self, worker: _Worker, job: Job) -> None:
+        runner = worker.runner
         job.started_at = time.time()
         ctx = RunContext(job, self)
         try:
             job.cancel_token.raise_if_set()
             runner.run(ctx)
             job.cancel_token.raise_if_set()
-            self._terminal(job, Done(job_id=job.job_id, images_done=len(job.images)))
+            self._terminal(job, Done(job_id=job.job_id, images_done=len(job.images)), worker)
         except BaseException as exc:  # noqa: BLE001 - the worker must survive anything
             if _is_out_of_memory(exc):
                 self._recover(runner)
-            self._end_with(job, exc)
+            self._end_with(job, exc, worker)
             if not isinstance(exc, Exception):
                 raise
         finally:
             job.inputs = {}
 
-    def _run_part(self, runner: Runner, ctx: _PartContext) -> None:
+    def _run_part(self, worker: _Worker, ctx: _PartContext) -> None:
         """One device's share of a split job; the share that ends last ends the job. A failing
         share cancels the others (their images would not change the outcome)."""
-        split, job = ctx.split, ctx.job
+        split, job, runner = ctx.split, ctx.job, worker.runner
         if job.started_at is None:
             job.started_at = time.time()
         error: BaseException | None = None
@@ -1040,24 +1050,28 @@ class Engine:
                 split.errors.append(error)  # type: ignore[arg-type]
             split.remaining -= 1
             last = split.remaining == 0
+        if not last:
+            with self._lock:
+                self._release(worker, job)
         if failed:
             job.cancel_token.cancel("failed")  # stop the other shares; the job ends failed below
         if last:
             split.flush()
             job.inputs = {}
             if split.errors:
-                self._end_with(job, split.errors[0])
+                self._end_with(job, split.errors[0], worker)
             elif job.cancel_token.is_set():
-                self._end_with(job, JobCancelled(job.cancel_token.reason or "user"))
+                self._end_with(job, JobCancelled(job.cancel_token.reason or "user"), worker)
             else:
-                self._terminal(job, Done(job_id=job.job_id, images_done=len(job.images)))
+                self._terminal(job, Done(job_id=job.job_id, images_done=len(job.images)), worker)
         if error is not None and not isinstance(error, Exception):
             raise error
 
-    def _run_batch(self, runner: Runner, jobs: list[Job]) -> None:
+    def _run_batch(self, worker: _Worker, jobs: list[Job]) -> None:
         """One ``run_batch`` call for jobs that share a batch key. Each job still ends on its own:
         cancelled by its own token, failed by ``ctx.fail`` or by an error out of ``run_batch``
         (which then ends every job of the batch), else done."""
+        runner = worker.runner
         now = time.time()
         ctxs = [RunContext(job, self) for job in jobs]
         for job in jobs:
@@ -1075,11 +1089,11 @@ class Engine:
             for ctx in ctxs:
                 job = ctx.job
                 if job.cancel_token.is_set():
-                    self._end_with(job, JobCancelled(job.cancel_token.reason or "user"))
+                    self._end_with(job, JobCancelled(job.cancel_token.reason or "user"), worker)
                 elif ctx.failure is not None or error is not None:
-                    self._end_with(job, ctx.failure or error)  # type: ignore[arg-type]
+                    self._end_with(job, ctx.failure or error, worker)  # type: ignore[arg-type]
                 else:
-                    self._terminal(job, Done(job_id=job.job_id, images_done=len(job.images)))
+                    self._terminal(job, Done(job_id=job.job_id, images_done=len(job.images)), worker)
         finally:
             for job in jobs:
                 job.inputs = {}
@@ -1092,30 +1106,33 @@ class Engine:
         except Exception:
             log.exception("recover_after_oom failed")
 
-    def _end_with(self, job: Job, exc: BaseException) -> None:
+    def _end_with(self, job: Job, exc: BaseException, worker: _Worker) -> None:
         """Emit the terminal event ``exc`` calls for (the event every door maps to the wire)."""
         if isinstance(exc, JobCancelled):
-            self._terminal(job, Cancelled(job_id=job.job_id, images_done=len(job.images), reason=exc.reason))
+            self._terminal(job, Cancelled(job_id=job.job_id, images_done=len(job.images), reason=exc.reason), worker)
         elif isinstance(exc, HooocusError):
             self._terminal(job, Failed(job_id=job.job_id, code=exc.code, message=exc.message,
-                                       images_done=len(job.images)))
+                                       images_done=len(job.images)), worker)
         elif _is_out_of_memory(exc):
             error_id = secrets.token_hex(6)
             log.warning("out of memory in job %s (error_id %s)", job.job_id, error_id)
             self._terminal(job, Failed(job_id=job.job_id, code="out_of_memory", error_id=error_id,
                                        message="out of memory; try a smaller size or fewer images",
-                                       images_done=len(job.images)))
+                                       images_done=len(job.images)), worker)
         else:
             error_id = secrets.token_hex(6)
             log.error("job %s failed (error_id %s)", job.job_id, error_id, exc_info=exc)
             self._terminal(job, Failed(job_id=job.job_id, code="internal_error", error_id=error_id,
                                        message=f"internal error (error_id {error_id})",
-                                       images_done=len(job.images)))
+                                       images_done=len(job.images)), worker)
 
-    def _terminal(self, job: Job, event: Event) -> None:
-        job.emit(event)
+    def _terminal(self, job: Job, event: Done | Cancelled | Failed, worker: _Worker) -> None:
+        # Counted and released first: whoever sees the terminal event sees it in the stats too.
+        outcome = {Done: "done", Cancelled: "cancelled", Failed: "failed"}[type(event)]
         with self._lock:
-            self._outcomes[job.state.value] += 1
+            self._outcomes[outcome] += 1
+            self._release(worker, job)
+        job.emit(event)
 
 
 def new_job_id() -> str:

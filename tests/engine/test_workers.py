@@ -136,8 +136,14 @@ def test_stats_show_the_current_job_per_device() -> None:
         assert gate.reached.wait(5)
         current = [w.current_job_id for w in engine.stats().workers]
         assert current.count(job.job_id) == 1 and current.count(None) == 1
+        seen_at_done = []
+        job.subscribe(lambda e: seen_at_done.append(engine.stats()) if isinstance(e, Done) else None, after_seq=None)
         gate.release()
         assert job.wait(5)
+    # Whoever hears "done" (a /metrics scrape after the client's done) sees the device free and the job counted.
+    (stats,) = seen_at_done
+    assert [w.current_job_id for w in stats.workers] == [None, None] and stats.running_job_ids == ()
+    assert sum(w.jobs_done for w in stats.workers) == 1 and stats.jobs_by_outcome == {"done": 1}
 
 
 # -- fair share --------------------------------------------------------------------------------
