@@ -645,7 +645,7 @@ class Engine:
         given = runners if runners is not None else runner
         if given is None:
             raise TypeError("Engine needs a runner (or a sequence of runners, one per device)")
-        all_runners = tuple(given) if isinstance(given, (list, tuple)) else (given,)
+        all_runners = tuple(given) if isinstance(given, Sequence) else (given,)
         if not all_runners:
             raise TypeError("Engine needs at least one runner")
         if max_batch < 1 or batch_window_ms < 0:
