@@ -93,7 +93,14 @@ from engine.sdxl.models.inpaint import (
     inpaint_head_feature,
     inpaint_head_feed,
 )
-from engine.sdxl.models.loading import SDXLComponents, choose_dtype, find_in_hf_cache, load_sdxl, resolve_device
+from engine.sdxl.models.loading import (
+    SDXLComponents,
+    bind_thread_to_device,
+    choose_dtype,
+    find_in_hf_cache,
+    load_sdxl,
+    resolve_device,
+)
 from engine.sdxl.models.lora import MergedLoras, load_lora, match_lora, merge_loras
 from engine.sdxl.models.registry import ModelRegistry
 from engine.sdxl.modes import PERFORMANCE_MODES
@@ -286,6 +293,7 @@ class SDXLRunner:
 
     def warmup(self) -> None:
         """Load the default model (and the expansion) before the first job; on the worker thread."""
+        bind_thread_to_device(self.device)
         self._load_base(self.default_model_name, vae=None)
         self._expansion_available()
 
@@ -295,6 +303,7 @@ class SDXLRunner:
             torch.cuda.empty_cache()
 
     def run(self, ctx: RunContext) -> None:
+        bind_thread_to_device(self.device)  # several GPU workers: each thread on its own GPU
         with torch.inference_mode():
             self._run(ctx)
 

@@ -499,3 +499,20 @@ def test_no_split_across_device_kinds() -> None:
         job = engine.submit(req("x", image_number=2, seed=3))
         assert job.wait(10)
     assert sorted(len(r.step_log) for r in runners) == [0, 4]  # one device made both images
+
+
+def test_each_gpu_worker_thread_binds_its_own_device(monkeypatch) -> None:
+    import torch
+
+    from engine.sdxl.models.loading import bind_thread_to_device
+    from engine.sdxl.pipeline import SDXLRunner
+
+    bound: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    bind_thread_to_device(torch.device("cpu"))
+    assert bound == []
+    runner = SDXLRunner.__new__(SDXLRunner)  # no models: only run()'s set-up is under test
+    runner.device = torch.device("cuda:1")
+    runner._run = lambda ctx: None
+    runner.run(None)  # type: ignore[arg-type]
+    assert bound == [torch.device("cuda:1")]

@@ -110,6 +110,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def bind_thread_to_device(device: torch.device) -> None:
+    """Make ``device`` this thread's current CUDA device (a no-op elsewhere). The current device is
+    per thread: with one worker thread per GPU, whatever a library allocates on "the current
+    device" (streams, events, cudagraph pools, empty_cache) then lands on the worker's own GPU."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def expand_devices(devices: Sequence[str], device: str = "auto") -> list[str]:
     """One device name per worker for the ``devices`` setting. ``("auto",)`` is every visible CUDA
     GPU (``cuda:0``, ``cuda:1`` ...), else the CPU; when the older single ``device`` setting names
