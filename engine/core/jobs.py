@@ -912,7 +912,7 @@ class Engine:
         for job_id in [jid for jid, j in self._jobs.items() if j.state.terminal][:excess]:
             del self._jobs[job_id]
 
-    def _take(self, worker: _Worker) -> list[Job] | None:
+    def _take(self, worker: _Worker) -> _Work | None:
         """Wait for work; the next job by fair share, plus its batch partners. None: stop."""
         with self._lock:
             worker.idle = True
