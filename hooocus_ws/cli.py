@@ -70,6 +70,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace-s", type=float, metavar="S",
                    help="on SIGTERM, how long the running job may take to finish (default 30)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--devices", type=_device_list, metavar="LIST",
+                   help="one worker per device, e.g. cuda:0,cuda:1; auto = every visible GPU (default); "
+                        "cpu may repeat (cpu,cpu)")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="run up to N queued jobs the model can batch together (default 1 = off)")
+    p.add_argument("--batch-window-ms", type=float, metavar="MS",
+                   help="how long a worker waits for batch partners (default 0)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--backend", choices=["local", "ray"],
                    help="where jobs run: this process's GPU (local, default) or Ray Serve replicas (ray)")
@@ -85,6 +92,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="with --backend ray: attach to an application deployed by a Serve config / RayService")
     p.set_defaults(func=run)
     return p
+
+
+def _device_list(text: str) -> list[str]:
+    # Names are checked by Settings (the boundary), which reports the bad entry's index.
+    return [part.strip() for part in text.split(",")]
 
 
 class McpMountFactory(Protocol):

@@ -338,8 +338,9 @@ class HooocusClient:
         reply = await self._request({"type": "cancel", "job_id": job_id})
         return str(reply.get("state"))
 
-    async def interrupt(self) -> str | None:
-        reply = await self._request({"type": "interrupt"})
+    async def interrupt(self, job_id: str | None = None) -> str | None:
+        """Admin: stop ``job_id`` if it is running, else every running job; the first stopped id."""
+        reply = await self._request({"type": "interrupt"} if job_id is None else {"type": "interrupt", "job_id": job_id})
         return reply.get("job_id")
 
     async def subscribe(self, job_id: str, after_seq: int = 0, *, on_event: EventCallback | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-from engine.core.jobs import Engine
+from engine.core.jobs import Engine, WorkerStats
 
 
 @dataclass
@@ -27,8 +27,17 @@ class Metrics:
         lines = [
             *_family("hooocus_queue_depth", "gauge", "Jobs waiting in the queue (not counting the running one).",
                      [("", stats.queue_depth)]),
-            *_family("hooocus_job_running", "gauge", "1 while a job holds the GPU worker.",
-                     [("", int(stats.running_job_id is not None))]),
+            *_family("hooocus_job_running", "gauge", "Jobs running now (at most one per device worker).",
+                     [("", len(stats.running_job_ids))]),
+            *_family("hooocus_worker_busy", "gauge", "1 while the device worker runs a job.",
+                     [(_worker_labels(w), int(w.current_job_id is not None)) for w in stats.workers]),
+            *_family("hooocus_worker_busy_seconds_total", "counter", "Seconds the device worker spent running jobs.",
+                     [(_worker_labels(w), f"{w.busy_s:.3f}") for w in stats.workers]),
+            *_family("hooocus_worker_jobs_total", "counter", "Jobs the device worker finished (any outcome).",
+                     [(_worker_labels(w), w.jobs_done) for w in stats.workers]),
+            *_family("hooocus_worker_memory_bytes", "gauge",
+                     "Memory in use: torch.cuda.memory_allocated on a CUDA device, process RSS on the CPU.",
+                     [(_worker_labels(w), w.memory_bytes) for w in stats.workers if w.memory_bytes is not None]),
             *_family("hooocus_jobs_total", "counter", "Finished jobs by outcome.",
                      [(f'{{outcome="{o}"}}', stats.jobs_by_outcome.get(o, 0)) for o in ("done", "cancelled", "failed")]),
             *_family("hooocus_steps_total", "counter", "Sampling steps run; rate() of it is the step rate.",
@@ -46,6 +55,13 @@ class Metrics:
             *_family("hooocus_http_generate_total", "counter", None, [("", self.http_generate)]),
         ]
         return "\n".join(lines) + "\n"
+
+
+def _worker_labels(worker: WorkerStats) -> str:
+    # The index tells apart workers on one device name ("--devices cpu,cpu"). The name comes from
+    # the runner (a remote runner may name its device freely), so it is escaped as 0.0.4 asks.
+    device = worker.device.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'{{worker="{worker.index}",device="{device}"}}'
 
 
 def _family(name: str, kind: str, help_text: str | None, samples: list[tuple[str, object]]) -> list[str]:

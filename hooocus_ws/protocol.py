@@ -81,9 +81,11 @@ class CancelMessage(_ClientMessage):
 
 
 class InterruptMessage(_ClientMessage):
-    """Stop whatever job is running (admin scope)."""
+    """Stop running jobs (admin scope): ``job_id`` if it is running, else every running job (one
+    per device when the server runs several workers)."""
 
     type: Literal["interrupt"]
+    job_id: JobId | None = None
 
 
 class SubscribeMessage(_ClientMessage):
@@ -348,6 +350,8 @@ class AckOut(_ServerMessage):
     re: Re = None
     job_id: str | None = None
     state: str | None = None
+    #: interrupt only: every job it stopped (``job_id`` is the first of them).
+    job_ids: list[str] | None = None
 
 
 class PongOut(_ServerMessage):

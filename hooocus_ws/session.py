@@ -279,8 +279,9 @@ class Session:
             elif isinstance(msg, InterruptMessage):
                 if not may_interrupt(self.principal):
                     raise Forbidden("interrupt needs the 'admin' scope")
-                job_id = self.ctx.runtime.engine.interrupt(reason="admin")
-                self._push({"type": "ack", "re": msg.id, "job_id": job_id})
+                stopped = self.ctx.runtime.engine.interrupt_running(msg.job_id, reason="admin")
+                self._push({"type": "ack", "re": msg.id, "job_id": stopped[0] if stopped else None,
+                            "job_ids": stopped})
             elif isinstance(msg, PingMessage):
                 self._push({"type": "pong", "re": msg.id})
             elif isinstance(msg, UploadMessage):

@@ -11,7 +11,7 @@ answer for an earlier one's jobs and images. ``record_history=False`` keeps ever
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ UPLOADS_DIR_NAME = "uploads"
 
 @dataclass
 class Runtime:
-    """One engine (one GPU worker), one image store, one settings object, and the job history
-    when this process records its work."""
+    """One engine (one worker per device), one image store, one settings object, and the job
+    history when this process records its work."""
 
     settings: Settings
     engine: Engine
@@ -71,37 +71,48 @@ def image_store_folder(settings: Settings) -> Path:
     return Path(settings.data_dir) / IMAGE_STORE_DIR_NAME
 
 
-def create_runtime(settings: Settings, *, runner: Runner | None = None, model: str | None = None,
-                   record_history: bool = True) -> Runtime:
-    """Build (not start) the runtime. Without ``runner`` the runner of the model's family is created
-    for ``model`` (a name, path, repo id, "demo" or "demo-flux"; None = settings.default_model): the
-    Flux runner when the weights are FLUX.1 (engine.io.model_family), else the SDXL runner. Loading
-    weights happens lazily on the worker thread, so this returns quickly.
+def create_runtime(settings: Settings, *, runner: Runner | None = None, runners: Sequence[Runner] | None = None,
+                   model: str | None = None, record_history: bool = True) -> Runtime:
+    """Build (not start) the runtime. Without ``runner``/``runners``, the runners of the model's family
+    are created for ``model`` (a name, path, repo id, "demo" or "demo-flux"; None =
+    settings.default_model): the Flux runner when the weights are FLUX.1 (engine.io.model_family), else
+    one SDXL runner per entry of ``settings.devices`` (auto: every visible GPU, else the CPU), each with
+    its own models; with ``backend = "ray"``, one RayRunner per job slot of the cluster. Loading weights
+    happens lazily on the worker threads, so this returns quickly.
 
     ``record_history`` (the default for every command) opens the job history from ``settings``
     (which marks jobs a crashed earlier process left unfinished as interrupted), attaches it before
     any job can be submitted, writes images to ``settings.resolved_output_dir`` and keeps the image
     store's folder. False: nothing is written to disk."""
-    if runner is None:
-        from engine.io.model_family import is_flux_spec  # reads a file header at most; no torch
-    on_ray = runner is None and settings.backend == "ray"
-    if on_ray:
+    if runner is not None and runners is not None:
+        raise TypeError("give runner or runners, not both")
+    on_ray = runner is None and runners is None and settings.backend == "ray"
+    if runner is not None:
+        all_runners: list[Runner] = [runner]
+    elif runners is not None:
+        all_runners = list(runners)
+    elif on_ray:
         from engine.distributed.ray_serve import RayRunner  # ray only with this backend
 
-        # One RayRunner per job slot of the cluster (ray_job_slots) once the engine takes a list of
-        # runners; the engine of this branch runs one worker thread, so it gets one.
-        runner = RayRunner.from_settings(settings)
-    elif runner is None:
-        from engine.sdxl.pipeline import SDXLRunner  # torch is imported only here
+        # One front-door worker per job slot of the cluster (replicas × max ongoing requests); a
+        # RayRunner keeps no per-call state, so each worker gets its own.
+        all_runners = [RayRunner.from_settings(settings) for _ in range(settings.ray_job_slots)]
+    else:
+        from engine.io.model_family import is_flux_spec  # reads a file header at most; no torch
+        from engine.sdxl.models.loading import expand_devices  # torch is imported only here
 
+        devices = expand_devices(settings.devices, settings.device)
         if is_flux_spec(model if model is not None else settings.default_model):
-            from engine.flux.runner import FluxRunner  # torch is imported only here
+            from engine.flux.runner import FluxRunner
 
-            runner = FluxRunner(settings, model=model)
+            all_runners = [FluxRunner(settings.model_copy(update={"device": device}), model=model)
+                           for device in devices]
         else:
-            from engine.sdxl.pipeline import SDXLRunner  # torch is imported only here
+            from engine.sdxl.pipeline import SDXLRunner
 
-            runner = SDXLRunner(settings, model=model)
+            # Each runner sees its own device in its settings: the pipeline reads settings.device.
+            all_runners = [SDXLRunner(settings.model_copy(update={"device": device}), model=model)
+                           for device in devices]
     from engine.io.presets import PresetBook  # the composition root wires the io layer into the core
 
     history = JobHistory.from_settings(settings) if record_history else None
@@ -114,9 +125,10 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
     # sha256 references find the caller's uploads, then images the caller's jobs generated.
     resolver = InputResolver(uploads, images=images, history=history, max_pixels=settings.max_input_pixels,
                              max_upload_bytes=settings.max_upload_bytes)
-    engine = Engine(runner, max_queue=settings.queue_size, max_queued_per_owner=settings.max_queued_per_principal,
+    engine = Engine(all_runners, max_queue=settings.queue_size,
+                    max_queued_per_owner=settings.max_queued_per_principal,
                     image_sink=images.put, apply_preset=PresetBook.from_settings(settings).apply,
-                    resolve_inputs=resolver)
+                    resolve_inputs=resolver, max_batch=settings.max_batch, batch_window_ms=settings.batch_window_ms)
     on_close = None
     if on_ray:  # last, so that nothing before it can fail and leave the application deployed
         from engine.distributed.ray_serve import attach, deploy
@@ -133,6 +145,4 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, model: s
 
     describer = Describer(settings, resolve_image=resolver.resolve_one, device_lock=engine.device_lock)
     return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads,
-                   describer=describer)
-    return Runtime(settings=settings, engine=engine, images=images, history=history, uploads=uploads,
-                   on_close=on_close)
+                   describer=describer, on_close=on_close)

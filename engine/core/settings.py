@@ -12,9 +12,10 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+                      model_validator)
 
 from engine.core.errors import InvalidRequest, pydantic_error_to_hooocus
 
@@ -26,6 +27,10 @@ def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     base = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".local" / "share")
     return Path(base) / "hooocus"
+
+
+#: A compute device name as the settings accept it (checked here, at the boundary; torch reads it later).
+DeviceName = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:[0-9]+)?|mps(:[0-9]+)?)$")]
 
 
 class Settings(BaseModel):
@@ -65,6 +70,14 @@ class Settings(BaseModel):
 
     # -- compute ------------------------------------------------------------------------------
     device: str = "auto"
+    #: One worker per entry, each with its own models, all fed by the one queue: ``auto`` = every
+    #: visible GPU (the CPU when there is none; with ``device`` set, that one device), else names
+    #: like ``cuda:0``/``cuda:1``; ``cpu`` may repeat (several CPU workers, e.g. to test scheduling).
+    devices: tuple[DeviceName, ...] = ("auto",)
+    #: Dynamic batching: a worker takes up to this many queued jobs its runner can run as one batch
+    #: (1 = off), waiting up to ``batch_window_ms`` for partners to arrive.
+    max_batch: int = Field(default=1, ge=1, le=64)
+    batch_window_ms: float = Field(default=0.0, ge=0, le=60_000)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     low_vram: bool = False
     compile: bool = False
@@ -157,6 +170,18 @@ class Settings(BaseModel):
     def ray_job_slots(self) -> int:
         """Jobs the Ray workers can hold at once: the front door keeps that many in flight."""
         return self.ray_max_replicas * self.ray_max_ongoing_requests
+
+    @field_validator("devices")
+    @classmethod
+    def _one_worker_per_accelerator(cls, devices: tuple[str, ...]) -> tuple[str, ...]:
+        if not devices:
+            raise ValueError("name at least one device (or auto)")
+        if "auto" in devices and len(devices) > 1:
+            raise ValueError("auto stands alone: it already means every visible GPU")
+        accelerators = [d for d in devices if d != "cpu"]
+        if len(set(accelerators)) != len(accelerators):
+            raise ValueError("a GPU may be listed once (one job per GPU); only cpu may repeat")
+        return devices
 
     # -- derived paths --------------------------------------------------------------------------
 

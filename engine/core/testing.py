@@ -48,6 +48,8 @@ class FakeRunner:
     _active: int = 0
     _active_lock: threading.Lock = field(default_factory=threading.Lock)
     max_concurrent_seen: int = 0
+    #: Honour ctx.image_indices, so the engine may split a job's images over several FakeRunners.
+    supports_image_subset: bool = False
 
     def check(self, request: GenerationRequest) -> None:
         if request.base_model is not None and request.base_model not in self.known_models:
@@ -89,6 +91,8 @@ class FakeRunner:
         ctx.started({"prompt": req.prompt, "width": width, "height": height, "steps": steps,
                      "seeds": [str(s) for s in seeds], "model": "fake"}, seeds, steps * len(seeds))
         for index, image_seed in enumerate(seeds):
+            if ctx.image_indices is not None and index not in ctx.image_indices:
+                continue
             for step in range(1, steps + 1):
                 ctx.check_cancelled()
                 if self.on_step is not None:

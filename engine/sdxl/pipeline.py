@@ -93,7 +93,14 @@ from engine.sdxl.models.inpaint import (
     inpaint_head_feature,
     inpaint_head_feed,
 )
-from engine.sdxl.models.loading import SDXLComponents, choose_dtype, find_in_hf_cache, load_sdxl, resolve_device
+from engine.sdxl.models.loading import (
+    SDXLComponents,
+    bind_thread_to_device,
+    choose_dtype,
+    find_in_hf_cache,
+    load_sdxl,
+    resolve_device,
+)
 from engine.sdxl.models.lora import MergedLoras, load_lora, match_lora, merge_loras
 from engine.sdxl.models.registry import ModelRegistry
 from engine.sdxl.modes import PERFORMANCE_MODES
@@ -176,6 +183,10 @@ class InpaintLatents:
 
 class SDXLRunner:
     """The engine's GPU side (``engine.core.jobs.Runner``) for SDXL base (+ refiner)."""
+
+    #: Each image depends only on its own task seed, so the engine may run a job's images on
+    #: several devices (``ctx.image_indices``) and get what one device makes.
+    supports_image_subset = True
 
     def __init__(self, settings: Settings, *, model: str | os.PathLike[str] | None = None,
                  trace: Trace | None = None) -> None:
@@ -283,6 +294,7 @@ class SDXLRunner:
 
     def warmup(self) -> None:
         """Load the default model (and the expansion) before the first job; on the worker thread."""
+        bind_thread_to_device(self.device)
         self._load_base(self.default_model_name, vae=None)
         self._expansion_available()
 
@@ -292,6 +304,7 @@ class SDXLRunner:
             torch.cuda.empty_cache()
 
     def run(self, ctx: RunContext) -> None:
+        bind_thread_to_device(self.device)  # several GPU workers: each thread on its own GPU
         with torch.inference_mode():
             self._run(ctx)
 
@@ -385,9 +398,11 @@ class SDXLRunner:
             f = resolved.freeu
             freeu = apply_freeu_v2(base.components.unet, b1=f.b1, b2=f.b2, s1=f.s1, s2=f.s2)
         try:
+            wanted = getattr(ctx, "image_indices", None)  # a share of a job split over devices (engine)
             for task in plan.tasks:
-                self._run_image(ctx, resolved, task, base, refiner, len(plan.tasks), plan.loras, uov_latent,
-                                inpaint)
+                if wanted is None or task.index in wanted:
+                    self._run_image(ctx, resolved, task, base, refiner, len(plan.tasks), plan.loras, uov_latent,
+                                    inpaint)
         finally:
             if inpaint is not None and inpaint.engine is not None:
                 inpaint.engine.remove()  # never leave a patched UNet in the model cache

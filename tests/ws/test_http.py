@@ -138,6 +138,22 @@ def test_health_metrics_openapi_and_page(client):
     assert "WebSocket" in client.get("/static/app.js").text
 
 
+def test_metrics_report_each_device_worker(tmp_path):
+    runtime = make_runtime(tmp_path, [FakeRunner(), FakeRunner()])  # --devices cpu,cpu
+    with TestClient(make_app(runtime)) as client:
+        for _ in range(3):
+            job = client.post("/v1/generate", headers=auth(ALICE), json={"steps": 2}).json()
+            assert runtime.engine.require_job(job["job_id"]).wait(10)
+        text = client.get("/metrics", headers=auth(ALICE)).text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("hooocus_worker_"))
+    workers = ('{worker="0",device="cpu"}', '{worker="1",device="cpu"}')
+    assert sum(int(samples[f"hooocus_worker_jobs_total{w}"]) for w in workers) == 3
+    assert all(samples[f"hooocus_worker_busy{w}"] == "0" for w in workers)
+    assert all(float(samples[f"hooocus_worker_busy_seconds_total{w}"]) >= 0 for w in workers)
+    assert all(int(samples[f"hooocus_worker_memory_bytes{w}"]) > 0 for w in workers)  # RSS on the CPU
+    assert "hooocus_job_running 0" in text
+
+
 def test_options_come_from_the_runner(client):
     options = client.get("/v1/options", headers=auth(ALICE)).json()
     assert "Fooocus V2" in options["styles"] and "Speed" in options["performances"]

@@ -404,8 +404,11 @@ def test_admin_may_cancel_and_interrupt_any_job_others_may_not(tmp_path):
             alice.send({"type": "generate", "params": {"steps": 4}})
             job_id = alice.recv()["job_id"]
             assert gate.reached.wait(10)
-            admin.send({"type": "interrupt", "id": "x"})
-            assert admin.recv() == {"type": "ack", "re": "x", "job_id": job_id, "seq": 2}
+            admin.send({"type": "interrupt", "id": "n", "job_id": "j_not_running"})  # names another job: no-op
+            assert admin.recv() == {"type": "ack", "re": "n", "job_id": None, "job_ids": [], "seq": 2}
+            assert not runtime.engine.get_job(job_id).cancel_token.is_set()
+            admin.send({"type": "interrupt", "id": "x", "job_id": job_id})
+            assert admin.recv() == {"type": "ack", "re": "x", "job_id": job_id, "job_ids": [job_id], "seq": 3}
             gate.release()
             assert alice.until_type("cancelled")[-1]["reason"] == "admin"
         finally:

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -108,6 +108,26 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def bind_thread_to_device(device: torch.device) -> None:
+    """Make ``device`` this thread's current CUDA device (a no-op elsewhere). The current device is
+    per thread: with one worker thread per GPU, whatever a library allocates on "the current
+    device" (streams, events, cudagraph pools, empty_cache) then lands on the worker's own GPU."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def expand_devices(devices: Sequence[str], device: str = "auto") -> list[str]:
+    """One device name per worker for the ``devices`` setting. ``("auto",)`` is every visible CUDA
+    GPU (``cuda:0``, ``cuda:1`` ...), else the CPU; when the older single ``device`` setting names
+    a device, auto means that one device, so ``--device cuda:1`` alone still runs one worker there."""
+    if tuple(devices) != ("auto",):
+        return list(devices)
+    if device != "auto":
+        return [device]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{index}" for index in range(count)] or ["cpu"]
 
 
 def choose_dtype(device: str | torch.device, requested: str | torch.dtype | None = "auto") -> torch.dtype:
