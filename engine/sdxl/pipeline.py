@@ -80,7 +80,7 @@ from engine.imaging.upscaler import (
 from engine.io.imageio import encode_image
 from engine.io.metadata import MetadataInput, build_metadata_list, metadata_text
 from engine.io.metadata.write import fast_upscale_metadata
-from engine.prompts.assembly import PromptTask, process_resolved
+from engine.prompts.assembly import PromptPlan, PromptTask, process_resolved
 from engine.prompts.expansion import FooocusExpansion, load_expansion
 from engine.prompts.styles import StyleLibrary
 from engine.prompts.wildcards import WildcardLibrary
@@ -310,15 +310,15 @@ class SDXLRunner:
     def batch_key(self, request: GenerationRequest) -> Hashable | None:
         """What jobs must share to run as one batched sampling loop; None = never batched.
 
-        Batched: text-to-image, one image per job (``image_number == 1``: each job is one batch row,
-        so a batch never grows past the engine's ``max_batch`` rows), no refiner, no FreeU,
-        cfg ≉ 1, and a sampler whose rows stay independent (not heunpp2 / dpm_adaptive). The key is
-        what the sampling loop's shapes and weights depend on: model, VAE, performance (steps,
-        sampler defaults, its LoRA), steps, size, sampler, scheduler, the LoRA list. Prompts, seeds,
-        cfg, sharpness, adaptive CFG, ADM scalers and clip skip are per item. Inline ``<lora:...>``
-        and wildcards are only known after resolution: :meth:`run_batch` splits a batch whose
-        resolved plans differ."""
-        if (request.image_task is not None or request.image_number != 1 or request.refiner_model not in (None, "None")
+        Batched: text-to-image with no refiner, no FreeU, cfg ≉ 1 and a sampler whose rows stay
+        independent (not heunpp2 / dpm_adaptive). A job of several images is several rows: loop
+        ``i`` samples every job's image ``i`` (so a loop has at most as many rows as the batch has
+        jobs). The key is what the sampling loop's shapes and weights depend on: model, VAE,
+        performance (steps, sampler defaults, its LoRA), steps, size, sampler, scheduler, the LoRA
+        list. Prompts, seeds, image counts, cfg, sharpness, adaptive CFG, ADM scalers and clip skip
+        are per job. Inline ``<lora:...>`` and wildcards are only known after resolution:
+        :meth:`run_batch` splits a batch whose resolved plans differ."""
+        if (request.image_task is not None or request.refiner_model not in (None, "None")
                 or (request.freeu is not None and request.freeu.enabled) or math.isclose(request.cfg, 1.0)
                 or request.sampler in NOT_ROW_INDEPENDENT):
             return None
@@ -349,7 +349,7 @@ class SDXLRunner:
         outcomes: list[BaseException | None] = [None] * len(ctxs)
         expansion_ok = self._expansion_available()
         available_loras = self.registry.names("loras")
-        groups: dict[Hashable, list[_BatchRow]] = {}
+        groups: dict[Hashable, list[_BatchJob]] = {}
         alone: list[int] = []
         for position, ctx in enumerate(ctxs):
             try:
@@ -365,8 +365,8 @@ class SDXLRunner:
                 plan = process_resolved(resolved, style_library=self.styles, wildcards=self.wildcards,
                                         expansion=self._expansion, available_loras=available_loras)
                 key = (resolved.base_model, resolved.vae, resolved.width, resolved.height, resolved.steps,
-                       resolved.sampler, resolved.scheduler, resolved.denoise, tuple(plan.loras), len(plan.tasks))
-                groups.setdefault(key, []).append(_BatchRow(position, ctx, resolved, plan))
+                       resolved.sampler, resolved.scheduler, resolved.denoise, tuple(plan.loras))
+                groups.setdefault(key, []).append(_BatchJob(position, ctx, resolved, plan))
             except HooocusError as exc:
                 outcomes[position] = exc
         for rows in groups.values():
@@ -384,27 +384,40 @@ class SDXLRunner:
                 outcomes[position] = exc
         return outcomes
 
-    def _run_rows(self, rows: list[_BatchRow]) -> None:
-        """One batched sampling loop over ``rows`` (same resolved key; text-to-image, one image each)."""
-        first = rows[0].resolved
+    def _run_rows(self, jobs: list[_BatchJob]) -> None:
+        """Batched sampling for ``jobs`` (same resolved key; text-to-image). Loop ``i`` samples image
+        ``i`` of every job that has one, so a loop never has more rows than the batch has jobs (the
+        memory the engine's ``max_batch`` allows) and every job advances from the first loop on."""
+        first = jobs[0].resolved
         base = self._load_base(first.base_model, vae=first.vae)
-        self._apply_loras(base, rows[0].plan.loras, _WarnAll([row.ctx for row in rows]))
+        self._apply_loras(base, jobs[0].plan.loras, _WarnAll([job.ctx for job in jobs]))
+        for job in jobs:
+            job.ctx.started(self._started_params(job.resolved, base, job.plan.tasks), job.resolved.seeds,
+                            job.resolved.steps * len(job.plan.tasks))
+        for image in range(max(len(job.plan.tasks) for job in jobs)):
+            rows = [(k, job, job.plan.tasks[image]) for k, job in enumerate(jobs)
+                    if image < len(job.plan.tasks) and job.outcome is None]
+            if rows:
+                self._sample_rows(base, rows)
+
+    def _sample_rows(self, base: LoadedModel, rows: list[tuple[int, _BatchJob, PromptTask]]) -> None:
+        """One batched sampling loop: row ``r`` is image ``task.index`` of batch job ``k``."""
+        first = rows[0][1].resolved
         comps = base.components
         device, dtype = comps.device, comps.dtype
-        width, height, steps_wanted = first.width, first.height, first.steps
-        for row in rows:
-            row.ctx.started(self._started_params(row.resolved, base, row.plan.tasks), row.resolved.seeds,
-                            row.resolved.steps)
+        width, height = first.width, first.height
         ms = model_sampling_for(first.scheduler)
-        sigma_plan = plan_sigmas(ms, first.sampler, first.scheduler, steps_wanted, denoise=first.denoise,
+        sigma_plan = plan_sigmas(ms, first.sampler, first.scheduler, first.steps, denoise=first.denoise,
                                  fooocus_quirks=self.settings.fooocus_quirks)
         latent_shape = (1, 4, height // 8, width // 8)
         items: list[BatchItem] = []
         noises: list[torch.Tensor] = []
-        for k, row in enumerate(rows):
-            r, task, ctx = row.resolved, row.plan.tasks[0], row.ctx
-            ctx.progress(0, r.steps, stage="encode", image_index=task.index, image_count=1)
-            pos_cond, pos_pooled, neg_cond, neg_pooled = self._encode_prompts(base, r, task, row.prefix(k))
+        generators: list[torch.Generator] = []
+        trees: list[BrownianNoise] = []
+        for k, job, task in rows:
+            r, ctx, prefix = job.resolved, job.ctx, _trace_prefix(k, task.index)
+            ctx.progress(0, r.steps, stage="encode", image_index=task.index, image_count=len(job.plan.tasks))
+            pos_cond, pos_pooled, neg_cond, neg_pooled = self._encode_prompts(base, r, task, prefix)
             adm = {"positive_scale": r.adm_scaler_positive, "negative_scale": r.adm_scaler_negative,
                    "device": device, "dtype": dtype}
             items.append(BatchItem(base_branch(pos_cond, pos_pooled, width, height, prompt_type="positive", **adm),
@@ -412,53 +425,55 @@ class SDXLRunner:
                                    Guidance(cfg=r.cfg, sharpness=r.sharpness, adaptive_cfg=r.adaptive_cfg,
                                             adm_scaler_end=r.adm_scaler_end)))
             # each image its own seeded streams, exactly as when it runs alone (spec §7.4)
-            noise, row.generator = prepare_noise(task.task_seed, latent_shape)
+            noise, generator = prepare_noise(task.task_seed, latent_shape)
             noises.append(noise.to(device))
-            row.brownian = BrownianNoise(latent_shape, sigma_plan.brownian_sigma_min, sigma_plan.brownian_sigma_max,
-                                         task.task_seed, device=device)
-            self._record(f"{row.prefix(k)}sigmas", sigma_plan.sigmas)
-            self._record(f"{row.prefix(k)}noise", noises[-1])
+            generators.append(generator)
+            trees.append(BrownianNoise(latent_shape, sigma_plan.brownian_sigma_min, sigma_plan.brownian_sigma_max,
+                                       task.task_seed, device=device))
+            self._record(f"{prefix}sigmas", sigma_plan.sigmas)
+            self._record(f"{prefix}noise", noises[-1])
         denoiser = BatchedDenoiser(comps.unet, items, ms, compute_dtype=dtype)
 
         def drop_cancelled() -> None:
-            for k, row in enumerate(rows):
-                if denoiser.active[k]:
-                    self._drop_if_cancelled(row, denoiser, k)
+            for r, (_k, job, _task) in enumerate(rows):
+                if denoiser.active[r] and _cancelled(job):
+                    denoiser.active[r] = False
 
-        denoiser.before_call = drop_cancelled
+        denoiser.before_call = drop_cancelled  # a cancel between two UNet calls already saves the next
         drop_cancelled()
         steps = len(sigma_plan.sigmas) - 1
         template = torch.zeros(latent_shape, device=device)
         sde = first.sampler in SDE_SAMPLERS
 
         def noise_sampler(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-            # per-item streams, concatenated in row order; a dropped row draws nothing (its stream
+            # per-image streams, concatenated in row order; a dropped row draws nothing (its stream
             # simply stops) and gets zeros, which its frozen row ignores
             parts = []
-            for k, row in enumerate(rows):
-                if not denoiser.active[k]:
+            for r in range(len(rows)):
+                if not denoiser.active[r]:
                     parts.append(torch.zeros_like(template))
                 elif sde:
-                    parts.append(row.brownian(sigma, sigma_next).to(device))
+                    parts.append(trees[r](sigma, sigma_next).to(device))
                 else:
-                    parts.append(randn_like(template, row.generator))
+                    parts.append(randn_like(template, generators[r]))
             return torch.cat(parts)
 
         preview_every = self.settings.preview_every_n_steps
 
         def callback(state: dict[str, Any]) -> None:
             i = int(state["i"])
-            for k, row in enumerate(rows):
-                if not denoiser.active[k] or self._drop_if_cancelled(row, denoiser, k):
+            drop_cancelled()
+            for r, (k, job, task) in enumerate(rows):
+                if not denoiser.active[r]:
                     continue
-                index = row.plan.tasks[0].index
                 if self.trace is not None:
-                    self._record(f"{row.prefix(k)}step{i:02d}.x", state["x"][k:k + 1])
-                    self._record(f"{row.prefix(k)}step{i:02d}.denoised", state["denoised"][k:k + 1])
-                row.ctx.progress(min(i + 1, steps), steps, stage="sample", image_index=index, image_count=1)
+                    self._record(f"{_trace_prefix(k, task.index)}step{i:02d}.x", state["x"][r:r + 1])
+                    self._record(f"{_trace_prefix(k, task.index)}step{i:02d}.denoised", state["denoised"][r:r + 1])
+                job.ctx.progress(min(i + 1, steps), steps, stage="sample", image_index=task.index,
+                                 image_count=len(job.plan.tasks))
                 if (i + 1) % preview_every == 0 or i + 1 == steps:
-                    row.ctx.preview(latent_to_rgb(state["denoised"][k].float()), step=min(i + 1, steps),
-                                    image_index=index)
+                    job.ctx.preview(latent_to_rgb(state["denoised"][r].float()), step=min(i + 1, steps),
+                                    image_index=task.index)
             if not any(denoiser.active):
                 raise _BatchEmptied
 
@@ -469,31 +484,19 @@ class SDXLRunner:
                             callback=callback, model_sampling=ms, noise_sampler=noise_sampler)
         except _BatchEmptied:
             return
-        for k, row in enumerate(rows):
-            if not denoiser.active[k] or self._drop_if_cancelled(row, denoiser, k):
+        for r, (k, job, task) in enumerate(rows):
+            if not denoiser.active[r] or _cancelled(job):
                 continue  # a cancel during the last step skips the decode
             try:
-                task, index = row.plan.tasks[0], row.plan.tasks[0].index
-                self._record(f"{row.prefix(k)}latent", latent[k:k + 1])
-                row.ctx.progress(steps, steps, stage="decode", image_index=index, image_count=1)
-                rgb = self._decode(comps, latent[k:k + 1], index, prefix=f"item{k}.")
-                row.ctx.check_cancelled()
-                overwrite_switch = row.ctx.request.refiner_switch_step or -1
-                row.ctx.image(self._encode(row.resolved, task, base, None, rgb, index, row.plan.loras,
+                self._record(f"{_trace_prefix(k, task.index)}latent", latent[r:r + 1])
+                job.ctx.progress(steps, steps, stage="decode", image_index=task.index, image_count=len(job.plan.tasks))
+                rgb = self._decode(comps, latent[r:r + 1], task.index, prefix=f"item{k}.")
+                job.ctx.check_cancelled()
+                overwrite_switch = job.ctx.request.refiner_switch_step or -1
+                job.ctx.image(self._encode(job.resolved, task, base, None, rgb, task.index, job.plan.loras,
                                            overwrite_switch))
             except HooocusError as exc:
-                row.outcome = exc
-
-    @staticmethod
-    def _drop_if_cancelled(row: _BatchRow, denoiser: BatchedDenoiser, k: int) -> bool:
-        """Take a cancelled job's row out of the batch (from the next UNet call on)."""
-        try:
-            row.ctx.check_cancelled()
-        except JobCancelled as exc:
-            denoiser.active[k] = False
-            row.outcome = exc
-            return True
-        return False
+                job.outcome = exc
 
     # -- one job -------------------------------------------------------------------------------
 
@@ -1066,21 +1069,31 @@ class _BatchEmptied(Exception):
 
 
 @dataclass
-class _BatchRow:
-    """One job of a batch: its place in ``run_batch``'s list, its context, plan and noise streams."""
+class _BatchJob:
+    """One job of a batch: its place in ``run_batch``'s list, its context, its plan, how it ended."""
 
     position: int
     ctx: RunContext
     resolved: ResolvedRequest
-    plan: Any  # engine.prompts.assembly.PromptPlan
-    generator: torch.Generator | None = None
-    brownian: BrownianNoise | None = None
+    plan: PromptPlan
     outcome: BaseException | None = None
 
-    @staticmethod
-    def prefix(k: int) -> str:
-        """Trace names of batch row ``k`` (image 0 of its job)."""
-        return f"item{k}.image0."
+
+def _trace_prefix(k: int, index: int) -> str:
+    """Trace names of image ``index`` of batch job ``k``."""
+    return f"item{k}.image{index}."
+
+
+def _cancelled(job: _BatchJob) -> bool:
+    """Record a cancel as the job's outcome (its rows leave the batch); True once cancelled."""
+    if isinstance(job.outcome, JobCancelled):
+        return True
+    try:
+        job.ctx.check_cancelled()
+    except JobCancelled as exc:
+        job.outcome = exc
+        return True
+    return False
 
 
 class _WarnAll:
@@ -1095,7 +1108,7 @@ class _WarnAll:
 
 
 def _batchable(resolved: ResolvedRequest) -> bool:
-    """After resolution: what the batched loop does (text-to-image, one image, no refiner/FreeU)."""
-    return (resolved.task == "txt2img" and resolved.image_number == 1 and resolved.refiner_model is None
+    """After resolution: what the batched loop does (text-to-image, no refiner, no FreeU)."""
+    return (resolved.task == "txt2img" and resolved.refiner_model is None
             and not (resolved.freeu is not None and resolved.freeu.enabled) and not math.isclose(resolved.cfg, 1.0)
             and resolved.sampler not in NOT_ROW_INDEPENDENT)

@@ -152,6 +152,48 @@ def test_a_cancelled_job_leaves_the_batch_and_the_others_go_on(runner: SDXLRunne
     assert _png_close(image.data, png_alone)
 
 
+def test_jobs_of_several_images_run_image_by_image_in_the_batch(runner: SDXLRunner) -> None:
+    two = {"prompt": "a fox", "seed": 41, "image_number": 2, "cfg": 5.0}
+    one = {"prompt": MEDIUM, "seed": 51, "sharpness": 6.0}
+    ctx = _ctx("alone2", **two)
+    runner.run(ctx)
+    alone_two = ([e.data for e in _images(ctx)],
+                 [runner.trace.values[f"image{i}.latent"] for i in range(2)])  # type: ignore[union-attr]
+    png_one, latent_one = _alone(runner, "alone1", **one)
+    jobs = [_ctx("b2", **two), _ctx("b1", **one)]
+    sizes, hook = _unet_batch_sizes(runner)
+    try:
+        assert runner.run_batch(jobs) == [None, None]
+    finally:
+        hook.remove()
+    assert sizes == [4] * 3 + [2] * 3  # loop 0: both jobs' image 0; loop 1: the first job's image 1
+    values = runner.trace.values  # type: ignore[union-attr]
+    for i in range(2):
+        assert rel(values[f"item0.image{i}.latent"], alone_two[1][i]) <= LATENT_REL
+        assert _png_close(_images(jobs[0])[i].data, alone_two[0][i])
+    assert [e.index for e in _images(jobs[0])] == [0, 1] and [e.seed for e in _images(jobs[0])] == [41, 42]
+    started = jobs[0].job.events_after(0)[0]
+    assert isinstance(started, Started) and started.total_steps == 2 * 3
+    assert rel(values["item1.image0.latent"], latent_one) <= LATENT_REL
+    assert _png_close(_images(jobs[1])[0].data, png_one)
+
+
+def test_a_job_the_loop_cannot_batch_runs_alone_inside_run_batch(runner: SDXLRunner) -> None:
+    plain = {"prompt": "a fox", "seed": 61}
+    single_branch = {"prompt": "a cat", "seed": 62, "cfg": 1.0}  # cfg 1: positive branch only (spec §6)
+    png_plain, _latent = _alone(runner, "p", **plain)
+    png_single, _latent = _alone(runner, "s", **single_branch)
+    ctxs = [_ctx("bs", **single_branch), _ctx("bp", **plain)]
+    sizes, hook = _unet_batch_sizes(runner)
+    try:
+        assert runner.run_batch(ctxs) == [None, None]
+    finally:
+        hook.remove()
+    assert sorted(sizes) == [1] * 3 + [2] * 3  # the cfg-1 job through run (1 row), the other in the loop
+    assert _images(ctxs[0])[0].data == png_single  # run() itself: byte-equal
+    assert _png_close(_images(ctxs[1])[0].data, png_plain)
+
+
 def test_run_batch_of_one_is_run(runner: SDXLRunner) -> None:
     fields = {"prompt": "a fox", "seed": 31, "cfg": 5.0}
     png_alone, latent_alone = _alone(runner, "alone", **fields)
@@ -177,7 +219,8 @@ def test_batch_key_agrees_on_per_item_values_and_excludes_what_it_cannot_batch(r
     for change in ({"steps": 4}, {"width": 128}, {"sampler": "euler"}, {"scheduler": "normal"},
                    {"performance": "Quality"}, {"loras": [{"name": "x.safetensors", "weight": 0.5}]}):
         assert key(**change) not in (None, same), change
-    for excluded in ({"image_number": 2}, {"refiner_model": "demo-refiner"}, {"freeu": {"enabled": True}},
+    assert key(image_number=3) == same  # a job of several images is several rows
+    for excluded in ({"refiner_model": "demo-refiner"}, {"freeu": {"enabled": True}},
                      {"cfg": 1.0}, {"sampler": "heunpp2"}, {"sampler": "dpm_adaptive"},
                      {"uov_method": "Vary (Subtle)", "input_image": "sha256:" + "0" * 64}):
         assert key(**excluded) is None, excluded
