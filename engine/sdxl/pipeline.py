@@ -310,21 +310,23 @@ class SDXLRunner:
     def batch_key(self, request: GenerationRequest) -> Hashable | None:
         """What jobs must share to run as one batched sampling loop; None = never batched.
 
-        Batched: text-to-image with no refiner, no FreeU, cfg ≉ 1 and a sampler whose rows stay
+        Batched: text-to-image with no FreeU, cfg ≉ 1 and a sampler whose rows stay
         independent (not heunpp2 / dpm_adaptive). A job of several images is several rows: loop
         ``i`` samples every job's image ``i`` (so a loop has at most as many rows as the batch has
         jobs). The key is what the sampling loop's shapes and weights depend on: model, VAE,
-        performance (steps, sampler defaults, its LoRA), steps, size, sampler, scheduler, the LoRA
-        list. Prompts, seeds, image counts, cfg, sharpness, adaptive CFG, ADM scalers and clip skip
+        performance (steps, sampler defaults, its LoRA), steps, size, sampler, scheduler, the refiner
+        plan (model, switch, swap method), the LoRA list. Prompts, seeds, image counts, cfg, sharpness, adaptive CFG, ADM scalers and clip skip
         are per job. Inline ``<lora:...>`` and wildcards are only known after resolution:
         :meth:`run_batch` splits a batch whose resolved plans differ."""
-        if (request.image_task is not None or request.refiner_model not in (None, "None")
+        if (request.image_task is not None
                 or (request.freeu is not None and request.freeu.enabled) or math.isclose(request.cfg, 1.0)
                 or request.sampler in NOT_ROW_INDEPENDENT):
             return None
         size = (request.width, request.height) if request.width and request.height else request.aspect_ratio
+        refiner = None if request.refiner_model in (None, "None") else (
+            request.refiner_model, request.refiner_switch, request.refiner_switch_step, request.refiner_swap_method)
         return ("sdxl", request.base_model or self.default_model_name, request.vae, request.performance,
-                request.steps, size, request.sampler, request.scheduler,
+                request.steps, size, request.sampler, request.scheduler, refiner,
                 tuple((lora.name, float(lora.weight), bool(lora.enabled)) for lora in request.loras))
 
     def run_batch(self, ctxs: list[RunContext]) -> list[BaseException | None]:
@@ -365,7 +367,8 @@ class SDXLRunner:
                 plan = process_resolved(resolved, style_library=self.styles, wildcards=self.wildcards,
                                         expansion=self._expansion, available_loras=available_loras)
                 key = (resolved.base_model, resolved.vae, resolved.width, resolved.height, resolved.steps,
-                       resolved.sampler, resolved.scheduler, resolved.denoise, tuple(plan.loras))
+                       resolved.sampler, resolved.scheduler, resolved.denoise, tuple(plan.loras),
+                       resolved.refiner_model, resolved.switch_step, resolved.refiner_swap_method)
                 groups.setdefault(key, []).append(_BatchJob(position, ctx, resolved, plan))
             except HooocusError as exc:
                 outcomes[position] = exc
@@ -389,8 +392,13 @@ class SDXLRunner:
         ``i`` of every job that has one, so a loop never has more rows than the batch has jobs (the
         memory the engine's ``max_batch`` allows) and every job advances from the first loop on."""
         first = jobs[0].resolved
+        warn = _WarnAll([job.ctx for job in jobs])
         base = self._load_base(first.base_model, vae=first.vae)
-        self._apply_loras(base, jobs[0].plan.loras, _WarnAll([job.ctx for job in jobs]))
+        refiner = self._load_refiner(first.refiner_model) if first.refiner_model else None
+        self._apply_loras(base, jobs[0].plan.loras, warn)
+        if refiner is not None:  # spec §8: performance LoRAs go to the base only
+            perf = {first.performance_lora} if first.performance_lora else set()
+            self._apply_loras(refiner, [entry for entry in jobs[0].plan.loras if entry not in perf], warn)
         for job in jobs:
             job.ctx.started(self._started_params(job.resolved, base, job.plan.tasks), job.resolved.seeds,
                             job.resolved.steps * len(job.plan.tasks))
@@ -398,10 +406,12 @@ class SDXLRunner:
             rows = [(k, job, job.plan.tasks[image]) for k, job in enumerate(jobs)
                     if image < len(job.plan.tasks) and job.outcome is None]
             if rows:
-                self._sample_rows(base, rows)
+                self._sample_rows(base, refiner, rows)
 
-    def _sample_rows(self, base: LoadedModel, rows: list[tuple[int, _BatchJob, PromptTask]]) -> None:
-        """One batched sampling loop: row ``r`` is image ``task.index`` of batch job ``k``."""
+    def _sample_rows(self, base: LoadedModel, refiner: LoadedModel | None,
+                     rows: list[tuple[int, _BatchJob, PromptTask]]) -> None:
+        """One batched sampling loop: row ``r`` is image ``task.index`` of batch job ``k``; the refiner
+        swap (spec §8, joint or separate) happens for every row at the same step, as the key agrees."""
         first = rows[0][1].resolved
         comps = base.components
         device, dtype = comps.device, comps.dtype
@@ -411,6 +421,8 @@ class SDXLRunner:
                                  fooocus_quirks=self.settings.fooocus_quirks)
         latent_shape = (1, 4, height // 8, width // 8)
         items: list[BatchItem] = []
+        refiner_items: list[BatchItem] = []
+        refiner_timed_adm = False
         noises: list[torch.Tensor] = []
         generators: list[torch.Generator] = []
         trees: list[BrownianNoise] = []
@@ -420,10 +432,16 @@ class SDXLRunner:
             pos_cond, pos_pooled, neg_cond, neg_pooled = self._encode_prompts(base, r, task, prefix)
             adm = {"positive_scale": r.adm_scaler_positive, "negative_scale": r.adm_scaler_negative,
                    "device": device, "dtype": dtype}
+            guidance = Guidance(cfg=r.cfg, sharpness=r.sharpness, adaptive_cfg=r.adaptive_cfg,
+                                adm_scaler_end=r.adm_scaler_end)
             items.append(BatchItem(base_branch(pos_cond, pos_pooled, width, height, prompt_type="positive", **adm),
                                    base_branch(neg_cond, neg_pooled, width, height, prompt_type="negative", **adm),
-                                   Guidance(cfg=r.cfg, sharpness=r.sharpness, adaptive_cfg=r.adaptive_cfg,
-                                            adm_scaler_end=r.adm_scaler_end)))
+                                   guidance))
+            if refiner is not None:
+                stage = self._refiner_stage(refiner, pos_cond, pos_pooled, neg_cond, neg_pooled, width, height,
+                                            comps.text_encoder_2.config.hidden_size, adm)
+                refiner_items.append(BatchItem(stage.positive, stage.negative, guidance))
+                refiner_timed_adm = stage.timed_adm
             # each image its own seeded streams, exactly as when it runs alone (spec §7.4)
             noise, generator = prepare_noise(task.task_seed, latent_shape)
             noises.append(noise.to(device))
@@ -442,6 +460,14 @@ class SDXLRunner:
         denoiser.before_call = drop_cancelled  # a cancel between two UNet calls already saves the next
         drop_cancelled()
         steps = len(sigma_plan.sigmas) - 1
+        switch = first.switch_step
+        joint = refiner is not None and first.refiner_swap_method != "separate"
+        step_offset = 0
+
+        def swap_to_refiner() -> None:
+            assert refiner is not None
+            denoiser.unet, denoiser.items, denoiser.timed_adm = refiner.components.unet, refiner_items, refiner_timed_adm
+
         template = torch.zeros(latent_shape, device=device)
         sde = first.sampler in SDE_SAMPLERS
 
@@ -461,16 +487,20 @@ class SDXLRunner:
         preview_every = self.settings.preview_every_n_steps
 
         def callback(state: dict[str, Any]) -> None:
-            i = int(state["i"])
+            i = int(state["i"]) + step_offset
             drop_cancelled()
+            if joint and i == switch:  # spec §8 quirk: the swap fires after step `switch` ran on the base
+                swap_to_refiner()
+            # joint: step `switch` itself still runs on the base; separate: the refiner starts at it
+            refining = refiner is not None and (i > switch if joint else i >= switch)
             for r, (k, job, task) in enumerate(rows):
                 if not denoiser.active[r]:
                     continue
                 if self.trace is not None:
                     self._record(f"{_trace_prefix(k, task.index)}step{i:02d}.x", state["x"][r:r + 1])
                     self._record(f"{_trace_prefix(k, task.index)}step{i:02d}.denoised", state["denoised"][r:r + 1])
-                job.ctx.progress(min(i + 1, steps), steps, stage="sample", image_index=task.index,
-                                 image_count=len(job.plan.tasks))
+                job.ctx.progress(min(i + 1, steps), steps, stage="refine" if refining else "sample",
+                                 image_index=task.index, image_count=len(job.plan.tasks))
                 if (i + 1) % preview_every == 0 or i + 1 == steps:
                     job.ctx.preview(latent_to_rgb(state["denoised"][r].float()), step=min(i + 1, steps),
                                     image_index=task.index)
@@ -479,9 +509,19 @@ class SDXLRunner:
 
         if not any(denoiser.active):
             return
+        run = {"generator": None, "callback": callback, "model_sampling": ms, "noise_sampler": noise_sampler}
+        noise = torch.cat(noises)
         try:
-            latent = sample(denoiser, first.sampler, sigma_plan.sigmas, torch.cat(noises), generator=None,
-                            callback=callback, model_sampling=ms, noise_sampler=noise_sampler)
+            if refiner is not None and not joint and 0 < switch < steps:
+                # spec §8 "separate": base over sigmas[:switch+1], then the refiner continues from that
+                # latent with zero new noise and the same per-row streams
+                latent = sample(denoiser, first.sampler, sigma_plan.sigmas[: switch + 1], noise, **run)
+                swap_to_refiner()
+                step_offset = switch
+                latent = sample(denoiser, first.sampler, sigma_plan.sigmas[switch:], torch.zeros_like(noise),
+                                latent=latent, **run)
+            else:
+                latent = sample(denoiser, first.sampler, sigma_plan.sigmas, noise, **run)
         except _BatchEmptied:
             return
         for r, (k, job, task) in enumerate(rows):
@@ -493,7 +533,7 @@ class SDXLRunner:
                 rgb = self._decode(comps, latent[r:r + 1], task.index, prefix=f"item{k}.")
                 job.ctx.check_cancelled()
                 overwrite_switch = job.ctx.request.refiner_switch_step or -1
-                job.ctx.image(self._encode(job.resolved, task, base, None, rgb, task.index, job.plan.loras,
+                job.ctx.image(self._encode(job.resolved, task, base, refiner, rgb, task.index, job.plan.loras,
                                            overwrite_switch))
             except HooocusError as exc:
                 job.outcome = exc
@@ -1108,7 +1148,7 @@ class _WarnAll:
 
 
 def _batchable(resolved: ResolvedRequest) -> bool:
-    """After resolution: what the batched loop does (text-to-image, no refiner, no FreeU)."""
-    return (resolved.task == "txt2img" and resolved.refiner_model is None
+    """After resolution: what the batched loop does (text-to-image, no FreeU, two branches)."""
+    return (resolved.task == "txt2img"
             and not (resolved.freeu is not None and resolved.freeu.enabled) and not math.isclose(resolved.cfg, 1.0)
             and resolved.sampler not in NOT_ROW_INDEPENDENT)

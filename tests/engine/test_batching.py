@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.core.constants import DEMO_REFINER
 from engine.core.errors import JobCancelled
 from engine.core.events import ImageReady, Preview, Progress, Started
 from engine.core.jobs import Job, RunContext
@@ -178,6 +179,23 @@ def test_jobs_of_several_images_run_image_by_image_in_the_batch(runner: SDXLRunn
     assert _png_close(_images(jobs[1])[0].data, png_one)
 
 
+@pytest.mark.parametrize("swap", ["joint", "separate"])
+def test_the_refiner_swap_happens_for_every_row_and_each_equals_itself_alone(runner: SDXLRunner, swap: str) -> None:
+    shared = {"steps": 4, "refiner_model": DEMO_REFINER, "refiner_switch_step": 2, "refiner_swap_method": swap,
+              "sampler": "dpmpp_2m_sde_gpu"}
+    requests = [{"prompt": "a fox", "seed": 71, **shared}, {"prompt": MEDIUM, "seed": 72, "cfg": 8.0, **shared}]
+    alone = [_alone(runner, f"r{i}", **fields) for i, fields in enumerate(requests)]
+    ctxs = [_ctx(f"rb{i}", **fields) for i, fields in enumerate(requests)]
+    assert runner.batch_key(ctxs[0].request) == runner.batch_key(ctxs[1].request) is not None
+    assert runner.run_batch(ctxs) == [None, None]
+    for k, (ctx, (png, latent)) in enumerate(zip(ctxs, alone, strict=True)):
+        assert rel(runner.trace.values[f"item{k}.image0.latent"], latent) <= LATENT_REL  # type: ignore[union-attr]
+        assert _png_close(_images(ctx)[0].data, png)
+        stages = [e.stage for e in ctx.job.events_after(0) if isinstance(e, Progress) and e.stage != "encode"]
+        refine_from = 3 if swap == "joint" else 2  # joint: step `switch` itself still runs on the base
+        assert stages == ["sample"] * refine_from + ["refine"] * (4 - refine_from) + ["decode"]
+
+
 def test_a_job_the_loop_cannot_batch_runs_alone_inside_run_batch(runner: SDXLRunner) -> None:
     plain = {"prompt": "a fox", "seed": 61}
     single_branch = {"prompt": "a cat", "seed": 62, "cfg": 1.0}  # cfg 1: positive branch only (spec §6)
@@ -220,7 +238,9 @@ def test_batch_key_agrees_on_per_item_values_and_excludes_what_it_cannot_batch(r
                    {"performance": "Quality"}, {"loras": [{"name": "x.safetensors", "weight": 0.5}]}):
         assert key(**change) not in (None, same), change
     assert key(image_number=3) == same  # a job of several images is several rows
-    for excluded in ({"refiner_model": "demo-refiner"}, {"freeu": {"enabled": True}},
+    assert key(refiner_model=DEMO_REFINER) not in (None, same)
+    assert key(refiner_model=DEMO_REFINER, refiner_switch_step=2) != key(refiner_model=DEMO_REFINER)
+    for excluded in ( {"freeu": {"enabled": True}},
                      {"cfg": 1.0}, {"sampler": "heunpp2"}, {"sampler": "dpm_adaptive"},
                      {"uov_method": "Vary (Subtle)", "input_image": "sha256:" + "0" * 64}):
         assert key(**excluded) is None, excluded
