@@ -310,23 +310,23 @@ class SDXLRunner:
     def batch_key(self, request: GenerationRequest) -> Hashable | None:
         """What jobs must share to run as one batched sampling loop; None = never batched.
 
-        Batched: text-to-image with no FreeU, cfg ≉ 1 and a sampler whose rows stay
+        Batched: text-to-image with cfg ≉ 1 and a sampler whose rows stay
         independent (not heunpp2 / dpm_adaptive). A job of several images is several rows: loop
         ``i`` samples every job's image ``i`` (so a loop has at most as many rows as the batch has
         jobs). The key is what the sampling loop's shapes and weights depend on: model, VAE,
         performance (steps, sampler defaults, its LoRA), steps, size, sampler, scheduler, the refiner
-        plan (model, switch, swap method), the LoRA list. Prompts, seeds, image counts, cfg, sharpness, adaptive CFG, ADM scalers and clip skip
+        plan (model, switch, swap method), FreeU, the LoRA list. Prompts, seeds, image counts, cfg, sharpness, adaptive CFG, ADM scalers and clip skip
         are per job. Inline ``<lora:...>`` and wildcards are only known after resolution:
         :meth:`run_batch` splits a batch whose resolved plans differ."""
-        if (request.image_task is not None
-                or (request.freeu is not None and request.freeu.enabled) or math.isclose(request.cfg, 1.0)
-                or request.sampler in NOT_ROW_INDEPENDENT):
+        if request.image_task is not None or math.isclose(request.cfg, 1.0) or request.sampler in NOT_ROW_INDEPENDENT:
             return None
         size = (request.width, request.height) if request.width and request.height else request.aspect_ratio
         refiner = None if request.refiner_model in (None, "None") else (
             request.refiner_model, request.refiner_switch, request.refiner_switch_step, request.refiner_swap_method)
+        # FreeU patches the shared UNet (its statistics are per image, so rows stay independent)
+        freeu = request.freeu.model_dump_json() if request.freeu is not None and request.freeu.enabled else None
         return ("sdxl", request.base_model or self.default_model_name, request.vae, request.performance,
-                request.steps, size, request.sampler, request.scheduler, refiner,
+                request.steps, size, request.sampler, request.scheduler, refiner, freeu,
                 tuple((lora.name, float(lora.weight), bool(lora.enabled)) for lora in request.loras))
 
     def run_batch(self, ctxs: list[RunContext]) -> list[BaseException | None]:
@@ -368,7 +368,8 @@ class SDXLRunner:
                                         expansion=self._expansion, available_loras=available_loras)
                 key = (resolved.base_model, resolved.vae, resolved.width, resolved.height, resolved.steps,
                        resolved.sampler, resolved.scheduler, resolved.denoise, tuple(plan.loras),
-                       resolved.refiner_model, resolved.switch_step, resolved.refiner_swap_method)
+                       resolved.refiner_model, resolved.switch_step, resolved.refiner_swap_method,
+                       resolved.freeu if resolved.freeu is not None and resolved.freeu.enabled else None)
                 groups.setdefault(key, []).append(_BatchJob(position, ctx, resolved, plan))
             except HooocusError as exc:
                 outcomes[position] = exc
@@ -402,11 +403,19 @@ class SDXLRunner:
         for job in jobs:
             job.ctx.started(self._started_params(job.resolved, base, job.plan.tasks), job.resolved.seeds,
                             job.resolved.steps * len(job.plan.tasks))
-        for image in range(max(len(job.plan.tasks) for job in jobs)):
-            rows = [(k, job, job.plan.tasks[image]) for k, job in enumerate(jobs)
-                    if image < len(job.plan.tasks) and job.outcome is None]
-            if rows:
-                self._sample_rows(base, refiner, rows)
+        freeu = None
+        if first.freeu is not None and first.freeu.enabled:
+            f = first.freeu
+            freeu = apply_freeu_v2(base.components.unet, b1=f.b1, b2=f.b2, s1=f.s1, s2=f.s2)
+        try:
+            for image in range(max(len(job.plan.tasks) for job in jobs)):
+                rows = [(k, job, job.plan.tasks[image]) for k, job in enumerate(jobs)
+                        if image < len(job.plan.tasks) and job.outcome is None]
+                if rows:
+                    self._sample_rows(base, refiner, rows)
+        finally:
+            if freeu is not None:
+                freeu.remove()
 
     def _sample_rows(self, base: LoadedModel, refiner: LoadedModel | None,
                      rows: list[tuple[int, _BatchJob, PromptTask]]) -> None:
@@ -1148,7 +1157,6 @@ class _WarnAll:
 
 
 def _batchable(resolved: ResolvedRequest) -> bool:
-    """After resolution: what the batched loop does (text-to-image, no FreeU, two branches)."""
-    return (resolved.task == "txt2img"
-            and not (resolved.freeu is not None and resolved.freeu.enabled) and not math.isclose(resolved.cfg, 1.0)
+    """After resolution: what the batched loop does (text-to-image, two branches, row-independent)."""
+    return (resolved.task == "txt2img" and not math.isclose(resolved.cfg, 1.0)
             and resolved.sampler not in NOT_ROW_INDEPENDENT)

@@ -196,6 +196,19 @@ def test_the_refiner_swap_happens_for_every_row_and_each_equals_itself_alone(run
         assert stages == ["sample"] * refine_from + ["refine"] * (4 - refine_from) + ["decode"]
 
 
+def test_freeu_is_applied_once_for_the_batch_and_each_image_equals_itself_alone(runner: SDXLRunner) -> None:
+    requests = [{"prompt": "a fox", "seed": 81, "freeu": {"enabled": True}},
+                {"prompt": MEDIUM, "seed": 82, "sharpness": 4.0, "freeu": {"enabled": True}}]
+    alone = [_alone(runner, f"f{i}", **fields) for i, fields in enumerate(requests)]
+    ctxs = [_ctx(f"fb{i}", **fields) for i, fields in enumerate(requests)]
+    assert runner.run_batch(ctxs) == [None, None]
+    for k, (ctx, (png, latent)) in enumerate(zip(ctxs, alone, strict=True)):
+        assert rel(runner.trace.values[f"item{k}.image0.latent"], latent) <= LATENT_REL  # type: ignore[union-attr]
+        assert _png_close(_images(ctx)[0].data, png)
+    unet = runner.base_components.unet  # type: ignore[union-attr]
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())  # FreeU taken off again
+
+
 def test_a_job_the_loop_cannot_batch_runs_alone_inside_run_batch(runner: SDXLRunner) -> None:
     plain = {"prompt": "a fox", "seed": 61}
     single_branch = {"prompt": "a cat", "seed": 62, "cfg": 1.0}  # cfg 1: positive branch only (spec §6)
@@ -240,8 +253,7 @@ def test_batch_key_agrees_on_per_item_values_and_excludes_what_it_cannot_batch(r
     assert key(image_number=3) == same  # a job of several images is several rows
     assert key(refiner_model=DEMO_REFINER) not in (None, same)
     assert key(refiner_model=DEMO_REFINER, refiner_switch_step=2) != key(refiner_model=DEMO_REFINER)
-    for excluded in ( {"freeu": {"enabled": True}},
-                     {"cfg": 1.0}, {"sampler": "heunpp2"}, {"sampler": "dpm_adaptive"},
+    for excluded in ({"cfg": 1.0}, {"sampler": "heunpp2"}, {"sampler": "dpm_adaptive"},
                      {"uov_method": "Vary (Subtle)", "input_image": "sha256:" + "0" * 64}):
         assert key(**excluded) is None, excluded
 
