@@ -47,9 +47,10 @@ SDE_SAMPLERS: frozenset[str] = frozenset(
     {"dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu"}
 )
 
-#: Samplers whose batch rows are not independent: heunpp2 draws its discarded churn normal for the
-#: whole batch from one generator, dpm_adaptive picks one step size from the whole batch's error.
-#: A batch of several images must not use them (issue 15: each image equals itself run alone).
+#: Samplers the batched loop (issue 15) does not take: dpm_adaptive picks one step size from the
+#: whole batch's error, so rows are not independent; heunpp2 draws its discarded churn normal from
+#: ``generator`` directly, which a batch (one stream per row, no shared generator) cannot give it
+#: without touching the global RNG.
 NOT_ROW_INDEPENDENT: frozenset[str] = frozenset({"heunpp2", "dpm_adaptive"})
 
 #: UniPC's final sigma: it cannot step to exactly 0.
@@ -922,9 +923,8 @@ def sample(
       ``sigmas`` and the generator's seed.
     - ``model_sampling``: also gives TCD its timesteps and ᾱ table.
     - ``noise_sampler``: replaces both streams for every sampler that takes its noise through
-      ``noise_sampler`` (a batch's per-item streams concatenated, issue 15). heunpp2 (draws from
-      ``generator`` directly) and dpm_adaptive (one step-size control over the whole batch) do not
-      keep batch rows independent: see ``NOT_ROW_INDEPENDENT``.
+      ``noise_sampler`` (a batch's per-item streams concatenated, issue 15); see
+      ``NOT_ROW_INDEPENDENT`` for the two samplers a batch must not use.
     """
     if sampler_name not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler_name!r}")
