@@ -373,15 +373,15 @@ class SDXLRunner:
                 groups.setdefault(key, []).append(_BatchJob(position, ctx, resolved, plan))
             except HooocusError as exc:
                 outcomes[position] = exc
-        for rows in groups.values():
+        for jobs in groups.values():
             try:
-                self._run_rows(rows)
+                self._run_rows(jobs)
             except HooocusError as exc:  # e.g. a model that fails to load: every job of this group
-                for row in rows:
-                    row.outcome = row.outcome or exc
-            for row in rows:
-                outcomes[row.position] = row.outcome
-        for position in alone:  # resolved to something the batched loop does not do (e.g. a refiner)
+                for job in jobs:
+                    job.outcome = job.outcome or exc
+            for job in jobs:
+                outcomes[job.position] = job.outcome
+        for position in alone:  # something the batched loop does not do (e.g. cfg 1): exactly run()
             try:
                 self._run(ctxs[position])
             except HooocusError as exc:

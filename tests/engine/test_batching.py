@@ -231,6 +231,24 @@ def test_a_job_the_loop_cannot_batch_runs_alone_inside_run_batch(runner: SDXLRun
     assert _png_close(_images(ctxs[1])[0].data, png_plain)
 
 
+def test_a_cancelled_job_of_several_images_gets_no_later_loop(runner: SDXLRunner) -> None:
+    victim, survivor = _ctx("v2", prompt="a fox", seed=91, image_number=2), _ctx("s2", prompt="a cat", seed=92)
+
+    def cancel_after_step_1(event: Any) -> None:
+        if isinstance(event, Progress) and event.stage == "sample" and event.step == 1:
+            victim.job.cancel_token.cancel("user")
+
+    victim.job.subscribe(cancel_after_step_1)
+    sizes, hook = _unet_batch_sizes(runner)
+    try:
+        outcomes = runner.run_batch([victim, survivor])
+    finally:
+        hook.remove()
+    assert isinstance(outcomes[0], JobCancelled) and outcomes[1] is None
+    assert sizes == [4, 2, 2]  # its image 1 never starts a second loop
+    assert not _images(victim) and len(_images(survivor)) == 1
+
+
 def test_run_batch_of_one_is_run(runner: SDXLRunner) -> None:
     fields = {"prompt": "a fox", "seed": 31, "cfg": 5.0}
     png_alone, latent_alone = _alone(runner, "alone", **fields)
