@@ -311,6 +311,14 @@ class Runner(Protocol):
     ``run`` must call ``ctx.started`` first, ``ctx.check_cancelled()`` at least once per sampling
     step, and ``ctx.image`` for each finished image. Raising :class:`JobCancelled` (from the
     cancel token) ends the job as cancelled; :class:`HooocusError` as failed with its code.
+
+    Optional (issue 15 dynamic batching; found with ``getattr``):
+    ``batch_key(request) -> Hashable | None``: jobs with equal non-None keys may run together;
+    None = never batch this request. ``run_batch(ctxs) -> list[BaseException | None]``: runs the
+    jobs as one batched loop, each emitting into its own ctx; returns one outcome per ctx in order:
+    None = done, else the :class:`HooocusError` that ended that job (:class:`JobCancelled` for a job
+    cancelled mid-batch), i.e. what ``run(ctx)`` would have raised; any other exception raised from
+    ``run_batch`` ends every job of the batch. ``run_batch([ctx])`` behaves as ``run(ctx)``.
     """
 
     def check(self, request: GenerationRequest) -> None:

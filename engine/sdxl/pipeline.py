@@ -15,8 +15,10 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import math
 import os
 import random
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +39,7 @@ from engine.core.errors import (
     AssetsMissing,
     HooocusError,
     InvalidRequest,
+    JobCancelled,
     ModelMissing,
     UnknownLora,
     UnknownModel,
@@ -77,13 +80,21 @@ from engine.imaging.upscaler import (
 from engine.io.imageio import encode_image
 from engine.io.metadata import MetadataInput, build_metadata_list, metadata_text
 from engine.io.metadata.write import fast_upscale_metadata
-from engine.prompts.assembly import PromptTask, process_resolved
+from engine.prompts.assembly import PromptPlan, PromptTask, process_resolved
 from engine.prompts.expansion import FooocusExpansion, load_expansion
 from engine.prompts.styles import StyleLibrary
 from engine.prompts.wildcards import WildcardLibrary
 from engine.sdxl.acceleration import AccelerationConfig, Accelerator
 from engine.sdxl.conditioning.encode import TextEncoders, TextEncodingCache, encode_texts
-from engine.sdxl.denoiser import Guidance, SDXLDenoiser, Stage, base_branch, refiner_branch
+from engine.sdxl.denoiser import (
+    BatchedDenoiser,
+    BatchItem,
+    Guidance,
+    SDXLDenoiser,
+    Stage,
+    base_branch,
+    refiner_branch,
+)
 from engine.sdxl.img2img import inpaint_start_latent
 from engine.sdxl.inpaint_unet import InpaintEngine
 from engine.sdxl.models.freeu import apply_freeu_v2
@@ -107,8 +118,8 @@ from engine.sdxl.modes import PERFORMANCE_MODES
 from engine.sdxl.preview import latent_to_rgb
 from engine.sdxl.resolve import ResolvedRequest, resolve_request
 from engine.sdxl.sampling.model_sampling import model_sampling_for
-from engine.sdxl.sampling.noise import BrownianNoise, prepare_noise
-from engine.sdxl.sampling.samplers import sample
+from engine.sdxl.sampling.noise import BrownianNoise, prepare_noise, randn_like
+from engine.sdxl.sampling.samplers import NOT_ROW_INDEPENDENT, SDE_SAMPLERS, sample
 from engine.sdxl.sampling.schedules import plan_sigmas
 from engine.sdxl.vae_io import posterior_generator, vae_decode, vae_encode
 
@@ -308,6 +319,248 @@ class SDXLRunner:
         with torch.inference_mode():
             self._run(ctx)
 
+    # -- dynamic batching (issue 15) ---------------------------------------------------------
+
+    def batch_key(self, request: GenerationRequest) -> Hashable | None:
+        """What jobs must share to run as one batched sampling loop; None = never batched.
+
+        Batched: text-to-image with cfg ≉ 1 and a sampler whose rows stay
+        independent (not heunpp2 / dpm_adaptive). A job of several images is several rows: loop
+        ``i`` samples every job's image ``i`` (so a loop has at most as many rows as the batch has
+        jobs). The key is what the sampling loop's shapes and weights depend on: model, VAE,
+        performance (steps, sampler defaults, its LoRA), steps, size, sampler, scheduler, the refiner
+        plan (model, switch, swap method), FreeU, the LoRA list. Prompts, seeds, image counts, cfg, sharpness, adaptive CFG, ADM scalers and clip skip
+        are per job. Inline ``<lora:...>`` and wildcards are only known after resolution:
+        :meth:`run_batch` splits a batch whose resolved plans differ."""
+        if request.image_task is not None or math.isclose(request.cfg, 1.0) or request.sampler in NOT_ROW_INDEPENDENT:
+            return None
+        size = (request.width, request.height) if request.width and request.height else request.aspect_ratio
+        refiner = None if request.refiner_model in (None, "None") else (
+            request.refiner_model, request.refiner_switch, request.refiner_switch_step, request.refiner_swap_method)
+        # FreeU patches the shared UNet (its statistics are per image, so rows stay independent)
+        freeu = request.freeu.model_dump_json() if request.freeu is not None and request.freeu.enabled else None
+        return ("sdxl", request.base_model or self.default_model_name, request.vae, request.performance,
+                request.steps, size, request.sampler, request.scheduler, refiner, freeu,
+                tuple((lora.name, float(lora.weight), bool(lora.enabled)) for lora in request.loras))
+
+    def run_batch(self, ctxs: list[RunContext]) -> list[BaseException | None]:
+        """Run jobs whose :meth:`batch_key` agree as one batched sampling loop (UNet once per step for
+        all of them); each job gets its own events in its own ctx.
+
+        Returns one outcome per ctx, in order: None = finished, else the :class:`HooocusError` that
+        ended it (:class:`JobCancelled` for a job cancelled mid-batch: its row leaves the batch at the
+        next step, the others go on), exactly what ``run(ctx)`` would have raised. Any other
+        exception is raised and ends every job of the batch, as it would end one ``run``.
+        ``run_batch([ctx])`` is ``run(ctx)``."""
+        if len(ctxs) == 1:
+            try:
+                self.run(ctxs[0])
+            except HooocusError as exc:
+                return [exc]
+            return [None]
+        with torch.inference_mode():
+            return self._run_batch(ctxs)
+
+    def _run_batch(self, ctxs: list[RunContext]) -> list[BaseException | None]:
+        outcomes: list[BaseException | None] = [None] * len(ctxs)
+        expansion_ok = self._expansion_available()
+        available_loras = self.registry.names("loras")
+        groups: dict[Hashable, list[_BatchJob]] = {}
+        alone: list[int] = []
+        for position, ctx in enumerate(ctxs):
+            try:
+                ctx.check_cancelled()
+                if self.batch_key(ctx.request) is None:  # the engine should not send these; stay correct
+                    alone.append(position)
+                    continue
+                resolved = self._resolve(ctx.request, expansion_ok, available_loras)
+                if not _batchable(resolved):
+                    alone.append(position)
+                    continue
+                resolved = self._announce(ctx, resolved)
+                plan = process_resolved(resolved, style_library=self.styles, wildcards=self.wildcards,
+                                        expansion=self._expansion, available_loras=available_loras)
+                key = (resolved.base_model, resolved.vae, resolved.width, resolved.height, resolved.steps,
+                       resolved.sampler, resolved.scheduler, resolved.denoise, tuple(plan.loras),
+                       resolved.refiner_model, resolved.switch_step, resolved.refiner_swap_method,
+                       resolved.freeu if resolved.freeu is not None and resolved.freeu.enabled else None)
+                groups.setdefault(key, []).append(_BatchJob(position, ctx, resolved, plan))
+            except HooocusError as exc:
+                outcomes[position] = exc
+        for jobs in groups.values():
+            try:
+                self._run_rows(jobs)
+            except HooocusError as exc:  # e.g. a model that fails to load: every job of this group
+                for job in jobs:
+                    job.outcome = job.outcome or exc
+            for job in jobs:
+                outcomes[job.position] = job.outcome
+        for position in alone:  # something the batched loop does not do (e.g. cfg 1): exactly run()
+            try:
+                self._run(ctxs[position])
+            except HooocusError as exc:
+                outcomes[position] = exc
+        return outcomes
+
+    def _run_rows(self, jobs: list[_BatchJob]) -> None:
+        """Batched sampling for ``jobs`` (same resolved key; text-to-image). Loop ``i`` samples image
+        ``i`` of every job that has one, so a loop never has more rows than the batch has jobs (the
+        memory the engine's ``max_batch`` allows) and every job advances from the first loop on."""
+        first = jobs[0].resolved
+        warn = _WarnAll([job.ctx for job in jobs])
+        base = self._load_base(first.base_model, vae=first.vae)
+        refiner = self._load_refiner(first.refiner_model) if first.refiner_model else None
+        self._apply_loras(base, jobs[0].plan.loras, warn)
+        if refiner is not None:  # spec §8: performance LoRAs go to the base only
+            perf = {first.performance_lora} if first.performance_lora else set()
+            self._apply_loras(refiner, [entry for entry in jobs[0].plan.loras if entry not in perf], warn)
+        for job in jobs:
+            job.ctx.started(self._started_params(job.resolved, base, job.plan.tasks), job.resolved.seeds,
+                            job.resolved.steps * len(job.plan.tasks))
+        freeu = None
+        if first.freeu is not None and first.freeu.enabled:
+            f = first.freeu
+            freeu = apply_freeu_v2(base.components.unet, b1=f.b1, b2=f.b2, s1=f.s1, s2=f.s2)
+        try:
+            for image in range(max(len(job.plan.tasks) for job in jobs)):
+                rows = [(k, job, job.plan.tasks[image]) for k, job in enumerate(jobs)
+                        if image < len(job.plan.tasks) and job.outcome is None]
+                if rows:
+                    self._sample_rows(base, refiner, rows)
+        finally:
+            if freeu is not None:
+                freeu.remove()
+
+    def _sample_rows(self, base: LoadedModel, refiner: LoadedModel | None,
+                     rows: list[tuple[int, _BatchJob, PromptTask]]) -> None:
+        """One batched sampling loop: row ``r`` is image ``task.index`` of batch job ``k``; the refiner
+        swap (spec §8, joint or separate) happens for every row at the same step, as the key agrees."""
+        first = rows[0][1].resolved
+        comps = base.components
+        device, dtype = comps.device, comps.dtype
+        width, height = first.width, first.height
+        ms = model_sampling_for(first.scheduler)
+        sigma_plan = plan_sigmas(ms, first.sampler, first.scheduler, first.steps, denoise=first.denoise,
+                                 fooocus_quirks=self.settings.fooocus_quirks)
+        latent_shape = (1, 4, height // 8, width // 8)
+        items: list[BatchItem] = []
+        refiner_items: list[BatchItem] = []
+        refiner_timed_adm = False
+        noises: list[torch.Tensor] = []
+        generators: list[torch.Generator] = []
+        trees: list[BrownianNoise] = []
+        for k, job, task in rows:
+            r, ctx, prefix = job.resolved, job.ctx, _trace_prefix(k, task.index)
+            ctx.progress(0, r.steps, stage="encode", image_index=task.index, image_count=len(job.plan.tasks))
+            pos_cond, pos_pooled, neg_cond, neg_pooled = self._encode_prompts(base, r, task, prefix)
+            adm = {"positive_scale": r.adm_scaler_positive, "negative_scale": r.adm_scaler_negative,
+                   "device": device, "dtype": dtype}
+            guidance = Guidance(cfg=r.cfg, sharpness=r.sharpness, adaptive_cfg=r.adaptive_cfg,
+                                adm_scaler_end=r.adm_scaler_end)
+            items.append(BatchItem(base_branch(pos_cond, pos_pooled, width, height, prompt_type="positive", **adm),
+                                   base_branch(neg_cond, neg_pooled, width, height, prompt_type="negative", **adm),
+                                   guidance))
+            if refiner is not None:
+                stage = self._refiner_stage(refiner, pos_cond, pos_pooled, neg_cond, neg_pooled, width, height,
+                                            comps.text_encoder_2.config.hidden_size, adm)
+                refiner_items.append(BatchItem(stage.positive, stage.negative, guidance))
+                refiner_timed_adm = stage.timed_adm
+            # each image its own seeded streams, exactly as when it runs alone (spec §7.4)
+            noise, generator = prepare_noise(task.task_seed, latent_shape)
+            noises.append(noise.to(device))
+            generators.append(generator)
+            trees.append(BrownianNoise(latent_shape, sigma_plan.brownian_sigma_min, sigma_plan.brownian_sigma_max,
+                                       task.task_seed, device=device))
+            self._record(f"{prefix}sigmas", sigma_plan.sigmas)
+            self._record(f"{prefix}noise", noises[-1])
+        denoiser = BatchedDenoiser(comps.unet, items, ms, compute_dtype=dtype)
+
+        def drop_cancelled() -> None:
+            for r, (_k, job, _task) in enumerate(rows):
+                if denoiser.active[r] and _cancelled(job):
+                    denoiser.active[r] = False
+
+        denoiser.before_call = drop_cancelled  # a cancel between two UNet calls already saves the next
+        drop_cancelled()
+        steps = len(sigma_plan.sigmas) - 1
+        switch = first.switch_step
+        joint = refiner is not None and first.refiner_swap_method != "separate"
+        step_offset = 0
+
+        def swap_to_refiner() -> None:
+            assert refiner is not None
+            denoiser.unet, denoiser.items, denoiser.timed_adm = refiner.components.unet, refiner_items, refiner_timed_adm
+
+        template = torch.zeros(latent_shape, device=device)
+        sde = first.sampler in SDE_SAMPLERS
+
+        def noise_sampler(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+            # per-image streams, concatenated in row order; a dropped row draws nothing (its stream
+            # simply stops) and gets zeros, which its frozen row ignores
+            parts = []
+            for r in range(len(rows)):
+                if not denoiser.active[r]:
+                    parts.append(torch.zeros_like(template))
+                elif sde:
+                    parts.append(trees[r](sigma, sigma_next).to(device))
+                else:
+                    parts.append(randn_like(template, generators[r]))
+            return torch.cat(parts)
+
+        preview_every = self.settings.preview_every_n_steps
+
+        def callback(state: dict[str, Any]) -> None:
+            i = int(state["i"]) + step_offset
+            drop_cancelled()
+            if joint and i == switch:  # spec §8 quirk: the swap fires after step `switch` ran on the base
+                swap_to_refiner()
+            # joint: step `switch` itself still runs on the base; separate: the refiner starts at it
+            refining = refiner is not None and (i > switch if joint else i >= switch)
+            for r, (k, job, task) in enumerate(rows):
+                if not denoiser.active[r]:
+                    continue
+                if self.trace is not None:
+                    self._record(f"{_trace_prefix(k, task.index)}step{i:02d}.x", state["x"][r:r + 1])
+                    self._record(f"{_trace_prefix(k, task.index)}step{i:02d}.denoised", state["denoised"][r:r + 1])
+                job.ctx.progress(min(i + 1, steps), steps, stage="refine" if refining else "sample",
+                                 image_index=task.index, image_count=len(job.plan.tasks))
+                if (i + 1) % preview_every == 0 or i + 1 == steps:
+                    job.ctx.preview(latent_to_rgb(state["denoised"][r].float()), step=min(i + 1, steps),
+                                    image_index=task.index)
+            if not any(denoiser.active):
+                raise _BatchEmptied
+
+        if not any(denoiser.active):
+            return
+        run = {"generator": None, "callback": callback, "model_sampling": ms, "noise_sampler": noise_sampler}
+        noise = torch.cat(noises)
+        try:
+            if refiner is not None and not joint and 0 < switch < steps:
+                # spec §8 "separate": base over sigmas[:switch+1], then the refiner continues from that
+                # latent with zero new noise and the same per-row streams
+                latent = sample(denoiser, first.sampler, sigma_plan.sigmas[: switch + 1], noise, **run)
+                swap_to_refiner()
+                step_offset = switch
+                latent = sample(denoiser, first.sampler, sigma_plan.sigmas[switch:], torch.zeros_like(noise),
+                                latent=latent, **run)
+            else:
+                latent = sample(denoiser, first.sampler, sigma_plan.sigmas, noise, **run)
+        except _BatchEmptied:
+            return
+        for r, (k, job, task) in enumerate(rows):
+            if not denoiser.active[r] or _cancelled(job):
+                continue  # a cancel during the last step skips the decode
+            try:
+                self._record(f"{_trace_prefix(k, task.index)}latent", latent[r:r + 1])
+                job.ctx.progress(steps, steps, stage="decode", image_index=task.index, image_count=len(job.plan.tasks))
+                rgb = self._decode(comps, latent[r:r + 1], task.index, prefix=f"item{k}.")
+                job.ctx.check_cancelled()
+                overwrite_switch = job.ctx.request.refiner_switch_step or -1
+                job.ctx.image(self._encode(job.resolved, task, base, refiner, rgb, task.index, job.plan.loras,
+                                           overwrite_switch))
+            except HooocusError as exc:
+                job.outcome = exc
+
     # -- one job -------------------------------------------------------------------------------
 
     def _run(self, ctx: RunContext) -> None:
@@ -319,12 +572,7 @@ class SDXLRunner:
         if request.image_task is not None and image is None:
             raise InvalidRequest("input_image was not resolved to pixels", loc=("input_image",))
         input_size = (int(image.shape[1]), int(image.shape[0])) if image is not None else None
-        resolved = resolve_request(
-            ctx.request, default_model=self.default_model_name,
-            default_styles=self.settings.default_styles or self.styles.default_styles(expansion_available=expansion_ok),
-            style_library=self.styles, rng=random.SystemRandom(), available_loras=available_loras,
-            expansion_available=expansion_ok, fooocus_quirks=self.settings.fooocus_quirks,
-            input_size=input_size)
+        resolved = self._resolve(request, expansion_ok, available_loras, input_size)
         if resolved.task == "upscale_fast":
             self._run_fast_upscale(ctx, resolved, image)
             return
@@ -346,18 +594,7 @@ class SDXLRunner:
                     seed=resolved.seed, seeds=resolved.seeds)
             else:
                 self._inpaint_weights_present(resolved)  # model_missing before any model loads
-        for code, message in resolved.warnings:
-            ctx.warning(code, message)
-        if resolved.use_expansion and self._expansion is not None:
-            notice = self._expansion.take_notice()
-            if notice:
-                ctx.warning("non_commercial", notice)
-        if (resolved.performance_lora is not None and resolved.base_model == DEMO_MODEL
-                and not self._lora_installed(resolved.performance_lora[0])):
-            # The demo model cannot use a real LoRA anyway: run the mode's sampler settings without it.
-            ctx.warning("assets_missing", f"{resolved.performance_lora[0]} is not installed; the demo model runs "
-                                          f"{resolved.performance} without it")
-            resolved = dataclasses.replace(resolved, performance_lora=None, loras=resolved.user_loras)
+        resolved = self._announce(ctx, resolved)
         uov_pixels = None
         if resolved.task in ("vary", "upscale"):
             uov_pixels = self._uov_pixels(resolved, image)
@@ -387,12 +624,7 @@ class SDXLRunner:
             inpaint = self._inpaint_latents(resolved, base, inpaint_pixels)
             resolved = dataclasses.replace(resolved, width=int(inpaint.latent_fill.shape[-1]) * 8,
                                            height=int(inpaint.latent_fill.shape[-2]) * 8)
-        params = resolved.to_public_dict()
-        params["base_model"] = base.components.name
-        params["prompts"] = [{"seed": str(t.task_seed), "positive": t.positive, "negative": t.negative,
-                              "expansion": t.expansion, "styles": t.styles} for t in plan.tasks]
-        params["is_demo"] = base.components.is_demo
-        ctx.started(params, resolved.seeds, resolved.steps * len(plan.tasks))
+        ctx.started(self._started_params(resolved, base, plan.tasks), resolved.seeds, resolved.steps * len(plan.tasks))
         freeu = None
         if resolved.freeu is not None and resolved.freeu.enabled:
             f = resolved.freeu
@@ -417,18 +649,7 @@ class SDXLRunner:
         width, height = resolved.width, resolved.height
         comps = base.components
         ctx.progress(0, resolved.steps, stage="encode", image_index=index, image_count=image_count)
-        encoders = TextEncoders(comps.text_encoder, comps.text_encoder_2, comps.tokenizer, comps.tokenizer_2)
-        pos_cond, pos_pooled = encode_texts(encoders, task.positive, pool_top_k=task.positive_top_k,
-                                            clip_skip=resolved.clip_skip, cache=base.text_cache)
-        if task.negative_is_positive:
-            neg_cond, neg_pooled = pos_cond, pos_pooled
-        else:
-            neg_cond, neg_pooled = encode_texts(encoders, task.negative, pool_top_k=task.negative_top_k,
-                                                clip_skip=resolved.clip_skip, cache=base.text_cache)
-        self._record(f"image{index}.positive.cond", pos_cond)
-        self._record(f"image{index}.positive.pooled", pos_pooled)
-        self._record(f"image{index}.negative.cond", neg_cond)
-        self._record(f"image{index}.negative.pooled", neg_pooled)
+        pos_cond, pos_pooled, neg_cond, neg_pooled = self._encode_prompts(base, resolved, task, f"image{index}.")
 
         device, dtype = comps.device, comps.dtype
         adm = {"positive_scale": resolved.adm_scaler_positive, "negative_scale": resolved.adm_scaler_negative,
@@ -543,7 +764,8 @@ class SDXLRunner:
                                     aesthetic_score=REFINER_NEGATIVE_AESTHETIC, **args),
                      timed_adm=False)
 
-    def _decode(self, comps: SDXLComponents, latent: torch.Tensor, index: int, *, tiled: bool = False) -> np.ndarray:
+    def _decode(self, comps: SDXLComponents, latent: torch.Tensor, index: int, *, tiled: bool = False,
+                prefix: str = "") -> np.ndarray:
         """VAE decode → clamp((x+1)/2) → uint8 by truncation, as Fooocus saves it (parity README).
         ``tiled``: Fooocus's tiled decode (spec §12.1 step 4, Upscale)."""
         vae = comps.vae
@@ -559,7 +781,7 @@ class SDXLRunner:
                 self.recover_after_oom()
                 decoded = vae.tiled_decode(z, return_dict=False)[0]
             image = torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)[0].permute(1, 2, 0).cpu()
-        self._record(f"image{index}.decoded", image)
+        self._record(f"{prefix}image{index}.decoded", image)
         return np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8)
 
     def _encode(self, resolved: ResolvedRequest, task: PromptTask, base: LoadedModel, refiner: LoadedModel | None,
@@ -594,6 +816,60 @@ class SDXLRunner:
         return ImageReady(job_id="", index=index, seed=task.task_seed, data=data,
                           mime=MIME_BY_FORMAT[resolved.output_format], width=width, height=height,
                           sha256=hashlib.sha256(data).hexdigest(), metadata=metadata)
+
+    # -- shared steps of run and run_batch -----------------------------------------------------
+
+    def _resolve(self, request: GenerationRequest, expansion_ok: bool, available_loras: list[str],
+                 input_size: tuple[int, int] | None = None) -> ResolvedRequest:
+        return resolve_request(
+            request, default_model=self.default_model_name,
+            default_styles=self.settings.default_styles or self.styles.default_styles(expansion_available=expansion_ok),
+            style_library=self.styles, rng=random.SystemRandom(), available_loras=available_loras,
+            expansion_available=expansion_ok, fooocus_quirks=self.settings.fooocus_quirks,
+            input_size=input_size)
+
+    def _announce(self, ctx: RunContext, resolved: ResolvedRequest) -> ResolvedRequest:
+        """Emit the resolution's warnings (and the expansion's licence notice); drop a performance LoRA
+        the demo model cannot have."""
+        for code, message in resolved.warnings:
+            ctx.warning(code, message)
+        if resolved.use_expansion and self._expansion is not None:
+            notice = self._expansion.take_notice()
+            if notice:
+                ctx.warning("non_commercial", notice)
+        if (resolved.performance_lora is not None and resolved.base_model == DEMO_MODEL
+                and not self._lora_installed(resolved.performance_lora[0])):
+            # The demo model cannot use a real LoRA anyway: run the mode's sampler settings without it.
+            ctx.warning("assets_missing", f"{resolved.performance_lora[0]} is not installed; the demo model runs "
+                                          f"{resolved.performance} without it")
+            resolved = dataclasses.replace(resolved, performance_lora=None, loras=resolved.user_loras)
+        return resolved
+
+    def _started_params(self, resolved: ResolvedRequest, base: LoadedModel, tasks: list[PromptTask]) -> dict[str, Any]:
+        params = resolved.to_public_dict()
+        params["base_model"] = base.components.name
+        params["prompts"] = [{"seed": str(t.task_seed), "positive": t.positive, "negative": t.negative,
+                              "expansion": t.expansion, "styles": t.styles} for t in tasks]
+        params["is_demo"] = base.components.is_demo
+        return params
+
+    def _encode_prompts(self, base: LoadedModel, resolved: ResolvedRequest, task: PromptTask,
+                        prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positive cond, pooled, negative cond, pooled) of one image, recorded under ``prefix``."""
+        comps = base.components
+        encoders = TextEncoders(comps.text_encoder, comps.text_encoder_2, comps.tokenizer, comps.tokenizer_2)
+        pos_cond, pos_pooled = encode_texts(encoders, task.positive, pool_top_k=task.positive_top_k,
+                                            clip_skip=resolved.clip_skip, cache=base.text_cache)
+        if task.negative_is_positive:
+            neg_cond, neg_pooled = pos_cond, pos_pooled
+        else:
+            neg_cond, neg_pooled = encode_texts(encoders, task.negative, pool_top_k=task.negative_top_k,
+                                                clip_skip=resolved.clip_skip, cache=base.text_cache)
+        self._record(f"{prefix}positive.cond", pos_cond)
+        self._record(f"{prefix}positive.pooled", pos_pooled)
+        self._record(f"{prefix}negative.cond", neg_cond)
+        self._record(f"{prefix}negative.pooled", neg_pooled)
+        return pos_cond, pos_pooled, neg_cond, neg_pooled
 
     # -- image tasks ---------------------------------------------------------------------------
 
@@ -852,3 +1128,51 @@ def _existing(configured: tuple[Path, ...], default: Path) -> list[Path]:
         return list(configured)
     return [default] if default.is_dir() else []
 
+
+class _BatchEmptied(Exception):
+    """Every row of a batch was cancelled: stop the sampler (each row's outcome is already set)."""
+
+
+@dataclass
+class _BatchJob:
+    """One job of a batch: its place in ``run_batch``'s list, its context, its plan, how it ended."""
+
+    position: int
+    ctx: RunContext
+    resolved: ResolvedRequest
+    plan: PromptPlan
+    outcome: BaseException | None = None
+
+
+def _trace_prefix(k: int, index: int) -> str:
+    """Trace names of image ``index`` of batch job ``k``."""
+    return f"item{k}.image{index}."
+
+
+def _cancelled(job: _BatchJob) -> bool:
+    """Record a cancel as the job's outcome (its rows leave the batch); True once cancelled."""
+    if isinstance(job.outcome, JobCancelled):
+        return True
+    try:
+        job.ctx.check_cancelled()
+    except JobCancelled as exc:
+        job.outcome = exc
+        return True
+    return False
+
+
+class _WarnAll:
+    """A LoRA warning at the batch's shared merge goes to every job that uses those LoRAs."""
+
+    def __init__(self, ctxs: list[RunContext]) -> None:
+        self._ctxs = ctxs
+
+    def warning(self, code: str, message: str) -> None:
+        for ctx in self._ctxs:
+            ctx.warning(code, message)
+
+
+def _batchable(resolved: ResolvedRequest) -> bool:
+    """After resolution: what the batched loop does (text-to-image, two branches, row-independent)."""
+    return (resolved.task == "txt2img" and not math.isclose(resolved.cfg, 1.0)
+            and resolved.sampler not in NOT_ROW_INDEPENDENT)

@@ -17,6 +17,10 @@ final latent rel ≤ 5e-5; the decoded float image PSNR ≥ 100 dB; the PNG max 
 pixels with PSNR ≥ 80 dB. Image runs (README "Effect sizes and tolerance (image runs)"): the same
 criteria, plus the VAE-encoded start latent rel ≤ 1e-4. Each run prints one ``PARITY <run> {json}`` line with the measured numbers.
 
+Dynamic batching (issue 15): run a batched with a partner request (run c's texts, seed and cfg on
+run a's sampler/scheduler/size) in one sampling loop must still meet run a's tolerances, and the
+partner must equal itself run alone (latent rel ≤ 5e-5, the PNG rule); it prints ``PARITY batch``.
+
 Slow: runs a–d took 10.8 CPU-minutes in all (checkpoint generation, load, 4 runs of 6 steps, the
 replayed UNet calls), i.e. about 6–7 min on an idle 2-core machine with ``OMP_NUM_THREADS=2`` (torch
 uses that many threads here; the slow CI step should export it); 15.1 GB peak RSS. The 1024² image
@@ -317,3 +321,83 @@ def test_run_matches_fooocus(parity: ParitySession, run: Path) -> None:
     print(f"PARITY {run.name} {json.dumps(m, sort_keys=True)}")
     bad = failures(m)
     assert not bad, f"{run.name}: outside the parity README tolerances:\n  " + "\n  ".join(bad)
+
+
+# -- dynamic batching (issue 15) -----------------------------------------------------------------
+
+BATCH_RUN = "a_default_cfg4"
+#: The partner's prompt, negative prompt, styles, seed, cfg and sharpness come from this run; its
+#: sampler, scheduler, steps and size from BATCH_RUN, so both requests share one batch key.
+BATCH_PARTNER_RUN = "c_nostyle_euler_a"
+BATCH_KEY_FIELDS = ("performance", "steps", "width", "height", "sampler", "scheduler", "base_model", "vae", "loras")
+
+
+def _png_rule(png: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    diff = np.abs(png.astype(np.int16) - ref.astype(np.int16))
+    return {"max_diff": int(diff.max()), "pixels_differ": float((diff.max(axis=-1) > 0).mean()),
+            "psnr_db": psnr_db(png, ref, 255.0)}
+
+
+def _png_ok(m: dict[str, Any]) -> bool:
+    return m["max_diff"] <= PNG_MAX_DIFF and m["pixels_differ"] <= PNG_DIFF_FRACTION and m["psnr_db"] >= PNG_PSNR_DB
+
+
+@pytest.mark.timeout(1800)
+def test_batched_run_matches_fooocus_and_its_partner_alone(parity: ParitySession) -> None:
+    """Run a batched with a second request in ONE sampling loop (``SDXLRunner.run_batch``): item a
+    meets run a's recorded tolerances (conditioning, every step, latent, decode, PNG); the partner
+    equals itself run alone (latent rel ≤ 5e-5, the PNG rule). The engine's worker is idle between
+    jobs, so calling the runner from the test thread is safe here."""
+    from engine.core.events import ImageReady
+    from engine.core.jobs import Job, RunContext
+    from tests.engine.demo import StubEngine
+
+    by_name = {run.name: run for run in RUNS}
+    run_a, run_c = by_name[BATCH_RUN], by_name[BATCH_PARTNER_RUN]
+    params_a = json.loads((run_a / "params.json").read_text(encoding="utf-8"))
+    params_c = json.loads((run_c / "params.json").read_text(encoding="utf-8"))
+    request_a = request_for(params_a, parity.checkpoint.name, run_a)
+    request_c = request_for(params_c, parity.checkpoint.name, run_c).model_copy(
+        update={name: getattr(request_a, name) for name in BATCH_KEY_FIELDS})
+    runner = parity.runner
+    assert runner.batch_key(request_a) is not None and runner.batch_key(request_a) == runner.batch_key(request_c)
+
+    parity.recorder.values.clear()
+    job = parity.runtime.engine.submit(request_c)
+    assert job.wait(JOB_TIMEOUT_S) and job.state is JobState.DONE, job.info()["error"]
+    alone_latent = parity.recorder.values["image0.latent"]
+    alone_png = np.asarray(Image.open(io.BytesIO(job.images[0].data)).convert("RGB"))
+
+    parity.recorder.values.clear()
+    ctxs = [RunContext(Job(f"batch{k}", request, "local"), StubEngine())  # type: ignore[arg-type]
+            for k, request in enumerate((request_a, request_c))]
+    assert runner.run_batch(ctxs) == [None, None]
+    ours = parity.recorder.values
+    images = [[e for e in ctx.job.events_after(0) if isinstance(e, ImageReady)] for ctx in ctxs]
+    assert [len(found) for found in images] == [1, 1]
+
+    cond = load_file(run_a / "conditioning.safetensors")
+    traj = load_file(run_a / "trajectory.safetensors")
+    latent = load_file(run_a / "latent.safetensors")
+    decoded_ref = load_file(run_a / "decoded_float.safetensors")["image"][0]
+    a = {k.removeprefix("item0.image0."): v for k, v in ours.items() if k.startswith("item0.image0.")}
+    m: dict[str, Any] = {f"{side}.{part}": rel(a[f"{side}.{part}"], cond[f"{side}.{part}"])
+                         for side in ("positive", "negative") for part in ("cond", "pooled")}
+    m["initial_noise"] = rel(a["noise"], latent["initial_noise"])
+    steps = len(traj["sigmas"]) - 1
+    m["step.x"] = max(rel(a[f"step{i:02d}.x"], traj[f"step{i:02d}.x"]) for i in range(steps))
+    m["step.denoised"] = max(rel(a[f"step{i:02d}.denoised"], traj[f"step{i:02d}.denoised"]) for i in range(steps))
+    m["latent"] = rel(a["latent"], latent["latent_model_space"])
+    m["decoded.psnr_db"] = psnr_db(a["decoded"].numpy(), decoded_ref.numpy(), 1.0)
+    png_ref = np.asarray(Image.open(run_a / "image.png").convert("RGB"))
+    m["png"] = _png_rule(np.asarray(Image.open(io.BytesIO(images[0][0].data)).convert("RGB")), png_ref)
+    m["partner.latent_vs_alone"] = rel(ours["item1.image0.latent"], alone_latent)
+    m["partner.png_vs_alone"] = _png_rule(
+        np.asarray(Image.open(io.BytesIO(images[1][0].data)).convert("RGB")), alone_png)
+    print(f"PARITY batch {json.dumps(m, sort_keys=True)}")
+    assert all(m[k] <= COND_REL for k in ("positive.cond", "positive.pooled", "negative.cond", "negative.pooled")), m
+    assert m["initial_noise"] <= NOISE_REL, m
+    assert m["step.x"] <= STEP_REL and m["step.denoised"] <= STEP_REL, m
+    assert m["latent"] <= LATENT_REL and m["decoded.psnr_db"] >= IMAGE_PSNR_DB, m
+    assert _png_ok(m["png"]), m
+    assert m["partner.latent_vs_alone"] <= LATENT_REL and _png_ok(m["partner.png_vs_alone"]), m

@@ -47,6 +47,12 @@ SDE_SAMPLERS: frozenset[str] = frozenset(
     {"dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu"}
 )
 
+#: Samplers the batched loop (issue 15) does not take: dpm_adaptive picks one step size from the
+#: whole batch's error, so rows are not independent; heunpp2 draws its discarded churn normal from
+#: ``generator`` directly, which a batch (one stream per row, no shared generator) cannot give it
+#: without touching the global RNG.
+NOT_ROW_INDEPENDENT: frozenset[str] = frozenset({"heunpp2", "dpm_adaptive"})
+
 #: UniPC's final sigma: it cannot step to exactly 0.
 UNIPC_FINAL_SIGMA = 0.001
 #: TCD's gamma ("eta"): the fraction of the way back from the next timestep it jumps (Fooocus default).
@@ -903,7 +909,7 @@ def sample(
     model: Denoiser, sampler_name: str, sigmas: Tensor, noise: Tensor, *, latent: Tensor | None = None,
     generator: torch.Generator | None = None, brownian: NoiseSampler | None = None, callback: Callback | None = None,
     max_denoise: bool | None = None, model_sampling: ModelSampling | None = None,
-    extra_args: dict[str, Any] | None = None,
+    extra_args: dict[str, Any] | None = None, noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Run one sampler over ``sigmas`` from ``noise`` (+ ``latent``), like Fooocus's KSAMPLER.sample.
 
@@ -916,6 +922,9 @@ def sample(
     - ``brownian``: the image's ``BrownianNoise`` for the SDE samplers; if None, one is built from
       ``sigmas`` and the generator's seed.
     - ``model_sampling``: also gives TCD its timesteps and ᾱ table.
+    - ``noise_sampler``: replaces both streams for every sampler that takes its noise through
+      ``noise_sampler`` (a batch's per-item streams concatenated, issue 15); see
+      ``NOT_ROW_INDEPENDENT`` for the two samplers a batch must not use.
     """
     if sampler_name not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler_name!r}")
@@ -925,7 +934,9 @@ def sample(
         max_denoise = is_max_denoise(ms, float(sigmas[0]))
     x = start_latent(noise, sigmas[0], latent, max_denoise=max_denoise)
     kwargs: dict[str, Any] = {"extra_args": extra_args, "callback": callback, "generator": generator}
-    if sampler_name in SDE_SAMPLERS:
+    if noise_sampler is not None:
+        kwargs["noise_sampler"] = noise_sampler
+    elif sampler_name in SDE_SAMPLERS:
         if brownian is None:
             if generator is None:
                 raise ValueError(f"{sampler_name} needs a BrownianNoise or a seeded generator")
