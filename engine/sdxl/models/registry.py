@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 from engine.core.constants import DEMO_MODEL, DEMO_REFINER
 from engine.core.errors import HooocusError, UnknownLora, UnknownModel
-from engine.sdxl.models.safety import SAFETENSORS_SUFFIX, check_weight_file, sha256_file
+from engine.io.safety import SAFETENSORS_SUFFIX, check_weight_file, sha256_file
 
 if TYPE_CHECKING:
     from engine.core.settings import Settings
