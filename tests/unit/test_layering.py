@@ -44,6 +44,9 @@ FORBIDDEN_ANYWHERE = {
     "engine/": ("hooocus", "hooocus_ws", "hooocus_mcp"),
     "hooocus_ws/": ("hooocus_mcp", "hooocus"),
     "hooocus_mcp/": ("hooocus_ws", "hooocus"),
+    # The two model families stand side by side on core/io/prompts/imaging (issue 17).
+    "engine/flux/": ("engine.sdxl",),
+    "engine/sdxl/": ("engine.flux",),
 }
 #: package -> module prefixes it must not import at module level (a lazy import in a function is
 #: the documented way to reach the heavy family code, e.g. engine.core.runtime -> SDXLRunner).

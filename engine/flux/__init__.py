@@ -1,0 +1,1 @@
+"""The FLUX.1 model family (issue 17)."""
