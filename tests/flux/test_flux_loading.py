@@ -225,3 +225,55 @@ def test_mapping_moves_the_same_values_as_diffusers_converter(guidance: bool) ->
     assert sorted(ours) == sorted(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert all(torch.equal(v, bfl[k]) for k, v in diffusers_to_bfl(ours, config).items())
+
+
+# -- float8 storage -----------------------------------------------------------------------------
+
+
+def _transformer_inputs(config: dict, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    image_tokens, text_tokens = 16, 5
+    inputs = {
+        "hidden_states": torch.randn(1, image_tokens, config["in_channels"], generator=generator),
+        "encoder_hidden_states": torch.randn(1, text_tokens, config["joint_attention_dim"], generator=generator),
+        "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=generator),
+        "timestep": torch.tensor([0.7]),
+        "img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                              indexing="ij"), -1).reshape(-1, 3),
+        "txt_ids": torch.zeros(text_tokens, 3),
+    }
+    if config["guidance_embeds"]:
+        inputs["guidance"] = torch.tensor([3.5])
+    return inputs
+
+
+@pytest.mark.parametrize("variant", ["schnell", "dev"])
+def test_float8_file_stays_float8_and_matches_the_upcast_once_model_exactly(variant: str, tmp_path: Path) -> None:
+    """A float8_e4m3fn transformer file: kept in float8 with per-layer upcast, its output equals the
+    same file upcast to float32 at load bit for bit. Why exact and not a tolerance: both compute every
+    layer in float32 from the same float8 values (the hook casts the weight, then runs the same
+    kernel), so there is no rounding difference to bound."""
+    modules = build_tiny(variant, seed=2)  # type: ignore[arg-type]
+    files = save_bfl_files(modules, tmp_path, variant, dtype=torch.float8_e4m3fn)  # type: ignore[arg-type]
+    tokenizers = save_tokenizers(tmp_path / "tok")
+    extra = {"clip_path": files["clip"], "t5_path": files["t5"], "vae_path": files["vae"], "tokenizer_dir": tokenizers}
+    stored = load_flux(files["transformer"], **extra).transformer
+    upcast = load_flux(files["transformer"], keep_float8=False, **extra).transformer
+
+    linears = {n: m for n, m in stored.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears.values())
+    # Modulation linears too (diffusers' own enable_layerwise_casting would skip every "*norm*" module).
+    assert stored.transformer_blocks[0].norm1.linear.weight.dtype == torch.float8_e4m3fn
+    assert stored.transformer_blocks[0].attn.norm_q.weight.dtype == torch.float32  # RMSNorm scale, upcast once
+    assert all(p.dtype == torch.float32 for p in upcast.parameters())
+    stored_bytes = sum(p.numel() * p.element_size() for p in stored.parameters())
+    upcast_bytes = sum(p.numel() * p.element_size() for p in upcast.parameters())
+    assert stored_bytes < 0.3 * upcast_bytes  # 1 byte instead of 4 for all but the norm scales
+
+    inputs = _transformer_inputs(tiny_configs(variant)["transformer"])  # type: ignore[arg-type]
+    with torch.no_grad():
+        got = stored(**inputs, return_dict=False)[0]
+        want = upcast(**inputs, return_dict=False)[0]
+    assert torch.isfinite(want).all() and torch.equal(got, want)
+    # The hooks put the weights back in float8 after each layer's forward.
+    assert stored.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
