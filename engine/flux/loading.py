@@ -60,6 +60,9 @@ VAE_PREFIXES = ("vae.", "first_stage_model.")
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: diffusers' FluxSingleTransformerBlock widens its MLP by this factor (its ``mlp_ratio`` default).
 MLP_RATIO = 4
+#: Repos whose cached download supplies tokenizer/ + tokenizer_2/ for a single-file model.
+TOKENIZER_REPOS = ("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 #: component -> the load_flux argument that supplies it for a transformer-only file.
 _OPTION_OF = {"text_encoder": "clip_path", "text_encoder_2": "t5_path", "vae": "vae_path"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,7 +96,7 @@ def load_flux(path_or_folder: str | os.PathLike[str], *, device: str | torch.dev
               t5_path: str | os.PathLike[str] | None = None, vae_path: str | os.PathLike[str] | None = None,
               tokenizer_dir: str | os.PathLike[str] | None = None,
               config_dir: str | os.PathLike[str] | None = None, keep_float8: bool = True,
-              name: str | None = None) -> FluxComponents:
+              hf_cache_dir: str | os.PathLike[str] | None = None, name: str | None = None) -> FluxComponents:
     """Load a FLUX.1 model from a diffusers folder or a single ``.safetensors`` file.
 
     ``clip_path`` / ``t5_path`` / ``vae_path``: a component as a ``.safetensors`` file or a diffusers
@@ -103,11 +106,19 @@ def load_flux(path_or_folder: str | os.PathLike[str], *, device: str | torch.dev
     brings its own. ``config_dir``: a diffusers-layout folder whose ``<component>/config.json`` replace
     the bundled configs for a single file. ``keep_float8``: keep a float8 transformer in float8 with
     per-layer upcast (else it is upcast once to ``dtype``).
+
+    ``path_or_folder`` is an operator-given location, or a Hugging Face repo id ``org/name`` (optionally
+    ``org/name/file.safetensors``) found in the local HF cache (``hf_cache_dir``, default the HF default;
+    never the network). A name a *client* sent must be resolved through the model registry first.
+    Without ``tokenizer_dir``, a single file takes its tokenizers from a cached FLUX.1 repo.
     """
     location = Path(path_or_folder)
     if not location.exists():
-        raise UnknownModel(f"no model at {location}")
-    label = name or location.name
+        cached = find_in_hf_cache(str(path_or_folder), cache_dir=hf_cache_dir)
+        if cached is None:
+            raise UnknownModel(f"no model at {str(path_or_folder)[:200]} (nor in the Hugging Face cache)")
+        location = cached
+    label = name or (str(path_or_folder) if location != Path(path_or_folder) else location.name)
     device = torch.device(device)
     dtype = choose_dtype(device, dtype)
     if location.is_dir():
@@ -129,12 +140,38 @@ def load_flux(path_or_folder: str | os.PathLike[str], *, device: str | torch.dev
         options = ", ".join(missing)
         raise AssetsMissing(f"{label} holds only the FLUX.1 transformer; give {options} "
                             "(CLIP-L, T5-XXL and VAE files or folders)")
-    tokenizer, tokenizer_2 = load_flux_tokenizers(Path(tokenizer_dir) if tokenizer_dir is not None
-                                                  else own_tokenizers)
+    if tokenizer_dir is not None:
+        own_tokenizers = Path(tokenizer_dir)
+    elif own_tokenizers is None:
+        own_tokenizers = next(filter(None, (find_in_hf_cache(repo, cache_dir=hf_cache_dir)
+                                            for repo in TOKENIZER_REPOS)), None)
+    tokenizer, tokenizer_2 = load_flux_tokenizers(own_tokenizers)
     return FluxComponents(
         transformer=parts["transformer"], vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer,
         text_encoder_2=parts["text_encoder_2"], tokenizer_2=tokenizer_2, scheduler_config=parts["scheduler_config"],
         variant=parts["variant"], name=label)
+
+
+# -- the Hugging Face cache --------------------------------------------------------------------------
+
+
+def find_in_hf_cache(spec: str, *, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The cached snapshot folder of ``org/name`` or the cached ``org/name/path/file.safetensors``; None
+    when not cached. Never downloads (``local_files_only``)."""
+    parts = spec.split("/")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    if not _REPO_ID.match(repo_id) or ".." in parts or (filename and not filename.endswith(".safetensors")):
+        return None
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+    cache = os.fspath(cache_dir) if cache_dir is not None else None
+    try:
+        if filename:
+            hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache)
+            return Path(hit) if isinstance(hit, str) else None
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except (OSError, ValueError):  # hub "not cached" errors are OSErrors; a bad id is a ValueError
+        return None
 
 
 # -- tokenizers -----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.core.errors import AssetsMissing, ModelInvalid, UnsafeFile
+from engine.core.errors import AssetsMissing, ModelInvalid, UnknownModel, UnsafeFile
 from engine.flux.components import FluxComponents
 from engine.flux.configs import COMPONENTS, bundled_config
 from engine.flux.loading import bfl_to_diffusers, detect_family, diffusers_to_bfl, load_flux
@@ -277,3 +277,32 @@ def test_float8_file_stays_float8_and_matches_the_upcast_once_model_exactly(vari
     assert torch.isfinite(want).all() and torch.equal(got, want)
     # The hooks put the weights back in float8 after each layer's forward.
     assert stored.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+
+
+def _cache_repo(cache: Path, repo_id: str) -> Path:
+    """An offline Hugging Face cache entry (refs/main -> snapshots/<commit>/), as the hub client lays it out."""
+    entry = cache / f"models--{repo_id.replace('/', '--')}"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0" * 40)
+    snapshot = entry / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def test_hf_cache_repo_ids_load_offline_with_cached_tokenizers(tiny: dict, tmp_path: Path) -> None:
+    import shutil
+
+    cache = tmp_path / "hub"
+    shutil.copytree(tiny["folder"], _cache_repo(cache, "acme/tiny-flux"), dirs_exist_ok=True)
+    loaded = load_flux("acme/tiny-flux", hf_cache_dir=cache)
+    assert loaded.name == "acme/tiny-flux"
+    assert_same_weights(loaded, tiny["modules"])
+    # A single file from a cached repo; its tokenizers from a cached FLUX.1 repo (no tokenizer_dir).
+    shutil.copy(tiny["aio"], _cache_repo(cache, "acme/tiny-aio") / "flux-aio.safetensors")
+    shutil.copytree(tiny["tokenizers"], _cache_repo(cache, "black-forest-labs/FLUX.1-schnell"), dirs_exist_ok=True)
+    loaded = load_flux("acme/tiny-aio/flux-aio.safetensors", hf_cache_dir=cache)
+    assert_same_weights(loaded, tiny["modules"])
+    with pytest.raises(UnknownModel):
+        load_flux("acme/not-cached", hf_cache_dir=cache)
+    with pytest.raises(UnknownModel):
+        load_flux("acme/tiny-aio/../tiny-flux", hf_cache_dir=cache)
