@@ -558,7 +558,8 @@ def transformer_key_rows(config: Mapping[str, Any]) -> list[_Row]:
     return rows
 
 
-def _split_sizes(config: Mapping[str, Any], parts: int) -> list[int]:
+def split_sizes(config: Mapping[str, Any], parts: int) -> list[int]:
+    """Row counts of the pieces of a BFL fused tensor: q, k, v (, the single block's MLP)."""
     inner = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 128))
     return [inner] * 3 + ([inner * MLP_RATIO] if parts == 4 else [])
 
@@ -582,7 +583,7 @@ def bfl_to_diffusers(tensors: Mapping[str, torch.Tensor], config: Mapping[str, A
         tensor = tensors[bfl]
         if swap:
             tensor = _swap_halves(tensor)
-        pieces = torch.split(tensor, _split_sizes(config, len(names)), dim=0) if len(names) > 1 else (tensor,)
+        pieces = torch.split(tensor, split_sizes(config, len(names)), dim=0) if len(names) > 1 else (tensor,)
         if len(names) > 1 and sum(p.shape[0] for p in pieces) != tensor.shape[0]:
             raise ModelInvalid(f"the transformer tensor {bfl!r} has {tensor.shape[0]} rows, "
                                "not what the config says")
