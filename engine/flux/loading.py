@@ -37,7 +37,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +46,9 @@ from engine.flux.components import FluxComponents, FluxVariant
 from engine.flux.configs import bundled_config
 from engine.io.family import WeightsFamily, classify_keys, detect_family, inspect_weights
 from engine.io.safety import PICKLE_SUFFIXES, check_weight_file, open_safetensors_checked
+
+if TYPE_CHECKING:
+    from engine.core.settings import Settings
 
 __all__ = ["detect_family", "inspect_weights", "load_flux", "bfl_to_diffusers", "diffusers_to_bfl"]
 
@@ -96,7 +99,8 @@ def load_flux(path_or_folder: str | os.PathLike[str], *, device: str | torch.dev
               t5_path: str | os.PathLike[str] | None = None, vae_path: str | os.PathLike[str] | None = None,
               tokenizer_dir: str | os.PathLike[str] | None = None,
               config_dir: str | os.PathLike[str] | None = None, keep_float8: bool = True,
-              hf_cache_dir: str | os.PathLike[str] | None = None, name: str | None = None) -> FluxComponents:
+              hf_cache_dir: str | os.PathLike[str] | None = None, name: str | None = None,
+              settings: Settings | None = None) -> FluxComponents:
     """Load a FLUX.1 model from a diffusers folder or a single ``.safetensors`` file.
 
     ``clip_path`` / ``t5_path`` / ``vae_path``: a component as a ``.safetensors`` file or a diffusers
@@ -111,7 +115,12 @@ def load_flux(path_or_folder: str | os.PathLike[str], *, device: str | torch.dev
     ``org/name/file.safetensors``) found in the local HF cache (``hf_cache_dir``, default the HF default;
     never the network). A name a *client* sent must be resolved through the model registry first.
     Without ``tokenizer_dir``, a single file takes its tokenizers from a cached FLUX.1 repo.
+
+    ``settings`` (the runtime's): fills what was not given from where ``hooocus setup --only flux-schnell``
+    installs (see :func:`companion_files`) and ``settings.hf_cache_dir``.
     """
+    if settings is not None:
+        hf_cache_dir = hf_cache_dir if hf_cache_dir is not None else settings.hf_cache_dir
     location = Path(path_or_folder)
     if not location.exists():
         cached = find_in_hf_cache(str(path_or_folder), cache_dir=hf_cache_dir)
@@ -131,6 +140,12 @@ def load_flux(path_or_folder: str | os.PathLike[str], *, device: str | torch.dev
         parts = _load_file(location, label=label, device=device, dtype=dtype, config_dir=config_dir,
                            keep_float8=keep_float8)
         own_tokenizers = None
+    if settings is not None and own_tokenizers is None:
+        found = companion_files(location, settings)
+        clip_path = clip_path if clip_path is not None or parts["text_encoder"] is not None else found.get("clip_path")
+        t5_path = t5_path if t5_path is not None or parts["text_encoder_2"] is not None else found.get("t5_path")
+        vae_path = vae_path if vae_path is not None or parts["vae"] is not None else found.get("vae_path")
+        tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else found.get("tokenizer_dir")
     for key, override in (("text_encoder", clip_path), ("text_encoder_2", t5_path), ("vae", vae_path)):
         if override is not None:
             parts[key] = load_component(key, Path(override), device=device, dtype=dtype,
@@ -150,6 +165,38 @@ def load_flux(path_or_folder: str | os.PathLike[str], *, device: str | torch.dev
         transformer=parts["transformer"], vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=tokenizer,
         text_encoder_2=parts["text_encoder_2"], tokenizer_2=tokenizer_2, scheduler_config=parts["scheduler_config"],
         variant=parts["variant"], name=label)
+
+
+# -- companion files of a transformer-only file ------------------------------------------------------
+
+#: File names tried for each companion, best first (a float8 T5 is upcast at load; "scaled" ones are refused).
+COMPANION_NAMES = {"clip_path": ("clip_l.safetensors",),
+                   "t5_path": ("t5xxl_fp16.safetensors", "t5xxl.safetensors", "t5xxl_fp8_e4m3fn.safetensors"),
+                   "vae_path": ("ae.safetensors",)}
+
+
+def companion_files(transformer: Path, settings: Settings) -> dict[str, Path]:
+    """CLIP-L / T5 / VAE files and the tokenizer folder for a transformer-only file: where the flux-schnell
+    set-up group installs them (``settings.data_dir``), the VAE folders (``settings.vae_dirs``), and the
+    ComfyUI folders next to the file's own ``models/`` folder (``text_encoders``, ``clip``, ``vae``), so a
+    file inside a ComfyUI tree finds its encoders. Only the keys found are returned."""
+    from engine.io.setup.catalogue import flux_schnell_paths
+
+    installed = flux_schnell_paths(settings.data_dir)
+    comfy_models = transformer.resolve().parent.parent
+    folders = {
+        "clip_path": [installed["clip_path"].parent, comfy_models / "text_encoders", comfy_models / "clip"],
+        "t5_path": [installed["t5_path"].parent, comfy_models / "text_encoders", comfy_models / "clip"],
+        "vae_path": [installed["vae_path"].parent, *settings.vae_dirs, comfy_models / "vae"],
+    }
+    found: dict[str, Path] = {}
+    for key, names in COMPANION_NAMES.items():
+        hit = next((folder / n for n in names for folder in folders[key] if (folder / n).is_file()), None)
+        if hit is not None:
+            found[key] = hit
+    if (installed["tokenizer_dir"] / "tokenizer_2").is_dir():
+        found["tokenizer_dir"] = installed["tokenizer_dir"]
+    return found
 
 
 # -- the Hugging Face cache --------------------------------------------------------------------------

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine.core.errors import AssetsMissing
+from engine.core.settings import Settings
 from engine.flux.loading import load_flux
 from engine.io.family import inspect_weights
 from engine.io.setup import (
@@ -52,27 +56,53 @@ def test_flux_schnell_is_an_optional_fully_pinned_group() -> None:
         assert paths["tokenizer_dir"] / sub / name in dests
 
 
-def test_the_installed_layout_loads(tmp_path: Path) -> None:
-    """The tiny model written where set-up puts each file, in the same formats (BFL transformer, clip_l
-    and t5xxl ComfyUI files, LDM ae, tokenizer files) loads exactly through flux_schnell_paths."""
-    modules = build_tiny("schnell", seed=4)
-    paths = flux_schnell_paths(tmp_path)
+def write_layout(modules: dict, paths: dict[str, Path]) -> None:
+    """The tiny model in the formats set-up installs (BFL transformer, clip_l and t5xxl ComfyUI files, LDM
+    ae, tokenizer files), at ``paths`` (keys as :func:`flux_schnell_paths`)."""
     for key in ("transformer", "clip_path", "t5_path", "vae_path"):
         paths[key].parent.mkdir(parents=True, exist_ok=True)
     metadata = {"hooocus.configs": json.dumps(tiny_configs("schnell"))}
-    contig = lambda state: {k: v.contiguous() for k, v in state.items()}  # noqa: E731
-    save_file(contig(bfl_transformer_state(modules, "schnell")), paths["transformer"], metadata=metadata)
+    save_file(_contiguous(bfl_transformer_state(modules, "schnell")), paths["transformer"], metadata=metadata)
     save_file(clip_file_state(modules), paths["clip_path"], metadata=metadata)
     save_file(t5_file_state(modules), paths["t5_path"], metadata=metadata)
-    save_file(contig(vae_ldm_state(modules, "schnell")), paths["vae_path"], metadata=metadata)
+    save_file(_contiguous(vae_ldm_state(modules, "schnell")), paths["vae_path"], metadata=metadata)
     clip, t5 = build_tokenizers()
     clip.save_pretrained(paths["tokenizer_dir"] / "tokenizer")
     t5.save_pretrained(paths["tokenizer_dir"] / "tokenizer_2")
-    assert not (paths["tokenizer_dir"] / "tokenizer_2" / "spiece.model").exists()  # tokenizer.json suffices
 
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def test_the_installed_layout_loads(tmp_path: Path) -> None:
+    """Written where set-up puts each file, in the same formats, the tiny model loads exactly, whether
+    the paths are passed or found from the settings' data folder (what the runtime does)."""
+    modules = build_tiny("schnell", seed=4)
+    paths = flux_schnell_paths(tmp_path)
+    write_layout(modules, paths)
+    assert not (paths["tokenizer_dir"] / "tokenizer_2" / "spiece.model").exists()  # tokenizer.json suffices
     assert inspect_weights(paths["transformer"]).variant == "schnell"
     transformer = paths.pop("transformer")
     loaded = load_flux(transformer, **paths)
     assert_same_weights(loaded, modules)
-    assert loaded.tokenizer_2("a cat").input_ids[-1] == t5.eos_token_id
-    assert torch.is_tensor(loaded.text_encoder_2.shared.weight)
+    assert loaded.tokenizer_2("a cat").input_ids[-1] == loaded.tokenizer_2.eos_token_id
+    assert_same_weights(load_flux(transformer, settings=Settings(data_dir=tmp_path)), modules)
+    alone = tmp_path / "elsewhere" / "models" / "unet" / "flux.safetensors"  # no encoders anywhere near it
+    alone.parent.mkdir(parents=True)
+    shutil.copy(transformer, alone)
+    with pytest.raises(AssetsMissing, match="clip_path, t5_path, vae_path"):
+        load_flux(alone, settings=Settings(data_dir=tmp_path / "empty"), tokenizer_dir=paths["tokenizer_dir"])
+
+
+def test_a_transformer_in_a_comfyui_tree_finds_its_encoders(tmp_path: Path) -> None:
+    modules = build_tiny("schnell", seed=5)
+    models = tmp_path / "ComfyUI" / "models"
+    paths = {"transformer": models / "diffusion_models" / "my-flux.safetensors",
+             "clip_path": models / "clip" / "clip_l.safetensors",
+             "t5_path": models / "text_encoders" / "t5xxl_fp16.safetensors",
+             "vae_path": models / "vae" / "ae.safetensors", "tokenizer_dir": tmp_path / "tok"}
+    write_layout(modules, paths)
+    loaded = load_flux(paths["transformer"], settings=Settings(data_dir=tmp_path / "data"),
+                       tokenizer_dir=paths["tokenizer_dir"])
+    assert_same_weights(loaded, modules)
