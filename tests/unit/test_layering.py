@@ -44,7 +44,7 @@ FORBIDDEN_ANYWHERE = {
     "engine/": ("hooocus", "hooocus_ws", "hooocus_mcp"),
     "hooocus_ws/": ("hooocus_mcp", "hooocus"),
     "hooocus_mcp/": ("hooocus_ws", "hooocus"),
-    # The two model families stand side by side on core/io/prompts/imaging (issue 17).
+    # the two model families stand side by side on engine.core/prompts/imaging/io (issue 17)
     "engine/flux/": ("engine.sdxl",),
     "engine/sdxl/": ("engine.flux",),
 }
