@@ -599,14 +599,15 @@ def flux_tokenizers(assets: Path | None) -> tuple[Any, Any]:
 
 
 def flux_configs(*, tiny: bool, clip_vocab: int) -> dict[str, dict[str, Any]]:
-    """Full size: the FLUX.1 [dev] configs bundled in engine/flux/configs. Tiny: CPU-sized ones."""
+    """Full size: the FLUX.1 [dev] configs bundled in engine/flux/configs. Tiny: CPU-sized ones, with FLUX.1's
+    16 latent channels (the preview factors are per channel)."""
     from engine.flux.configs import bundled_config
 
     if tiny:
-        return {"transformer": {"in_channels": 16, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 8,
+        return {"transformer": {"in_channels": 64, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 8,
                                 "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 24,
                                 "guidance_embeds": True, "axes_dims_rope": [2, 2, 4]},
-                "vae": {"latent_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1,
+                "vae": {"latent_channels": 16, "block_out_channels": [8, 16], "layers_per_block": 1,
                         "norm_num_groups": 4, "down_block_types": ["DownEncoderBlock2D"] * 2,
                         "up_block_types": ["UpDecoderBlock2D"] * 2, "use_quant_conv": False,
                         "use_post_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159},
