@@ -23,16 +23,17 @@ _T5_PIECES = ["<pad>", "</s>", "<unk>", "\u2581", *string.ascii_lowercase, *stri
 
 
 def tiny_configs(variant: Variant = "schnell") -> dict[str, dict[str, Any]]:
-    """Small widths and depths, but FLUX.1's 16 latent channels (packed 2x2: 64 transformer inputs), so the
-    same files also run through the runner, whose previews are per latent channel."""
+    """Small widths and depths, but FLUX.1's 16 latent channels (packed 2x2: 64 transformer inputs) and 8x
+    VAE (four levels), so the same files also run through the runner as a real FLUX.1 would (its previews
+    are per latent channel, its image size is 8 x the latent's)."""
     clip_vocab = demo_vocab()
     return {
         "transformer": {"patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 2,
                         "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
                         "pooled_projection_dim": 24, "guidance_embeds": variant == "dev",
                         "axes_dims_rope": [2, 2, 4]},
-        "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [8, 16],
-                "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [8, 8, 16, 16],
+                "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
                 "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 32, "scaling_factor": 0.3611,
                 "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False,
                 "force_upcast": True, "mid_block_add_attention": True},
