@@ -306,3 +306,22 @@ def test_hf_cache_repo_ids_load_offline_with_cached_tokenizers(tiny: dict, tmp_p
         load_flux("acme/not-cached", hf_cache_dir=cache)
     with pytest.raises(UnknownModel):
         load_flux("acme/tiny-aio/../tiny-flux", hf_cache_dir=cache)
+
+
+def test_model_folders_list_flux_files_as_flux_not_as_unrecognised(tiny: dict, tmp_path: Path) -> None:
+    """`hooocus models` / the SDXL model list: a FLUX.1 file or folder in a checkpoints folder is named for
+    what it is (and not offered as an SDXL base or refiner)."""
+    import shutil
+
+    from engine.sdxl.models.registry import ModelRegistry
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    shutil.copy(tiny["files"]["transformer"], folder / "flux1.safetensors")
+    shutil.copy(tiny["aio"], folder / "aio.safetensors")
+    shutil.copytree(tiny["folder"], folder / "flux-diffusers")
+    entries = {e.name: e for e in ModelRegistry({"checkpoints": [folder]}).list("checkpoints")}
+    want = f"flux_{tiny['variant']}"
+    assert {name: e.architecture for name, e in entries.items()} == {
+        "flux1.safetensors": want, "aio.safetensors": want, "flux-diffusers": want}
+    assert all(not e.usable and f"FLUX.1 [{tiny['variant']}]" in (e.reason or "") for e in entries.values())
