@@ -62,6 +62,14 @@ sys.path.insert(0, str(REPO))
 CASE_KEYS = ("diffusers_stock_e2e_s", "diffusers_compiled_e2e_s", "hooocus_e2e_s", "hooocus_refiner_e2e_s",
              "hooocus_unet_tflops", "expansion_60tok_s", "peak_gib", "lowvram_peak_gib", "lowvram_e2e_s",
              "cold_start_s", "warm_start_s")
+#: FLUX.1 cases (issue 17), run in the "flux" child: stock FluxPipeline vs our Flux runner, dev-style
+#: (28 steps, guidance 3.5, 512 T5 tokens) and schnell-style (4 steps, 256 tokens), peak memory, low VRAM.
+FLUX_CASE_KEYS = ("flux_stock_dev_e2e_s", "flux_stock_schnell_e2e_s", "flux_hooocus_dev_e2e_s",
+                  "flux_hooocus_schnell_e2e_s", "flux_peak_gib", "flux_stock_offload_e2e_s",
+                  "flux_stock_offload_peak_gib", "flux_lowvram_e2e_s", "flux_lowvram_peak_gib")
+FLUX_STEPS = {"dev": 28, "schnell": 4}
+FLUX_MAX_SEQUENCE = {"dev": 512, "schnell": 256}
+FLUX_GUIDANCE = 3.5
 #: Dense bf16 peak measured on this workplace's H100/H200 (spec/performance.md §2).
 PEAK_BF16_TFLOPS = 790.0
 GIB = 2**30
@@ -402,6 +410,9 @@ def child_main(args: argparse.Namespace) -> int:
 
     results = Results(Path(args.child_out), {"cases": {}, "details": {}})
     deadline = args.deadline_epoch
+    if args.child == "flux":
+        flux_child(args, results)
+        return 0
 
     def time_left() -> float:
         return deadline - time.time()
@@ -566,6 +577,204 @@ def spawn_child(kind: str, args: argparse.Namespace, results: Results, *, budget
         results.note("errors", f"child {kind}: wrote no results")
 
 
+# -- FLUX.1 (issue 17): the "flux" child -------------------------------------------------------------
+
+
+def flux_tokenizers(assets: Path | None) -> tuple[Any, Any]:
+    """(CLIP, T5) tokenizers without downloads. The T5 one is a small unigram vocabulary: both pipelines pad
+    the T5 input to its fixed length (256/512 tokens), so the cost does not depend on the vocabulary."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Tokenizer
+
+    clip, _ = clip_tokenizers(assets)
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581", *string.ascii_lowercase, *string.digits,
+              *("\u2581" + c for c in string.ascii_lowercase)]
+    unigram = Tokenizer(models.Unigram([(p, -1.0 if p.startswith("\u2581") else -2.0) for p in pieces], unk_id=2))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    t5 = T5Tokenizer(tokenizer_object=unigram, extra_ids=0, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return clip, t5
+
+
+def flux_configs(*, tiny: bool, clip_vocab: int) -> dict[str, dict[str, Any]]:
+    """Full size: the FLUX.1 [dev] configs bundled in engine/flux/configs. Tiny: CPU-sized ones, with FLUX.1's
+    16 latent channels (the preview factors are per channel)."""
+    from engine.flux.configs import bundled_config
+
+    if tiny:
+        return {"transformer": {"in_channels": 64, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 8,
+                                "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 24,
+                                "guidance_embeds": True, "axes_dims_rope": [2, 2, 4]},
+                "vae": {"latent_channels": 16, "block_out_channels": [8, 16], "layers_per_block": 1,
+                        "norm_num_groups": 4, "down_block_types": ["DownEncoderBlock2D"] * 2,
+                        "up_block_types": ["UpDecoderBlock2D"] * 2, "use_quant_conv": False,
+                        "use_post_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+                "text_encoder": {"vocab_size": clip_vocab, "hidden_size": 24, "intermediate_size": 48,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2, "projection_dim": 24},
+                "text_encoder_2": {"vocab_size": 64, "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 1,
+                                   "num_heads": 2, "feed_forward_proj": "gated-gelu", "is_gated_act": True}}
+    configs = {part: bundled_config(part, "dev") for part in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    configs["text_encoder"]["vocab_size"] = max(clip_vocab, configs["text_encoder"]["vocab_size"])
+    return configs
+
+
+def flux_random_components(args: argparse.Namespace, device: Any, dtype: Any) -> dict[str, Any]:
+    """FLUX.1 [dev] and [schnell] with random weights, initialised on the GPU in ``dtype`` when there is one
+    (12B + 4.7B parameters: seconds there), then moved to ``device`` (CPU for the offload cases). The schnell
+    transformer shares every tensor with dev's except the guidance embedder (it has none), so both fit."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from engine.flux.components import FluxComponents
+    from engine.flux.configs import bundled_config
+
+    tokenizer, tokenizer_2 = flux_tokenizers(args.assets)
+    configs = flux_configs(tiny=args.tiny, clip_vocab=len(tokenizer.get_vocab()))
+    init_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in bf16 directly: a float32 build of 17B parameters needs 68 GB
+    try:
+        with torch.device(init_device):
+            dev = FluxTransformer2DModel.from_config(configs["transformer"])
+            vae = AutoencoderKL.from_config(configs["vae"])
+            clip = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
+            t5 = T5EncoderModel(T5Config.from_dict(configs["text_encoder_2"]))
+        with torch.device("meta"):
+            schnell = FluxTransformer2DModel.from_config({**configs["transformer"], "guidance_embeds": False})
+    finally:
+        torch.set_default_dtype(previous)
+    schnell.load_state_dict({k: v for k, v in dev.state_dict().items() if "guidance_embedder" not in k},
+                            assign=True)
+    for module in (dev, schnell, vae, clip, t5):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for buffer_owner in clip.modules():  # a non-persistent buffer is not moved by dtype; rebuild it on its device
+        if "position_ids" in buffer_owner._buffers:
+            ids = buffer_owner._buffers["position_ids"]
+            buffer_owner._buffers["position_ids"] = torch.arange(ids.shape[-1], device=ids.device).expand(ids.shape)
+    out = {}
+    for variant, transformer in (("dev", dev), ("schnell", schnell)):
+        out[variant] = FluxComponents(transformer=transformer, vae=vae, text_encoder=clip, tokenizer=tokenizer,
+                                      text_encoder_2=t5, tokenizer_2=tokenizer_2,
+                                      scheduler_config=bundled_config("scheduler", variant),  # type: ignore[arg-type]
+                                      variant=variant, name=f"bench-flux-{variant}")  # type: ignore[arg-type]
+    return out
+
+
+def flux_stock_pipeline(components: Any) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config),
+                        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                        text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2,
+                        transformer=components.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_steps(args: argparse.Namespace, variant: str) -> int:
+    return 2 if args.tiny else FLUX_STEPS[variant]
+
+
+def run_flux_stock(pipe: Any, args: argparse.Namespace, variant: str) -> Any:
+    import torch
+
+    return pipe(prompt=PROMPT, height=args.size, width=args.size, num_inference_steps=flux_steps(args, variant),
+                guidance_scale=FLUX_GUIDANCE, max_sequence_length=FLUX_MAX_SEQUENCE[variant], output_type="pil",
+                generator=torch.Generator("cpu").manual_seed(0)).images[0]
+
+
+def flux_request(args: argparse.Namespace, variant: str, seed: int = 1234) -> dict[str, Any]:
+    """The same work as the stock call: no styles (no expansion), one image, the variant's steps."""
+    return {"prompt": PROMPT, "styles": [], "width": args.size, "height": args.size, "seed": seed,
+            "image_number": 1, "steps": flux_steps(args, variant)}
+
+
+def flux_engine(args: argparse.Namespace, components: Any, *, low_vram: bool = False) -> Any:
+    """Our Flux runner (``engine.flux.runner.FluxRunner``) on ``components`` behind an ``Engine``; None when
+    this build has no Flux runner (the loader and the runner are separate parts of issue 17)."""
+    import importlib.util
+
+    if importlib.util.find_spec("engine.flux.runner") is None:
+        return None
+    from engine.flux.runner import FluxRunner
+
+    from engine import Engine
+    from engine.core.settings import Settings
+
+    settings = Settings(data_dir=Path(args.data_dir), device=str(args.device), dtype=args.dtype, low_vram=low_vram,
+                        expansion_dir=Path(args.data_dir) / "expansion")
+    return Engine(FluxRunner(settings, components=components), max_queue=4).start()
+
+
+def flux_child(args: argparse.Namespace, results: Results) -> None:
+    """Stock FluxPipeline, then ours, on the same random modules; then both with the weights on the CPU."""
+    import torch
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    components = flux_random_components(args, device, dtype)
+    for variant in ("dev", "schnell"):
+        with guarded(results, f"flux stock {variant}"):
+            pipe = flux_stock_pipeline(components[variant])
+            reset_peak(device)
+            timing = timed_runs(lambda p=pipe, v=variant: run_flux_stock(p, args, v), device, runs=args.runs,
+                                warmup=1)
+            results.case(f"flux_stock_{variant}_e2e_s", timing["median_s"], peak_gib=peak_gib(device), **timing)
+            log(f"flux stock {variant}: {timing['median_s']:.3f} s")
+    peaks = []
+    for variant in ("dev", "schnell"):
+        with guarded(results, f"flux hooocus {variant}"):
+            engine = flux_engine(args, components[variant])
+            if engine is None:
+                results.note("skipped", f"flux_hooocus_{variant}_e2e_s: no engine.flux.runner in this build")
+                continue
+            try:
+                run_job(engine, flux_request(args, variant))  # warm-up (text cache of another seed is fine)
+                reset_peak(device)
+                times = [run_job(engine, flux_request(args, variant, seed=s)) for s in range(args.runs)]
+                peaks.append(peak_gib(device))
+                results.case(f"flux_hooocus_{variant}_e2e_s", statistics.median(times), runs_s=times,
+                             peak_gib=peaks[-1])
+                log(f"flux hooocus {variant}: {statistics.median(times):.3f} s")
+            finally:
+                engine.close(grace_s=0.0)
+    if peaks:
+        results.case("flux_peak_gib", max(peaks))
+    # Low VRAM: move the weights to the CPU; the stock reference is diffusers' model CPU offload.
+    for module in {id(m): m for c in components.values() for m in (c.transformer, c.vae, c.text_encoder,
+                                                                    c.text_encoder_2)}.values():
+        module.to("cpu")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with guarded(results, "flux hooocus low vram"):
+        engine = flux_engine(args, components["dev"], low_vram=True)
+        if engine is None:
+            results.note("skipped", "flux_lowvram_e2e_s: no engine.flux.runner in this build")
+        else:
+            try:
+                run_job(engine, flux_request(args, "dev"))
+                reset_peak(device)
+                times = [run_job(engine, flux_request(args, "dev", seed=s)) for s in range(max(1, args.runs - 1))]
+                results.case("flux_lowvram_e2e_s", statistics.median(times), runs_s=times)
+                results.case("flux_lowvram_peak_gib", peak_gib(device))
+            finally:
+                engine.close(grace_s=0.0)
+    # Last: diffusers' offload hooks stay on the modules.
+    if device.type != "cuda":
+        results.note("skipped", "flux_stock_offload_e2e_s: model CPU offload needs an accelerator")
+        return
+    with guarded(results, "flux stock offload"):
+        pipe = flux_stock_pipeline(components["dev"])
+        pipe.enable_model_cpu_offload(device=device)
+        reset_peak(device)
+        timing = timed_runs(lambda: run_flux_stock(pipe, args, "dev"), device, runs=1, warmup=1)
+        results.case("flux_stock_offload_e2e_s", timing["median_s"], **timing)
+        results.case("flux_stock_offload_peak_gib", peak_gib(device))
+
+
 # -- CPU orchestration overhead (a number for the report, not a goal) -----------------------------
 
 
@@ -619,6 +828,8 @@ def ratios(cases: dict[str, Any]) -> dict[str, Any]:
            "lowvram_vs_resident (goal <= 3)": ratio("lowvram_e2e_s", "hooocus_e2e_s")}
     tflops = cases.get("hooocus_unet_tflops")
     out["unet_fraction_of_790 (goal >= 0.60)"] = round(tflops / PEAK_BF16_TFLOPS, 4) if tflops else None
+    out["flux_dev_hooocus_vs_stock"] = ratio("flux_hooocus_dev_e2e_s", "flux_stock_dev_e2e_s")
+    out["flux_schnell_hooocus_vs_stock"] = ratio("flux_hooocus_schnell_e2e_s", "flux_stock_schnell_e2e_s")
     return out
 
 
@@ -628,7 +839,7 @@ def print_table(data: dict[str, Any]) -> None:
              f"{data.get('diffusers')} | {data.get('size')}², {data.get('steps')} steps"
              + (" | TINY (CPU smoke run)" if data.get("tiny") else ""), "-" * 86,
              f"{'case':30s} {'median':>12s} {'peak GiB':>9s}  note"]
-    for key in CASE_KEYS:
+    for key in CASE_KEYS + FLUX_CASE_KEYS:
         value = cases.get(key)
         peak = details.get(key, {}).get("peak_gib")
         note = ""
@@ -674,9 +885,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--budget-s", type=float, default=540.0, help="soft budget: later cases are skipped")
     parser.add_argument("--hard-deadline-s", type=float, default=585.0, help="watchdog: write and exit")
-    parser.add_argument("--skip", default="", help="comma list of: stock,compiled,cold,warm,lowvram")
+    parser.add_argument("--skip", default="", help="comma list of: stock,compiled,cold,warm,lowvram,flux")
     # internal: child processes
-    parser.add_argument("--child", choices=["cold", "warm", "lowvram"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["cold", "warm", "lowvram", "flux"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--deadline-epoch", type=float, default=float("inf"), help=argparse.SUPPRESS)
@@ -745,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size, "steps": args.steps, "dtype": args.dtype, "runs": args.runs,
         "compile_mode": args.compile_mode, "compile_backend": args.compile_backend,
         "assets": str(args.assets) if args.assets else None, "argv": sys.argv[1:] if argv is None else argv,
-        "cases": dict.fromkeys(CASE_KEYS), "details": {}, "skipped": [], "errors": []})
+        "cases": dict.fromkeys(CASE_KEYS + FLUX_CASE_KEYS), "details": {}, "skipped": [], "errors": []})
     if args.assets is None:
         results.note("skipped", "no --assets: demo tokenizer, no Fooocus V2 expansion (expansion case skipped)")
     skip = set(filter(None, args.skip.split(",")))
@@ -770,13 +981,16 @@ def main(argv: list[str] | None = None) -> int:
                 pipe = stock_pipeline(args, device, dtype)
                 case_stock_eager(pipe, args, results)
         # Our engine, cold compile cache: the case that matters most goes first.
-        plan = [("cold", 0.55), ("compiled", 0.45), ("warm", 0.6), ("lowvram", 1.0)]
+        # FLUX.1 last: a full run does not leave it time; run it alone (--skip stock,compiled,cold,warm,lowvram).
+        plan = [("cold", 0.55), ("compiled", 0.45), ("warm", 0.6), ("lowvram", 1.0 if "flux" in skip else 0.5),
+                ("flux", 1.0)]
         for phase, share in plan:
             if phase in skip:
                 results.note("skipped", f"{phase}: --skip")
                 continue
-            budget = left() * share if phase != "lowvram" else left()
-            minimum = 20.0 if args.tiny else {"cold": 120.0, "compiled": 110.0, "warm": 40.0, "lowvram": 40.0}[phase]
+            budget = left() * share
+            minimum = 20.0 if args.tiny else {"cold": 120.0, "compiled": 110.0, "warm": 40.0, "lowvram": 40.0,
+                                              "flux": 150.0}[phase]
             if budget < minimum:
                 results.note("skipped", f"{phase}: {budget:.0f} s of budget left, needs ~{minimum:.0f} s")
                 continue

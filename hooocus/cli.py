@@ -190,7 +190,7 @@ def _operator_model(settings: Settings, spec: str | None) -> str | None:
     if _is_path(spec):
         path = Path(spec).expanduser()
         if path.is_file():
-            from engine.sdxl.models.safety import check_weight_file
+            from engine.io.safety import check_weight_file
 
             check_weight_file(path)  # a pickle or a corrupt file is refused here, not on the worker
         return str(path)
@@ -371,7 +371,7 @@ def _refused_weight_files(folders: Sequence[Path]) -> list[tuple[str, Path, str]
     import os
 
     from engine.core.errors import UnsafeFile
-    from engine.sdxl.models.safety import PICKLE_SUFFIXES, check_weight_file
+    from engine.io.safety import PICKLE_SUFFIXES, check_weight_file
 
     found: dict[str, tuple[str, Path, str]] = {}
     for folder in folders:

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from engine.core.errors import HooocusError, ModelInvalid, UnsafeFile
-from engine.sdxl.models.safety import (
+from engine.io.safety import (
     HASH_CACHE_FILE,
     check_weight_file,
     open_safetensors_checked,

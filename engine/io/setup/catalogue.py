@@ -3,7 +3,7 @@
 Groups (``--only`` takes a group or an asset name): the default ones (checkpoint, lora, styles,
 wildcards, presets, clip-tokenizer), and the optional ones installed only on request: the Fooocus V2
 expansion (CC BY-NC 4.0, never by default), the performance-mode LoRAs, the upscaler and the inpaint
-weights. A pickle download (``convert="pickle_to_safetensors"``) is converted by
+weights, and FLUX.1 [schnell] (``flux-schnell``). A pickle download (``convert="pickle_to_safetensors"``) is converted by
 :mod:`engine.io.setup.download` only after its bytes have the pinned sha256.
 
 Data only: nothing here touches the disk or the network.
@@ -34,6 +34,9 @@ DATA_LAYOUT: dict[str, str] = {
     "upscale_models": "models/upscale_models",
     "inpaint": "models/inpaint",
     "describe": "models/describe",
+    "text_encoders": "models/text_encoders",
+    "vae": "models/vae",
+    "flux_tokenizers": "models/flux_tokenizers",
     "downloads": "downloads",
 }
 
@@ -315,8 +318,81 @@ DESCRIBE_ASSETS: tuple[Asset, ...] = (
       for name in ("model.onnx", "selected_tags.csv")),
 )
 
+FLUX_SCHNELL_GROUP = "flux-schnell"
+_LICENCE_FLUX_SCHNELL = "FLUX.1 [schnell] (Black Forest Labs): Apache-2.0"
+_LICENCE_T5 = "Google T5 v1.1 / Flan-T5: Apache-2.0"
+_FLAN_T5_SMALL = "https://huggingface.co/google/flan-t5-small/resolve/0fc9ddf78a1e988dac52e2dac162b0ede4fd74ab/"
+
+
+def _flux_file(name: str, url: str, sha256: str | None, dest: str, size_bytes: int | None, licence: str,
+               local_paths: tuple[str, ...] = ()) -> Asset:
+    return Asset(name=f"{FLUX_SCHNELL_GROUP}/{name}", group=FLUX_SCHNELL_GROUP, url=url, sha256=sha256, dest=dest,
+                 size_bytes=size_bytes, licence=licence, local_paths=local_paths, optional=True)
+
+
+def flux_schnell_paths(data_dir: Path) -> dict[str, Path]:
+    """Where the ``flux-schnell`` group installs each part, as ``engine.flux.loading.load_flux`` takes them:
+    the transformer file, ``clip_path``, ``t5_path``, ``vae_path`` and ``tokenizer_dir``."""
+    return {"transformer": data_dir / DATA_LAYOUT["checkpoints"] / "flux1-schnell.safetensors",
+            "clip_path": data_dir / DATA_LAYOUT["text_encoders"] / "clip_l.safetensors",
+            "t5_path": data_dir / DATA_LAYOUT["text_encoders"] / "t5xxl_fp16.safetensors",
+            "vae_path": data_dir / DATA_LAYOUT["vae"] / "ae.safetensors",
+            "tokenizer_dir": data_dir / DATA_LAYOUT["flux_tokenizers"]}
+
+
+#: FLUX.1 [schnell] (issue 17), Apache-2.0, as single files (the transformer in the Black Forest Labs layout,
+#: CLIP-L, T5-XXL in fp16, the VAE) plus tokenizers: ``hooocus setup --only flux-schnell`` (about 34 GB).
+#: black-forest-labs/FLUX.1-schnell itself is gated behind a click-through on Hugging Face (an anonymous
+#: download gets 401), so the bytes come from ungated copies whose sha256 equals the published one:
+#: - flux1-schnell.safetensors 9403429e...2a0a, 23 782 506 688 bytes: the sha256 in the model table of Black
+#:   Forest Labs' own flux repository README, and the same file (name, size, sha256) in several independent
+#:   manifests, one pinned to Comfy-Org/flux1-schnell, the ungated copy used here;
+#: - ae.safetensors afc8e282...9e38, 335 304 388 bytes: several manifests, one stating that BFL's gated file
+#:   and the Comfy-Org repackage used here check against this same sha256;
+#: - clip_l.safetensors 660c6f5b...6cdd (246 144 152 bytes) and t5xxl_fp16.safetensors 6e480b09...7635
+#:   (9 787 841 024 bytes) from comfyanonymous/flux_text_encoders: many manifests agree on both;
+#: - the T5 tokenizer (tokenizer.json; no sentencepiece needed) from google/flan-t5-small at a pinned revision,
+#:   pins from a manifest of that revision: the same T5 sentencepiece vocabulary as FLUX's tokenizer_2 (the
+#:   spiece.model sha256 d60acb12...ea86 is the same for t5-v1_1-xxl and flan-t5); the CLIP tokenizer is the
+#:   Fooocus copy of OpenAI's (same pins as the clip-tokenizer group).
+#: [dev] is under the FLUX.1 [dev] Non-Commercial License and gated: it is never downloaded here (see the
+#: README, "FLUX.1 [dev]", for pointing Hooocus at an existing download).
+FLUX_SCHNELL_ASSETS: tuple[Asset, ...] = (
+    _flux_file("flux1-schnell.safetensors",
+               "https://huggingface.co/Comfy-Org/flux1-schnell/resolve/main/flux1-schnell.safetensors",
+               "9403429e0052277ac2a87ad800adece5481eecefd9ed334e1f348723621d2a0a",
+               f"{DATA_LAYOUT['checkpoints']}/flux1-schnell.safetensors", 23782506688, _LICENCE_FLUX_SCHNELL,
+               ("models/unet/flux1-schnell.safetensors", "models/diffusion_models/flux1-schnell.safetensors",
+                "models/checkpoints/flux1-schnell.safetensors")),
+    _flux_file("ae.safetensors",
+               "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors",
+               "afc8e28272cd15db3919bacdb6918ce9c1ed22e96cb12c4d5ed0fba823529e38",
+               f"{DATA_LAYOUT['vae']}/ae.safetensors", 335304388, _LICENCE_FLUX_SCHNELL, ("models/vae/ae.safetensors",)),
+    _flux_file("clip_l.safetensors",
+               "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+               "660c6f5b1abae9dc498ac2d21e1347d2abdb0cf6c0c0c8576cd796491d9a6cdd",
+               f"{DATA_LAYOUT['text_encoders']}/clip_l.safetensors", 246144152, "OpenAI CLIP ViT-L/14: MIT",
+               ("models/text_encoders/clip_l.safetensors", "models/clip/clip_l.safetensors")),
+    _flux_file("t5xxl_fp16.safetensors",
+               "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
+               "6e480b09fae049a72d2a8c5fbccb8d3e92febeb233bbe9dfe7256958a9167635",
+               f"{DATA_LAYOUT['text_encoders']}/t5xxl_fp16.safetensors", 9787841024, _LICENCE_T5,
+               ("models/text_encoders/t5xxl_fp16.safetensors", "models/clip/t5xxl_fp16.safetensors")),
+    *(_flux_file(f"tokenizer_2/{name}", _FLAN_T5_SMALL + name, digest,
+                 f"{DATA_LAYOUT['flux_tokenizers']}/tokenizer_2/{name}", size, _LICENCE_T5)
+      for name, digest, size in (
+          ("tokenizer.json", "fe2ebbbbde2985be723e0ce18217853e4020c5e9d35bd07be2c27ab9d3ead57a", 2424064),
+          ("tokenizer_config.json", "fcde0f79bffda3688119c94330866a8fbf8de20ae65a8c492c9bd47c704655a0", 2539),
+          ("special_tokens_map.json", "5c87151ef0f72a99d1f766a4c418bd2a1f90aaa30a8e22fe5eca9641daebb64f", 2201),
+      )),
+    *(_flux_file(f"tokenizer/{a.dest.rsplit('/', 1)[-1]}", a.url, a.sha256,
+                 f"{DATA_LAYOUT['flux_tokenizers']}/tokenizer/{a.dest.rsplit('/', 1)[-1]}", a.size_bytes,
+                 a.licence)
+      for a in DEFAULT_ASSETS if a.group == "clip-tokenizer"),
+)
+
 OPTIONAL_ASSETS: tuple[Asset, ...] = (*EXPANSION_ASSETS, *PERFORMANCE_LORA_ASSETS, *UPSCALE_ASSETS, *INPAINT_ASSETS,
-                                      *DESCRIBE_ASSETS)
+                                      *DESCRIBE_ASSETS, *FLUX_SCHNELL_ASSETS)
 ALL_ASSETS: tuple[Asset, ...] = (*DEFAULT_ASSETS, *OPTIONAL_ASSETS)
 
 

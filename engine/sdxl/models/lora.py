@@ -41,7 +41,7 @@ from engine.sdxl.models.patching import (
     apply_patches,
     patch_numel,
 )
-from engine.sdxl.models.safety import open_safetensors_checked
+from engine.io.safety import open_safetensors_checked
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class MergedLoras:
 def load_lora(path: str | Path) -> LoraFile:
     """Read a ``.safetensors`` LoRA file onto the CPU. Never unpickles anything.
 
-    The file passes :func:`engine.sdxl.models.safety.open_safetensors_checked` first: pickle formats
+    The file passes :func:`engine.io.safety.open_safetensors_checked` first: pickle formats
     (by suffix or content) raise ``UnsafeFile``; anything unreadable or corrupt raises ``ModelInvalid``.
     """
     path = Path(path)

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Literal
 
 from engine.core.constants import DEMO_MODEL, DEMO_REFINER
 from engine.core.errors import HooocusError, UnknownLora, UnknownModel
-from engine.sdxl.models.safety import SAFETENSORS_SUFFIX, check_weight_file, sha256_file
+from engine.io.family import classify_keys, inspect_weights
+from engine.io.safety import SAFETENSORS_SUFFIX, check_weight_file, sha256_file
 
 if TYPE_CHECKING:
     from engine.core.settings import Settings
@@ -49,6 +50,11 @@ _CLIP_L_SDXL = "conditioner.embedders.0.transformer."
 _BIGG_BASE = "conditioner.embedders.1.model."
 _BIGG_REFINER = "conditioner.embedders.0.model."
 _CLIP_L_SD15 = "cond_stage_model.transformer."
+
+
+def _flux_reason(variant: str | None) -> str:
+    return (f"a FLUX.1 [{variant}] model: it runs on the Flux runner (start with --model and its path), "
+            "not as an SDXL base or refiner")
 
 
 def detect_checkpoint_kind(keys: Iterable[str]) -> CheckpointKind:
@@ -85,7 +91,8 @@ class ModelEntry:
     usable: bool
     #: Why the entry is not usable (None when it is).
     reason: str | None = None
-    #: For checkpoints: "sdxl_base", "sdxl_refiner", "sd15" or "unknown"; None for other kinds.
+    #: For checkpoints: "sdxl_base", "sdxl_refiner", "sd15", "flux_schnell", "flux_dev" or "unknown"; None for
+    #: other kinds.
     architecture: str | None = None
 
 
@@ -176,6 +183,9 @@ class ModelRegistry:
         arch = detect_checkpoint_kind(info.tensors)
         if arch in ("sdxl_base", "sdxl_refiner"):
             return ModelEntry(item.name, item.path, size, True, None, arch)
+        flux = classify_keys(info.tensors)
+        if flux.family == "flux":  # issue 17: say what it is rather than "unrecognised"
+            return ModelEntry(item.name, item.path, size, False, _flux_reason(flux.variant), f"flux_{flux.variant}")
         reason = ("an SD 1.5 checkpoint; only SDXL models are supported" if arch == "sd15"
                   else "not an SDXL checkpoint (unrecognised tensor names)")
         return ModelEntry(item.name, item.path, size, False, reason, arch)
@@ -189,6 +199,12 @@ class ModelRegistry:
                 raise ValueError("not an object")
         except (OSError, ValueError):
             return ModelEntry(item.name, item.path, size, False, "model_index.json is not valid JSON")
+        if str(index.get("_class_name", "")).startswith("Flux"):
+            try:
+                variant = inspect_weights(item.path).variant
+            except HooocusError as exc:
+                return ModelEntry(item.name, item.path, size, False, exc.message)
+            return ModelEntry(item.name, item.path, size, False, _flux_reason(variant), f"flux_{variant}")
         if not any((item.path / "unet").glob("*.safetensors")):
             return ModelEntry(item.name, item.path, size, False, "no unet/*.safetensors weights")
         arch = "sdxl_base" if has_component(index, "text_encoder") else "sdxl_refiner"

@@ -1,0 +1,251 @@
+"""FLUX.1 LoRA files: read (safetensors only), convert to diffusers naming, merge into the weights (issue 17).
+
+Like the SDXL LoRA code (:mod:`engine.sdxl.models.lora`), LoRAs are *merged* into the weights when the
+model is set up, and the original values of exactly the touched weights are kept so a different
+LoRA set can be merged later from the untouched model (bit for bit). No PEFT layers: the transformer
+keeps its plain modules, so float8 layerwise casting, previews and the runner see no difference.
+
+Layouts:
+
+- kohya (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` + ``.alpha``: BFL module names
+  with ``_`` for ``.``; ``lora_te1_``/``lora_te_`` for CLIP-L; also ``lora_transformer_`` + diffusers
+  module names): mapped here from the model's own module names and the BFL key table of
+  :mod:`engine.flux.loading`, a fused up-projection split into q/k/v(/mlp) pieces that share the
+  down-projection. diffusers' ``_convert_kohya_flux_lora_to_diffusers`` does the same but hard-codes
+  the full-size widths (3072/12288), so it cannot serve a model of another width.
+- everything else (diffusers/PEFT ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` with an
+  optional ``<module>.alpha``, XLabs, ComfyUI/BFL ``diffusion_model.`` names): diffusers' own
+  ``FluxLoraLoaderMixin.lora_state_dict`` converts to diffusers naming first.
+
+A file that leaves more than :data:`MAX_UNMATCHED_KEYS` keys unmatched is skipped with a warning (the
+rule Fooocus applies to SDXL LoRAs, spec §11.1, kept for the same reason: a LoRA for another model
+family must not half-apply).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from engine.core.errors import ModelInvalid
+from engine.flux.loading import split_sizes, transformer_key_rows
+from engine.io.safety import open_safetensors_checked
+
+log = logging.getLogger(__name__)
+
+MAX_UNMATCHED_KEYS = 12
+TRANSFORMER = "transformer"
+TEXT_ENCODER = "text_encoder"
+_COMPONENTS = (TRANSFORMER, TEXT_ENCODER)
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+_KOHYA_DOWN, _KOHYA_UP, _KOHYA_ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+_KOHYA_PREFIXES = {"lora_unet_": TRANSFORMER, "lora_transformer_": TRANSFORMER, "lora_te1_": TEXT_ENCODER,
+                   "lora_te_": TEXT_ENCODER}
+
+ParamRef = tuple[str, str]  # (component, parameter name), e.g. ("transformer", "x_embedder.weight")
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """One low-rank update ``scale * up @ down`` of a weight (``up``: out x r, ``down``: r x in)."""
+
+    up: Tensor
+    down: Tensor
+    scale: float
+
+
+@dataclass(frozen=True)
+class FluxLoraMatch:
+    """How one LoRA file maps onto a Flux model; ``skipped`` files are not merged."""
+
+    name: str
+    deltas: Mapping[ParamRef, LoraDelta]
+    unmatched_keys: tuple[str, ...] = ()
+
+    @property
+    def skipped(self) -> bool:
+        return len(self.unmatched_keys) > MAX_UNMATCHED_KEYS
+
+
+@dataclass
+class MergedFluxLoras:
+    """CPU copies of exactly the weights a merge changed, so they can be put back."""
+
+    originals: dict[ParamRef, Tensor] = field(default_factory=dict)
+
+
+def load_flux_lora(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` LoRA file on the CPU (pickles refused, never unpickled)."""
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    try:
+        with open_safetensors_checked(path) as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as exc:
+        raise ModelInvalid(f"LoRA {path.name!r} cannot be read: {str(exc)[:200]}") from None
+
+
+def to_diffusers_lora(tensors: Mapping[str, Tensor], name: str = "lora") -> tuple[dict[str, Tensor], dict[str, float]]:
+    """(``lora_A``/``lora_B`` state dict in diffusers naming, alpha per module) for any layout diffusers'
+    Flux LoRA loader reads. Raises :class:`ModelInvalid` when it cannot convert the file."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    try:
+        # the converters pop from the dict they get: hand them a copy
+        state, alphas = FluxLoraLoaderMixin.lora_state_dict(dict(tensors), return_alphas=True)
+    except (ValueError, KeyError, IndexError, RuntimeError, TypeError, AssertionError) as exc:
+        raise ModelInvalid(f"LoRA {name!r} is not a FLUX.1 LoRA diffusers can read "
+                           f"({type(exc).__name__}: {str(exc)[:160]})") from None
+    module_alphas = {key.removesuffix(".alpha"): float(value) for key, value in (alphas or {}).items()}
+    return dict(state), module_alphas
+
+
+def match_flux_lora(tensors: Mapping[str, Tensor], models: Mapping[str, nn.Module], *,
+                    name: str = "lora") -> FluxLoraMatch:
+    """Map a LoRA file's tensors onto ``models`` (``transformer`` and optionally ``text_encoder``)."""
+    if any(k.endswith(_KOHYA_DOWN) for k in tensors):
+        return _match_kohya(tensors, models, name)
+    state, alphas = to_diffusers_lora(tensors, name)
+    params = {component: dict(model.named_parameters()) for component, model in models.items()}
+    deltas: dict[ParamRef, LoraDelta] = {}
+    unmatched = [k for k in state if not k.endswith((_A, _B))]
+    for key in (k for k in state if k.endswith(_A)):
+        module = key.removesuffix(_A)
+        up_key = module + _B
+        ref = _param_ref(module, models, params)
+        down, up = state[key], state.get(up_key)
+        if ref is None or up is None or up.shape[1] != down.shape[0]:
+            unmatched += [key] + ([up_key] if up is not None else [])
+            continue
+        weight = params[ref[0]][ref[1]]
+        if weight.ndim != 2 or (up.shape[0], down.shape[1]) != tuple(weight.shape):
+            unmatched += [key, up_key]
+            continue
+        rank = down.shape[0]
+        alpha = alphas.get(module, alphas.get(module.split(".", 1)[-1]))
+        deltas[ref] = LoraDelta(up=up, down=down, scale=1.0 if alpha is None else alpha / rank)
+    unmatched += [k for k in state if k.endswith(_B) and (k.removesuffix(_B) + _A) not in state]
+    if unmatched:
+        log.info("LoRA %s: %d keys do not match the model (e.g. %s)", name, len(unmatched),
+                 ", ".join(sorted(unmatched)[:3]))
+    return FluxLoraMatch(name=name, deltas=deltas, unmatched_keys=tuple(sorted(set(unmatched))))
+
+
+def _kohya_targets(models: Mapping[str, nn.Module]) -> dict[str, tuple[str, tuple[str, ...], list[int], bool]]:
+    """kohya module name -> (component, parameter names, row split, swap halves)."""
+    targets: dict[str, tuple[str, tuple[str, ...], list[int], bool]] = {}
+    for component, model in models.items():
+        heads = [p for p, c in _KOHYA_PREFIXES.items() if c == component]
+        for module_name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                flat = module_name.replace(".", "_")
+                for head in heads:
+                    targets[head + flat] = (component, (module_name + ".weight",), [], False)
+                    if component == TEXT_ENCODER:  # kohya keeps transformers-4's ``text_model.`` level
+                        targets[head + "text_model_" + flat] = targets[head + flat]
+        if component == TRANSFORMER:
+            config = dict(model.config)
+            for bfl, names, swap in transformer_key_rows(config):
+                if bfl.endswith(".weight"):
+                    sizes = split_sizes(config, len(names)) if len(names) > 1 else []
+                    targets["lora_unet_" + bfl.removesuffix(".weight").replace(".", "_")] = (
+                        component, names, sizes, swap)
+    return targets
+
+
+def _match_kohya(tensors: Mapping[str, Tensor], models: Mapping[str, nn.Module], name: str) -> FluxLoraMatch:
+    targets = _kohya_targets(models)
+    params = {component: dict(model.named_parameters()) for component, model in models.items()}
+    deltas: dict[ParamRef, LoraDelta] = {}
+    unmatched: list[str] = []
+    modules = sorted({k.removesuffix(_KOHYA_DOWN) for k in tensors if k.endswith(_KOHYA_DOWN)})
+    used = set()
+    for module in modules:
+        keys = [module + s for s in (_KOHYA_DOWN, _KOHYA_UP, _KOHYA_ALPHA) if module + s in tensors]
+        used.update(keys)
+        target, up = targets.get(module), tensors.get(module + _KOHYA_UP)
+        down = tensors[module + _KOHYA_DOWN]
+        if target is None or up is None or down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            unmatched += keys
+            continue
+        component, names, sizes, swap = target
+        if swap:
+            first, second = up.chunk(2, dim=0)
+            up = torch.cat([second, first], dim=0)
+        if sizes and sum(sizes) != up.shape[0]:
+            unmatched += keys
+            continue
+        pieces = torch.split(up, sizes, dim=0) if sizes else (up,)
+        alpha = tensors.get(module + _KOHYA_ALPHA)
+        rank = down.shape[0]
+        scale = 1.0 if alpha is None else float(alpha) / rank  # kohya: no alpha means alpha = rank
+        fits = all(params[component][n].shape == (p.shape[0], down.shape[1]) for n, p in zip(names, pieces,
+                                                                                             strict=True))
+        if not fits:
+            unmatched += keys
+            continue
+        for param_name, piece in zip(names, pieces, strict=True):
+            deltas[(component, param_name)] = LoraDelta(up=piece.contiguous(), down=down, scale=scale)
+    unmatched += [k for k in tensors if k not in used]
+    return FluxLoraMatch(name=name, deltas=deltas, unmatched_keys=tuple(sorted(set(unmatched))))
+
+
+def _param_ref(module: str, models: Mapping[str, nn.Module],
+               params: Mapping[str, Mapping[str, nn.Parameter]]) -> ParamRef | None:
+    component, _, rest = module.partition(".")
+    if component not in _COMPONENTS:  # a bare PEFT file: transformer module names without prefix
+        component, rest = TRANSFORMER, module
+    if component not in params:
+        return None
+    names = [rest + ".weight"]
+    if component == TEXT_ENCODER and not hasattr(models[component], "text_model"):
+        names.append(rest.removeprefix("text_model.") + ".weight")  # transformers >= 5.6 flattened CLIP
+    found = next((n for n in names if n in params[component]), None)
+    return (component, found) if found is not None else None
+
+
+@torch.no_grad()
+def merge_flux_loras(models: Mapping[str, nn.Module],
+                     loras: Sequence[tuple[FluxLoraMatch, float]]) -> MergedFluxLoras:
+    """Merge LoRAs into the weights in place, each at its strength; returns the originals for
+    :func:`unmerge_flux_loras`. Each touched weight gets all its updates summed in float32 from the
+    original and is cast back once (a float8 weight is rounded back to float8: its LoRA is then only
+    as fine as float8 allows)."""
+    pending: dict[ParamRef, list[tuple[LoraDelta, float]]] = {}
+    for match, strength in loras:
+        if match.skipped:
+            log.warning("LoRA %s skipped: %d keys do not match this FLUX.1 model", match.name,
+                        len(match.unmatched_keys))
+            continue
+        if strength == 0.0:
+            continue
+        for ref, delta in match.deltas.items():
+            if ref[0] in models:
+                pending.setdefault(ref, []).append((delta, strength))
+    merged = MergedFluxLoras()
+    params = {component: dict(model.named_parameters()) for component, model in models.items()}
+    for ref, updates in pending.items():
+        param = params[ref[0]][ref[1]]
+        value = param.detach().to(torch.float32)
+        for delta, strength in updates:
+            up = delta.up.to(param.device, torch.float32)
+            down = delta.down.to(param.device, torch.float32)
+            value = value + (strength * delta.scale) * (up @ down)
+        merged.originals[ref] = param.detach().to("cpu", copy=True)
+        param.copy_(value.to(param.dtype))
+    return merged
+
+
+@torch.no_grad()
+def unmerge_flux_loras(models: Mapping[str, nn.Module], merged: MergedFluxLoras) -> None:
+    """Restore the weights a :func:`merge_flux_loras` call changed (bit for bit)."""
+    params = {component: dict(model.named_parameters()) for component, model in models.items()}
+    for (component, name), original in merged.originals.items():
+        params[component][name].copy_(original)
+    merged.originals.clear()
