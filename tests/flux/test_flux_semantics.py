@@ -89,16 +89,24 @@ def _safetensors_header(path: Path, keys: list[str]) -> Path:
 def test_family_is_detected_from_the_weights(tmp_path: Path) -> None:
     assert is_flux_spec("demo-flux") and is_flux_spec("demo-flux-dev")
     assert not is_flux_spec("demo") and not is_flux_spec(None) and not is_flux_spec("some/repo")
-    bfl = _safetensors_header(tmp_path / "flux1-schnell.safetensors", ["double_blocks.0.img_attn.qkv.weight"])
-    comfy = _safetensors_header(tmp_path / "aio.safetensors", ["model.diffusion_model.single_blocks.3.linear1.weight"])
-    diffusers = _safetensors_header(tmp_path / "t.safetensors", ["single_transformer_blocks.0.attn.to_q.weight"])
-    sdxl = _safetensors_header(tmp_path / "sdxl.safetensors", ["model.diffusion_model.input_blocks.0.0.weight"])
+    # engine.io.family's markers: a double block's fused qkv plus single blocks (BFL, maybe under a
+    # ComfyUI prefix), or diffusers' transformer + single transformer blocks + x_embedder; SDXL: UNet + conditioner.
+    bfl_keys = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"]
+    bfl = _safetensors_header(tmp_path / "flux1-schnell.safetensors", bfl_keys)
+    comfy = _safetensors_header(tmp_path / "aio.safetensors", ["model.diffusion_model." + k for k in bfl_keys])
+    diffusers = _safetensors_header(tmp_path / "t.safetensors", [
+        "transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.attn.to_q.weight", "x_embedder.weight"])
+    sdxl = _safetensors_header(tmp_path / "sdxl.safetensors", [
+        "model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.transformer.x.weight"])
     assert is_flux_spec(bfl) and is_flux_spec(comfy) and is_flux_spec(diffusers) and not is_flux_spec(sdxl)
     (tmp_path / "not.safetensors").write_bytes(b"\xff" * 16)
     assert not is_flux_spec(tmp_path / "not.safetensors")
     folder = tmp_path / "FLUX.1-dev"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                         "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    (folder / "transformer").mkdir()
+    (folder / "transformer" / "config.json").write_text(json.dumps({"guidance_embeds": True}))
     assert is_flux_spec(folder)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     assert not is_flux_spec(folder)
