@@ -314,11 +314,13 @@ def _no_presets(request: GenerationRequest) -> GenerationRequest:
 
 
 def _no_inputs(request: GenerationRequest, owner: str) -> Mapping[str, np.ndarray]:
-    from engine.core.inputs import IMAGE_FIELDS
+    from engine.core.inputs import IMAGE_FIELDS, image_prompt_refs
 
     for name in IMAGE_FIELDS:
         if getattr(request, name, None) is not None:
             raise InvalidRequest("this server does not take input images", loc=(name,))
+    for loc, _key, _text in image_prompt_refs(request):
+        raise InvalidRequest("this server does not take input images", loc=loc)
     return {}
 
 
