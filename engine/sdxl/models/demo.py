@@ -487,4 +487,6 @@ def demo_controlnet(unet: torch.nn.Module, control_type: str) -> torch.nn.Module
                                 if name.startswith("controlnet_")})
     with torch.no_grad():
         _init_parameters(only, f"{_DEMO_CONTROL_TAG}/{control_type}")
-    return controlnet.to(device=unet.device, dtype=unet.dtype).eval().requires_grad_(False)
+    if (controlnet.device, controlnet.dtype) != (unet.device, unet.dtype):  # from_unet copies on the CPU in float32
+        controlnet = controlnet.to(device=unet.device, dtype=unet.dtype)
+    return controlnet.eval().requires_grad_(False)
