@@ -188,7 +188,8 @@ def prepare_image_prompts(slots: Sequence[Any], inputs: Mapping[str, np.ndarray]
         if image is None:
             raise ValueError(f"image_prompts[{index}] was not resolved to pixels")
         if slot.type == "ImagePrompt":
-            per_slot.append(image_prompt_layers(ip_models(), ip_adapter_input(image, loc=loc),
+            # np.array: the resize hands back a read-only view, which torch.from_numpy warns about
+            per_slot.append(image_prompt_layers(ip_models(), np.array(ip_adapter_input(image, loc=loc)),
                                                 stop_at=stop_at, weight=weight))
         elif slot.type in ("PyraCanny", "CPDS"):
             hint = control_hint(control_map(image, slot.type, width_px, height_px, loc=loc)).to(device, dtype)
