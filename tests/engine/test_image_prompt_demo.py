@@ -100,7 +100,7 @@ def test_all_slots_together_and_with_a_refiner(runner: SDXLRunner, plain: np.nda
     assert np.abs(pixels(out[0]) - plain).max() > 0
     before = _processors(runner)
     _job, refined = run(runner, [{"type": "ImagePrompt", "stop_at": 1.0}], refiner_model="demo-refiner",
-                        refiner_switch=0.5)
+                        refiner_switch_step=1)
     assert len(refined) == 1 and _processors(runner) == before
 
 
@@ -177,3 +177,28 @@ def test_faceswap_is_unsupported_and_missing_weights_name_the_setup(runner: SDXL
             check_image_prompt_files(slots, models_dir=tmp_path, data_dir=tmp_path, is_demo=False)
         assert missing.value.code == "model_missing" and f"hooocus setup --only {group}" in missing.value.message
         assert tuple(missing.value.loc or ()) == ("image_prompts", 0, "type")
+
+
+@pytest.mark.parametrize("swap", ["joint", "separate"])
+def test_ip_adapter_leaves_at_the_refiner_swap(runner: SDXLRunner, monkeypatch: pytest.MonkeyPatch,
+                                               swap: str) -> None:
+    # spec §12.4: the IP patches are removed at the refiner swap; controls act on the base UNet only.
+    from engine.sdxl.image_prompt import ImagePromptRun
+
+    calls: list[tuple[bool, bool, bool]] = []  # (base UNet?, IP processors installed?, residuals given?)
+    original = ImagePromptRun.unet_kwargs
+
+    def spy(self: ImagePromptRun, unet: Any, *args: Any) -> dict[str, Any]:
+        out = original(self, unet, *args)
+        calls.append((unet is self.base_unet, self._hook is not None, bool(out)))
+        return out
+
+    monkeypatch.setattr(ImagePromptRun, "unet_kwargs", spy)
+    _job, out = run(runner, [{"type": "ImagePrompt", "stop_at": 1.0}, {"type": "CPDS", "stop_at": 1.0}],
+                    steps=4, refiner_model="demo-refiner", refiner_switch_step=2, refiner_swap_method=swap)
+    assert len(out) == 1
+    base_calls = [c for c in calls if c[0]]
+    refiner_calls = [c for c in calls if not c[0]]
+    assert base_calls and refiner_calls
+    assert all(installed and residuals for _b, installed, residuals in base_calls)
+    assert not any(installed or residuals for _b, installed, residuals in refiner_calls)
