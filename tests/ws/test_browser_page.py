@@ -216,3 +216,23 @@ def test_page_inpaints_with_a_painted_mask(browser, tmp_path, live_factory):
     # painted; outside the line and its caps (16 px radius) nothing is.
     assert (painted[90:103, 45:196] > 127).all()
     assert (painted[:70] == 0).all() and (painted[122:] == 0).all() and (painted[:, :20] == 0).all()
+
+
+def test_page_sends_image_prompt_slots(browser, tmp_path, live_factory):
+    """Issue 16: a picked file in an Image Prompt slot is uploaded and sent as image_prompts[i] with its
+    type, weight and stop; the runner gets the decoded pixels under the slot's field path."""
+    runner = PageRunner()
+    live = live_factory(make_runtime(tmp_path, runner))
+    wait = connect_page(browser, live.http_url + "/", "adv-sampler")
+    picture = tmp_path / "ref.png"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(picture)
+    rows = browser.find_elements(By.CSS_SELECTOR, ".ip-slot")
+    assert len(rows) == 4
+    rows[1].find_element(By.CSS_SELECTOR, ".ip-file").send_keys(str(picture))
+    Select(rows[1].find_element(By.CSS_SELECTOR, ".ip-type")).select_by_visible_text("CPDS")
+    rows[1].find_element(By.CSS_SELECTOR, ".ip-weight").send_keys("0.7")
+    browser.find_element(By.ID, "prompt").send_keys("a boat")
+    generate_and_wait(browser, wait)
+    (slot,) = live.runtime.engine.jobs()[-1].request.image_prompts
+    assert slot.image.startswith("sha256:") and slot.type == "CPDS" and slot.weight == 0.7 and slot.stop_at is None
+    assert runner.inputs_seen[-1]["image_prompts.0.image"].shape == (40, 48, 3)
