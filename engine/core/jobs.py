@@ -241,7 +241,8 @@ class RunContext:
     token, and emitters.
 
     ``inputs`` (issue 14 contract): the request's image fields decoded at submit, keyed by field
-    name (``input_image``: H×W×3 uint8 RGB; ``inpaint_mask``/``inpaint_mask_upload``: H×W uint8).
+    name (``input_image``: H×W×3 uint8 RGB; ``inpaint_mask``/``inpaint_mask_upload``: H×W uint8;
+    Image Prompt slot i: ``image_prompts.<i>.image``, H×W×3).
     Tests may pass them directly; by default they are the job's."""
 
     def __init__(self, job: Job, engine: Engine, inputs: Mapping[str, np.ndarray] | None = None) -> None:

@@ -45,9 +45,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     files = {IP_ADAPTER_FILES["adapter"]: _released_layout(adapter),
              IP_ADAPTER_FILES["negative"]: {"data": adapter.negative_tokens},
              IP_ADAPTER_FILES["clip_vision"]: adapter.vision.state_dict()}
-    from diffusers import ControlNetModel
-
     import torch
+    from diffusers import ControlNetModel
 
     from engine.sdxl.models.demo import _unet_to_ldm
 
