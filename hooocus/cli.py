@@ -137,8 +137,13 @@ def request_fields_from_args(args: argparse.Namespace, settings: Settings,
     refs, files = image_flags.file_fields(args, max_bytes=settings.max_upload_bytes,
                                           max_pixels=settings.max_input_pixels)
     fields.update(refs)
+    slots, slot_files = image_flags.image_prompt_fields(args, max_bytes=settings.max_upload_bytes,
+                                                        max_pixels=settings.max_input_pixels)
+    if slots:
+        fields["image_prompts"] = slots
     if uploads is not None:
         uploads.update(files)
+        uploads.update(slot_files)
     return fields
 
 

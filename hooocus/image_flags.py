@@ -1,5 +1,7 @@
 """The image-task flags of ``hooocus generate`` (issue 14): ``--image``, ``--vary``, ``--upscale``,
-``--mask``, ``--outpaint``, ``--inpaint-mode``, ``--inpaint-engine``, as contract14's request fields.
+``--mask``, ``--outpaint``, ``--inpaint-mode``, ``--inpaint-engine``, as contract14's request fields;
+and ``--image-prompt PATH[:TYPE[:WEIGHT[:STOP]]]`` (issue 16, repeatable up to 4 times: the
+request's ``image_prompts``).
 
 An input file becomes an image reference: in local mode a ``data:`` URI (the engine decodes it
 with its usual caps); with ``--server`` the reference is ``sha256:<hash of the file>``, the key the
@@ -29,6 +31,10 @@ SIDES = ("left", "right", "top", "bottom")
 _DATA_URI_MIMES = ("image/png", "image/jpeg", "image/webp")
 #: flag -> request field of each input file
 FILE_FIELDS = {"image": "input_image", "mask": "inpaint_mask"}
+#: --image-prompt TYPE spellings (lower case) -> the request's Image Prompt type (Fooocus's names).
+IMAGE_PROMPT_TYPES = {"imageprompt": "ImagePrompt", "ip": "ImagePrompt", "pyracanny": "PyraCanny",
+                      "canny": "PyraCanny", "cpds": "CPDS", "faceswap": "FaceSwap"}
+MAX_IMAGE_PROMPT_FLAGS = 4  # engine.core.request.MAX_IMAGE_PROMPTS (Fooocus's 4 slots)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +46,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--outpaint", type=_sides, metavar="SIDES", help="extend --image: comma list of left,right,top,bottom")
     g.add_argument("--inpaint-mode", choices=list(INPAINT_MODES), help="Fooocus's inpaint mode (default: default)")
     g.add_argument("--inpaint-engine", choices=INPAINT_ENGINES, help="inpaint patch version (default: the mode's)")
+    g.add_argument("--image-prompt", dest="image_prompts", action="append", type=parse_image_prompt, default=None,
+                   metavar="PATH[:TYPE[:WEIGHT[:STOP]]]",
+                   help="a reference image (repeat up to 4 times); TYPE: ImagePrompt (default), PyraCanny, CPDS; "
+                        "WEIGHT 0..2 and STOP 0..1 default per type")
+
+
+def parse_image_prompt(text: str) -> dict[str, Any]:
+    """``PATH[:TYPE[:WEIGHT[:STOP]]]`` -> {path, type, weight?, stop_at?}. The path ends where a known
+    TYPE follows a colon, so a path holding a colon (``C:\\x.png``) still parses."""
+    tokens = text.split(":")
+    cut = next((i for i in range(1, len(tokens)) if tokens[i].strip().lower() in IMAGE_PROMPT_TYPES), len(tokens))
+    path, rest = ":".join(tokens[:cut]), tokens[cut:]
+    if not path or len(rest) > 3:
+        raise argparse.ArgumentTypeError(f"expected PATH[:TYPE[:WEIGHT[:STOP]]], got {text!r}")
+    slot: dict[str, Any] = {"path": Path(path), "type": IMAGE_PROMPT_TYPES[rest[0].strip().lower()] if rest else
+                            "ImagePrompt"}
+    for name, value in zip(("weight", "stop_at"), rest[1:], strict=False):
+        if value.strip() == "":
+            continue  # PATH:TYPE::STOP keeps the type's default weight
+        try:
+            slot[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad {name} {value!r} in {text!r}: expected a number") from None
+    return slot
 
 
 def _sides(text: str) -> list[str]:
@@ -94,7 +124,7 @@ def check_task(args: argparse.Namespace, fields: dict[str, Any]) -> None:
         raise UsageError("--image: nothing to do with the image: add --vary, --upscale, --mask or --outpaint")
 
 
-def read_file(path: Path, *, flag: str, max_bytes: int) -> bytes:
+def read_file(path: Path, *, flag: str, max_bytes: int, loc: tuple[str | int, ...] | None = None) -> bytes:
     """The file's bytes, refusing a missing file or one over the upload cap before reading it."""
     try:
         size = path.stat().st_size
@@ -102,15 +132,15 @@ def read_file(path: Path, *, flag: str, max_bytes: int) -> bytes:
         raise UsageError(f"--{flag}: no file at {path}") from None
     if size > max_bytes:
         raise ImageTooLarge(f"--{flag}: {path} is {size} bytes, over the {max_bytes}-byte input cap",
-                            loc=(FILE_FIELDS[flag],))
+                            loc=loc or (FILE_FIELDS[flag],))
     return path.read_bytes()
 
 
-def data_uri(data: bytes, *, flag: str, max_pixels: int) -> str:
+def data_uri(data: bytes, *, flag: str, max_pixels: int, loc: tuple[str | int, ...] | None = None) -> str:
     """``data:image/...;base64,...`` of a file; formats a data URI cannot name become PNG."""
     from engine.core.inputs import probe_image
 
-    _w, _h, mime = probe_image(data, max_pixels=max_pixels, loc=(FILE_FIELDS[flag],))
+    _w, _h, mime = probe_image(data, max_pixels=max_pixels, loc=loc or (FILE_FIELDS[flag],))
     if mime not in _DATA_URI_MIMES:
         from PIL import Image
 
@@ -137,3 +167,24 @@ def file_fields(args: argparse.Namespace, *, max_bytes: int, max_pixels: int) ->
         else:
             fields[field] = data_uri(data, flag=flag, max_pixels=max_pixels)
     return fields, uploads
+
+
+def image_prompt_fields(args: argparse.Namespace, *, max_bytes: int,
+                        max_pixels: int) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+    """(the request's ``image_prompts``, uploads) from ``--image-prompt`` flags, files as in
+    :func:`file_fields`; uploads are keyed by the slot's field path (``image_prompts.<i>.image``)."""
+    flags = getattr(args, "image_prompts", None) or []
+    if len(flags) > MAX_IMAGE_PROMPT_FLAGS:
+        raise UsageError(f"--image-prompt: at most {MAX_IMAGE_PROMPT_FLAGS}, got {len(flags)}")
+    slots: list[dict[str, Any]] = []
+    uploads: dict[str, bytes] = {}
+    for index, flag in enumerate(flags):
+        loc = ("image_prompts", index, "image")
+        data = read_file(flag["path"], flag="image-prompt", max_bytes=max_bytes, loc=loc)
+        if args.server:
+            ref = "sha256:" + hashlib.sha256(data).hexdigest()
+            uploads[".".join(map(str, loc))] = data
+        else:
+            ref = data_uri(data, flag="image-prompt", max_pixels=max_pixels, loc=loc)
+        slots.append({"image": ref, **{k: v for k, v in flag.items() if k != "path"}})
+    return slots, uploads

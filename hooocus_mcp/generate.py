@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from engine.core.constants import (
     MAX_IMAGE_NUMBER,
@@ -15,6 +15,7 @@ from engine.core.constants import (
     SchedulerName,
 )
 from engine.core.errors import HooocusError
+from engine.core.request import MAX_IMAGE_PROMPTS, ImagePromptType
 from hooocus_mcp._sdk import CallToolResult, Context, ToolAnnotations
 from hooocus_mcp.edit_image import image_ref_from_mcp
 from hooocus_mcp.results import JobResult
@@ -31,7 +32,29 @@ from hooocus_mcp.toolkit import (
 
 GENERATE_ARGS = {"prompt", "negative_prompt", "styles", "performance", "aspect_ratio", "width", "height", "seed",
                  "image_number", "sampler", "scheduler", "cfg", "sharpness", "model", "output_format",
-                 "max_side_px", "wait_timeout_s", "image", "mask"}
+                 "max_side_px", "wait_timeout_s", "image", "mask", "image_prompts"}
+
+
+class ImagePromptArg(BaseModel):
+    """One Image Prompt slot of generate_image (the engine's ImagePromptSlot, with MCP image links)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: Annotated[str, Field(min_length=1, description="hooocus://images/<sha256> or a data:image/png;base64 URI")]
+    type: Annotated[ImagePromptType, Field(description=(
+        "ImagePrompt: borrow the image's content/style; PyraCanny: follow its edges; CPDS: follow its "
+        "structure/depth; FaceSwap: not supported yet"))] = "ImagePrompt"
+    stop_at: Annotated[float | None, Field(ge=0.0, le=1.0, description=(
+        "fraction of sampling it acts for; default 0.5 (FaceSwap 0.9)"))] = None
+    weight: Annotated[float | None, Field(ge=0.0, le=2.0, description=(
+        "strength; default ImagePrompt 0.6, PyraCanny/CPDS 1.0"))] = None
+
+
+def image_prompt_fields(slots: list[ImagePromptArg] | None) -> list[dict[str, object]] | None:
+    """The request's ``image_prompts`` from the tool argument (links mapped, field path kept)."""
+    if slots is None:
+        return None
+    return [{**slot.model_dump(exclude_none=True), "image": image_ref_from_mcp(slot.image, field="image_prompts")}
+            for slot in slots]
 
 
 def register(kit: ToolKit) -> None:
@@ -62,6 +85,9 @@ def register(kit: ToolKit) -> None:
         image: Annotated[str | None, Field(description="input image: hooocus://images/<sha256> from an earlier "
                                                        "result, or a data:image/png;base64 URI")] = None,
         mask: Annotated[str | None, Field(description="inpaint mask (white = repaint), same forms as image")] = None,
+        image_prompts: Annotated[list[ImagePromptArg] | None, Field(
+            max_length=MAX_IMAGE_PROMPTS, description="up to 4 reference images that guide the result "
+                                                      "(Fooocus Image Prompt)")] = None,
     ) -> Annotated[CallToolResult, JobResult]:
         """Generate images from a text prompt with Fooocus-quality SDXL.
 
@@ -77,6 +103,7 @@ def register(kit: ToolKit) -> None:
         try:
             given["input_image"] = image_ref_from_mcp(image, field="image")
             given["inpaint_mask"] = image_ref_from_mcp(mask, field="mask")
+            given["image_prompts"] = image_prompt_fields(image_prompts)
         except HooocusError as exc:
             raise tool_error(exc) from None
         return await kit.run_job(given, ctx, wait_timeout_s=wait_timeout_s, max_side_px=max_side_px)

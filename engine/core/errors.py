@@ -31,6 +31,7 @@ HTTP_STATUS_BY_CODE: dict[str, int] = {
     "conflict": 409,
     "out_of_memory": 503,
     "model_missing": 409,
+    "unsupported": 422,
     "shutting_down": 503,
     "worker_lost": 503,
     "internal_error": 500,
@@ -48,7 +49,7 @@ EXIT_INTERRUPTED = 130
 #: Error codes that mean "fix your input" (exit code 2) rather than "it failed" (exit code 1).
 #: A refusal from a server (``unauthorized``, ``queue_full`` ...) is a failure: exit code 1.
 USAGE_ERROR_CODES = frozenset({"invalid_request", "invalid_image", "image_too_large", "unknown_model", "unknown_style", "unknown_lora", "unknown_preset",
-                               "unsafe_file", "model_invalid", "unsupported_for_model"})
+                               "unsafe_file", "model_invalid", "unsupported_for_model", "unsupported"})
 
 
 def exit_code_for(error: HooocusError) -> int:
@@ -136,6 +137,13 @@ class ModelMissing(HooocusError):
     ``hooocus setup --only ...`` command that installs it."""
 
     code = "model_missing"
+
+
+class Unsupported(HooocusError):
+    """A valid request for something this server cannot do yet (e.g. an Image Prompt type whose
+    detector is not built); nothing is queued."""
+
+    code = "unsupported"
 
 
 class OutOfMemory(HooocusError):

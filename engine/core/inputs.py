@@ -51,6 +51,21 @@ IMAGE_FIELDS: dict[str, Literal["image", "mask"]] = {
     "inpaint_mask": "mask",
     "inpaint_mask_upload": "mask",
 }
+#: Image Prompt slots (issue 16) are a list field: slot i's image is decoded under this key.
+IMAGE_PROMPTS_FIELD = "image_prompts"
+
+
+def image_prompt_key(index: int) -> str:
+    """The ``RunContext.inputs`` key of image-prompt slot ``index`` (its field path, dotted)."""
+    return f"{IMAGE_PROMPTS_FIELD}.{index}.image"
+
+
+def image_prompt_refs(request: Any) -> list[tuple[Loc, str, str]]:
+    """(field path, inputs key, reference text) of every image-prompt slot of ``request``."""
+    slots = getattr(request, IMAGE_PROMPTS_FIELD, None) or []
+    return [((IMAGE_PROMPTS_FIELD, i, "image"), image_prompt_key(i), slot.image) for i, slot in enumerate(slots)]
+
+
 #: Defaults of the Settings fields of the same names.
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_INPUT_PIXELS = 40_000_000
@@ -386,15 +401,16 @@ class InputResolver:
 
     def __call__(self, request: Any, owner: str) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        for name, kind in IMAGE_FIELDS.items():
-            text = getattr(request, name, None)
+        fields: list[tuple[Loc, str, str | None, Literal["image", "mask"]]] = [
+            ((name,), name, getattr(request, name, None), kind) for name, kind in IMAGE_FIELDS.items()]
+        fields += [(loc, key, text, "image") for loc, key, text in image_prompt_refs(request)]
+        for loc, key, text, kind in fields:
             if text is None:
                 continue
-            loc: Loc = (name,)
             ref = parse_image_ref(text, loc=loc, max_bytes=self.max_upload_bytes)
             data = ref.data if ref.kind == "data" else self.fetch(ref.sha256 or "", owner=owner, loc=loc)
             assert data is not None
-            out[name] = decode_image(data, max_pixels=self.max_pixels, loc=loc, kind=kind)
+            out[key] = decode_image(data, max_pixels=self.max_pixels, loc=loc, kind=kind)
         return out
 
     def resolve_one(self, text: Any, owner: str, *, loc: Loc = ("image",)) -> np.ndarray:

@@ -250,7 +250,8 @@ class RunContext:
     token, and emitters.
 
     ``inputs`` (issue 14 contract): the request's image fields decoded at submit, keyed by field
-    name (``input_image``: H×W×3 uint8 RGB; ``inpaint_mask``/``inpaint_mask_upload``: H×W uint8).
+    name (``input_image``: H×W×3 uint8 RGB; ``inpaint_mask``/``inpaint_mask_upload``: H×W uint8;
+    Image Prompt slot i: ``image_prompts.<i>.image``, H×W×3).
     Tests may pass them directly; by default they are the job's."""
 
     def __init__(self, job: Job, engine: Engine, inputs: Mapping[str, np.ndarray] | None = None) -> None:
@@ -356,11 +357,13 @@ def _no_presets(request: GenerationRequest) -> GenerationRequest:
 
 
 def _no_inputs(request: GenerationRequest, owner: str) -> Mapping[str, np.ndarray]:
-    from engine.core.inputs import IMAGE_FIELDS
+    from engine.core.inputs import IMAGE_FIELDS, image_prompt_refs
 
     for name in IMAGE_FIELDS:
         if getattr(request, name, None) is not None:
             raise InvalidRequest("this server does not take input images", loc=(name,))
+    for loc, _key, _text in image_prompt_refs(request):
+        raise InvalidRequest("this server does not take input images", loc=loc)
     return {}
 
 

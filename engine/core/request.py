@@ -35,7 +35,7 @@ from engine.core.constants import (
     SamplerName,
     SchedulerName,
 )
-from engine.core.errors import InvalidRequest, pydantic_error_to_hooocus
+from engine.core.errors import HooocusError, InvalidRequest, pydantic_error_to_hooocus
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -47,6 +47,18 @@ InpaintMode = Literal["Inpaint or Outpaint (default)", "Improve Detail (face, ha
                       "Modify Content (add objects, change background, etc.)"]
 InpaintEngineName = Literal["None", "v1", "v2.5", "v2.6"]
 UOV_DISABLED = "Disabled"
+#: Issue 16: Fooocus's Image Prompt slot types (modules/flags.py ip_list).
+ImagePromptType = Literal["ImagePrompt", "FaceSwap", "PyraCanny", "CPDS"]
+#: spec §12.3 table: (stop_at, weight) a slot gets when the caller leaves them out (Fooocus's
+#: per-type defaults, flags.default_parameters).
+IMAGE_PROMPT_DEFAULTS: dict[str, tuple[float, float]] = {
+    "ImagePrompt": (0.5, 0.6),
+    "FaceSwap": (0.9, 0.75),
+    "PyraCanny": (0.5, 1.0),
+    "CPDS": (0.5, 1.0),
+}
+#: spec §12.3: Fooocus has 4 image-prompt slots (default_controlnet_image_count).
+MAX_IMAGE_PROMPTS = 4
 INPAINT_MODE_DEFAULT = "Inpaint or Outpaint (default)"
 #: An image reference is 'sha256:<hex>' or a data URI; the data URI is the long one. The decoded
 #: byte cap is the server's ``max_upload_bytes`` (checked by the resolver); this is only a hard upper
@@ -88,6 +100,26 @@ class FreeUSettings(BaseModel):
     b2: Annotated[float, Field(ge=0.0, le=2.0)] = 1.02
     s1: Annotated[float, Field(ge=0.0, le=4.0)] = 0.99
     s2: Annotated[float, Field(ge=0.0, le=4.0)] = 0.95
+
+
+class ImagePromptSlot(BaseModel):
+    """One Image Prompt slot (spec §12.3): an image reference, its type, and optional stop/weight
+    (``None`` = the type's default from :data:`IMAGE_PROMPT_DEFAULTS`; stop 0..1, weight 0..2 as
+    Fooocus's sliders)."""
+
+    model_config = _STRICT
+    image: ImageRefText
+    type: ImagePromptType = "ImagePrompt"
+    stop_at: Fraction | None = None
+    weight: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+
+    @property
+    def resolved_stop_at(self) -> float:
+        return IMAGE_PROMPT_DEFAULTS[self.type][0] if self.stop_at is None else self.stop_at
+
+    @property
+    def resolved_weight(self) -> float:
+        return IMAGE_PROMPT_DEFAULTS[self.type][1] if self.weight is None else self.weight
 
 
 class GenerationRequest(BaseModel):
@@ -165,6 +197,8 @@ class GenerationRequest(BaseModel):
     vary_strength: Strength | None = None
     #: Fooocus overwrite_upscale_strength: replaces 0.382.
     upscale_strength: Strength | None = None
+    # -- Image Prompt (issue 16): up to 4 slots; they combine with text-to-image and the image tasks.
+    image_prompts: Annotated[list[ImagePromptSlot], Field(max_length=MAX_IMAGE_PROMPTS)] = Field(default_factory=list)
 
     @field_validator("performance", mode="before")
     @classmethod
@@ -239,7 +273,7 @@ class GenerationRequest(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise pydantic_error_to_hooocus(exc) from None
-        except InvalidRequest:  # a cross-field check that names its own field path
+        except HooocusError:  # a cross-field check that names its own field path
             raise
         except (TypeError, ValueError) as exc:  # non-dict input
             raise InvalidRequest(str(exc)) from None

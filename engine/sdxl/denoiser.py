@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -89,6 +90,10 @@ class SDXLDenoiser:
         self.guide = sharpness_sampling_function
         #: Observers for tests/parity: called with (timestep, x_in, eps, branch rows) per UNet call.
         self.unet_observers: list = []
+        #: Image Prompt (engine/sdxl/image_prompt.py ``ImagePromptRun.unet_kwargs``): called before each
+        #: UNet call with (unet, sigma, sample, t, context, added_cond_kwargs, cond_or_uncond), returns
+        #: extra UNet keyword arguments (control residuals). cond_or_uncond: 0 positive, 1 negative per chunk.
+        self.unet_extra: Callable[..., dict[str, Any]] | None = None
 
     @property
     def single_branch(self) -> bool:
@@ -103,9 +108,9 @@ class SDXLDenoiser:
         t_value = float(timestep.reshape(-1)[0])
         emphasized = stage.timed_adm and use_emphasized_adm(t_value, self.guidance.adm_scaler_end)
         if self.single_branch:
-            (eps_pos,) = self._unet(stage, x_in, timestep, [stage.positive], emphasized)
+            (eps_pos,) = self._unet(stage, x_in, timestep, [stage.positive], emphasized, sigma)
             return ms.calculate_denoised(sigma, eps_pos, x)
-        eps_neg, eps_pos = self._unet(stage, x_in, timestep, [stage.negative, stage.positive], emphasized)
+        eps_neg, eps_pos = self._unet(stage, x_in, timestep, [stage.negative, stage.positive], emphasized, sigma)
         x0_pos = ms.calculate_denoised(sigma, eps_pos, x)
         x0_neg = ms.calculate_denoised(sigma, eps_neg, x)
         return self.guide(x, x0_pos, x0_neg, cfg=self.guidance.cfg,
@@ -113,7 +118,7 @@ class SDXLDenoiser:
                                            adaptive_cfg=self.guidance.adaptive_cfg, timestep=timestep)
 
     def _unet(self, stage: Stage, x_in: torch.Tensor, timestep: torch.Tensor, branches: list[BranchCond],
-              emphasized: bool) -> list[torch.Tensor]:
+              emphasized: bool, sigma: torch.Tensor | None = None) -> list[torch.Tensor]:
         """eps for each branch, batching branches whose token lengths repeat to an LCM ≤ 4× (spec §3.4)."""
         lengths = [b.cond.shape[1] for b in branches]
         lcm = math.lcm(*lengths)
@@ -131,8 +136,13 @@ class SDXLDenoiser:
                              for b in group])
             sample = x_in.to(self.compute_dtype).repeat(len(group), 1, 1, 1)
             t = timestep.to(sample.device).reshape(-1).repeat(len(group))
-            eps = stage.unet(sample, t, encoder_hidden_states=context,
-                             added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False)[0]
+            added = {"text_embeds": pooled, "time_ids": ids}
+            extra: dict[str, Any] = {}
+            if self.unet_extra is not None and sigma is not None:
+                cond_or_uncond = [0 if b is stage.positive else 1 for b in group]
+                extra = self.unet_extra(stage.unet, sigma, sample, t, context, added, cond_or_uncond)
+            eps = stage.unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False,
+                             **extra)[0]
             eps = eps.float()
             for observer in self.unet_observers:
                 observer(t, sample, eps, [id(b) for b in group])

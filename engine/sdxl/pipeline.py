@@ -95,6 +95,13 @@ from engine.sdxl.denoiser import (
     base_branch,
     refiner_branch,
 )
+from engine.sdxl.image_prompt import (
+    ImagePromptRun,
+    check_image_prompt_files,
+    load_controlnet,
+    load_ip_models,
+    prepare_image_prompts,
+)
 from engine.sdxl.img2img import inpaint_start_latent
 from engine.sdxl.inpaint_unet import InpaintEngine
 from engine.sdxl.models.freeu import apply_freeu_v2
@@ -221,6 +228,10 @@ class SDXLRunner:
         self._demo_upscaler: Upscaler | None = None
         #: the last inpaint patch read (path, patches): the v2.6 file is 1.3 GB, read once per process.
         self._inpaint_patch: tuple[Path, dict[str, Any]] | None = None
+        #: Image Prompt weights, one per kind, keyed by the base model they were built for (a new base
+        #: or new LoRAs drop them): (key, IP-Adapter models) and type -> (key, ControlNet).
+        self._ip_models: tuple[Any, Any] | None = None
+        self._controlnets: dict[str, tuple[Any, torch.nn.Module]] = {}
 
     @property
     def base_components(self) -> SDXLComponents | None:
@@ -286,6 +297,8 @@ class SDXLRunner:
                     self.registry.resolve("loras", lora.name)
                 except HooocusError as exc:
                     raise UnknownLora(exc.message, loc=("loras", index, "name")) from None
+        check_image_prompt_files(request.image_prompts, models_dir=self.settings.models_dir,
+                                 data_dir=self.settings.data_dir, is_demo=base_name == DEMO_MODEL)
 
     def options(self) -> dict[str, Any]:
         expansion_ok = self._expansion_available()
@@ -625,6 +638,7 @@ class SDXLRunner:
             resolved = dataclasses.replace(resolved, width=int(inpaint.latent_fill.shape[-1]) * 8,
                                            height=int(inpaint.latent_fill.shape[-2]) * 8)
         ctx.started(self._started_params(resolved, base, plan.tasks), resolved.seeds, resolved.steps * len(plan.tasks))
+        image_prompts = self._image_prompts(ctx, resolved, base)
         freeu = None
         if resolved.freeu is not None and resolved.freeu.enabled:
             f = resolved.freeu
@@ -634,8 +648,10 @@ class SDXLRunner:
             for task in plan.tasks:
                 if wanted is None or task.index in wanted:
                     self._run_image(ctx, resolved, task, base, refiner, len(plan.tasks), plan.loras, uov_latent,
-                                    inpaint)
+                                    inpaint, image_prompts)
         finally:
+            if image_prompts is not None:
+                image_prompts.remove()  # never leave IP-Adapter processors in the model cache
             if inpaint is not None and inpaint.engine is not None:
                 inpaint.engine.remove()  # never leave a patched UNet in the model cache
             if freeu is not None:
@@ -643,7 +659,8 @@ class SDXLRunner:
 
     def _run_image(self, ctx: RunContext, resolved: ResolvedRequest, task: PromptTask, base: LoadedModel,
                    refiner: LoadedModel | None, image_count: int, loras: list[tuple[str, float]],
-                   uov_latent: torch.Tensor | None = None, inpaint: InpaintLatents | None = None) -> None:
+                   uov_latent: torch.Tensor | None = None, inpaint: InpaintLatents | None = None,
+                   image_prompts: ImagePromptRun | None = None) -> None:
         ctx.check_cancelled()
         index = task.index
         width, height = resolved.width, resolved.height
@@ -679,6 +696,8 @@ class SDXLRunner:
         denoiser.guide = self.accelerator.guidance()
         if self.trace is not None:
             denoiser.unet_observers.append(self._unet_observer(index, denoiser))
+        if image_prompts is not None:  # control residuals + the IP rows, per UNet call (spec §12.3/§12.4)
+            denoiser.unet_extra = image_prompts.unet_kwargs
         steps = len(sigma_plan.sigmas) - 1
         switch = resolved.switch_step
         joint = refiner_stage is not None and resolved.refiner_swap_method != "separate"
@@ -707,6 +726,8 @@ class SDXLRunner:
                 self._record(f"image{index}.step{i:02d}.denoised", state["denoised"])
             if joint and i == switch:  # spec §8 quirk: the swap fires after step `switch` ran on the base
                 denoiser.stage = refiner_stage
+                if image_prompts is not None:  # spec §12.4: the IP patches leave at the refiner swap
+                    image_prompts.remove()
             if synthetic and i == switch and engine is not None:  # the synthetic refiner (same swap point)
                 engine.remove()
             # joint: step `switch` itself still runs on the base; separate: the refiner starts at it
@@ -721,12 +742,16 @@ class SDXLRunner:
         if engine is not None:  # the base UNet gets head + patch for this image's sampling only
             engine.remove()  # idempotent; the previous image's synthetic refiner already took them off
             engine.apply()
+        if image_prompts is not None:
+            image_prompts.install()
         try:
             if refiner_stage is not None and not joint and 0 < switch < steps:
                 # spec §8 "separate": base over sigmas[:switch+1] (no forced 0), then the refiner continues
                 # from that latent with zero new noise and the same Brownian tree.
                 latent = sample(model, resolved.sampler, sigma_plan.sigmas[: switch + 1], noise, latent=start, **run)
                 denoiser.stage = refiner_stage
+                if image_prompts is not None:
+                    image_prompts.remove()
                 step_offset = switch
                 latent = sample(model, resolved.sampler, sigma_plan.sigmas[switch:], torch.zeros_like(noise),
                                 latent=latent, **run)
@@ -735,6 +760,8 @@ class SDXLRunner:
         finally:
             if engine is not None:
                 engine.remove()
+            if image_prompts is not None:
+                image_prompts.remove()
         self._record(f"image{index}.latent", latent)
         ctx.check_cancelled()  # a cancel during the last step skips the decode
         ctx.progress(steps, steps, stage="decode", image_index=index, image_count=image_count)
@@ -991,6 +1018,46 @@ class SDXLRunner:
                 raise InvalidRequest(str(exc), loc=("inpaint_engine",)) from None
         return InpaintLatents(latent_fill=latent_fill, mask=lmask, engine=engine, pixels=px,
                               disable_initial_latent=params.disable_initial_latent)
+
+    def _image_prompts(self, ctx: RunContext, resolved: ResolvedRequest, base: LoadedModel) -> ImagePromptRun | None:
+        """The job's image prompts at its final generation size (spec §12.3): demo weights for the demo
+        model, else the set-up files (cached per base model and LoRA set)."""
+        slots = ctx.request.image_prompts
+        if not slots:
+            return None
+        unet = base.components.unet
+        demo = resolved.base_model == DEMO_MODEL
+        key = (base.key, base.loras)
+
+        def ip_models() -> Any:
+            if self._ip_models is None or self._ip_models[0] != base.key:
+                self._ip_models = None  # free the old ones first
+                if demo:
+                    from engine.sdxl.models.demo import demo_ip_adapter
+
+                    models = demo_ip_adapter(unet)
+                else:
+                    models = load_ip_models(self.settings.models_dir, unet)
+                self._ip_models = (base.key, models)
+            return self._ip_models[1]
+
+        def controlnet_for(control_type: str) -> torch.nn.Module:
+            cached = self._controlnets.get(control_type)
+            if cached is None or cached[0] != key:
+                self._controlnets.pop(control_type, None)
+                if demo:
+                    from engine.sdxl.models.demo import demo_controlnet
+
+                    controlnet = demo_controlnet(unet, control_type)
+                else:
+                    controlnet = load_controlnet(self.settings.models_dir, control_type, unet)
+                self._controlnets[control_type] = (key, controlnet)  # at most one per control type
+            return self._controlnets[control_type][1]
+
+        ctx.check_cancelled()
+        return prepare_image_prompts(slots, ctx.inputs, width_px=resolved.width, height_px=resolved.height,
+                                     base_unet=unet, model_sampling=model_sampling_for(resolved.scheduler),
+                                     ip_models=ip_models, controlnet_for=controlnet_for)
 
     def _run_fast_upscale(self, ctx: RunContext, resolved: ResolvedRequest, image: np.ndarray) -> None:
         """Upscale (Fast 2x): ESRGAN then LANCZOS to 2x; no diffusion, no prompt processing (spec §12.1)."""

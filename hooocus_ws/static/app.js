@@ -763,6 +763,30 @@
         return;
       }
     }
+    // Image Prompt slots (issue 16): each picked file is uploaded, then named by its sha256.
+    const slots = Array.from(document.querySelectorAll(".ip-slot")).filter((row) => row.querySelector(".ip-file").files.length);
+    if (slots.length) {
+      try {
+        status("uploading the image prompts");
+        params.image_prompts = [];
+        for (const row of slots) {
+          const slot = { image: await upload(row.querySelector(".ip-file").files[0]), type: row.querySelector(".ip-type").value };
+          const weight = row.querySelector(".ip-weight").value, stop = row.querySelector(".ip-stop").value;
+          if (weight !== "") slot.weight = parseFloat(weight);
+          if (stop !== "") slot.stop_at = parseFloat(stop);
+          params.image_prompts.push(slot);
+        }
+      } catch (e) {
+        state.generateId = null;
+        $("generate").disabled = false;
+        status(String(e.message || e), true);
+        return;
+      }
+      if (state.generateId !== id || !state.ws || state.ws.readyState !== WebSocket.OPEN) {
+        if (state.generateId === id) { state.generateId = null; status("not connected", true); }
+        return;
+      }
+    }
     clearJobView();
     status("submitting");
     state.ws.send(JSON.stringify({ type: "generate", id, params }));

@@ -107,3 +107,35 @@ def test_refiner_branch_uses_aesthetic_ids_without_timed_switch() -> None:
                          dtype=torch.float32)
     assert ref.time_ids_emphasized.tolist() == [[896.0, 1152.0, 0.0, 0.0, 6.0]]
     assert torch.equal(ref.time_ids_emphasized, ref.time_ids_consistent)
+
+
+@pytest.mark.parametrize(("pos", "neg", "cfg", "codes"), [
+    (77, 77, 4.0, [[1, 0]]),  # one batched call: [negative, positive] chunks
+    (77, 385, 4.0, [[1], [0]]),  # 5x apart: two calls, negative first
+    (77, 77, 1.0, [[0]]),  # cfg 1: the positive branch alone
+])
+def test_unet_extra_sees_cond_or_uncond_per_call_and_its_kwargs_reach_the_unet(
+        pos: int, neg: int, cfg: float, codes: list[list[int]]) -> None:
+    # Image Prompt's per-call hook (engine/sdxl/image_prompt.py): it must see which chunk is which branch
+    # (Fooocus's cond_or_uncond: 0 positive, 1 negative) and whatever it returns goes into the UNet call.
+    denoiser, unet = make(pos, neg, cfg=cfg)
+    seen: list[list[int]] = []
+    sigma = torch.tensor([2.0])
+
+    def extra(stage_unet, sigma_in, sample, t, context, added, cond_or_uncond):
+        assert stage_unet is unet and torch.equal(sigma_in, sigma) and sample.shape[0] == len(cond_or_uncond)
+        assert context.shape[0] == sample.shape[0] and set(added) == {"text_embeds", "time_ids"}
+        seen.append(list(cond_or_uncond))
+        return {"marker": len(seen)}
+
+    received: list[int] = []
+    forward = unet.forward
+
+    def forward_with_marker(sample, t, *, marker, **kwargs):
+        received.append(marker)
+        return forward(sample, t, **kwargs)
+
+    unet.forward = forward_with_marker  # type: ignore[method-assign]
+    denoiser.unet_extra = extra
+    denoiser(torch.randn(1, 4, 8, 8), sigma)
+    assert seen == codes and received == list(range(1, len(codes) + 1))

@@ -252,3 +252,23 @@ def test_describe_button_fills_the_prompt_and_styles(browser, tmp_path, live_fac
         assert request.prompt == prompt and list(request.styles) == ["Fooocus Enhance", "Fooocus Sharp"]
     finally:
         runtime.describer.close()
+
+
+def test_page_sends_image_prompt_slots(browser, tmp_path, live_factory):
+    """Issue 16: a picked file in an Image Prompt slot is uploaded and sent as image_prompts[i] with its
+    type, weight and stop; the runner gets the decoded pixels under the slot's field path."""
+    runner = PageRunner()
+    live = live_factory(make_runtime(tmp_path, runner))
+    wait = connect_page(browser, live.http_url + "/", "adv-sampler")
+    picture = tmp_path / "ref.png"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(picture)
+    rows = browser.find_elements(By.CSS_SELECTOR, ".ip-slot")
+    assert len(rows) == 4
+    rows[1].find_element(By.CSS_SELECTOR, ".ip-file").send_keys(str(picture))
+    Select(rows[1].find_element(By.CSS_SELECTOR, ".ip-type")).select_by_visible_text("CPDS")
+    rows[1].find_element(By.CSS_SELECTOR, ".ip-weight").send_keys("0.7")
+    browser.find_element(By.ID, "prompt").send_keys("a boat")
+    generate_and_wait(browser, wait)
+    (slot,) = live.runtime.engine.jobs()[-1].request.image_prompts
+    assert slot.image.startswith("sha256:") and slot.type == "CPDS" and slot.weight == 0.7 and slot.stop_at is None
+    assert runner.inputs_seen[-1]["image_prompts.0.image"].shape == (40, 48, 3)

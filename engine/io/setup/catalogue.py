@@ -37,6 +37,8 @@ DATA_LAYOUT: dict[str, str] = {
     "text_encoders": "models/text_encoders",
     "vae": "models/vae",
     "flux_tokenizers": "models/flux_tokenizers",
+    "controlnet": "models/controlnet",
+    "clip_vision": "models/clip_vision",
     "downloads": "downloads",
 }
 
@@ -55,7 +57,8 @@ _LICENCE_OPENAI_TOKENIZER = "OpenAI tokenizer files, MIT"
 #: "pickle_to_safetensors": a pickled ``{name: tensor}`` state dict, saved as is.
 #: "fooocus_patch_to_safetensors": a pickled ``.fooocus.patch`` ``{ldm key: (w_uint8, min, max)}``, saved as
 #: ``<key>::w`` / ``<key>::min`` / ``<key>::max`` (what engine.sdxl.models.inpaint.fooocus_patches_from_state_dict reads).
-ConvertKind = Literal["pickle_to_safetensors", "fooocus_patch_to_safetensors"]
+#: "nested_pickle_to_safetensors": a pickled ``{part: {name: tensor}}`` (the IP-Adapter .bin), saved as ``part.name``.
+ConvertKind = Literal["pickle_to_safetensors", "fooocus_patch_to_safetensors", "nested_pickle_to_safetensors"]
 
 
 @dataclass(frozen=True)
@@ -391,8 +394,46 @@ FLUX_SCHNELL_ASSETS: tuple[Asset, ...] = (
       for a in DEFAULT_ASSETS if a.group == "clip-tokenizer"),
 )
 
+IP_ADAPTER_GROUP = "ip-adapter"
+CONTROLNET_GROUP = "controlnet"
+_FOOOCUS_MISC_URL = "https://huggingface.co/lllyasviel/misc/resolve/main/"
+
+
+def _misc_file(group: str, file_name: str, dest_dir: str, sha256: str | None, size_bytes: int | None) -> Asset:
+    """A safetensors file of lllyasviel/misc that Fooocus downloads on first use, installed as is."""
+    upstream_dir = dest_dir.split("/", 1)[1]
+    return Asset(name=f"{group}/{file_name}", group=group, url=_FOOOCUS_MISC_URL + file_name, sha256=sha256,
+                 dest=f"{dest_dir}/{file_name}", size_bytes=size_bytes, licence=_LICENCE_LLLYASVIEL_WEIGHTS,
+                 local_paths=(f"models/{upstream_dir}/{file_name}",), optional=True)
+
+
+#: Image Prompt weights (issue 16), from the URLs Fooocus 2.5.5 downloads them from on first use
+#: (modules/config.py downloading_ip_adapters('ip') / downloading_controlnet_canny / _cpds), into its
+#: folders (path_clip_vision, path_controlnet). The runner's file names: engine.sdxl.image_prompt.
+#: Pins (Fooocus pins none): sha256 and size from SimpleSDXL's models_info (a Fooocus fork's manifest of
+#: these exact lllyasviel/misc files), one source each:
+#: - ip-adapter-plus_sdxl_vit-h.bin ec70edb7...de90, 1 013 454 427 bytes (a pickle: converted only after the pin matches);
+#: - fooocus_ip_negative.safetensors d7caedfb...a72d, 65 616 bytes;
+#: - control-lora-canny-rank128.safetensors 56389dbb...8247, 395 733 680 bytes;
+#: - fooocus_xl_cpds_128.safetensors eec3fd82...c2f1, 395 706 528 bytes;
+#: - clip_vision_vit_h.safetensors: NO published sha256 found; unpinned (a safetensors file: nothing is
+#:   executed on load), size not published (about 1.9 GB).
+IMAGE_PROMPT_ASSETS: tuple[Asset, ...] = (
+    _misc_file(IP_ADAPTER_GROUP, "clip_vision_vit_h.safetensors", DATA_LAYOUT["clip_vision"], None, None),
+    _misc_file(IP_ADAPTER_GROUP, "fooocus_ip_negative.safetensors", DATA_LAYOUT["controlnet"],
+               "d7caedfb46780825895718c7c8e9ee077e675c935ddfcf272f1c01a4fc8ea72d", 65616),
+    _converted_weight(IP_ADAPTER_GROUP, _FOOOCUS_MISC_URL + "ip-adapter-plus_sdxl_vit-h.bin", DATA_LAYOUT["controlnet"],
+                      "ip-adapter-plus_sdxl_vit-h.safetensors",
+                      "ec70edb7cc8e769c9388d94eeaea3e4526352c9fae793a608782d1d8951fde90", 1013454427,
+                      "nested_pickle_to_safetensors"),
+    _misc_file(CONTROLNET_GROUP, "control-lora-canny-rank128.safetensors", DATA_LAYOUT["controlnet"],
+               "56389dbb245ca44de91d662529bd4298abc55ce2318f60bc19454fb72ff68247", 395733680),
+    _misc_file(CONTROLNET_GROUP, "fooocus_xl_cpds_128.safetensors", DATA_LAYOUT["controlnet"],
+               "eec3fd8209a65b41341ea9f415de66909c97b30fb4d20965b3304e8e5251c2f1", 395706528),
+)
+
 OPTIONAL_ASSETS: tuple[Asset, ...] = (*EXPANSION_ASSETS, *PERFORMANCE_LORA_ASSETS, *UPSCALE_ASSETS, *INPAINT_ASSETS,
-                                      *DESCRIBE_ASSETS, *FLUX_SCHNELL_ASSETS)
+                                      *IMAGE_PROMPT_ASSETS, *DESCRIBE_ASSETS, *FLUX_SCHNELL_ASSETS)
 ALL_ASSETS: tuple[Asset, ...] = (*DEFAULT_ASSETS, *OPTIONAL_ASSETS)
 
 

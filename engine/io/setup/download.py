@@ -128,7 +128,9 @@ def convert_pickle_to_safetensors(source: Path, dest: Path, *, expected_sha256: 
     and plain containers only), so the file that was checked is the file that is read. An unpinned
     or mismatching file is never unpickled. Tied tensors are copied (safetensors stores no aliases).
     ``kind`` "fooocus_patch_to_safetensors" flattens ``{key: (w_uint8, min, max)}`` into
-    ``<key>::w`` / ``<key>::min`` / ``<key>::max`` (the layout the inpaint patch loader reads).
+    ``<key>::w`` / ``<key>::min`` / ``<key>::max`` (the layout the inpaint patch loader reads);
+    "nested_pickle_to_safetensors" flattens ``{part: {name: tensor}}`` into ``part.name`` (the
+    IP-Adapter's ``image_proj`` / ``ip_adapter`` halves, the flat layout its loader reads).
     """
     if expected_sha256 is None:
         raise UnsafeFile(f"{source.name} is a pickle without a pinned sha256; refusing to open it")
@@ -147,6 +149,8 @@ def convert_pickle_to_safetensors(source: Path, dest: Path, *, expected_sha256: 
         raise UnsafeFile(f"{source.name} is not a plain tensor state dict: {exc}") from None
     if kind == "fooocus_patch_to_safetensors":
         state = _flatten_fooocus_patch(state, source.name)
+    elif kind == "nested_pickle_to_safetensors":
+        state = _flatten_nested(state, source.name)
     if not (isinstance(state, dict) and state
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise ModelInvalid(f"{source.name} does not hold a state dict of named tensors")
@@ -163,6 +167,23 @@ def convert_pickle_to_safetensors(source: Path, dest: Path, *, expected_sha256: 
 #: engine.sdxl.models.inpaint.PATCH_KEY_SEPARATOR; not imported, io stays below the model family).
 _PATCH_SEPARATOR = "::"
 _PATCH_PARTS = ("w", "min", "max")
+
+
+def _flatten_nested(state: Any, file_name: str) -> dict[str, Any]:
+    """``{part: {name: tensor}}`` -> ``{part.name: tensor}``; anything else is ModelInvalid."""
+    import torch
+
+    if not isinstance(state, dict) or not state:
+        raise ModelInvalid(f"{file_name} is not a dict of state dicts")
+    flat: dict[str, Any] = {}
+    for part, inner in state.items():
+        if not (isinstance(part, str) and isinstance(inner, dict) and inner):
+            raise ModelInvalid(f"{file_name}: entry {part!r} is not a state dict")
+        for name, tensor in inner.items():
+            if not (isinstance(name, str) and isinstance(tensor, torch.Tensor)):
+                raise ModelInvalid(f"{file_name}: {part}.{name!r} is not a named tensor")
+            flat[f"{part}.{name}"] = tensor
+    return flat
 
 
 def _flatten_fooocus_patch(state: Any, file_name: str) -> dict[str, Any]:

@@ -459,3 +459,34 @@ def demo_inpaint_patches(unet: torch.nn.Module, version: str = "v2.6") -> dict[s
         patches[f"{key}.weight"] = FooocusPatch(w_uint8, torch.full(rows, -_DEMO_PATCH_RANGE, dtype=torch.float16),
                                                 torch.full(rows, _DEMO_PATCH_RANGE, dtype=torch.float16))
     return patches
+
+
+# -- Image Prompt (issue 16): tiny deterministic IP-Adapter and Control-LoRA ControlNets --------------
+
+_DEMO_IP_TAG = "hooocus-demo-ip-v1"
+#: The demo ControlNets' zero-convs are scaled so a control visibly moves the demo image (a zero
+#: init, as a fresh ControlNet has, would add nothing).
+_DEMO_CONTROL_TAG = "hooocus-demo-control-v1"
+
+
+def demo_ip_adapter(unet: torch.nn.Module):
+    """The demo's IP-Adapter plus (CLIP vision, resampler, k/v per attn2 layer, negative tokens): tiny,
+    random, seeded by name, for the demo UNet's attn2 widths."""
+    from engine.sdxl.ip_adapter.model import build_tiny_ip_adapter
+
+    return build_tiny_ip_adapter(unet, seed_tag=_DEMO_IP_TAG)
+
+
+def demo_controlnet(unet: torch.nn.Module, control_type: str) -> torch.nn.Module:
+    """A demo ControlNet for ``control_type`` ("PyraCanny" / "CPDS"): the UNet's encoder copy (what a
+    Control-LoRA starts from) with seeded ControlNet-only layers (hint embedding, zero-convs)."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=3)
+    only = torch.nn.ModuleDict({name: module for name, module in controlnet.named_children()
+                                if name.startswith("controlnet_")})
+    with torch.no_grad():
+        _init_parameters(only, f"{_DEMO_CONTROL_TAG}/{control_type}")
+    if (controlnet.device, controlnet.dtype) != (unet.device, unet.dtype):  # from_unet copies on the CPU in float32
+        controlnet = controlnet.to(device=unet.device, dtype=unet.dtype)
+    return controlnet.eval().requires_grad_(False)
