@@ -337,7 +337,7 @@ class SDXLRunner:
     def batch_key(self, request: GenerationRequest) -> Hashable | None:
         """What jobs must share to run as one batched sampling loop; None = never batched.
 
-        Batched: text-to-image with cfg ≉ 1 and a sampler whose rows stay
+        Batched: text-to-image without image prompts, with cfg ≉ 1 and a sampler whose rows stay
         independent (not heunpp2 / dpm_adaptive). A job of several images is several rows: loop
         ``i`` samples every job's image ``i`` (so a loop has at most as many rows as the batch has
         jobs). The key is what the sampling loop's shapes and weights depend on: model, VAE,
@@ -345,8 +345,9 @@ class SDXLRunner:
         plan (model, switch, swap method), FreeU, the LoRA list. Prompts, seeds, image counts, cfg, sharpness, adaptive CFG, ADM scalers and clip skip
         are per job. Inline ``<lora:...>`` and wildcards are only known after resolution:
         :meth:`run_batch` splits a batch whose resolved plans differ."""
-        if request.image_task is not None or math.isclose(request.cfg, 1.0) or request.sampler in NOT_ROW_INDEPENDENT:
-            return None
+        if (request.image_task is not None or request.image_prompts or math.isclose(request.cfg, 1.0)
+                or request.sampler in NOT_ROW_INDEPENDENT):
+            return None  # image prompts hook the UNet per job (issue 16): not in the batched loop yet
         size = (request.width, request.height) if request.width and request.height else request.aspect_ratio
         refiner = None if request.refiner_model in (None, "None") else (
             request.refiner_model, request.refiner_switch, request.refiner_switch_step, request.refiner_swap_method)

@@ -278,7 +278,8 @@ def test_batch_key_agrees_on_per_item_values_and_excludes_what_it_cannot_batch(r
     assert key(refiner_model=DEMO_REFINER) not in (None, same)
     assert key(refiner_model=DEMO_REFINER, refiner_switch_step=2) != key(refiner_model=DEMO_REFINER)
     for excluded in ({"cfg": 1.0}, {"sampler": "heunpp2"}, {"sampler": "dpm_adaptive"},
-                     {"uov_method": "Vary (Subtle)", "input_image": "sha256:" + "0" * 64}):
+                     {"uov_method": "Vary (Subtle)", "input_image": "sha256:" + "0" * 64},
+                     {"image_prompts": [{"image": "sha256:" + "0" * 64, "type": "ImagePrompt"}]}):
         assert key(**excluded) is None, excluded
 
 
