@@ -116,6 +116,10 @@ def new_task_id() -> str:
 ResolveImage = Callable[[str, str], "np.ndarray"]
 
 
+#: How long one blocking wait of :meth:`Describer.describe` lasts before it looks for a Ctrl-C.
+_WAIT_SLICE_S = 0.1
+
+
 class Describer:
     """Bounded, cancellable describes on one worker thread (module docstring)."""
 
@@ -168,8 +172,16 @@ class Describer:
         """Submit and wait (CLI, tests). A timeout or KeyboardInterrupt cancels the describe."""
         task = self.submit(params, owner=owner)
         limit = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
         try:
-            return task.future.result(timeout=limit)
+            # Short waits: a KeyboardInterrupt (Ctrl-C, or _thread.interrupt_main) is only seen between
+            # them, since a blocked lock wait does not wake up for it.
+            while True:
+                try:
+                    return task.future.result(timeout=min(_WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
+                except concurrent.futures.TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise
         except concurrent.futures.TimeoutError:
             task.cancel("timeout")
             raise JobCancelled("timeout") from None

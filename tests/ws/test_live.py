@@ -121,7 +121,9 @@ def test_ten_concurrent_clients_with_a_small_queue(tmp_path, live_factory):
     refused = [msgs[0] for kind, msgs in results if kind == "refused"]
     assert len(accepted) == 4 and len(refused) == 6
     assert all(error["code"] == "queue_full" for error in refused)
-    assert sorted(msgs[0]["position"] for msgs in accepted) == [1, 2, 3, 4]  # FIFO positions
+    # Positions at acceptance: 1..4, but with fair share across alice and bob (issue 15) a later owner's
+    # job may be placed ahead of an earlier one, so two acks can name the same position.
+    assert all(1 <= msgs[0]["position"] <= 4 for msgs in accepted)
     for msgs in accepted:
         job_id = msgs[0]["job_id"]
         assert msgs[-1]["type"] == "done"
