@@ -119,7 +119,7 @@ from engine.sdxl.models.loading import (
     load_sdxl,
     resolve_device,
 )
-from engine.sdxl.models.lora import MergedLoras, load_lora, match_lora, merge_loras
+from engine.sdxl.models.lora import FOOOCUS_STORAGE_DTYPES, MergedLoras, load_lora, match_lora, merge_loras
 from engine.sdxl.models.registry import ModelRegistry
 from engine.sdxl.modes import PERFORMANCE_MODES
 from engine.sdxl.preview import latent_to_rgb
@@ -1134,7 +1134,9 @@ class SDXLRunner:
                 ctx.warning("lora_mismatch", match.warning)
             if not match.skipped:
                 matches.append((match, weight))
-        model.merged = merge_loras(modules, matches)
+        # Fooocus's CLIP weights stay float16 (so do its merged LoRAs); quirks off keeps full precision.
+        model.merged = merge_loras(modules, matches,
+                                   storage_dtypes=FOOOCUS_STORAGE_DTYPES if self.settings.fooocus_quirks else None)
         model.loras = wanted
 
     def _lora_installed(self, name: str) -> bool:

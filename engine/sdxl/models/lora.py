@@ -368,13 +368,22 @@ def match_lora(lora: LoraFile, unet: nn.Module | None,
 
 # --------------------------------------------------------------------------------------------- merging
 
-def merge_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraMatch, float]]) -> MergedLoras:
+#: Fooocus keeps the CLIP text encoders' weights in float16 even where it computes in float32 (on CPU),
+#: so a LoRA merged into them is rounded to float16 (parity README, runs e–h quirk 7; run h's
+#: conditioning differs by 2e-4 without this rounding). Pass as ``storage_dtypes`` to copy it.
+FOOOCUS_STORAGE_DTYPES: Mapping[str, torch.dtype] = {TEXT_ENCODER: torch.float16, TEXT_ENCODER_2: torch.float16}
+
+
+def merge_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraMatch, float]], *,
+                storage_dtypes: Mapping[str, torch.dtype] | None = None) -> MergedLoras:
     """Merge LoRAs into the weights in place, each at its strength (Fooocus merges at load, spec §11.1).
 
     ``models`` maps component names (``unet``, ``text_encoder``, ``text_encoder_2``) to modules.
     Every touched weight gets all its patches in slot order, summed in float32 from the original
     and cast back once. Skipped matches and zero strengths change nothing. Returns CPU copies of
     the original weights; call :func:`unmerge_loras` (or ``.restore``) before merging another set.
+    ``storage_dtypes`` rounds a component's merged weights through that dtype (see
+    :data:`FOOOCUS_STORAGE_DTYPES`); the module keeps its own dtype.
     """
     pending: dict[ParamRef, list[tuple[WeightPatch, float]]] = defaultdict(list)
     for match, strength in loras:
@@ -390,6 +399,9 @@ def merge_loras(models: Mapping[str, nn.Module], loras: Sequence[tuple[LoraMatch
             param = params[ref[0]][ref[1]]
             try:
                 new_value = apply_patches(param, patches)
+                storage = (storage_dtypes or {}).get(ref[0])
+                if storage is not None and storage != new_value.dtype:
+                    new_value = new_value.to(storage).to(param.dtype)
             except (PatchShapeError, RuntimeError) as exc:  # match_lora checks sizes; this is the backstop
                 log.warning("LoRA patch for %s.%s not merged: %s", ref[0], ref[1], exc)
                 continue
