@@ -173,7 +173,11 @@ def measure_run(parity: ParitySession, run: Path) -> dict[str, Any]:
     parity.unet_y.clear()
     wall_start, cpu_start = time.monotonic(), time.process_time()
     job = parity.runtime.engine.submit(request_for(params, parity.checkpoint.name, run))
-    assert job.wait(JOB_TIMEOUT_S), f"{run.name}: job still {job.state.value} after {JOB_TIMEOUT_S} s"
+    if not job.wait(JOB_TIMEOUT_S):
+        # Cancel it, or its remaining UNet calls would land in the next run's measurements.
+        parity.runtime.engine.cancel(job.job_id, reason="parity timeout")
+        job.wait(300)
+        pytest.fail(f"{run.name}: job still running after {JOB_TIMEOUT_S} s (cancelled)")
     assert job.state is JobState.DONE, f"{run.name}: {job.info()['error']}"
     # process CPU seconds / threads ≈ wall time on an otherwise idle machine
     m: dict[str, Any] = {"job.wall_s": round(time.monotonic() - wall_start, 1),
