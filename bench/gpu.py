@@ -699,10 +699,9 @@ def flux_engine(args: argparse.Namespace, components: Any, *, low_vram: bool = F
 
     if importlib.util.find_spec("engine.flux.runner") is None:
         return None
-    from engine.flux.runner import FluxRunner
-
     from engine import Engine
     from engine.core.settings import Settings
+    from engine.flux.runner import FluxRunner
 
     settings = Settings(data_dir=Path(args.data_dir), device=str(args.device), dtype=args.dtype, low_vram=low_vram,
                         expansion_dir=Path(args.data_dir) / "expansion")

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from engine.core.errors import ModelInvalid
+from engine.io.safety import open_safetensors_checked
 from engine.sdxl.models.patching import (
     DiffPatch,
     LohaPatch,
@@ -41,7 +42,6 @@ from engine.sdxl.models.patching import (
     apply_patches,
     patch_numel,
 )
-from engine.io.safety import open_safetensors_checked
 
 log = logging.getLogger(__name__)
 
