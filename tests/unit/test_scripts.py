@@ -14,12 +14,14 @@ import pytest
 from tests.paths import REPO_ROOT
 
 #: Stands in for .venv/bin/python: logs its arguments; `-c` (the torch probe) exits $TORCH_RC,
-#: `-m pytest -m "not slow"` exits $FAST_RC, `-m pytest -m slow` exits $SLOW_RC, pip exits 0.
+#: `-m pytest -m "not slow"` exits $FAST_RC, `-m pytest -m slow ...` exits $SLOW_RC (its parity half,
+#: `-m pytest -m slow tests/parity`, $PARITY_RC when set), pip exits 0.
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 case "$1 $2" in
   "-c "*) exit "${TORCH_RC:-0}" ;;
-  "-m pytest") if [ "$3 $4" = "-m slow" ]; then exit "${SLOW_RC:-0}"; else exit "${FAST_RC:-0}"; fi ;;
+  "-m pytest") if [ "$3 $4 $5" = "-m slow tests/parity" ]; then exit "${PARITY_RC:-${SLOW_RC:-0}}";
+                elif [ "$3 $4" = "-m slow" ]; then exit "${SLOW_RC:-0}"; else exit "${FAST_RC:-0}"; fi ;;
 esac
 exit 0
 """
@@ -39,7 +41,7 @@ def clone(tmp_path: Path) -> Path:
     return root
 
 
-def _run(clone: Path, script: str, **env: str) -> tuple[int, list[str]]:
+def _run(clone: Path, script: str, *args: str, **env: str) -> tuple[int, list[str]]:
     calls = clone / "calls.log"
     # Only what the scripts need on PATH: no apt-get, so the Chromium step never runs from a test.
     tools = clone / "tools"
@@ -48,7 +50,7 @@ def _run(clone: Path, script: str, **env: str) -> tuple[int, list[str]]:
         for name in ("bash", "dirname", "id"):
             (tools / name).symlink_to(shutil.which(name))
     base = {"PATH": str(tools), "CALLS": str(calls), "HOME": str(clone)}
-    result = subprocess.run([str(tools / "bash"), str(clone / "scripts" / script)], env={**base, **env},
+    result = subprocess.run([str(tools / "bash"), str(clone / "scripts" / script), *args], env={**base, **env},
                             capture_output=True, text=True, timeout=60)
     return result.returncode, calls.read_text().splitlines() if calls.exists() else []
 
@@ -69,8 +71,21 @@ def test_installs_with_constraints_and_keeps_an_importable_torch(clone: Path) ->
 def test_slow_step_always_runs_and_exit_5_is_not_a_failure(clone: Path, fast: str, slow: str, expected: int) -> None:
     code, calls = _run(clone, "test", FAST_RC=fast, SLOW_RC=slow)
     runs = [c for c in calls if c.startswith("-m pytest")]
-    assert runs == ["-m pytest -m not slow", "-m pytest -m slow"]
+    # The slow step's parity module runs in a process of its own (fresh memory for the full-size runs).
+    assert runs == ["-m pytest -m not slow", "-m pytest -m slow --ignore=tests/parity", "-m pytest -m slow tests/parity"]
     assert code == expected
+
+
+@pytest.mark.parametrize(("parity", "expected"), [("0", 0), ("1", 1), ("5", 0)])
+def test_a_failing_parity_half_fails_the_script(clone: Path, parity: str, expected: int) -> None:
+    code, _calls = _run(clone, "test", SLOW_RC="0", PARITY_RC=parity)
+    assert code == expected
+
+
+def test_arguments_keep_the_slow_step_in_one_process(clone: Path) -> None:
+    _code, calls = _run(clone, "test", "-k", "parity")
+    assert [c for c in calls if c.startswith("-m pytest")] == ["-m pytest -m not slow -k parity",
+                                                                "-m pytest -m slow -k parity"]
 
 
 def test_scripts_name_no_machine_specific_setup() -> None:
