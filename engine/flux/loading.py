@@ -44,7 +44,7 @@ import torch
 from engine.core.errors import AssetsMissing, HooocusError, InvalidRequest, ModelInvalid, UnknownModel, UnsafeFile
 from engine.flux.components import FluxComponents, FluxVariant
 from engine.flux.configs import bundled_config
-from engine.io.family import WeightsFamily, classify_keys, detect_family, inspect_weights
+from engine.io.family import WeightsFamily, classify_keys, detect_family, inspect_weights, read_json_object
 from engine.io.safety import PICKLE_SUFFIXES, check_weight_file, open_safetensors_checked
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ def _load_folder(folder: Path, found: WeightsFamily, *, label: str, device: torc
         parts[component] = _from_pretrained(component, folder / component, label=label, device=device,
                                             dtype=dtype)
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    parts["scheduler_config"] = _read_json(scheduler, label) if scheduler.is_file() else bundled_config(
+    parts["scheduler_config"] = read_json_object(scheduler, label) if scheduler.is_file() else bundled_config(
         "scheduler", variant)
     return parts
 
@@ -412,7 +412,7 @@ def _config_for(component: str, variant: FluxVariant, config_dir: str | os.PathL
                 stored: Mapping[str, Any]) -> dict[str, Any]:
     if config_dir is not None:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
-        return _read_json(Path(config_dir) / component / name, component)
+        return read_json_object(Path(config_dir) / component / name, component)
     if isinstance(stored.get(component), dict):
         return dict(stored[component])
     return bundled_config(component, variant)
@@ -651,19 +651,3 @@ def diffusers_to_bfl(state: Mapping[str, torch.Tensor], config: Mapping[str, Any
         tensor = torch.cat([state[n] for n in names], dim=0) if len(names) > 1 else state[names[0]]
         out[bfl] = (_swap_halves(tensor) if swap else tensor).contiguous()
     return out
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, label: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelInvalid(f"{label}: {path.name} is missing") from None
-    except (OSError, ValueError):
-        raise ModelInvalid(f"{label}: {path.name} is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ModelInvalid(f"{label}: {path.name} is not a JSON object")
-    return data
-

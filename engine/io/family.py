@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from engine.core.errors import ModelInvalid
 from engine.io.safety import check_weight_file
@@ -98,10 +98,10 @@ def detect_family(path: str | os.PathLike[str]) -> Family:
 
 
 def _inspect_folder(folder: Path) -> WeightsFamily:
-    index = _read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     pipeline = str(index.get("_class_name", ""))
     if pipeline.startswith("Flux") and "transformer" in index:
-        config = _read_json(folder / "transformer" / "config.json")
+        config = read_json_object(folder / "transformer" / "config.json")
         variant: Literal["schnell", "dev"] = "dev" if config.get("guidance_embeds") else "schnell"
         return WeightsFamily("flux", variant, "diffusers_folder", None)
     if pipeline.startswith("StableDiffusionXL"):
@@ -109,13 +109,16 @@ def _inspect_folder(folder: Path) -> WeightsFamily:
     return WeightsFamily("unknown")
 
 
-def _read_json(path: Path) -> dict[str, object]:
+def read_json_object(path: Path, label: str | None = None) -> dict[str, Any]:
+    """A model folder's JSON file as a dict; ``model_invalid`` naming ``label`` (default: the folder's
+    name) when it is missing, unreadable or not an object. Shared by the SDXL and Flux loaders."""
+    label = path.parent.name if label is None else label
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelInvalid(f"{path.parent.name}: {path.name} is missing") from None
+        raise ModelInvalid(f"{label}: {path.name} is missing") from None
     except (OSError, ValueError):
-        raise ModelInvalid(f"{path.parent.name}: {path.name} is not valid JSON") from None
+        raise ModelInvalid(f"{label}: {path.name} is not valid JSON") from None
     if not isinstance(data, dict):
-        raise ModelInvalid(f"{path.parent.name}: {path.name} is not a JSON object")
+        raise ModelInvalid(f"{label}: {path.name} is not a JSON object")
     return data

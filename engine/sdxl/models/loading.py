@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from engine.core.errors import AssetsMissing, HooocusError, InvalidRequest, ModelInvalid, UnknownModel, UnsafeFile
+from engine.io.family import read_json_object
 from engine.io.safety import PICKLE_SUFFIXES, check_weight_file, open_safetensors_checked
 from engine.sdxl.models.configs import COMPONENTS, component_config
 from engine.sdxl.models.registry import ModelRegistry, detect_checkpoint_kind, has_component
@@ -338,10 +339,10 @@ def _load_diffusers_folder(folder: Path, *, name: str, role: Role, device: torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    index = _read_json(folder / "model_index.json", name)
+    index = read_json_object(folder / "model_index.json", name)
     arch: Literal["base", "refiner"] = "base" if has_component(index, "text_encoder") else "refiner"
     _check_role(name, role, arch)
-    vae_config = _read_json(folder / "vae" / "config.json", name)
+    vae_config = read_json_object(folder / "vae" / "config.json", name)
     vae_dtype = vae_decode_dtype(dtype, bool(vae_config.get("force_upcast", True)))
     want = {"unet": (UNet2DConditionModel, dtype), "vae": (AutoencoderKL, vae_dtype),
             "text_encoder_2": (CLIPTextModelWithProjection, dtype)}
@@ -474,7 +475,7 @@ def single_file_configs(arch: Literal["base", "refiner"], *, metadata: Mapping[s
     stored in the file's metadata (written by ``save_single_file``), else the bundled SDXL ones."""
     parts = [c for c in COMPONENTS if c in LDM_PREFIXES[arch]]
     if config_dir is not None:
-        return {part: _read_json(Path(config_dir) / part / "config.json", part) for part in parts}
+        return {part: read_json_object(Path(config_dir) / part / "config.json", part) for part in parts}
     stored = (metadata or {}).get(CONFIGS_METADATA_KEY)
     if stored is not None:
         try:
@@ -591,7 +592,7 @@ def load_vae(path: Path, *, device: torch.device, dtype: torch.dtype) -> Autoenc
     label = path.name
     if path.is_dir():
         variant = check_component_weights(path)
-        config = _read_json(path / "config.json", label)
+        config = read_json_object(path / "config.json", label)
         vae_dtype = vae_decode_dtype(dtype, bool(config.get("force_upcast", True)))
         try:
             vae = AutoencoderKL.from_pretrained(path, use_safetensors=True, local_files_only=True, variant=variant,
@@ -629,15 +630,3 @@ def _stored_vae_config(stored: str, label: str) -> dict[str, Any]:
 def _check_role(name: str, role: Role, arch: Literal["base", "refiner"]) -> None:
     if role == "base" and arch == "refiner":
         raise ModelInvalid(f"{name} is an SDXL refiner; the base model must be an SDXL base model")
-
-
-def _read_json(path: Path, label: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelInvalid(f"{label}: {path.name} is missing") from None
-    except (OSError, ValueError):
-        raise ModelInvalid(f"{label}: {path.name} is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ModelInvalid(f"{label}: {path.name} is not a JSON object")
-    return data
