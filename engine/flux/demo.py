@@ -25,6 +25,7 @@ import torch
 
 from engine.core.constants import DEMO_FLUX_MODEL
 from engine.flux.components import FluxComponents, FluxVariant
+from engine.io.modules import rebuild_position_ids
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -138,7 +139,7 @@ def build_demo_flux(variant: FluxVariant = "schnell", *, device: str | torch.dev
     for part, module in modules.items():
         module.to_empty(device="cpu")
         _init_parameters(module, f"{seed_tag}/{variant if part == 'transformer' else 'shared'}/{part}")
-        _rebuild_buffers(module)
+        rebuild_position_ids(module)
         part_dtype = torch.float32 if part == "vae" and dtype == torch.float16 else dtype  # VAE force_upcast
         if part_dtype != torch.float32:
             module.to(dtype=part_dtype)
@@ -162,13 +163,3 @@ def _init_parameters(module: torch.nn.Module, tag: str) -> None:
             param.copy_(1 + 0.1 * unit)
         else:
             param.copy_(0.02 * unit)
-
-
-@torch.no_grad()
-def _rebuild_buffers(module: torch.nn.Module) -> None:
-    """Buffers created on the meta device hold garbage after ``to_empty``: CLIP's position ids are
-    the only non-persistent buffer these modules have; rebuild them as arange."""
-    for sub in module.modules():
-        ids = getattr(sub, "position_ids", None)
-        if isinstance(ids, torch.Tensor):
-            ids.copy_(torch.arange(ids.shape[-1], device=ids.device).expand_as(ids))

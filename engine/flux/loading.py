@@ -45,6 +45,7 @@ from engine.core.errors import AssetsMissing, HooocusError, InvalidRequest, Mode
 from engine.flux.components import FluxComponents, FluxVariant
 from engine.flux.configs import bundled_config
 from engine.io.family import WeightsFamily, classify_keys, detect_family, inspect_weights, read_json_object
+from engine.io.modules import assign_state
 from engine.io.safety import PICKLE_SUFFIXES, check_weight_file, open_safetensors_checked
 
 if TYPE_CHECKING:
@@ -441,7 +442,7 @@ def build_transformer(tensors: Mapping[str, torch.Tensor], config: Mapping[str, 
         raise ModelInvalid(f"the transformer tensors do not fit the FLUX.1 architecture "
                            f"({type(exc).__name__}: {str(exc)[:160]})") from None
     has_float8 = any(t.dtype in FLOAT8_DTYPES for t in state.values())
-    _assign_state(model, state, "transformer")
+    assign_state(model, state, "transformer")
     if has_float8:
         storage = next(t.dtype for t in state.values() if t.dtype in FLOAT8_DTYPES)
         keep_float8_storage(model, storage_dtype=storage, compute_dtype=compute_dtype)
@@ -500,7 +501,7 @@ def build_component(component: str, tensors: Mapping[str, torch.Tensor], config:
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
         raise ModelInvalid(f"the {component} tensors do not fit the expected architecture "
                            f"({type(exc).__name__}: {str(exc)[:120]})") from None
-    _assign_state(model, state, component)
+    assign_state(model, state, component)
     return model
 
 
@@ -516,36 +517,6 @@ def _empty_module(component: str, config: dict[str, Any]) -> torch.nn.Module:
         if component == "text_encoder_2":
             return T5EncoderModel(T5Config.from_dict(config))
     raise ValueError(f"unknown component {component!r}")
-
-
-def _assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], component: str) -> None:
-    state = {k: v.contiguous() for k, v in state.items()}
-    try:
-        result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
-        raise ModelInvalid(f"the {component} tensors do not match the architecture: {detail[:300]}") from None
-    if result.missing_keys:
-        raise ModelInvalid(f"the file lacks {len(result.missing_keys)} {component} tensors "
-                           f"(e.g. {', '.join(result.missing_keys[:3])})")
-    if result.unexpected_keys:
-        log.info("%s: ignoring %d extra tensors (e.g. %s)", component, len(result.unexpected_keys),
-                 ", ".join(result.unexpected_keys[:3]))
-    _rebuild_buffers(model)
-    model.eval().requires_grad_(False)
-
-
-def _rebuild_buffers(model: torch.nn.Module) -> None:
-    """Give non-persistent buffers left on meta (CLIP's ``position_ids``) their values."""
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    for module in model.modules():
-        buffer = module._buffers.get("position_ids")
-        if buffer is not None and buffer.is_meta:
-            module._buffers["position_ids"] = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape)
-    leftover = [name for name, b in model.named_buffers() if b.is_meta and device.type != "meta"]
-    if leftover:
-        raise ModelInvalid(f"internal: buffers {leftover[:3]} were not initialised")
 
 
 # -- the BFL <-> diffusers transformer key mapping --------------------------------------------------

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from engine.core.constants import DEMO_MODEL
+from engine.io.modules import rebuild_position_ids
 from engine.sdxl.models.configs import scheduler_config
 from engine.sdxl.models.loading import (
     CONFIGS_METADATA_KEY,
     LDM_PREFIXES,
     SDXL_VAE_SCALING_FACTOR,
     SDXLComponents,
-    rebuild_position_ids,
     vae_decode_dtype,
 )
 

@@ -35,6 +35,7 @@ import torch
 
 from engine.core.errors import AssetsMissing, HooocusError, InvalidRequest, ModelInvalid, UnknownModel, UnsafeFile
 from engine.io.family import read_json_object
+from engine.io.modules import assign_state
 from engine.io.safety import PICKLE_SUFFIXES, check_weight_file, open_safetensors_checked
 from engine.sdxl.models.configs import COMPONENTS, component_config
 from engine.sdxl.models.registry import ModelRegistry, detect_checkpoint_kind, has_component
@@ -551,33 +552,8 @@ _NOT_PARAMETERS = ("position_ids", "logit_scale")
 
 
 def _assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], component: str) -> None:
-    state = {k: v.contiguous() for k, v in state.items() if not k.endswith(_NOT_PARAMETERS)}
-    try:
-        result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
-        raise ModelInvalid(f"the {component} tensors do not match the architecture: {detail[:300]}") from None
-    if result.missing_keys:
-        raise ModelInvalid(f"the checkpoint lacks {len(result.missing_keys)} {component} tensors "
-                           f"(e.g. {', '.join(result.missing_keys[:3])})")
-    if result.unexpected_keys:
-        log.info("%s: ignoring %d extra tensors (e.g. %s)", component, len(result.unexpected_keys),
-                 ", ".join(result.unexpected_keys[:3]))
-    rebuild_position_ids(model)
-    model.eval().requires_grad_(False)
-
-
-def rebuild_position_ids(model: torch.nn.Module) -> None:
-    """Give CLIP's non-persistent ``position_ids`` buffer (left on meta by a meta-device build, or
-    uninitialised by ``to_empty``) its value ``arange(77)``, on the device of the parameters."""
-    device = next(model.parameters()).device
-    for module in model.modules():
-        buffer = module._buffers.get("position_ids")
-        if buffer is not None:
-            module._buffers["position_ids"] = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape)
-    leftover = [name for name, b in model.named_buffers() if b.is_meta and device.type != "meta"]
-    if leftover:
-        raise ModelInvalid(f"internal: buffers {leftover[:3]} were not initialised")
+    assign_state(model, {k: v for k, v in state.items() if not k.endswith(_NOT_PARAMETERS)}, component,
+                 source="checkpoint")
 
 
 # -- VAE override (spec §11.3) ------------------------------------------------------------------
