@@ -216,7 +216,8 @@ def random_components(kind: str, *, device: Any, dtype: Any, tiny: bool, assets:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.sdxl.models.loading import SDXL_VAE_SCALING_FACTOR, SDXLComponents, rebuild_position_ids
+    from engine.io.modules import rebuild_position_ids
+    from engine.sdxl.models.loading import SDXL_VAE_SCALING_FACTOR, SDXLComponents
 
     tokenizer, tokenizer_2 = clip_tokenizers(assets)
     configs = model_configs(kind, tiny=tiny, vocab_size=len(tokenizer.get_vocab()))
