@@ -6,6 +6,8 @@
   ``torch.Generator`` the caller passes in (no global RNG state is touched); see
   :func:`posterior_generator` for how the pipeline must seed it to reproduce the parity runs.
 - **Crop to multiples of 8** before encoding (:func:`crop_to_multiple_of_8`).
+- **Channels-last input**: the encoder sees the pixels in the layout Fooocus gives it (see
+  :func:`sample_posterior`); the float32 result depends on it at the 1e-3 level on the parity VAE.
 - **Tiled encode** (Upscale): 512 px tiles with 64 px overlap, averaged over the tilings 512×512,
   1024 wide × 256 high and 256 wide × 1024 high, in that order. **Tiled decode**: 64-latent tiles,
   overlap 16, averaged over 32 wide × 128 high, 128 wide × 32 high and 64×64.
@@ -193,7 +195,15 @@ def sample_posterior(vae: torch.nn.Module, pixels: Tensor, generator: torch.Gene
     sum is formed in float32 (Fooocus forms it in the VAE dtype: the same on CPU float32).
     """
     param = next(vae.parameters())
-    x = (2.0 * pixels - 1.0).to(device=param.device, dtype=param.dtype)
+    # Channels-last on purpose: Fooocus hands the encoder ``movedim(-1, 1)`` of an NHWC image tensor,
+    # i.e. a channels-last view, and PyTorch then runs every encoder convolution in that layout. On
+    # CPU that is another kernel (oneDNN) with other float32 rounding, and the random-weight parity
+    # VAE amplifies it near the image borders: contiguous input lands 1.5e-3 (rel) from Fooocus's
+    # recorded posterior mean of run g, channels-last 2.5e-6 (measured, docs/golden-tolerances.md,
+    # "VAE encode layout"). Same math either way, and channels-last is the fast layout on CUDA.
+    # ``clone`` and not ``contiguous``: a ``[1, 3, H, W]`` view of an HWC array can already count as
+    # channels-last-contiguous with a batch stride of 3, and PyTorch then still picks the NCHW kernels.
+    x = (2.0 * pixels - 1.0).to(device=param.device, dtype=param.dtype).clone(memory_format=torch.channels_last)
     moments = vae.encoder(x)
     if getattr(vae, "quant_conv", None) is not None:
         moments = vae.quant_conv(moments)

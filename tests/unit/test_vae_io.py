@@ -84,10 +84,31 @@ def test_untiled_encode_is_diffusers_posterior_mean_plus_std_times_one_draw(vae:
     reference = torch.Generator().manual_seed(3)
     noise = torch.randn((1, 4, 6, 5), generator=reference)
     with torch.no_grad():
-        dist = vae.encode(2.0 * pixels - 1.0).latent_dist
-    # Same float32 operations in the same order as diffusers' mean/std: equal to the last bit.
+        dist = vae.encode((2.0 * pixels - 1.0).clone(memory_format=torch.channels_last)).latent_dist
+    # Same float32 operations in the same order (and layout) as diffusers' mean/std: equal to the last bit.
     assert torch.equal(latent, dist.mean + dist.std * noise)
     assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_encoder_runs_channels_last_like_fooocus(vae: torch.nn.Module) -> None:
+    """Fooocus feeds the encoder ``movedim(-1, 1)`` of an NHWC tensor, so every encoder convolution runs in
+    the channels-last layout; on CPU that is another kernel with other float32 rounding (parity run g:
+    1.5e-3 rel in NCHW, 2.5e-6 in channels-last). A ``[1, 3, H, W]`` view of an HWC array counts as
+    channels-last-contiguous with a batch stride of 3, which PyTorch still runs as NCHW: that is the
+    case that must come out channels-last with dense strides too."""
+    seen: list[torch.Tensor] = []
+    handle = vae.encoder.conv_in.register_forward_hook(lambda _m, _inp, out: seen.append(out))
+    hwc = torch.rand(48, 40, 3, generator=torch.Generator().manual_seed(4))
+    try:
+        for pixels in (hwc.permute(2, 0, 1)[None], hwc.permute(2, 0, 1).contiguous()[None]):
+            vae_encode(vae, pixels, posterior_generator())
+            vae_encode(vae, pixels, posterior_generator(), tiled=True, tile_px=32, overlap_px=8)
+    finally:
+        handle.remove()
+    assert len(seen) > 4
+    for out in seen:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert out.stride()[0] == out[0].numel()  # a real channels-last tensor, not the ambiguous view
 
 
 def test_generator_makes_encodes_deterministic_and_the_draw_matters(vae: torch.nn.Module) -> None:
