@@ -120,7 +120,7 @@ from engine.sdxl.models.loading import (
     resolve_device,
 )
 from engine.sdxl.models.lora import FOOOCUS_STORAGE_DTYPES, MergedLoras, load_lora, match_lora, merge_loras
-from engine.sdxl.models.registry import ModelRegistry
+from engine.io.registry import ModelRegistry
 from engine.sdxl.modes import PERFORMANCE_MODES
 from engine.sdxl.preview import latent_to_rgb
 from engine.sdxl.resolve import ResolvedRequest, resolve_request

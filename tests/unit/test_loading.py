@@ -38,7 +38,7 @@ from engine.sdxl.models.loading import (
     load_sdxl,
     vae_decode_dtype,
 )
-from engine.sdxl.models.registry import ModelRegistry
+from engine.io.registry import ModelRegistry
 from tests.paths import sdxl_base_keys_file, sdxl_configs_dir
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
