@@ -173,6 +173,28 @@ def test_inline_lora_tag_applies_like_the_request_field(runtime: Runtime) -> Non
     assert inline.metadata["lora_combined_1"] == f"{DIFFUSERS} : 0.5"
 
 
+def test_an_inline_sdxl_lora_is_skipped_at_run_time_with_a_warning(runtime: Runtime) -> None:
+    # Inline tags are parsed on the worker (as on SDXL), after submit: the run-time match skips the file.
+    plain = _run(runtime, PARAMS)[1]
+    events, image = _run(runtime, {**PARAMS, "prompt": PARAMS["prompt"] + ", <lora:sdxl_style:1>"})
+    assert [e.code for e in events if isinstance(e, JobWarning)] == ["lora_mismatch"]
+    assert np.array_equal(_pixels(image), _pixels(plain)) and "lora_combined_1" not in image.metadata
+
+
+@pytest.mark.parametrize("scheme", ["fooocus", "a1111"])
+def test_metadata_with_a_lora_regenerates_the_same_image(runtime: Runtime, scheme: str) -> None:
+    """--from-image of a Flux image with a LoRA: the stored LoRA (name, weight) reads back and re-runs."""
+    from engine.io.metadata import request_from_image
+
+    image = _run(runtime, {**PARAMS, "styles": [], "metadata_scheme": scheme, **_lora(KOHYA)})[1]
+    request, warnings = request_from_image(image.data, known_models=["demo-flux"],
+                                           known_loras=runtime.engine.runner.options()["loras"])
+    assert not [w for w in warnings if "demo" not in w]
+    assert [(lora.name, lora.weight, lora.enabled) for lora in request.loras] == [(KOHYA, WEIGHT, True)]
+    again = _run(runtime, {**request.model_dump(exclude_unset=True), "styles": [], "metadata_scheme": scheme})[1]
+    assert again.data == image.data
+
+
 @pytest.mark.parametrize("name", [SDXL, "missing"])
 def test_sdxl_or_unknown_lora_is_refused_at_submit_nothing_queued(runtime: Runtime, name: str) -> None:
     before = len(runtime.engine.jobs())
