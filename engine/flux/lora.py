@@ -272,8 +272,13 @@ def lora_fit_problem(path: str | Path, models: Mapping[str, nn.Module], *, name:
                 tensors[key] = torch.empty(tensor.shape, dtype=_dtypes.get(tensor.dtype, torch.float32), device="meta")
     try:
         match = match_flux_lora(tensors, models, name=name)
-    except ModelInvalid as exc:
-        return exc.message
+    except ModelInvalid:
+        # A diffusers converter that needs tensor values (not only shapes) fails on meta tensors:
+        # decide on the real ones rather than refuse a file the run-time merge would take.
+        try:
+            match = match_flux_lora(load_flux_lora(path), models, name=name)
+        except ModelInvalid as exc:
+            return exc.message
     if match.skipped or not match.deltas:
         total = len(tensors)
         return (f"LoRA {name!r} does not fit this FLUX.1 model: {len(match.unmatched_keys)} of its {total} tensors "

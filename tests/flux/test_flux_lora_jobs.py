@@ -195,6 +195,27 @@ def test_metadata_with_a_lora_regenerates_the_same_image(runtime: Runtime, schem
     assert again.data == image.data
 
 
+def test_the_header_only_fit_check_agrees_with_the_full_match(tmp_path: Path) -> None:
+    from engine.flux.lora import load_flux_lora, lora_fit_problem, match_flux_lora
+
+    write_loras(tmp_path)
+    demo = build_demo_flux("schnell")
+    models = {"transformer": demo.transformer, "text_encoder": demo.text_encoder}
+    weight = dict(demo.transformer.named_parameters())["transformer_blocks.0.attn.to_q.weight"]
+    save_file({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(RANK, weight.shape[1]),  # bare PEFT names
+               "transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(weight.shape[0], RANK)}, tmp_path / "peft.safetensors")
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(RANK, weight.shape[1] + 1),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(weight.shape[0], RANK)},
+              tmp_path / "wrong_width.safetensors")  # a LoRA for a FLUX.1 of another width
+    fits = {}
+    for path in sorted(tmp_path.glob("*.safetensors")):
+        match = match_flux_lora(load_flux_lora(path), models)
+        fits[path.name] = lora_fit_problem(path, models) is None
+        assert fits[path.name] == (bool(match.deltas) and not match.skipped), path.name
+    assert fits == {CLIP_ONLY: True, DIFFUSERS: True, KOHYA: True, "peft.safetensors": True, SDXL: False,
+                    "wrong_width.safetensors": False}
+
+
 @pytest.mark.parametrize("name", [SDXL, "missing"])
 def test_sdxl_or_unknown_lora_is_refused_at_submit_nothing_queued(runtime: Runtime, name: str) -> None:
     before = len(runtime.engine.jobs())
