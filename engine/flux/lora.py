@@ -230,15 +230,21 @@ def merge_flux_loras(models: Mapping[str, nn.Module],
                 pending.setdefault(ref, []).append((delta, strength))
     merged = MergedFluxLoras()
     params = {component: dict(model.named_parameters()) for component, model in models.items()}
-    for ref, updates in pending.items():
-        param = params[ref[0]][ref[1]]
-        value = param.detach().to(torch.float32)
-        for delta, strength in updates:
-            up = delta.up.to(param.device, torch.float32)
-            down = delta.down.to(param.device, torch.float32)
-            value = value + (strength * delta.scale) * (up @ down)
-        merged.originals[ref] = param.detach().to("cpu", copy=True)
-        param.copy_(value.to(param.dtype))
+    try:
+        for ref, updates in pending.items():
+            param = params[ref[0]][ref[1]]
+            value = param.detach().to(torch.float32)
+            for delta, strength in updates:
+                up = delta.up.to(param.device, torch.float32)
+                down = delta.down.to(param.device, torch.float32)
+                value = value + (strength * delta.scale) * (up @ down)
+            merged.originals[ref] = param.detach().to("cpu", copy=True)
+            param.copy_(value.to(param.dtype))
+    except BaseException:
+        # Out of memory (or a cancel) half-way: put back what was merged so far, so the caller, which
+        # never gets the originals, does not keep a half-merged model for every later job.
+        unmerge_flux_loras(models, merged)
+        raise
     return merged
 
 
