@@ -12,6 +12,7 @@ Runs only on the engine's worker thread; holds all torch state of the Flux model
 
 from __future__ import annotations
 
+import collections
 import gc
 import hashlib
 import importlib
@@ -81,6 +82,8 @@ DEMO_FLUX_VARIANTS = {DEMO_FLUX_MODEL: "schnell", DEMO_FLUX_DEV_MODEL: "dev"}
 #: How the positive texts of one image (prompt, style lines, expansion) become FLUX.1's one prompt:
 #: T5 reads a single sequence, so they are joined as one comma-separated text.
 PROMPT_JOINER = ", "
+#: How many LoRA files' fit results a runner remembers (a LoRA folder larger than this is re-checked).
+MAX_LORA_FITS = 1024
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -173,6 +176,9 @@ class FluxRunner:
         self.registry = ModelRegistry.from_settings(settings)
         #: A submit-time LoRA check may load the demo model from a door thread while the worker loads it.
         self._load_lock = threading.Lock()
+        #: (path, size, mtime_ns) -> why that LoRA file does not fit this model (None: it fits); bounded LRU.
+        self._lora_fits: collections.OrderedDict[tuple[str, int, int], str | None] = collections.OrderedDict()
+        self._fits_lock = threading.Lock()
         self.dtype = _choose_dtype(self.device, settings.dtype)
         spec = model if model is not None else settings.default_model
         self._spec = str(spec) if spec is not None else (components.name if components else DEMO_FLUX_MODEL)
@@ -222,15 +228,40 @@ class FluxRunner:
                 path = self.registry.resolve("loras", lora.name)
             except HooocusError as exc:
                 raise UnknownLora(exc.message, loc=("loras", index, "name")) from None
-            loaded = self._loaded if self._loaded is not None or not is_demo_flux(self._spec) else self._load()
-            if loaded is None:
-                continue
-            try:
-                problem = lora_fit_problem(path, _lora_modules(loaded.components), name=lora.name)
-            except HooocusError as exc:  # unreadable or a pickle: the header check's own message
-                problem = exc.message
+            problem = self._lora_problem(path, lora.name)
             if problem is not None:
                 raise UnknownLora(problem, loc=("loras", index, "name"))
+
+    def _usable_loras(self) -> list[str]:
+        """The LoRA folders' files that fit this model (all of them while a real model is still loading)."""
+        return [entry.name for entry in self.registry.list("loras")
+                if entry.usable and self._lora_problem(entry.path, entry.name) is None]
+
+    def _lora_problem(self, path: Path, name: str) -> str | None:
+        """:func:`engine.flux.lora.lora_fit_problem` for this model, remembered per file version (path,
+        size, mtime) so listing the options does not reread every header; None when the model's layout is
+        not known yet (a real model still loading: the run-time match decides then)."""
+        loaded = self._loaded if self._loaded is not None or not is_demo_flux(self._spec) else self._load()
+        if loaded is None:
+            return None
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"LoRA {name!r} cannot be read"
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._fits_lock:
+            if key in self._lora_fits:
+                self._lora_fits.move_to_end(key)
+                return self._lora_fits[key]
+        try:
+            problem = lora_fit_problem(path, _lora_modules(loaded.components), name=name)
+        except HooocusError as exc:  # unreadable or a pickle: the header check's own message
+            problem = exc.message
+        with self._fits_lock:
+            self._lora_fits[key] = problem
+            while len(self._lora_fits) > MAX_LORA_FITS:
+                self._lora_fits.popitem(last=False)
+        return problem
 
     def options(self) -> dict[str, Any]:
         expansion_ok = self._expansion_available()
@@ -238,7 +269,7 @@ class FluxRunner:
         return {
             "models": [self.model_name], "model_families": {self.model_name: FAMILY},
             "family": FAMILY, "variant": self.variant,
-            "refiners": [], "loras": self.registry.names("loras"), "vaes": [],
+            "refiners": [], "loras": self._usable_loras(), "vaes": [],
             "styles": self.styles.legal_names(),
             "default_styles": list(self.styles.default_styles(expansion_available=expansion_ok)),
             "samplers": [], "schedulers": [],

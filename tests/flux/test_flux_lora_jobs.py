@@ -111,8 +111,10 @@ def _lora(name: str, weight: float = WEIGHT) -> dict:
     return {"loras": [{"name": name, "weight": weight}]}
 
 
-def test_options_list_the_lora_folder(runtime: Runtime) -> None:
-    assert runtime.engine.runner.options()["loras"] == [CLIP_ONLY, DIFFUSERS, KOHYA, SDXL]
+def test_options_list_the_lora_files_that_fit(runtime: Runtime) -> None:
+    # The folder holds four files; the SDXL one does not fit a FLUX.1 model, so it is not offered.
+    assert runtime.engine.runner.registry.names("loras") == [CLIP_ONLY, DIFFUSERS, KOHYA, SDXL]
+    assert runtime.engine.runner.options()["loras"] == [CLIP_ONLY, DIFFUSERS, KOHYA]
 
 
 @pytest.mark.parametrize("name", [KOHYA, DIFFUSERS])
@@ -232,7 +234,7 @@ def test_http_lora_job_options_and_sdxl_refusal(data_dir: Path) -> None:
                              record_history=False)
     with TestClient(make_app(runtime)) as client:
         options = client.get("/v1/options", headers=auth(ALICE)).json()
-        assert KOHYA in options["loras"]
+        assert KOHYA in options["loras"] and SDXL not in options["loras"]
         response = client.post("/v1/generate", headers=auth(ALICE), json={**PARAMS, **_lora(KOHYA)})
         assert response.status_code == 200 and response.json()["state"] == "done"
         assert response.json()["params"]["loras"] == [[KOHYA, WEIGHT]]
