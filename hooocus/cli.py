@@ -164,8 +164,8 @@ def _start_request(args: argparse.Namespace, settings: Settings) -> dict[str, An
     names are kept: the server, not this machine, knows what it has installed.
     """
     from engine.io import metadata
-    from engine.prompts.styles import StyleLibrary
     from engine.io.registry import ModelRegistry
+    from engine.prompts.styles import StyleLibrary
 
     styles = StyleLibrary.load(_style_folders(settings))
     context: dict[str, Any] = {"styles": styles}
@@ -201,8 +201,8 @@ def _operator_model(settings: Settings, spec: str | None) -> str | None:
         return str(path)
     if spec.startswith((".", "/", "~")):  # meant as a path, and nothing is there
         raise UnknownModel(f"no model file at {spec}")
-    from engine.sdxl.models.loading import find_in_hf_cache
     from engine.io.registry import ModelRegistry
+    from engine.sdxl.models.loading import find_in_hf_cache
 
     try:
         ModelRegistry.from_settings(settings).resolve("checkpoints", spec)
