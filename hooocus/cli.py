@@ -164,8 +164,8 @@ def _start_request(args: argparse.Namespace, settings: Settings) -> dict[str, An
     names are kept: the server, not this machine, knows what it has installed.
     """
     from engine.io import metadata
+    from engine.io.registry import ModelRegistry
     from engine.prompts.styles import StyleLibrary
-    from engine.sdxl.models.registry import ModelRegistry
 
     styles = StyleLibrary.load(_style_folders(settings))
     context: dict[str, Any] = {"styles": styles}
@@ -201,8 +201,8 @@ def _operator_model(settings: Settings, spec: str | None) -> str | None:
         return str(path)
     if spec.startswith((".", "/", "~")):  # meant as a path, and nothing is there
         raise UnknownModel(f"no model file at {spec}")
+    from engine.io.registry import ModelRegistry
     from engine.sdxl.models.loading import find_in_hf_cache
-    from engine.sdxl.models.registry import ModelRegistry
 
     try:
         ModelRegistry.from_settings(settings).resolve("checkpoints", spec)
@@ -217,7 +217,7 @@ def _flux_model_for(settings: Settings, name: str) -> str | None:
     (``--from-image`` of a Flux image): the runtime picks its runner from the operator's model, so a
     Flux name must become it; None for anything else (the SDXL runner resolves it as before)."""
     from engine.io.model_family import is_flux_spec
-    from engine.sdxl.models.registry import ModelRegistry
+    from engine.io.registry import ModelRegistry
 
     if is_flux_spec(name):
         return name
@@ -400,7 +400,7 @@ def _refused_weight_files(folders: Sequence[Path]) -> list[tuple[str, Path, str]
 
 
 def _cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from engine.sdxl.models.registry import KINDS, registry_from_settings
+    from engine.io.registry import KINDS, registry_from_settings
 
     registry = registry_from_settings(settings)
     rows = []

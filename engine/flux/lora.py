@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from engine.core.errors import ModelInvalid
 from engine.flux.loading import split_sizes, transformer_key_rows
-from engine.io.safety import open_safetensors_checked
+from engine.io.safety import check_weight_file, open_safetensors_checked
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +230,21 @@ def merge_flux_loras(models: Mapping[str, nn.Module],
                 pending.setdefault(ref, []).append((delta, strength))
     merged = MergedFluxLoras()
     params = {component: dict(model.named_parameters()) for component, model in models.items()}
-    for ref, updates in pending.items():
-        param = params[ref[0]][ref[1]]
-        value = param.detach().to(torch.float32)
-        for delta, strength in updates:
-            up = delta.up.to(param.device, torch.float32)
-            down = delta.down.to(param.device, torch.float32)
-            value = value + (strength * delta.scale) * (up @ down)
-        merged.originals[ref] = param.detach().to("cpu", copy=True)
-        param.copy_(value.to(param.dtype))
+    try:
+        for ref, updates in pending.items():
+            param = params[ref[0]][ref[1]]
+            value = param.detach().to(torch.float32)
+            for delta, strength in updates:
+                up = delta.up.to(param.device, torch.float32)
+                down = delta.down.to(param.device, torch.float32)
+                value = value + (strength * delta.scale) * (up @ down)
+            merged.originals[ref] = param.detach().to("cpu", copy=True)
+            param.copy_(value.to(param.dtype))
+    except BaseException:
+        # Out of memory (or a cancel) half-way: put back what was merged so far, so the caller, which
+        # never gets the originals, does not keep a half-merged model for every later job.
+        unmerge_flux_loras(models, merged)
+        raise
     return merged
 
 
@@ -249,3 +255,39 @@ def unmerge_flux_loras(models: Mapping[str, nn.Module], merged: MergedFluxLoras)
     for (component, name), original in merged.originals.items():
         params[component][name].copy_(original)
     merged.originals.clear()
+
+
+def lora_fit_problem(path: str | Path, models: Mapping[str, nn.Module], *, name: str = "lora") -> str | None:
+    """Why the LoRA file at ``path`` cannot apply to ``models`` (None when it fits), from its header alone.
+
+    Submit-time check (issue 17: a LoRA for another family is refused before anything is queued): the
+    tensors are stand-ins on the ``meta`` device with the header's shapes, so no weight data is read;
+    only the scalar ``alpha`` values are (kohya's scale and the diffusers converters need them). The
+    match is the one :func:`match_flux_lora` makes at run time, so the two cannot disagree on the layout.
+    """
+    from safetensors import safe_open
+
+    info = check_weight_file(path)  # pickles and broken files are refused here, with their own codes
+    _dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    tensors: dict[str, Tensor] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key, tensor in info.tensors.items():
+            if key.endswith(_KOHYA_ALPHA) or tensor.numel <= 1:
+                tensors[key] = handle.get_tensor(key)
+            else:
+                tensors[key] = torch.empty(tensor.shape, dtype=_dtypes.get(tensor.dtype, torch.float32), device="meta")
+    try:
+        match = match_flux_lora(tensors, models, name=name)
+    except ModelInvalid:
+        # A diffusers converter that needs tensor values (not only shapes) fails on meta tensors:
+        # decide on the real ones rather than refuse a file the run-time merge would take.
+        try:
+            match = match_flux_lora(load_flux_lora(path), models, name=name)
+        except ModelInvalid as exc:
+            return exc.message
+    if match.skipped or not match.deltas:
+        total = len(tensors)
+        return (f"LoRA {name!r} does not fit this FLUX.1 model: {len(match.unmatched_keys)} of its {total} tensors "
+                f"match no weight (e.g. {', '.join(match.unmatched_keys[:2])}); is it a LoRA for another model "
+                "family, such as SDXL?")
+    return None

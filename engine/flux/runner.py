@@ -12,12 +12,14 @@ Runs only on the engine's worker thread; holds all torch state of the Flux model
 
 from __future__ import annotations
 
+import collections
 import gc
 import hashlib
 import importlib
 import logging
 import os
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from engine.core.constants import (
     MAX_SEED,
     SDXL_ASPECT_RATIOS,
 )
-from engine.core.errors import ModelMissing, UnknownModel
+from engine.core.errors import HooocusError, ModelMissing, UnknownLora, UnknownModel
 from engine.core.events import ImageReady
 from engine.core.formats import MIME_BY_FORMAT
 from engine.core.jobs import RunContext
@@ -42,6 +44,14 @@ from engine.core.settings import Settings
 from engine.flux.components import FluxComponents
 from engine.flux.demo import build_demo_flux
 from engine.flux.encode import T5_MAX_TOKENS, FluxTextCache, FluxTextEmbedding, encode_prompt
+from engine.flux.lora import (
+    MergedFluxLoras,
+    load_flux_lora,
+    lora_fit_problem,
+    match_flux_lora,
+    merge_flux_loras,
+    unmerge_flux_loras,
+)
 from engine.flux.preview import flux_latent_to_rgb
 from engine.flux.sampling import (
     denoised,
@@ -57,8 +67,10 @@ from engine.flux.sampling import (
 from engine.flux.semantics import FluxSettings, check_flux_request, flux_settings
 from engine.io.imageio import encode_image
 from engine.io.metadata import MetadataInput, build_metadata_list, metadata_text
+from engine.io.registry import ModelRegistry
 from engine.prompts.assembly import PromptTask, process_prompt
 from engine.prompts.expansion import FooocusExpansion, load_expansion
+from engine.prompts.inline_loras import LoraEntry, canonical_lora_name
 from engine.prompts.styles import StyleLibrary
 from engine.prompts.wildcards import WildcardLibrary
 
@@ -70,6 +82,8 @@ DEMO_FLUX_VARIANTS = {DEMO_FLUX_MODEL: "schnell", DEMO_FLUX_DEV_MODEL: "dev"}
 #: How the positive texts of one image (prompt, style lines, expansion) become FLUX.1's one prompt:
 #: T5 reads a single sequence, so they are joined as one comma-separated text.
 PROMPT_JOINER = ", "
+#: How many LoRA files' fit results a runner remembers (a LoRA folder larger than this is re-checked).
+MAX_LORA_FITS = 1024
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -135,6 +149,10 @@ class LoadedFlux:
     spec: str
     text_cache: FluxTextCache = field(default_factory=FluxTextCache)
     hash10: str | None = None
+    #: The (file name, weight) LoRA set merged into the weights now, and the originals it replaced
+    #: (as LoadedModel.loras / .merged on the SDXL side): a job with another set restores them first.
+    loras: tuple[LoraEntry, ...] = ()
+    merged: MergedFluxLoras | None = None
 
     @property
     def is_demo(self) -> bool:
@@ -154,6 +172,13 @@ class FluxRunner:
         self.styles = StyleLibrary.load(_existing(settings.style_dirs, settings.data_dir / "sdxl_styles"))
         self.wildcards = WildcardLibrary(_existing(settings.wildcard_dirs, settings.data_dir / "wildcards"))
         self.device = _resolve_device(settings.device)
+        #: The same model folders (LoRAs: ``models_dir/loras`` + ``lora_dirs``) the SDXL runner lists.
+        self.registry = ModelRegistry.from_settings(settings)
+        #: A submit-time LoRA check may load the demo model from a door thread while the worker loads it.
+        self._load_lock = threading.Lock()
+        #: (path, size, mtime_ns) -> why that LoRA file does not fit this model (None: it fits); bounded LRU.
+        self._lora_fits: collections.OrderedDict[tuple[str, int, int], str | None] = collections.OrderedDict()
+        self._fits_lock = threading.Lock()
         self.dtype = _choose_dtype(self.device, settings.dtype)
         spec = model if model is not None else settings.default_model
         self._spec = str(spec) if spec is not None else (components.name if components else DEMO_FLUX_MODEL)
@@ -188,6 +213,55 @@ class FluxRunner:
         check_flux_request(request, variant=self.variant, model_name=self.model_name)
         if request.styles is not None:
             self.styles.check(request.styles)
+        self._check_loras(request)
+
+    def _check_loras(self, request: GenerationRequest) -> None:
+        """Every enabled LoRA resolves in the LoRA folders and fits this model (``unknown_lora`` at
+        ``("loras", i, "name")`` otherwise, the code SDXL gives a LoRA it cannot use), from the files'
+        headers. The fit needs the model's module layout: the demo models are built here if need be
+        (they are tiny); a real model not loaded yet (warm-up still running) is checked at run time
+        instead, where a LoRA that does not fit is skipped with a ``lora_mismatch`` warning as on SDXL."""
+        for index, lora in enumerate(request.loras):
+            if not lora.enabled or lora.name == "None":
+                continue
+            try:
+                path = self.registry.resolve("loras", lora.name)
+            except HooocusError as exc:
+                raise UnknownLora(exc.message, loc=("loras", index, "name")) from None
+            problem = self._lora_problem(path, lora.name)
+            if problem is not None:
+                raise UnknownLora(problem, loc=("loras", index, "name"))
+
+    def _usable_loras(self) -> list[str]:
+        """The LoRA folders' files that fit this model (all of them while a real model is still loading)."""
+        return [entry.name for entry in self.registry.list("loras")
+                if entry.usable and self._lora_problem(entry.path, entry.name) is None]
+
+    def _lora_problem(self, path: Path, name: str) -> str | None:
+        """:func:`engine.flux.lora.lora_fit_problem` for this model, remembered per file version (path,
+        size, mtime) so listing the options does not reread every header; None when the model's layout is
+        not known yet (a real model still loading: the run-time match decides then)."""
+        loaded = self._loaded if self._loaded is not None or not is_demo_flux(self._spec) else self._load()
+        if loaded is None:
+            return None
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"LoRA {name!r} cannot be read"
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._fits_lock:
+            if key in self._lora_fits:
+                self._lora_fits.move_to_end(key)
+                return self._lora_fits[key]
+        try:
+            problem = lora_fit_problem(path, _lora_modules(loaded.components), name=name)
+        except HooocusError as exc:  # unreadable or a pickle: the header check's own message
+            problem = exc.message
+        with self._fits_lock:
+            self._lora_fits[key] = problem
+            while len(self._lora_fits) > MAX_LORA_FITS:
+                self._lora_fits.popitem(last=False)
+        return problem
 
     def options(self) -> dict[str, Any]:
         expansion_ok = self._expansion_available()
@@ -195,7 +269,7 @@ class FluxRunner:
         return {
             "models": [self.model_name], "model_families": {self.model_name: FAMILY},
             "family": FAMILY, "variant": self.variant,
-            "refiners": [], "loras": [], "vaes": [],
+            "refiners": [], "loras": self._usable_loras(), "vaes": [],
             "styles": self.styles.legal_names(),
             "default_styles": list(self.styles.default_styles(expansion_available=expansion_ok)),
             "samplers": [], "schedulers": [],
@@ -236,11 +310,15 @@ class FluxRunner:
             use_expansion = False
             warnings.append(("assets_missing", "'Fooocus V2' expansion assets are not installed; running without it"))
         seed = request.seed if request.seed is not None else random.SystemRandom().randint(0, MAX_SEED)
+        available_loras = self.registry.names("loras")  # one folder scan per job, as on SDXL
+        user_loras = [(canonical_lora_name(lora.name, available_loras, index), float(lora.weight))
+                      for index, lora in enumerate(request.loras) if lora.enabled and lora.name != "None"]
         plan = process_prompt(
             request.prompt, request.negative_prompt, styles=styles, seed=seed, image_number=request.image_number,
             style_library=self.styles, wildcards=self.wildcards, expansion=self._expansion if use_expansion else None,
             use_expansion=use_expansion, disable_seed_increment=request.disable_seed_increment,
-            read_wildcards_in_order=request.read_wildcards_in_order, cfg=request.cfg)
+            read_wildcards_in_order=request.read_wildcards_in_order, cfg=request.cfg,
+            loras=user_loras, available_loras=available_loras)
         for code, message in warnings:
             ctx.warning(code, message)
         if use_expansion and self._expansion is not None and (notice := self._expansion.take_notice()):
@@ -255,11 +333,13 @@ class FluxRunner:
             "disable_seed_increment": request.disable_seed_increment,
             "read_wildcards_in_order": request.read_wildcards_in_order, "output_format": request.output_format,
             "metadata_scheme": request.metadata_scheme, "is_demo": loaded.is_demo,
+            "loras": [[name, weight] for name, weight in plan.loras],
             "prompts": [{"seed": str(t.task_seed), "positive": t.positive, "expansion": t.expansion,
                          "styles": t.styles} for t in plan.tasks],
             "warnings": [{"code": code, "message": message} for code, message in warnings],
         }
         ctx.started(params, seeds, fs.steps * len(plan.tasks))
+        self._apply_loras(loaded, plan.loras, ctx)
         for task in plan.tasks:
             self._run_image(ctx, loaded, fs, task, len(plan.tasks), request)
 
@@ -308,7 +388,8 @@ class FluxRunner:
             base_model=self.model_name, base_model_hash=self._hash10(loaded) if scheme else "",
             full_prompt=[text], full_negative_prompt=[], seed=task.task_seed, sampler="euler",
             scheduler="simple", metadata_scheme=scheme, is_demo=loaded.is_demo, family=FAMILY,
-            guidance=fs.guidance)
+            guidance=fs.guidance,
+            loras=[(name, weight, self._lora_hash10(name) if scheme else "") for name, weight in loaded.loras])
         parameters = metadata_text(inp) if scheme else None
         data = encode_image(rgb, fmt=request.output_format, parameters=parameters, scheme=scheme)
         metadata = {key: value for _label, key, value in build_metadata_list(inp)}
@@ -322,10 +403,40 @@ class FluxRunner:
     # -- models --------------------------------------------------------------------------------
 
     def _load(self) -> LoadedFlux:
-        if self._loaded is None:
-            log.info("loading FLUX.1 model %s", self.model_name)
-            self._loaded = LoadedFlux(self._build_components(), self._spec)
-        return self._loaded
+        with self._load_lock:
+            if self._loaded is None:
+                log.info("loading FLUX.1 model %s", self.model_name)
+                self._loaded = LoadedFlux(self._build_components(), self._spec)
+            return self._loaded
+
+    def _apply_loras(self, loaded: LoadedFlux, loras: list[LoraEntry], ctx: RunContext) -> None:
+        """Merge exactly ``loras`` into the weights (weight · alpha/rank · up@down, engine.flux.lora), as
+        the SDXL runner does: the set merged now is kept, an equal set costs nothing, another set first
+        restores the originals bit for bit, so a job without LoRAs after one with them sees the model
+        as loaded. Encoded prompts are dropped with every change (CLIP-L may carry LoRA weights)."""
+        wanted = tuple((name, float(weight)) for name, weight in loras if float(weight) != 0.0)
+        if wanted == loaded.loras:
+            return
+        modules = _lora_modules(loaded.components)
+        if loaded.merged is not None:
+            unmerge_flux_loras(modules, loaded.merged)
+            loaded.merged = None
+        loaded.loras = ()
+        loaded.text_cache.clear()
+        matches = []
+        for name, weight in wanted:
+            match = match_flux_lora(load_flux_lora(self.registry.resolve("loras", name)), modules, name=name)
+            if match.skipped or not match.deltas:
+                ctx.warning("lora_mismatch", f"LoRA {name!r} skipped: {len(match.unmatched_keys)} of its tensors "
+                                             f"match no weight of {self.model_name}")
+                continue
+            matches.append((match, weight))
+        loaded.merged = merge_flux_loras(modules, matches)
+        loaded.loras = tuple((m.name, w) for m, w in matches)
+
+    def _lora_hash10(self, name: str) -> str:
+        digest = self.registry.sha256(self.registry.resolve("loras", name))
+        return (digest or "")[:10]
 
     def _build_components(self) -> FluxComponents:
         if self._spec in DEMO_FLUX_VARIANTS:
@@ -360,6 +471,11 @@ class FluxRunner:
             if warning:
                 log.warning("%s", warning)
         return self._expansion is not None
+
+
+def _lora_modules(components: FluxComponents) -> dict[str, torch.nn.Module]:
+    """The modules a FLUX.1 LoRA may change: the transformer and CLIP-L (T5 LoRAs are not a thing)."""
+    return {"transformer": components.transformer, "text_encoder": components.text_encoder}
 
 
 def _resolve_device(device: str) -> torch.device:

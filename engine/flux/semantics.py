@@ -49,10 +49,6 @@ def check_flux_request(request: GenerationRequest, *, variant: str, model_name: 
             raise UnsupportedForModel(
                 f"{name}: {model_name} is a FLUX.1 [{variant}] model, which has no {what}; "
                 f"leave {name} unset (its default) or pick an SDXL model", loc=(name,))
-    for index, lora in enumerate(request.loras):
-        if lora.enabled and lora.name != "None":
-            raise UnsupportedForModel(f"loras: LoRAs are not supported on {model_name} yet",
-                                      loc=("loras", index, "name"))
 
 
 @dataclass(frozen=True)

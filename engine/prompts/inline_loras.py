@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import PurePath
 
 from engine.core.constants import MAX_LORAS
+from engine.core.errors import UnknownLora
 
 #: spec §2.1.3, the reference pattern: whole match, NAME, WEIGHT.
 LORA_REFERENCE_RE = re.compile(r"(<lora:([^:]+):([+-]?(?:\d+(?:\.\d*)?|\.\d+))>)")
@@ -26,6 +27,18 @@ def _file_by_stem(stem: str, file_names: Iterable[str]) -> str | None:
         if PurePath(file_name).stem == stem:
             return file_name
     return None
+
+
+def canonical_lora_name(name: str, available: Sequence[str], index: int) -> str:
+    """The file name a caller meant for ``request.loras[index]`` (exact, or by stem); UnknownLora when
+    none matches. Both families turn request LoRA names into file names with it."""
+    if name in available:
+        return name
+    for candidate in available:
+        if name == PurePath(candidate).stem:
+            return candidate
+    raise UnknownLora(f"unknown LoRA {name!r}; the options list (GET /v1/options, MCP list_options) shows the "
+                      "installed LoRAs", loc=("loras", index, "name"))
 
 
 def parse_lora_references(prompt: str, loras: Sequence[LoraEntry], *, max_loras: int = MAX_LORAS,

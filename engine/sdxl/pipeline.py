@@ -80,6 +80,7 @@ from engine.imaging.upscaler import (
 from engine.io.imageio import encode_image
 from engine.io.metadata import MetadataInput, build_metadata_list, metadata_text
 from engine.io.metadata.write import fast_upscale_metadata
+from engine.io.registry import ModelRegistry
 from engine.prompts.assembly import PromptPlan, PromptTask, process_resolved
 from engine.prompts.expansion import FooocusExpansion, load_expansion
 from engine.prompts.styles import StyleLibrary
@@ -120,7 +121,6 @@ from engine.sdxl.models.loading import (
     resolve_device,
 )
 from engine.sdxl.models.lora import FOOOCUS_STORAGE_DTYPES, MergedLoras, load_lora, match_lora, merge_loras
-from engine.sdxl.models.registry import ModelRegistry
 from engine.sdxl.modes import PERFORMANCE_MODES
 from engine.sdxl.preview import latent_to_rgb
 from engine.sdxl.resolve import ResolvedRequest, resolve_request

@@ -8,13 +8,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PurePath
 from typing import Any
 
 from engine.core.constants import FOOOCUS_V2_STYLE, MAX_SEED, SEED_MODULUS
-from engine.core.errors import UnknownLora
 from engine.core.request import INPAINT_MODE_DEFAULT, UOV_DISABLED, FreeUSettings, GenerationRequest
 from engine.imaging.sizes import upscale_plan, vary_target_hw
+from engine.prompts.inline_loras import canonical_lora_name
 from engine.prompts.styles import StyleLibrary
 from engine.sdxl.modes import PERFORMANCE_MODES, SamplingSettings
 
@@ -189,17 +188,6 @@ class ResolvedRequest:
         }
 
 
-def _canonical_lora(name: str, available: Sequence[str], index: int) -> str:
-    """The file name a caller meant (exact, or by stem); UnknownLora when none matches."""
-    if name in available:
-        return name
-    for candidate in available:
-        if name == PurePath(candidate).stem:
-            return candidate
-    raise UnknownLora(f"unknown LoRA {name!r}; the options list (GET /v1/options, MCP list_options) shows the "
-                      "installed LoRAs", loc=("loras", index, "name"))
-
-
 def task_seeds(seed: int, image_number: int, *, disable_seed_increment: bool = False) -> tuple[int, ...]:
     """spec §2.2.1 / §15: image i uses (seed + i) mod 2^63, or seed mod 2^63 for every image."""
     return tuple((seed if disable_seed_increment else seed + i) % SEED_MODULUS for i in range(image_number))
@@ -296,7 +284,7 @@ def resolve_request(request: GenerationRequest, *, default_model: str, default_s
     for index, lora in enumerate(request.loras):
         if not lora.enabled or lora.name == "None":
             continue
-        name = lora.name if available_loras is None else _canonical_lora(lora.name, available_loras, index)
+        name = lora.name if available_loras is None else canonical_lora_name(lora.name, available_loras, index)
         user_loras.append((name, float(lora.weight)))
     performance_lora = mode.lora
 

@@ -313,7 +313,7 @@ def test_model_folders_list_flux_files_as_flux_not_as_unrecognised(tiny: dict, t
     what it is (and not offered as an SDXL base or refiner)."""
     import shutil
 
-    from engine.sdxl.models.registry import ModelRegistry
+    from engine.io.registry import ModelRegistry
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()

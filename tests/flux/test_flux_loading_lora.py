@@ -119,3 +119,19 @@ def test_a_lora_for_another_model_is_skipped_and_pickles_are_refused(model: dict
     pickle.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
     with pytest.raises(UnsafeFile):
         load_flux_lora(pickle)
+
+
+def test_a_merge_that_fails_half_way_leaves_the_weights_as_they_were(model: dict) -> None:
+    from engine.flux.lora import FluxLoraMatch, LoraDelta
+
+    params = dict(model["transformer"].named_parameters())
+    first, second = "x_embedder.weight", "context_embedder.weight"
+    generator = torch.Generator().manual_seed(4)
+    good = LoraDelta(*_pair(generator, *params[first].shape), scale=1.0)
+    up, down = _pair(generator, *params[second].shape)
+    broken = LoraDelta(up=up, down=down[:, :-1], scale=1.0)  # up @ down has the wrong width: fails in the merge
+    match = FluxLoraMatch(name="half", deltas={("transformer", first): good, ("transformer", second): broken})
+    before = {k: v.clone() for k, v in model["transformer"].state_dict().items()}
+    with pytest.raises(RuntimeError):
+        merge_flux_loras(model, [(match, 1.0)])
+    assert all(torch.equal(v, before[k]) for k, v in model["transformer"].state_dict().items())

@@ -49,11 +49,12 @@ def test_image_tasks_are_refused() -> None:
     assert "input_image" in IMAGE_TASK_FIELDS
 
 
-def test_loras_are_refused_with_their_index() -> None:
+def test_loras_are_not_an_sdxl_only_field() -> None:
+    # FLUX.1 LoRAs apply (the runner checks the files: tests/flux/test_flux_lora_jobs.py); only the
+    # performance field, which would pick an SDXL performance LoRA, stays refused.
     request = GenerationRequest.parse({"prompt": "x", "loras": [{"name": "off", "enabled": False}, {"name": "a"}]})
-    with pytest.raises(UnsupportedForModel) as info:
-        check_flux_request(request, variant="dev", model_name="m")
-    assert info.value.loc == ("loras", 1, "name")
+    check_flux_request(request, variant="dev", model_name="m")
+    assert "loras" not in SDXL_ONLY_FIELDS and "performance" in SDXL_ONLY_FIELDS
 
 
 def test_variant_defaults_and_explicit_values() -> None:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
 from engine.core.errors import AssetsMissing, ModelInvalid, UnknownModel, UnsafeFile
+from engine.io.registry import ModelRegistry
 from engine.sdxl.models import loading
 from engine.sdxl.models.configs import COMPONENTS, component_config, config_dir
 from engine.sdxl.models.demo import (
@@ -38,7 +39,6 @@ from engine.sdxl.models.loading import (
     load_sdxl,
     vae_decode_dtype,
 )
-from engine.sdxl.models.registry import ModelRegistry
 from tests.paths import sdxl_base_keys_file, sdxl_configs_dir
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from engine.core.errors import UnknownLora, UnknownModel
-from engine.sdxl.models.registry import ModelRegistry, detect_checkpoint_kind, is_plain_name
+from engine.io.registry import ModelRegistry, detect_checkpoint_kind, is_plain_name
 from tests.paths import sdxl_base_keys_file
 
 SDXL_BASE_KEYS = ["model.diffusion_model.input_blocks.0.0.weight",
@@ -210,7 +210,7 @@ def test_from_settings_and_hashes(tmp_path: Path) -> None:
     import hashlib
 
     from engine.core.settings import Settings
-    from engine.sdxl.models.registry import registry_from_settings
+    from engine.io.registry import registry_from_settings
 
     extra = tmp_path / "a1111" / "Stable-diffusion"
     path = write(extra / "x.safetensors", SDXL_BASE_KEYS)

@@ -429,8 +429,8 @@ def test_cli_lists_optional_groups_and_installs_them_only_when_asked(server: Fak
     from safetensors.numpy import save_file
 
     from engine.core.settings import Settings
+    from engine.io.registry import ModelRegistry
     from engine.io.setup import catalogue
-    from engine.sdxl.models.registry import ModelRegistry
 
     stand_ins = []
     for asset in PERFORMANCE_LORA_ASSETS:

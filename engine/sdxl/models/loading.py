@@ -36,9 +36,9 @@ import torch
 from engine.core.errors import AssetsMissing, HooocusError, InvalidRequest, ModelInvalid, UnknownModel, UnsafeFile
 from engine.io.family import read_json_object
 from engine.io.modules import assign_state
+from engine.io.registry import ModelRegistry, detect_checkpoint_kind, has_component
 from engine.io.safety import PICKLE_SUFFIXES, check_weight_file, open_safetensors_checked
 from engine.sdxl.models.configs import COMPONENTS, component_config
-from engine.sdxl.models.registry import ModelRegistry, detect_checkpoint_kind, has_component
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
