@@ -17,7 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA_DIR = REPO_ROOT / "tests" / "data"
 #: Where the reference data lives; tests that isolate themselves from HOOOCUS_* settings keep these.
 TEST_DATA_VARIABLES = frozenset({"HOOOCUS_REFDATA", "HOOOCUS_FOOOCUS_DATA", "HOOOCUS_SDXL_CONFIGS",
-                                 "HOOOCUS_PARITY", "HOOOCUS_PARITY_CHECKPOINT", "HOOOCUS_PARITY_SETS"})
+                                 "HOOOCUS_PARITY", "HOOOCUS_PARITY_CHECKPOINT", "HOOOCUS_PARITY_SETS",
+                                 "HOOOCUS_PARITY_MAX_SIDE_PX"})
 
 #: Where the parity runs come from, for the one-line skip reason.
 PARITY_SOURCE = ("the end-to-end Fooocus parity runs (about 30 MB per run, kept outside the repository; "

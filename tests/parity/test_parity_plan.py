@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine import Engine
@@ -28,7 +29,17 @@ from engine.core.jobs import JobState
 from engine.core.runtime import create_runtime
 from engine.core.settings import load_settings
 from engine.sdxl.pipeline import SDXLRunner
-from tests.parity.recorded import Recorder, build_extra_weights, lora_names, parity_runs, rel, request_for, unet_rows
+from tests.parity.recorded import (
+    Recorder,
+    build_extra_weights,
+    generation_side_px,
+    lora_names,
+    max_side_px_budget,
+    parity_runs,
+    rel,
+    request_for,
+    unet_rows,
+)
 from tests.paths import fooocus_data_dir, parity_dir, parity_skip_reason
 
 #: The runner's trace names of the VAE-space latent an image task starts from (Vary/Upscale; inpaint's fill).
@@ -41,6 +52,28 @@ RUNS = parity_runs()
 
 def test_parity_runs_present() -> None:
     assert RUNS, f"no parity runs under {parity_dir()}/{{runs,runs-extra}}; set HOOOCUS_PARITY"
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
+def test_generation_side_is_the_recorded_latents_side(run: Path) -> None:
+    """The size the CI budget (HOOOCUS_PARITY_MAX_SIDE_PX) is checked against is the sampled image's,
+    read from params.json: it must agree with the recorded final latent (8 px per cell)."""
+    with safe_open(str(run / "latent.safetensors"), "pt") as handle:
+        *_, height, width = handle.get_slice("latent_model_space").get_shape()
+    assert generation_side_px(run) == 8 * max(height, width)
+
+
+def test_max_side_budget_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOOOCUS_PARITY_MAX_SIDE_PX", raising=False)
+    assert max_side_px_budget() is None
+    monkeypatch.setenv("HOOOCUS_PARITY_MAX_SIDE_PX", "")
+    assert max_side_px_budget() is None
+    monkeypatch.setenv("HOOOCUS_PARITY_MAX_SIDE_PX", "512")
+    assert max_side_px_budget() == 512
+    for bad in ("0", "-1", "1024px", "1e3"):
+        monkeypatch.setenv("HOOOCUS_PARITY_MAX_SIDE_PX", bad)
+        with pytest.raises(ValueError, match="HOOOCUS_PARITY_MAX_SIDE_PX"):
+            max_side_px_budget()
 
 
 @pytest.fixture(scope="module")
