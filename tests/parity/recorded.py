@@ -48,8 +48,8 @@ def run_folders() -> tuple[str, ...]:
 def max_side_px_budget() -> int | None:
     """$HOOOCUS_PARITY_MAX_SIDE_PX: runs generating above this side length are skipped (None: run all).
 
-    Why: a 1024² image run costs 13–25 min on 2 cores (measured this session: e 785 s, g 1,160 s of
-    job time), against ~1 min for a 256² run, so CI's time budget holds the 256² runs only; the
+    Why: a 1024² image run costs 13–26 min of job time on 2 cores (session 4: e 785 s, f 1,559 s,
+    g 1,160 s), against ~2 min for a 256² run, so CI's time budget holds the 256² runs only; the
     skip names this variable, so nobody mistakes a skipped run for a passing one."""
     given = os.environ.get("HOOOCUS_PARITY_MAX_SIDE_PX", "").strip()
     if not given:

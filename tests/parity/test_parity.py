@@ -24,7 +24,9 @@ partner must equal itself run alone (latent rel ≤ 5e-5, the PNG rule); it prin
 Slow: runs a–d took 10.8 CPU-minutes in all (checkpoint generation, load, 4 runs of 6 steps, the
 replayed UNet calls), i.e. about 6–7 min on an idle 2-core machine with ``OMP_NUM_THREADS=2`` (torch
 uses that many threads here; the slow CI step should export it); 15.1 GB peak RSS. The 1024² image
-runs e–g take about 7–11 min each on 2 cores (Fooocus: 406 / 687 / 448 s), h about 1 min. The model-independent half of
+runs e–g take 13–26 min each of job time on this project's 2-core machines (session 4: e 785 s, f 1,559 s,
+g 1,160 s; Fooocus: 406 / 687 / 448 s on its recording machine), h about 2 min; scripts/test skips runs
+sampling above $HOOOCUS_PARITY_MAX_SIDE_PX (512 there) for CI's time budget. The model-independent half of
 each run is checked fast by ``test_parity_plan.py``.
 """
 
@@ -84,8 +86,8 @@ START_LATENT_TRACES = ("uov.latent", "inpaint.latent_fill")
 SIGMA_REL = 1e-6
 #: torch's CPU normal sampler may differ in the last bit between CPU instruction sets (parity README).
 NOISE_REL = 1e-6
-#: A hang guard, not a timing goal: f took 1,000+ s on a 2-core box shared with other work.
-JOB_TIMEOUT_S = 2000.0
+#: A hang guard, not a timing goal: f's job took 1,559 s on a 2-core box also running other tests.
+JOB_TIMEOUT_S = 2400.0
 
 if parity_skip_reason() is not None:  # the runs live outside the repository: one reason, this module
     pytest.skip(parity_skip_reason(), allow_module_level=True)
@@ -337,7 +339,7 @@ def _within_budget(run: Path) -> Any:
 
 #: The first run also pays for generating (~2 min) and loading (~30 s) the checkpoint; f (Upscale, tiled
 #: VAE at 1024²) took Fooocus 687 s on 2 cores.
-@pytest.mark.timeout(2700)
+@pytest.mark.timeout(3000)
 @pytest.mark.parametrize("run", [_within_budget(run) for run in RUNS], ids=[r.name for r in RUNS])
 def test_run_matches_fooocus(parity: ParitySession, run: Path) -> None:
     m = measure_run(parity, run)
