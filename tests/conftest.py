@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -38,6 +40,23 @@ def fooocus_data() -> Path:
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir(fooocus_data: Path) -> Path:
     return fooocus_data / "clip_tokenizer"
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """``hooocus.cli.main`` (and the MCP/serve entry points) point the root logger at the stderr of
+    their moment, which is capsys's and closed after the test; a later test's worker thread would
+    then log into a closed stream ("Logging error" tracebacks in the output). Every test directory
+    runs CLIs, so this lives here, once."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session", autouse=True)
