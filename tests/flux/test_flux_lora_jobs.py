@@ -269,3 +269,43 @@ def test_cli_lora_flag_from_image_and_sdxl_exit_2(capsys: pytest.CaptureFixture[
     assert Path(json.loads(out)["path"]).read_bytes() == first
     code, out, err = _cli(capsys, *base, "--lora", "sdxl_style:1", *common)
     assert code == 2 and out == "" and "unknown_lora" in err and "sdxl_style" in err
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_mcp_inline_lora_tag_on_demo_flux_changes_the_image(data_dir: Path) -> None:
+    """MCP's generate_image has no ``loras`` field (for either family); agents name a LoRA with an inline
+    tag in the prompt, which must reach the Flux merge as it does through the engine."""
+    import base64
+
+    from hooocus_mcp._sdk import Client
+    from hooocus_mcp.backend import LocalBackend
+    from hooocus_mcp.tools import ServerOptions, build_server
+    from tests.mcp.conftest import STDIO
+
+    rt = create_runtime(Settings(data_dir=data_dir, device="cpu"), model="demo-flux", record_history=False).start()
+    server = build_server(LocalBackend(rt), ServerOptions(default_caller=STDIO, progress_min_interval_s=0))
+    args = {"prompt": PARAMS["prompt"], "width": 64, "height": 64, "seed": 11, "model": "demo-flux", "styles": []}
+    pixels = {}
+    try:
+        async with Client(server) as mcp:
+            for label, prompt in (("plain", PARAMS["prompt"]), ("tag", PARAMS["prompt"] + ", <lora:flux_kohya:0.8>")):
+                done = await mcp.call_tool("generate_image", {**args, "prompt": prompt})
+                assert done.structured_content["status"] == "completed", done.content[0]
+                uri = done.structured_content["images"][0]["uri"]
+                data = base64.b64decode((await mcp.read_resource(uri)).contents[0].blob)
+                pixels[label] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    finally:
+        rt.close()
+    engine_door = create_runtime(Settings(data_dir=data_dir, device="cpu"), model="demo-flux",
+                                 record_history=False).start()
+    try:  # the same LoRA through the request field on the engine: the same pixels
+        by_field = _pixels(_run(engine_door, {**PARAMS, "styles": [], **_lora(KOHYA)})[1])
+    finally:
+        engine_door.close()
+    assert not np.array_equal(pixels["tag"], pixels["plain"])
+    assert np.array_equal(pixels["tag"], by_field)
