@@ -42,6 +42,8 @@ MAX_UNMATCHED_KEYS = 12
 TRANSFORMER = "transformer"
 TEXT_ENCODER = "text_encoder"
 _COMPONENTS = (TRANSFORMER, TEXT_ENCODER)
+#: safetensors header dtype names of the float tensors a LoRA holds (stand-in shapes for the fit check).
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 _KOHYA_DOWN, _KOHYA_UP, _KOHYA_ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 _KOHYA_PREFIXES = {"lora_unet_": TRANSFORMER, "lora_transformer_": TRANSFORMER, "lora_te1_": TEXT_ENCODER,
@@ -268,14 +270,13 @@ def lora_fit_problem(path: str | Path, models: Mapping[str, nn.Module], *, name:
     from safetensors import safe_open
 
     info = check_weight_file(path)  # pickles and broken files are refused here, with their own codes
-    _dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     tensors: dict[str, Tensor] = {}
     with safe_open(str(path), framework="pt") as handle:
         for key, tensor in info.tensors.items():
             if key.endswith(_KOHYA_ALPHA) or tensor.numel <= 1:
                 tensors[key] = handle.get_tensor(key)
             else:
-                tensors[key] = torch.empty(tensor.shape, dtype=_dtypes.get(tensor.dtype, torch.float32), device="meta")
+                tensors[key] = torch.empty(tensor.shape, dtype=_HEADER_DTYPES.get(tensor.dtype, torch.float32), device="meta")
     try:
         match = match_flux_lora(tensors, models, name=name)
     except ModelInvalid:

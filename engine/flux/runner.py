@@ -389,7 +389,7 @@ class FluxRunner:
             full_prompt=[text], full_negative_prompt=[], seed=task.task_seed, sampler="euler",
             scheduler="simple", metadata_scheme=scheme, is_demo=loaded.is_demo, family=FAMILY,
             guidance=fs.guidance,
-            loras=[(name, weight, self._lora_hash10(name) if scheme else "") for name, weight in loaded.loras])
+            loras=[(name, weight, self.registry.hash10("loras", name) if scheme else "") for name, weight in loaded.loras])
         parameters = metadata_text(inp) if scheme else None
         data = encode_image(rgb, fmt=request.output_format, parameters=parameters, scheme=scheme)
         metadata = {key: value for _label, key, value in build_metadata_list(inp)}
@@ -434,10 +434,6 @@ class FluxRunner:
         loaded.merged = merge_flux_loras(modules, matches)
         loaded.loras = tuple((m.name, w) for m, w in matches)
 
-    def _lora_hash10(self, name: str) -> str:
-        digest = self.registry.sha256(self.registry.resolve("loras", name))
-        return (digest or "")[:10]
-
     def _build_components(self) -> FluxComponents:
         if self._spec in DEMO_FLUX_VARIANTS:
             return build_demo_flux(DEMO_FLUX_VARIANTS[self._spec], device=self.device,  # type: ignore[arg-type]
@@ -454,12 +450,8 @@ class FluxRunner:
             path = Path(loaded.spec)
             if loaded.is_demo or not path.is_file():
                 loaded.hash10 = "demo" if loaded.is_demo else ""
-            else:
-                digest = hashlib.sha256()
-                with path.open("rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 24), b""):
-                        digest.update(block)
-                loaded.hash10 = digest.hexdigest()[:10]
+            else:  # the registry's hash is cached on disk per file version (a FLUX.1 file is 12–24 GB)
+                loaded.hash10 = (self.registry.sha256(path) or "")[:10]
         return loaded.hash10
 
     def _expansion_available(self) -> bool:

@@ -143,6 +143,11 @@ class ModelRegistry:
         """The sha256 of a model file (cached, see :func:`sha256_file`); None for a diffusers folder."""
         return None if Path(path).is_dir() else sha256_file(path, cache_dir=self._hash_cache_dir)
 
+    def hash10(self, kind: ModelKind, name: str) -> str:
+        """The first 10 hex digits of the sha256 of ``name`` of ``kind`` (what image metadata records for
+        a LoRA or model file; cached like :meth:`sha256`), "" for a diffusers folder."""
+        return (self.sha256(self.resolve(kind, name)) or "")[:10]
+
     def folders(self, kind: ModelKind) -> tuple[Path, ...]:
         return self._folders[_check_kind(kind)]
 

@@ -34,9 +34,9 @@ def canonical_lora_name(name: str, available: Sequence[str], index: int) -> str:
     none matches. Both families turn request LoRA names into file names with it."""
     if name in available:
         return name
-    for candidate in available:
-        if name == PurePath(candidate).stem:
-            return candidate
+    by_stem = _file_by_stem(name, available)
+    if by_stem is not None:
+        return by_stem
     raise UnknownLora(f"unknown LoRA {name!r}; the options list (GET /v1/options, MCP list_options) shows the "
                       "installed LoRAs", loc=("loras", index, "name"))
 

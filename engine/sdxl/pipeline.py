@@ -833,7 +833,7 @@ class SDXLRunner:
             adaptive_cfg=resolved.adaptive_cfg, clip_skip=resolved.clip_skip, vae=resolved.vae,
             freeu=(resolved.freeu.b1, resolved.freeu.b2, resolved.freeu.s1, resolved.freeu.s2)
             if resolved.freeu is not None and resolved.freeu.enabled else None,
-            loras=[(name, weight, self._lora_hash10(name) if scheme else "") for name, weight in loras],
+            loras=[(name, weight, self.registry.hash10("loras", name) if scheme else "") for name, weight in loras],
             metadata_scheme=scheme, is_demo=base.components.is_demo)
         text = metadata_text(inp) if scheme else None
         data = encode_image(rgb, fmt=resolved.output_format, parameters=text, scheme=scheme)
@@ -1152,10 +1152,6 @@ class SDXLRunner:
             digest = self.registry.sha256(path) if path is not None else None
             model.hash10 = (digest or "")[:10] if digest else ("demo" if model.components.is_demo else "")
         return model.hash10
-
-    def _lora_hash10(self, name: str) -> str:
-        digest = self.registry.sha256(self.registry.resolve("loras", name))
-        return (digest or "")[:10]
 
     def _expansion_available(self) -> bool:
         if not self._expansion_checked:

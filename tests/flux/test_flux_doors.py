@@ -141,7 +141,7 @@ async def test_mcp_generate_list_options_cancel_and_refusal(tmp_path: Path) -> N
 # -- CLI ----------------------------------------------------------------------------------------------
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
     from hooocus.cli import main
 
     code = main([str(a) for a in argv])
@@ -154,12 +154,12 @@ def test_cli_same_bytes_twice_from_image_and_sharpness_exit_2(capsys: pytest.Cap
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     common = ["--data-dir", tmp_path / "data", "--width", "64", "--height", "64", "--no-progress", "--json"]
-    runs = [_cli(capsys, "generate", "x", "--model", "demo-flux", "--seed", "1", *common) for _ in range(2)]
+    runs = [run_cli(capsys, "generate", "x", "--model", "demo-flux", "--seed", "1", *common) for _ in range(2)]
     assert [code for code, _, _ in runs] == [0, 0], runs
     first, second = (json.loads(out) for _, out, _ in runs)
     assert first["path"] != second["path"] and Path(first["path"]).read_bytes() == Path(second["path"]).read_bytes()
-    code, out, err = _cli(capsys, "generate", "--from-image", first["path"], *common)
+    code, out, err = run_cli(capsys, "generate", "--from-image", first["path"], *common)
     assert code == 0, err
     assert Path(json.loads(out)["path"]).read_bytes() == Path(first["path"]).read_bytes()
-    code, out, err = _cli(capsys, "generate", "x", "--model", "demo-flux", "--seed", "1", "--sharpness", "5", *common)
+    code, out, err = run_cli(capsys, "generate", "x", "--model", "demo-flux", "--seed", "1", "--sharpness", "5", *common)
     assert code == 2 and out == "" and "unsupported_for_model" in err and "sharpness" in err

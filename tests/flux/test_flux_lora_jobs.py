@@ -23,6 +23,7 @@ from engine.core.events import Done, ImageReady, JobWarning, Started
 from engine.core.runtime import Runtime, create_runtime
 from engine.core.settings import Settings
 from engine.flux.demo import build_demo_flux
+from tests.flux.test_flux_doors import run_cli
 from tests.ws.conftest import ALICE, auth, make_app
 
 PARAMS = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "seed": 11}
@@ -243,14 +244,6 @@ def test_http_lora_job_options_and_sdxl_refusal(data_dir: Path) -> None:
         assert refused.json()["error"]["code"] == "unknown_lora" and refused.json()["error"]["loc"] == ["loras", 0, "name"]
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    from hooocus.cli import main
-
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_cli_lora_flag_from_image_and_sdxl_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -258,16 +251,16 @@ def test_cli_lora_flag_from_image_and_sdxl_exit_2(capsys: pytest.CaptureFixture[
     write_loras(tmp_path / "data" / "models" / "loras")
     common = ["--data-dir", tmp_path / "data", "--width", "64", "--height", "64", "--no-progress", "--json"]
     base = ["generate", "x", "--model", "demo-flux", "--seed", "1"]
-    runs = [_cli(capsys, *base, "--lora", f"flux_kohya:{WEIGHT}", *common) for _ in range(2)]
-    plain = _cli(capsys, *base, *common)
+    runs = [run_cli(capsys, *base, "--lora", f"flux_kohya:{WEIGHT}", *common) for _ in range(2)]
+    plain = run_cli(capsys, *base, *common)
     assert [code for code, _, _ in (*runs, plain)] == [0, 0, 0], (runs, plain)
     first, second, without = (Path(json.loads(out)["path"]).read_bytes() for _, out, _ in (*runs, plain))
     assert first == second
     assert not np.array_equal(*(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in (first, without)))
-    code, out, err = _cli(capsys, "generate", "--from-image", json.loads(runs[0][1])["path"], *common)
+    code, out, err = run_cli(capsys, "generate", "--from-image", json.loads(runs[0][1])["path"], *common)
     assert code == 0, err
     assert Path(json.loads(out)["path"]).read_bytes() == first
-    code, out, err = _cli(capsys, *base, "--lora", "sdxl_style:1", *common)
+    code, out, err = run_cli(capsys, *base, "--lora", "sdxl_style:1", *common)
     assert code == 2 and out == "" and "unknown_lora" in err and "sdxl_style" in err
 
 
