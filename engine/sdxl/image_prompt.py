@@ -9,8 +9,8 @@ into an :class:`ImagePromptRun`:
   at the end of sampling (:meth:`ImagePromptRun.remove`).
 - FaceSwap slots → the same path with the face IP-Adapter (``ip-adapter-plus-face_sdxl_vit-h``; the
   same CLIP vision and negative tokens), on the aligned face crop (engine/imaging/face_crop.py: YuNet
-  landmarks, FFHQ template, grey border) instead of the whole image; tokens join the ImagePrompt
-  slots' in slot order, as Fooocus concatenates them.
+  landmarks, FFHQ template, grey border) instead of the whole image; their tokens come after all the
+  ImagePrompt slots' tokens, as Fooocus concatenates them (ImagePrompt tasks, then FaceSwap tasks).
 - PyraCanny / CPDS slots → a ControlNet (Control-LoRA merged into the UNet's encoder copy) and its
   hint (the preprocessed map at the generation size). :meth:`ImagePromptRun.unet_kwargs`, called by
   the denoiser before every UNet call, adds their residuals on the positive rows only, while
@@ -80,7 +80,8 @@ SETUP_FILES: dict[str, tuple[tuple[str, str], ...]] = {
     "PyraCanny": ((CONTROL_FILES["PyraCanny"], CONTROLNET_GROUP),),
     "CPDS": ((CONTROL_FILES["CPDS"], CONTROLNET_GROUP),),
 }
-#: The IP-Adapter kinds (slot types that go through the IP-Adapter attention) → their adapter file.
+#: The IP-Adapter kinds (slot types that go through the IP-Adapter attention) → their adapter file, in
+#: the order Fooocus concatenates their tokens.
 IP_ADAPTER_KINDS = {"ImagePrompt": IP_ADAPTER_FILES["adapter"], "FaceSwap": FACE_ADAPTER_FILE}
 #: The head count of OpenCLIP ViT-H/14 (not visible in any tensor shape; engine.sdxl.ip_adapter.model).
 CLIP_VIT_H_HEADS = 16
@@ -192,7 +193,7 @@ def prepare_image_prompts(slots: Sequence[Any], inputs: Mapping[str, np.ndarray]
 
     if not slots:
         return None
-    per_slot: list[list[ImagePromptKV]] = []
+    per_slot: dict[str, list[list[ImagePromptKV]]] = {kind: [] for kind in IP_ADAPTER_KINDS}
     controls: list[ControlSlot] = []
     device, dtype = base_unet.device, base_unet.dtype
     for index, slot in enumerate(slots):
@@ -209,16 +210,20 @@ def prepare_image_prompts(slots: Sequence[Any], inputs: Mapping[str, np.ndarray]
                     raise Unsupported("FaceSwap needs a face detector", loc=("image_prompts", index, "type"))
                 image = crop_face(image, face_detector(), loc=loc)
             # np.array: the resize hands back a read-only view, which torch.from_numpy warns about
-            per_slot.append(image_prompt_layers(ip_models(slot.type), np.array(ip_adapter_input(image, loc=loc)),
-                                                stop_at=stop_at, weight=weight))
+            per_slot[slot.type].append(image_prompt_layers(ip_models(slot.type),
+                                                           np.array(ip_adapter_input(image, loc=loc)),
+                                                           stop_at=stop_at, weight=weight))
         elif slot.type in ("PyraCanny", "CPDS"):
             hint = control_hint(control_map(image, slot.type, width_px, height_px, loc=loc)).to(device, dtype)
             controls.append(ControlSlot(controlnet_for(slot.type), hint, stop_at, weight))
         else:  # the request model admits no other type
             raise Unsupported(f"{slot.type} is not supported", loc=("image_prompts", index, "type"))
     ip_layers = None
-    if per_slot:  # every layer lists the prompts in slot order (Fooocus concatenates their tokens)
-        ip_layers = [list(layer) for layer in zip(*per_slot, strict=True)]
+    # Every layer lists the prompts as Fooocus concatenates their tokens: the ImagePrompt slots, then the
+    # FaceSwap slots, each in slot order (one softmax over all tokens, so only float rounding depends on it).
+    ordered = [layers for kind in IP_ADAPTER_KINDS for layers in per_slot[kind]]
+    if ordered:
+        ip_layers = [list(layer) for layer in zip(*ordered, strict=True)]
     return ImagePromptRun(ip_layers=ip_layers, controls=controls, model_sampling=model_sampling, base_unet=base_unet)
 
 

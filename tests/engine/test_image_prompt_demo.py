@@ -221,6 +221,30 @@ def test_faceswap_uses_the_aligned_face_crop(runner: SDXLRunner, plain: np.ndarr
     assert both[0].data not in (face_here[0].data, ip_here[0].data) and _processors(runner) == before
 
 
+def test_tokens_are_concatenated_imageprompt_slots_first_as_fooocus(runner: SDXLRunner, plain: np.ndarray) -> None:
+    # Fooocus patches the UNet with cn_tasks[ImagePrompt] + cn_tasks[FaceSwap], whatever the slot order.
+    from engine.sdxl.image_prompt import prepare_image_prompts
+    from engine.sdxl.models.demo import demo_face_detector, demo_ip_adapter
+
+    unet = runner.base_components.unet  # type: ignore[union-attr]
+    slots = GenerationRequest.parse({"image_prompts": [
+        {"image": IMG, "type": "FaceSwap", "weight": 0.25}, {"image": IMG, "type": "ImagePrompt", "weight": 0.5},
+        {"image": IMG, "type": "FaceSwap", "weight": 0.75}, {"image": IMG, "type": "ImagePrompt", "weight": 1.0}]}
+    ).image_prompts
+    asked: list[str] = []
+
+    def ip_models(kind: str) -> Any:
+        asked.append(kind)
+        return demo_ip_adapter(unet, kind)
+
+    prepared = prepare_image_prompts(slots, {image_prompt_key(i): _picture() for i in range(4)}, width_px=64,
+                                     height_px=64, base_unet=unet, model_sampling=None, ip_models=ip_models,
+                                     controlnet_for=lambda t: None, face_detector=demo_face_detector)  # type: ignore[arg-type,return-value]
+    assert prepared is not None and prepared.ip_layers is not None
+    assert all([kv.weight for kv in layer] == [0.5, 1.0, 0.25, 0.75] for layer in prepared.ip_layers)
+    assert asked == ["FaceSwap", "ImagePrompt", "FaceSwap", "ImagePrompt"]
+
+
 @pytest.mark.parametrize("swap", ["joint", "separate"])
 def test_ip_adapter_leaves_at_the_refiner_swap(runner: SDXLRunner, monkeypatch: pytest.MonkeyPatch,
                                                swap: str) -> None:
