@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inpaint-engine", choices=INPAINT_ENGINES, help="inpaint patch version (default: the mode's)")
     g.add_argument("--image-prompt", dest="image_prompts", action="append", type=parse_image_prompt, default=None,
                    metavar="PATH[:TYPE[:WEIGHT[:STOP]]]",
-                   help="a reference image (repeat up to 4 times); TYPE: ImagePrompt (default), PyraCanny, CPDS; "
+                   help="a reference image (repeat up to 4 times); TYPE: ImagePrompt (default), FaceSwap, PyraCanny, CPDS; "
                         "WEIGHT 0..2 and STOP 0..1 default per type")
 
 

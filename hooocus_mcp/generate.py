@@ -41,12 +41,12 @@ class ImagePromptArg(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: Annotated[str, Field(min_length=1, description="hooocus://images/<sha256> or a data:image/png;base64 URI")]
     type: Annotated[ImagePromptType, Field(description=(
-        "ImagePrompt: borrow the image's content/style; PyraCanny: follow its edges; CPDS: follow its "
-        "structure/depth; FaceSwap: not supported yet"))] = "ImagePrompt"
+        "ImagePrompt: borrow the image's content/style; FaceSwap: borrow the face (the first face found, "
+        "else the whole image); PyraCanny: follow its edges; CPDS: follow its structure/depth"))] = "ImagePrompt"
     stop_at: Annotated[float | None, Field(ge=0.0, le=1.0, description=(
         "fraction of sampling it acts for; default 0.5 (FaceSwap 0.9)"))] = None
     weight: Annotated[float | None, Field(ge=0.0, le=2.0, description=(
-        "strength; default ImagePrompt 0.6, PyraCanny/CPDS 1.0"))] = None
+        "strength; default ImagePrompt 0.6, FaceSwap 0.75, PyraCanny/CPDS 1.0"))] = None
 
 
 def image_prompt_fields(slots: list[ImagePromptArg] | None) -> list[dict[str, object]] | None:

@@ -140,8 +140,7 @@ class ModelMissing(HooocusError):
 
 
 class Unsupported(HooocusError):
-    """A valid request for something this server cannot do yet (e.g. an Image Prompt type whose
-    detector is not built); nothing is queued."""
+    """A valid request for something this server cannot do yet; nothing is queued."""
 
     code = "unsupported"
 

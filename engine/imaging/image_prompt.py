@@ -1,8 +1,8 @@
 """Image Prompt input preparation (spec §12.3): what each slot type does to its image before a model.
 
 - ImagePrompt / FaceSwap (IP-Adapter): HWC3, then **stretch** to 224×224 (``resize_image`` mode 0,
-  LANCZOS) for the CLIP vision encoder. (FaceSwap's face crop comes first; it needs the face
-  detector and is not here yet.)
+  LANCZOS) for the CLIP vision encoder. (FaceSwap's face crop comes first:
+  :func:`engine.imaging.face_crop.crop_face`.)
 - PyraCanny / CPDS (Control-LoRA): HWC3, fit to the generation size with ``resize_image``'s default
   mode (scale to cover, keep the centre), then the preprocessor; the map goes back through HWC3.
 """

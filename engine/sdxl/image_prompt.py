@@ -7,6 +7,10 @@ into an :class:`ImagePromptRun`:
   resampler → to_k_ip/to_v_ip), several slots concatenated in slot order; installed on the base
   UNet's attn2 layers per image (:meth:`ImagePromptRun.install`) and removed at the refiner swap and
   at the end of sampling (:meth:`ImagePromptRun.remove`).
+- FaceSwap slots → the same path with the face IP-Adapter (``ip-adapter-plus-face_sdxl_vit-h``; the
+  same CLIP vision and negative tokens), on the aligned face crop (engine/imaging/face_crop.py: YuNet
+  landmarks, FFHQ template, grey border) instead of the whole image; their tokens come after all the
+  ImagePrompt slots' tokens, as Fooocus concatenates them (ImagePrompt tasks, then FaceSwap tasks).
 - PyraCanny / CPDS slots → a ControlNet (Control-LoRA merged into the UNet's encoder copy) and its
   hint (the preprocessed map at the generation size). :meth:`ImagePromptRun.unet_kwargs`, called by
   the denoiser before every UNet call, adds their residuals on the positive rows only, while
@@ -19,7 +23,6 @@ The same call keeps the IP-Adapter's ``cond_or_uncond`` in step with the denoise
 Weights: the demo model gets tiny seeded ones (engine.sdxl.models.demo); any other model reads the
 set-up files (:data:`SETUP_FILES`), and a missing one is ``model_missing`` naming the file and the
 ``hooocus setup --only <group>`` command (:func:`check_image_prompt_files`, called at submit).
-FaceSwap needs a face detector that is not built: ``unsupported`` at submit.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,8 +39,13 @@ from engine.core.errors import ModelMissing, Unsupported
 from engine.core.inputs import image_prompt_key
 from engine.sdxl.ip_adapter.attention import ImagePromptKV
 
+if TYPE_CHECKING:
+    from engine.imaging.face_crop import FaceDetector
+
 __all__ = [
     "CONTROL_FILES",
+    "FACE_ADAPTER_FILE",
+    "FACE_DETECTOR_FILE",
     "IP_ADAPTER_FILES",
     "SETUP_FILES",
     "ControlSlot",
@@ -50,38 +58,44 @@ __all__ = [
 #: path_clip_vision layout), and the set-up group that installs it (engine/io/setup/catalogue.py).
 IP_ADAPTER_GROUP = "ip-adapter"
 CONTROLNET_GROUP = "controlnet"
+FACESWAP_GROUP = "faceswap"
 IP_ADAPTER_FILES = {
     "adapter": "controlnet/ip-adapter-plus_sdxl_vit-h.safetensors",  # converted from the released .bin
     "negative": "controlnet/fooocus_ip_negative.safetensors",
     "clip_vision": "clip_vision/clip_vision_vit_h.safetensors",
 }
+#: FaceSwap: the face IP-Adapter (Fooocus keeps it in path_controlnet) and the YuNet face detector.
+FACE_ADAPTER_FILE = "controlnet/ip-adapter-plus-face_sdxl_vit-h.safetensors"  # converted from the released .bin
+FACE_DETECTOR_FILE = "face_detection/face_detection_yunet_2023mar.onnx"
 CONTROL_FILES = {
     "PyraCanny": "controlnet/control-lora-canny-rank128.safetensors",
     "CPDS": "controlnet/fooocus_xl_cpds_128.safetensors",
 }
-#: slot type → (files under the models folder, set-up group).
-SETUP_FILES: dict[str, tuple[tuple[str, ...], str]] = {
-    "ImagePrompt": (tuple(IP_ADAPTER_FILES.values()), IP_ADAPTER_GROUP),
-    "PyraCanny": ((CONTROL_FILES["PyraCanny"],), CONTROLNET_GROUP),
-    "CPDS": ((CONTROL_FILES["CPDS"],), CONTROLNET_GROUP),
+#: slot type → its (file under the models folder, set-up group that installs it) pairs. FaceSwap shares
+#: the CLIP vision and negative tokens of the ``ip-adapter`` group.
+SETUP_FILES: dict[str, tuple[tuple[str, str], ...]] = {
+    "ImagePrompt": tuple((rel, IP_ADAPTER_GROUP) for rel in IP_ADAPTER_FILES.values()),
+    "FaceSwap": ((IP_ADAPTER_FILES["clip_vision"], IP_ADAPTER_GROUP), (IP_ADAPTER_FILES["negative"], IP_ADAPTER_GROUP),
+                 (FACE_ADAPTER_FILE, FACESWAP_GROUP), (FACE_DETECTOR_FILE, FACESWAP_GROUP)),
+    "PyraCanny": ((CONTROL_FILES["PyraCanny"], CONTROLNET_GROUP),),
+    "CPDS": ((CONTROL_FILES["CPDS"], CONTROLNET_GROUP),),
 }
+#: The IP-Adapter kinds (slot types that go through the IP-Adapter attention) → their adapter file, in
+#: the order Fooocus concatenates their tokens.
+IP_ADAPTER_KINDS = {"ImagePrompt": IP_ADAPTER_FILES["adapter"], "FaceSwap": FACE_ADAPTER_FILE}
 #: The head count of OpenCLIP ViT-H/14 (not visible in any tensor shape; engine.sdxl.ip_adapter.model).
 CLIP_VIT_H_HEADS = 16
 _COND, _UNCOND = 0, 1
 
 
 def check_image_prompt_files(slots: Sequence[Any], *, models_dir: Path, data_dir: Path, is_demo: bool) -> None:
-    """Refuse at submit what cannot run: FaceSwap (``unsupported``), or a missing weight file
-    (``model_missing`` with the file and the set-up command); both name the slot's field path."""
+    """Refuse at submit a slot whose weight file is missing (``model_missing`` with the file, the set-up
+    command and the slot's field path). The demo model builds its own tiny ones."""
     for index, slot in enumerate(slots):
         loc = ("image_prompts", index, "type")
-        if slot.type == "FaceSwap":
-            raise Unsupported("FaceSwap needs a face detector this server does not have yet; use ImagePrompt, "
-                              "PyraCanny or CPDS", loc=loc)
         if is_demo:
             continue
-        files, group = SETUP_FILES[slot.type]
-        for rel in files:
+        for rel, group in SETUP_FILES[slot.type]:
             path = models_dir / rel
             if not path.is_file():
                 raise ModelMissing(f"{slot.type} needs {path.name} in {path.parent}: run "
@@ -162,21 +176,24 @@ ModelsFor = Callable[[str], Any]
 
 
 def prepare_image_prompts(slots: Sequence[Any], inputs: Mapping[str, np.ndarray], *, width_px: int, height_px: int,
-                          base_unet: torch.nn.Module, model_sampling: Any, ip_models: Callable[[], Any],
-                          controlnet_for: Callable[[str], torch.nn.Module]) -> ImagePromptRun | None:
-    """The job's :class:`ImagePromptRun`, None without slots. ``ip_models()`` gives the IP-Adapter
-    models and ``controlnet_for(type)`` a ControlNet; both are called only when a slot needs them.
+                          base_unet: torch.nn.Module, model_sampling: Any, ip_models: Callable[[str], Any],
+                          controlnet_for: Callable[[str], torch.nn.Module],
+                          face_detector: Callable[[], FaceDetector] | None = None) -> ImagePromptRun | None:
+    """The job's :class:`ImagePromptRun`, None without slots. ``ip_models(kind)`` gives the IP-Adapter
+    models of ``kind`` ("ImagePrompt" or "FaceSwap", :data:`IP_ADAPTER_KINDS`), ``controlnet_for(type)``
+    a ControlNet and ``face_detector()`` FaceSwap's detector; each is called only when a slot needs it.
 
     An ImagePrompt slot with ``stop_at`` 0 never takes part (progress starts at 0; spec §12.4's gate
     is ``progress < stop_at``), so it is left out rather than run as a no-op; likewise a control
     with ``stop_at`` 0 would need σ ≥ the "infinitely noisy" sigma."""
+    from engine.imaging.face_crop import crop_face
     from engine.imaging.image_prompt import control_map, ip_adapter_input
     from engine.sdxl.control.control_lora import control_hint
     from engine.sdxl.ip_adapter.model import image_prompt_layers
 
     if not slots:
         return None
-    per_slot: list[list[ImagePromptKV]] = []
+    per_slot: dict[str, list[list[ImagePromptKV]]] = {kind: [] for kind in IP_ADAPTER_KINDS}
     controls: list[ControlSlot] = []
     device, dtype = base_unet.device, base_unet.dtype
     for index, slot in enumerate(slots):
@@ -187,35 +204,47 @@ def prepare_image_prompts(slots: Sequence[Any], inputs: Mapping[str, np.ndarray]
         loc = ("image_prompts", index, "image")
         if image is None:
             raise ValueError(f"image_prompts[{index}] was not resolved to pixels")
-        if slot.type == "ImagePrompt":
+        if slot.type in IP_ADAPTER_KINDS:
+            if slot.type == "FaceSwap":  # spec §12.3: the aligned face crop (or the whole image: no face)
+                if face_detector is None:
+                    raise Unsupported("FaceSwap needs a face detector", loc=("image_prompts", index, "type"))
+                image = crop_face(image, face_detector(), loc=loc)
             # np.array: the resize hands back a read-only view, which torch.from_numpy warns about
-            per_slot.append(image_prompt_layers(ip_models(), np.array(ip_adapter_input(image, loc=loc)),
-                                                stop_at=stop_at, weight=weight))
+            per_slot[slot.type].append(image_prompt_layers(ip_models(slot.type),
+                                                           np.array(ip_adapter_input(image, loc=loc)),
+                                                           stop_at=stop_at, weight=weight))
         elif slot.type in ("PyraCanny", "CPDS"):
             hint = control_hint(control_map(image, slot.type, width_px, height_px, loc=loc)).to(device, dtype)
             controls.append(ControlSlot(controlnet_for(slot.type), hint, stop_at, weight))
-        else:  # FaceSwap is refused at submit (check_image_prompt_files)
+        else:  # the request model admits no other type
             raise Unsupported(f"{slot.type} is not supported", loc=("image_prompts", index, "type"))
     ip_layers = None
-    if per_slot:  # every layer lists the prompts in slot order (Fooocus concatenates their tokens)
-        ip_layers = [list(layer) for layer in zip(*per_slot, strict=True)]
+    # Every layer lists the prompts as Fooocus concatenates their tokens: the ImagePrompt slots, then the
+    # FaceSwap slots, each in slot order (one softmax over all tokens, so only float rounding depends on it).
+    ordered = [layers for kind in IP_ADAPTER_KINDS for layers in per_slot[kind]]
+    if ordered:
+        ip_layers = [list(layer) for layer in zip(*ordered, strict=True)]
     return ImagePromptRun(ip_layers=ip_layers, controls=controls, model_sampling=model_sampling, base_unet=base_unet)
 
 
-def load_ip_models(models_dir: Path, unet: torch.nn.Module) -> Any:
-    """The IP-Adapter plus, its negative tokens and the CLIP ViT-H from the set-up files (safetensors
-    only), on the UNet's device and dtype."""
+def load_ip_models(models_dir: Path, unet: torch.nn.Module, kind: str = "ImagePrompt", *,
+                   vision: torch.nn.Module | None = None) -> Any:
+    """The IP-Adapter plus of ``kind`` (:data:`IP_ADAPTER_KINDS`), its negative tokens and the CLIP
+    ViT-H from the set-up files (safetensors only), on the UNet's device and dtype. ``vision``: an
+    already loaded CLIP vision tower to share (both kinds use the same one, as in Fooocus)."""
     from safetensors.torch import load_file
 
     from engine.sdxl.ip_adapter.model import load_clip_vision, load_ip_adapter
 
     paths = {name: models_dir / rel for name, rel in IP_ADAPTER_FILES.items()}
-    vision = load_clip_vision(load_file(str(paths["clip_vision"])), num_attention_heads=CLIP_VIT_H_HEADS)
+    if vision is None:
+        vision = load_clip_vision(load_file(str(paths["clip_vision"])), num_attention_heads=CLIP_VIT_H_HEADS)
     negative = load_file(str(paths["negative"]))
     if "data" not in negative:
         raise ModelMissing(f"{paths['negative']} has no 'data' tensor: re-run 'hooocus setup --only "
                            f"{IP_ADAPTER_GROUP}'", loc=("image_prompts",))
-    models = load_ip_adapter(unet, load_file(str(paths["adapter"])), negative["data"], vision=vision)
+    models = load_ip_adapter(unet, load_file(str(models_dir / IP_ADAPTER_KINDS[kind])), negative["data"],
+                             vision=vision)
     for part in (models.vision, models.resampler, models.kv):
         part.to(device=unet.device, dtype=unet.dtype)
     models.negative_tokens = models.negative_tokens.to(device=unet.device, dtype=unet.dtype)
@@ -230,3 +259,10 @@ def load_controlnet(models_dir: Path, control_type: str, unet: torch.nn.Module) 
 
     controlnet = build_control_lora(unet, load_file(str(models_dir / CONTROL_FILES[control_type])))
     return controlnet.to(device=unet.device, dtype=unet.dtype)
+
+
+def load_face_detector(models_dir: Path) -> FaceDetector:
+    """FaceSwap's YuNet detector from the set-up file (an ONNX file, read when first used)."""
+    from engine.imaging.face_crop import YuNetDetector
+
+    return YuNetDetector(models_dir / FACE_DETECTOR_FILE)

@@ -100,6 +100,7 @@ from engine.sdxl.image_prompt import (
     ImagePromptRun,
     check_image_prompt_files,
     load_controlnet,
+    load_face_detector,
     load_ip_models,
     prepare_image_prompts,
 )
@@ -229,9 +230,12 @@ class SDXLRunner:
         #: the last inpaint patch read (path, patches): the v2.6 file is 1.3 GB, read once per process.
         self._inpaint_patch: tuple[Path, dict[str, Any]] | None = None
         #: Image Prompt weights, one per kind, keyed by the base model they were built for (a new base
-        #: or new LoRAs drop them): (key, IP-Adapter models) and type -> (key, ControlNet).
-        self._ip_models: tuple[Any, Any] | None = None
+        #: or new LoRAs drop them): kind -> (key, IP-Adapter models) for the two kinds (ImagePrompt,
+        #: FaceSwap) and type -> (key, ControlNet) for the two control types: at most two of each.
+        self._ip_models: dict[str, tuple[Any, Any]] = {}
         self._controlnets: dict[str, tuple[Any, torch.nn.Module]] = {}
+        #: FaceSwap's face detector (demo or set-up file), built once; it holds no GPU memory.
+        self._face_detector: tuple[bool, Any] | None = None
 
     @property
     def base_components(self) -> SDXLComponents | None:
@@ -1030,17 +1034,31 @@ class SDXLRunner:
         demo = resolved.base_model == DEMO_MODEL
         key = (base.key, base.loras)
 
-        def ip_models() -> Any:
-            if self._ip_models is None or self._ip_models[0] != base.key:
-                self._ip_models = None  # free the old ones first
+        def ip_models(kind: str) -> Any:
+            cached = self._ip_models.get(kind)
+            if cached is None or cached[0] != base.key:
+                stale = [k for k, (built_for, _m) in self._ip_models.items() if built_for != base.key]
+                for k in stale:  # free the old ones first
+                    del self._ip_models[k]
                 if demo:
                     from engine.sdxl.models.demo import demo_ip_adapter
 
-                    models = demo_ip_adapter(unet)
+                    models = demo_ip_adapter(unet, kind)
+                else:  # both kinds share the one CLIP vision tower, as in Fooocus
+                    shared = next((m.vision for _k, m in self._ip_models.values()), None)
+                    models = load_ip_models(self.settings.models_dir, unet, kind, vision=shared)
+                self._ip_models[kind] = (base.key, models)
+            return self._ip_models[kind][1]
+
+        def face_detector() -> Any:
+            if self._face_detector is None or self._face_detector[0] != demo:
+                if demo:
+                    from engine.sdxl.models.demo import demo_face_detector
+
+                    self._face_detector = (demo, demo_face_detector())
                 else:
-                    models = load_ip_models(self.settings.models_dir, unet)
-                self._ip_models = (base.key, models)
-            return self._ip_models[1]
+                    self._face_detector = (demo, load_face_detector(self.settings.models_dir))
+            return self._face_detector[1]
 
         def controlnet_for(control_type: str) -> torch.nn.Module:
             cached = self._controlnets.get(control_type)
@@ -1058,7 +1076,7 @@ class SDXLRunner:
         ctx.check_cancelled()
         return prepare_image_prompts(slots, ctx.inputs, width_px=resolved.width, height_px=resolved.height,
                                      base_unet=unet, model_sampling=model_sampling_for(resolved.scheduler),
-                                     ip_models=ip_models, controlnet_for=controlnet_for)
+                                     ip_models=ip_models, controlnet_for=controlnet_for, face_detector=face_detector)
 
     def _run_fast_upscale(self, ctx: RunContext, resolved: ResolvedRequest, image: np.ndarray) -> None:
         """Upscale (Fast 2x): ESRGAN then LANCZOS to 2x; no diffusion, no prompt processing (spec §12.1)."""

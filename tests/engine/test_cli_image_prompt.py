@@ -1,6 +1,6 @@
 """``hooocus generate --image-prompt PATH[:TYPE[:WEIGHT[:STOP]]]`` (issue 16): the flag's parsing,
 its request fields (local data URIs; ``--server`` sha256 references plus the bytes to upload), and a
-local run on the demo model where the slots change the image."""
+local run on the demo model where the slots change the image (FaceSwap included: it crops the face)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image
 from engine.core.request import GenerationRequest
 from hooocus.cli import main
 from hooocus.image_flags import image_prompt_fields, parse_image_prompt
+from tests.face_models import face_picture
 from tests.paths import TEST_DATA_VARIABLES
 
 
@@ -41,6 +42,7 @@ def _picture(path: Path) -> Path:
     ("a.png:PyraCanny:1.5:0.4", {"path": Path("a.png"), "type": "PyraCanny", "weight": 1.5, "stop_at": 0.4}),
     ("a.png:canny::0.3", {"path": Path("a.png"), "type": "PyraCanny", "stop_at": 0.3}),
     ("C:/x/a.png:ip:0.9", {"path": Path("C:/x/a.png"), "type": "ImagePrompt", "weight": 0.9}),
+    ("face.png:faceswap:0.8", {"path": Path("face.png"), "type": "FaceSwap", "weight": 0.8}),
 ])
 def test_parse_image_prompt(text: str, want: dict) -> None:
     assert parse_image_prompt(text) == want
@@ -90,3 +92,9 @@ def test_cli_local_image_prompt_on_the_demo_model(capsys: pytest.CaptureFixture[
     plain = generate()
     prompted = generate("--image-prompt", f"{path}:ImagePrompt:1.0:1.0", "--image-prompt", f"{path}:cpds")
     assert plain.shape == prompted.shape == (64, 64, 3) and not np.array_equal(prompted, plain)
+    # FaceSwap: the demo detector's face, at two places of the picture, gives one crop and one image.
+    faces = []
+    for name, cell in (("here.png", (1, 1)), ("there.png", (2, 2))):
+        Image.fromarray(face_picture(128, 128, cell=cell)).save(tmp_path / name)
+        faces.append(generate("--image-prompt", f"{tmp_path / name}:faceswap"))
+    assert not np.array_equal(faces[0], plain) and np.array_equal(faces[0], faces[1])

@@ -7,6 +7,7 @@ Sizes are 64×64 with 2 steps (the demo UNet runs in well under a second per ste
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from engine.core.jobs import Job, RunContext
 from engine.core.request import GenerationRequest
 from engine.sdxl.pipeline import SDXLRunner
 from tests.engine.demo import StubEngine, noise_image
+from tests.face_models import face_picture
 
 IMG = "sha256:" + "0" * 64
 BASE = {"prompt": "a fox", "seed": 11, "steps": 2, "width": 64, "height": 64}
@@ -61,7 +63,7 @@ def _processors(runner: SDXLRunner) -> dict[str, str]:
     return {name: type(p).__name__ for name, p in unet.attn_processors.items()}
 
 
-@pytest.mark.parametrize("slot_type", ["ImagePrompt", "PyraCanny", "CPDS"])
+@pytest.mark.parametrize("slot_type", ["ImagePrompt", "FaceSwap", "PyraCanny", "CPDS"])
 def test_each_type_changes_the_image_and_leaves_the_unet_clean(runner: SDXLRunner, plain: np.ndarray,
                                                                 slot_type: str) -> None:
     before = _processors(runner)
@@ -105,7 +107,8 @@ def test_all_slots_together_and_with_a_refiner(runner: SDXLRunner, plain: np.nda
 
 
 def test_cancel_mid_job_then_next_job_is_fine(runner: SDXLRunner, plain: np.ndarray) -> None:
-    request = GenerationRequest.parse({**BASE, "image_prompts": [{"image": IMG}, {"image": IMG, "type": "CPDS"}]})
+    request = GenerationRequest.parse({**BASE, "image_prompts": [{"image": IMG}, {"image": IMG, "type": "CPDS"},
+                                                                 {"image": IMG, "type": "FaceSwap"}]})
     job = Job("c", request, "local")
     seen = {"n": 0}
 
@@ -118,7 +121,8 @@ def test_cancel_mid_job_then_next_job_is_fine(runner: SDXLRunner, plain: np.ndar
     before = _processors(runner)
     with pytest.raises(JobCancelled):
         runner.run(RunContext(job, StubEngine(), inputs={image_prompt_key(0): _picture(),  # type: ignore[arg-type]
-                                                        image_prompt_key(1): _picture()}))
+                                                        image_prompt_key(1): _picture(),
+                                                        image_prompt_key(2): face_picture(64, 64, cell=(1, 1))}))
     assert seen["n"] >= 1 and _processors(runner) == before
     _job, out = run(runner, [])
     assert np.array_equal(pixels(out[0]), plain)
@@ -164,19 +168,81 @@ def test_foreign_sha256_is_not_found_with_the_slot_path() -> None:
     assert decoded[image_prompt_key(0)].shape == (48, 40, 3)
 
 
-def test_faceswap_is_unsupported_and_missing_weights_name_the_setup(runner: SDXLRunner, tmp_path: Any) -> None:
-    with pytest.raises(HooocusError) as info:
-        runner.check(GenerationRequest.parse({"image_prompts": [{"image": IMG}, {"image": IMG, "type": "FaceSwap"}]}))
-    assert info.value.code == "unsupported" and tuple(info.value.loc or ()) == ("image_prompts", 1, "type")
-    from engine.sdxl.image_prompt import check_image_prompt_files
+def test_missing_weights_name_the_file_and_the_setup_group(tmp_path: Any) -> None:
+    from engine.sdxl.image_prompt import (
+        FACE_ADAPTER_FILE,
+        FACE_DETECTOR_FILE,
+        IP_ADAPTER_FILES,
+        check_image_prompt_files,
+    )
 
-    for slot_type, group in (("ImagePrompt", "ip-adapter"), ("PyraCanny", "controlnet"), ("CPDS", "controlnet")):
+    for slot_type, group in (("ImagePrompt", "ip-adapter"), ("FaceSwap", "ip-adapter"), ("PyraCanny", "controlnet"),
+                             ("CPDS", "controlnet")):
         slots = GenerationRequest.parse({"image_prompts": [{"image": IMG, "type": slot_type}]}).image_prompts
         check_image_prompt_files(slots, models_dir=tmp_path, data_dir=tmp_path, is_demo=True)  # demo: built in
         with pytest.raises(HooocusError) as missing:
             check_image_prompt_files(slots, models_dir=tmp_path, data_dir=tmp_path, is_demo=False)
         assert missing.value.code == "model_missing" and f"hooocus setup --only {group}" in missing.value.message
         assert tuple(missing.value.loc or ()) == ("image_prompts", 0, "type")
+    # FaceSwap with the ip-adapter group installed: the face adapter, then the detector, from "faceswap".
+    slots = GenerationRequest.parse({"image_prompts": [{"image": IMG}, {"image": IMG, "type": "FaceSwap"}]}).image_prompts
+    for rel in IP_ADAPTER_FILES.values():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    for rel in (FACE_ADAPTER_FILE, FACE_DETECTOR_FILE):
+        with pytest.raises(HooocusError) as missing:
+            check_image_prompt_files(slots, models_dir=tmp_path, data_dir=tmp_path, is_demo=False)
+        assert missing.value.code == "model_missing" and tuple(missing.value.loc or ()) == ("image_prompts", 1, "type")
+        assert Path(rel).name in missing.value.message and "hooocus setup --only faceswap" in missing.value.message
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    check_image_prompt_files(slots, models_dir=tmp_path, data_dir=tmp_path, is_demo=False)
+
+
+def test_faceswap_uses_the_aligned_face_crop(runner: SDXLRunner, plain: np.ndarray) -> None:
+    # The demo detector calls a white 32-px grid cell a face and the crop maps that cell onto the whole
+    # 512² crop, so the same face at two places of the picture gives one crop and one image; the
+    # ImagePrompt slot (the whole picture, stretched) sees two different pictures.
+    here, there = face_picture(128, 128, cell=(1, 1)), face_picture(128, 128, cell=(2, 2))
+    _job, face_here = run(runner, [{"type": "FaceSwap"}], images=[here])
+    _job, face_there = run(runner, [{"type": "FaceSwap"}], images=[there])
+    assert face_here[0].data == face_there[0].data
+    _job, ip_here = run(runner, [{"type": "ImagePrompt", "stop_at": 0.9, "weight": 0.75}], images=[here])
+    _job, ip_there = run(runner, [{"type": "ImagePrompt", "stop_at": 0.9, "weight": 0.75}], images=[there])
+    assert ip_here[0].data != ip_there[0].data
+    # No face: the whole picture goes in (as Fooocus), which is not the crop; the face adapter is not
+    # the ImagePrompt one (same picture, same stop/weight, other image).
+    _job, no_face = run(runner, [{"type": "FaceSwap"}], images=[face_picture(128, 128, cell=None)])
+    assert no_face[0].data != face_here[0].data and np.abs(pixels(no_face[0]) - plain).max() > 0
+    assert face_here[0].data != ip_here[0].data
+    # With an ImagePrompt slot: both adapters' tokens in one job, the UNet left clean.
+    before = _processors(runner)
+    _job, both = run(runner, [{"type": "ImagePrompt"}, {"type": "FaceSwap"}], images=[_picture(), here])
+    assert both[0].data not in (face_here[0].data, ip_here[0].data) and _processors(runner) == before
+
+
+def test_tokens_are_concatenated_imageprompt_slots_first_as_fooocus(runner: SDXLRunner, plain: np.ndarray) -> None:
+    # Fooocus patches the UNet with cn_tasks[ImagePrompt] + cn_tasks[FaceSwap], whatever the slot order.
+    from engine.sdxl.image_prompt import prepare_image_prompts
+    from engine.sdxl.models.demo import demo_face_detector, demo_ip_adapter
+
+    unet = runner.base_components.unet  # type: ignore[union-attr]
+    slots = GenerationRequest.parse({"image_prompts": [
+        {"image": IMG, "type": "FaceSwap", "weight": 0.25}, {"image": IMG, "type": "ImagePrompt", "weight": 0.5},
+        {"image": IMG, "type": "FaceSwap", "weight": 0.75}, {"image": IMG, "type": "ImagePrompt", "weight": 1.0}]}
+    ).image_prompts
+    asked: list[str] = []
+
+    def ip_models(kind: str) -> Any:
+        asked.append(kind)
+        return demo_ip_adapter(unet, kind)
+
+    prepared = prepare_image_prompts(slots, {image_prompt_key(i): _picture() for i in range(4)}, width_px=64,
+                                     height_px=64, base_unet=unet, model_sampling=None, ip_models=ip_models,
+                                     controlnet_for=lambda t: None, face_detector=demo_face_detector)  # type: ignore[arg-type,return-value]
+    assert prepared is not None and prepared.ip_layers is not None
+    assert all([kv.weight for kv in layer] == [0.5, 1.0, 0.25, 0.75] for layer in prepared.ip_layers)
+    assert asked == ["FaceSwap", "ImagePrompt", "FaceSwap", "ImagePrompt"]
 
 
 @pytest.mark.parametrize("swap", ["joint", "separate"])

@@ -1,6 +1,7 @@
 """Issue 16: a real (non-demo) model reads the Image Prompt weights from the set-up files, safetensors
-only: the IP-Adapter plus in its released layout, the negative tokens, the CLIP vision tower and a
-Control-LoRA, all tiny and written by the test for a tiny single-file checkpoint. With the files the
+only: the IP-Adapter plus in its released layout, the negative tokens, the CLIP vision tower, a
+Control-LoRA, FaceSwap's face IP-Adapter and its YuNet detector (an ONNX graph), all tiny and written
+by the test for a tiny single-file checkpoint. With the files the
 job runs and the slots change the image; without one the request is refused at submit
 (``model_missing`` naming the file and the set-up group)."""
 
@@ -17,8 +18,9 @@ from engine.core.events import ImageReady
 from engine.core.inputs import image_prompt_key
 from engine.core.jobs import Job, RunContext
 from engine.core.request import GenerationRequest
-from engine.sdxl.image_prompt import CONTROL_FILES, IP_ADAPTER_FILES
+from engine.sdxl.image_prompt import CONTROL_FILES, FACE_ADAPTER_FILE, FACE_DETECTOR_FILE, IP_ADAPTER_FILES
 from tests.engine.demo import StubEngine, noise_image
+from tests.face_models import face_picture, write_tiny_yunet
 
 IMG = "sha256:" + "0" * 64
 
@@ -44,7 +46,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     adapter = build_tiny_ip_adapter(demo.unet, seed_tag="ipwire-files")
     files = {IP_ADAPTER_FILES["adapter"]: _released_layout(adapter),
              IP_ADAPTER_FILES["negative"]: {"data": adapter.negative_tokens},
-             IP_ADAPTER_FILES["clip_vision"]: adapter.vision.state_dict()}
+             IP_ADAPTER_FILES["clip_vision"]: adapter.vision.state_dict(),
+             # the face adapter: another seed, the same CLIP vision (the loader shares the ImagePrompt one)
+             FACE_ADAPTER_FILE: _released_layout(build_tiny_ip_adapter(demo.unet, seed_tag="ipwire-face"))}
+    write_tiny_yunet(models / FACE_DETECTOR_FILE)
     import torch
     from diffusers import ControlNetModel
 
@@ -68,7 +73,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     return SDXLRunner(settings), models
 
 
-def _run(runner: Any, slots: list[dict[str, Any]]) -> np.ndarray:
+def _run(runner: Any, slots: list[dict[str, Any]], pictures: list[np.ndarray] | None = None) -> np.ndarray:
     import io
 
     from PIL import Image
@@ -77,7 +82,7 @@ def _run(runner: Any, slots: list[dict[str, Any]]) -> np.ndarray:
                                        "image_prompts": [{"image": IMG, **s} for s in slots]})
     runner.check(request)
     job = Job("j", request, "local")
-    inputs = {image_prompt_key(i): noise_image(40, 48) for i in range(len(slots))}
+    inputs = {image_prompt_key(i): (pictures or [noise_image(40, 48)] * len(slots))[i] for i in range(len(slots))}
     runner.run(RunContext(job, StubEngine(), inputs=inputs))  # type: ignore[arg-type]
     (event,) = [e for e in job.events_after(0) if isinstance(e, ImageReady)]
     return np.asarray(Image.open(io.BytesIO(event.data)).convert("RGB"))
@@ -89,6 +94,21 @@ def test_a_real_model_reads_the_set_up_files(setup: tuple[Any, Path]) -> None:
     plain = _run(runner, [])
     assert not np.array_equal(_run(runner, [{"type": "ImagePrompt", "stop_at": 1.0}]), plain)
     assert not np.array_equal(_run(runner, [{"type": "CPDS"}]), plain)
+
+
+def test_faceswap_reads_the_face_adapter_and_the_detector_file(setup: tuple[Any, Path]) -> None:
+    runner, _models = setup
+    plain = _run(runner, [])
+    here = _run(runner, [{"type": "FaceSwap"}], [face_picture(128, 128, cell=(1, 1))])
+    there = _run(runner, [{"type": "FaceSwap"}], [face_picture(128, 128, cell=(2, 2))])
+    assert not np.array_equal(here, plain)
+    assert np.array_equal(here, there)  # the detector file found the face: both crops are the one white cell
+    ip = _run(runner, [{"type": "ImagePrompt", "stop_at": 0.9, "weight": 0.75}], [face_picture(128, 128, cell=(1, 1))])
+    assert not np.array_equal(ip, here)  # the face adapter file is not the ImagePrompt one
+    # Both adapters are cached (one per kind) and share one CLIP vision tower, as in Fooocus.
+    cached = {kind: models for kind, (_key, models) in runner._ip_models.items()}
+    assert set(cached) == {"ImagePrompt", "FaceSwap"} and cached["ImagePrompt"].vision is cached["FaceSwap"].vision
+    assert cached["ImagePrompt"].kv is not cached["FaceSwap"].kv
 
 
 def test_a_missing_file_is_model_missing_at_submit(setup: tuple[Any, Path]) -> None:

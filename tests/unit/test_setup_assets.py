@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 
 from engine.core.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, AssetsMissing, UnsafeFile
@@ -625,3 +626,40 @@ def test_describe_group_installs_what_the_describer_loads(tmp_path: Path, server
     finally:
         describer.close()
     assert result.prompt.endswith("hatsune miku, smile, ribbon \\(hair\\), blue theme")
+
+
+def test_faceswap_group_installs_what_the_runner_reads(tmp_path: Path, server: FakeServer) -> None:
+    """``--only faceswap`` (issue 16): the face IP-Adapter's nested pickle, converted only after its pin
+    matches, and the YuNet ONNX as it is, land where engine.sdxl.image_prompt reads them. Tiny stand-ins
+    are served with their own pins (the real pins are for the real bytes)."""
+    import io
+
+    import torch
+    from safetensors.torch import load_file
+
+    from engine.imaging.face_crop import YuNetDetector
+    from engine.io.setup.catalogue import FACESWAP_ASSETS, FACESWAP_GROUP
+    from engine.sdxl.image_prompt import FACE_ADAPTER_FILE, FACE_DETECTOR_FILE
+    from tests.face_models import build_tiny_yunet, cell_landmarks, face_picture
+
+    assert select_assets(ALL_ASSETS, [FACESWAP_GROUP]) == list(FACESWAP_ASSETS)
+    assert all(a.optional and a.sha256 and len(a.sha256) == 64 for a in FACESWAP_ASSETS)
+    assert {a.dest for a in FACESWAP_ASSETS} == {f"models/{FACE_ADAPTER_FILE}", f"models/{FACE_DETECTOR_FILE}"}
+    state = {"image_proj": {"latents": torch.arange(8.0).reshape(1, 2, 4)},
+             "ip_adapter": {"1.to_k_ip.weight": torch.ones(4, 4), "1.to_v_ip.weight": torch.zeros(4, 4)}}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    served = {"ip-adapter-plus-face_sdxl_vit-h.bin": buffer.getvalue(),
+              "face_detection_yunet_2023mar.onnx": build_tiny_yunet().SerializeToString()}
+    assets = []
+    for asset in FACESWAP_ASSETS:
+        name = urlsplit(asset.url).path.rsplit("/", 1)[-1]
+        data = served[name]
+        server.files[f"/files/{name}"] = data
+        assets.append(replace(asset, url=server.url(f"/files/{name}"), sha256=_sha(data), size_bytes=len(data)))
+    run_setup(tmp_path, assets=assets, progress=False, echo=lambda _m: None)
+    adapter = load_file(tmp_path / "models" / FACE_ADAPTER_FILE)
+    assert set(adapter) == {"image_proj.latents", "ip_adapter.1.to_k_ip.weight", "ip_adapter.1.to_v_ip.weight"}
+    assert torch.equal(adapter["image_proj.latents"], state["image_proj"]["latents"])
+    (face,) = YuNetDetector(tmp_path / "models" / FACE_DETECTOR_FILE).detect(face_picture(64, 96, cell=(0, 2)))
+    assert np.abs(face.landmarks - cell_landmarks(0, 2)).max() < 1e-3  # float32 bound, as in test_face_crop

@@ -16,18 +16,25 @@ from engine.sdxl.image_prompt import SETUP_FILES
 
 
 def test_groups_install_every_file_the_runner_needs_pinned_where_it_matters() -> None:
-    for slot_type, (files, group) in SETUP_FILES.items():
-        assets = select_assets(ALL_ASSETS, [group])
-        dests = {a.dest for a in assets}
-        assert {f"models/{rel}" for rel in files} <= dests, slot_type
-        assert all(a.optional for a in assets)  # never installed by default
-        assert not set(assets) & set(select_assets(ALL_ASSETS, None))
-        for asset in assets:  # every pickle is pinned and converted; the runner reads safetensors only
-            assert asset.dest.endswith(".safetensors")
-            assert asset.convert is None or asset.sha256 is not None
-            assert asset.url.startswith("https://huggingface.co/lllyasviel/misc/resolve/main/")
-    (adapter,) = [a for a in select_assets(ALL_ASSETS, ["ip-adapter"]) if a.convert]
-    assert adapter.convert == "nested_pickle_to_safetensors" and adapter.url.endswith("ip-adapter-plus_sdxl_vit-h.bin")
+    for slot_type, files in SETUP_FILES.items():
+        for rel, group in files:
+            assets = select_assets(ALL_ASSETS, [group])
+            assert f"models/{rel}" in {a.dest for a in assets}, (slot_type, rel)
+            assert all(a.optional for a in assets)  # never installed by default
+            assert not set(assets) & set(select_assets(ALL_ASSETS, None))
+            for asset in assets:  # every pickle is pinned and converted; the runner reads safetensors/ONNX only
+                assert asset.dest.endswith((".safetensors", ".onnx"))
+                assert asset.convert is None or asset.sha256 is not None
+                if asset.dest.endswith(".onnx"):  # FaceSwap's detector: YuNet from opencv_zoo, pinned
+                    assert asset.url.startswith("https://github.com/opencv/opencv_zoo/") and asset.sha256
+                else:
+                    assert asset.url.startswith("https://huggingface.co/lllyasviel/misc/resolve/main/")
+    for group, upstream in (("ip-adapter", "ip-adapter-plus_sdxl_vit-h.bin"),
+                            ("faceswap", "ip-adapter-plus-face_sdxl_vit-h.bin")):
+        (adapter,) = [a for a in select_assets(ALL_ASSETS, [group]) if a.convert]
+        assert adapter.convert == "nested_pickle_to_safetensors" and adapter.url.endswith(upstream)
+    assert {rel for rel, _group in SETUP_FILES["FaceSwap"]} >= {rel for rel, _g in SETUP_FILES["ImagePrompt"]
+                                                                 if not rel.endswith("plus_sdxl_vit-h.safetensors")}
 
 
 def _nested_pickle() -> tuple[bytes, dict[str, dict[str, torch.Tensor]]]:

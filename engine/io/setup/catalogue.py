@@ -3,7 +3,8 @@
 Groups (``--only`` takes a group or an asset name): the default ones (checkpoint, lora, styles,
 wildcards, presets, clip-tokenizer), and the optional ones installed only on request: the Fooocus V2
 expansion (CC BY-NC 4.0, never by default), the performance-mode LoRAs, the upscaler and the inpaint
-weights, and FLUX.1 [schnell] (``flux-schnell``). A pickle download (``convert="pickle_to_safetensors"``) is converted by
+weights, the Image Prompt weights (ip-adapter, controlnet, faceswap), Describe, and FLUX.1 [schnell]
+(``flux-schnell``). A pickle download (``convert="pickle_to_safetensors"``) is converted by
 :mod:`engine.io.setup.download` only after its bytes have the pinned sha256.
 
 Data only: nothing here touches the disk or the network.
@@ -39,6 +40,7 @@ DATA_LAYOUT: dict[str, str] = {
     "flux_tokenizers": "models/flux_tokenizers",
     "controlnet": "models/controlnet",
     "clip_vision": "models/clip_vision",
+    "face_detection": "models/face_detection",
     "downloads": "downloads",
 }
 
@@ -396,6 +398,7 @@ FLUX_SCHNELL_ASSETS: tuple[Asset, ...] = (
 
 IP_ADAPTER_GROUP = "ip-adapter"
 CONTROLNET_GROUP = "controlnet"
+FACESWAP_GROUP = "faceswap"
 _FOOOCUS_MISC_URL = "https://huggingface.co/lllyasviel/misc/resolve/main/"
 
 
@@ -431,9 +434,29 @@ IMAGE_PROMPT_ASSETS: tuple[Asset, ...] = (
     _misc_file(CONTROLNET_GROUP, "fooocus_xl_cpds_128.safetensors", DATA_LAYOUT["controlnet"],
                "eec3fd8209a65b41341ea9f415de66909c97b30fb4d20965b3304e8e5251c2f1", 395706528),
 )
+#: FaceSwap (issue 16; it also needs the ip-adapter group's CLIP vision and negative tokens):
+#: - ip-adapter-plus-face_sdxl_vit-h.bin, from the URL Fooocus 2.5.5 downloads it from
+#:   (downloading_ip_adapters('face')): sha256 50e886d8...fc36, 1 013 454 761 bytes, from SimpleSDXL's
+#:   models_info (the same manifest as the pins above). A pickle: converted only after the pin matches.
+#: - YuNet face_detection_yunet_2023mar.onnx (our detector instead of Fooocus's pickled RetinaFace, see
+#:   engine/imaging/face_crop.py): opencv_zoo keeps it in git-lfs, and the LFS pointer at
+#:   models/face_detection_yunet/ gives sha256 8f2383e4...2fa4 and 232 589 bytes. MIT (that folder's
+#:   LICENSE, per its README). An ONNX file: no pickle, installed as is.
+FACESWAP_ASSETS: tuple[Asset, ...] = (
+    _converted_weight(FACESWAP_GROUP, _FOOOCUS_MISC_URL + "ip-adapter-plus-face_sdxl_vit-h.bin",
+                      DATA_LAYOUT["controlnet"], "ip-adapter-plus-face_sdxl_vit-h.safetensors",
+                      "50e886d82940b3c5873d80c2b06d8a4b0d0fccec70bc44fd53f16ac3cfd7fc36", 1013454761,
+                      "nested_pickle_to_safetensors"),
+    Asset(name=f"{FACESWAP_GROUP}/face_detection_yunet_2023mar.onnx", group=FACESWAP_GROUP,
+          url="https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/"
+              "face_detection_yunet_2023mar.onnx",
+          sha256="8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4",
+          dest=f"{DATA_LAYOUT['face_detection']}/face_detection_yunet_2023mar.onnx", size_bytes=232589,
+          licence="YuNet (opencv_zoo, from ShiqiYu/libfacedetection.train), MIT", optional=True),
+)
 
 OPTIONAL_ASSETS: tuple[Asset, ...] = (*EXPANSION_ASSETS, *PERFORMANCE_LORA_ASSETS, *UPSCALE_ASSETS, *INPAINT_ASSETS,
-                                      *IMAGE_PROMPT_ASSETS, *DESCRIBE_ASSETS, *FLUX_SCHNELL_ASSETS)
+                                      *IMAGE_PROMPT_ASSETS, *FACESWAP_ASSETS, *DESCRIBE_ASSETS, *FLUX_SCHNELL_ASSETS)
 ALL_ASSETS: tuple[Asset, ...] = (*DEFAULT_ASSETS, *OPTIONAL_ASSETS)
 
 

@@ -469,12 +469,25 @@ _DEMO_IP_TAG = "hooocus-demo-ip-v1"
 _DEMO_CONTROL_TAG = "hooocus-demo-control-v1"
 
 
-def demo_ip_adapter(unet: torch.nn.Module):
-    """The demo's IP-Adapter plus (CLIP vision, resampler, k/v per attn2 layer, negative tokens): tiny,
-    random, seeded by name, for the demo UNet's attn2 widths."""
+def demo_ip_adapter(unet: torch.nn.Module, kind: str = "ImagePrompt"):
+    """The demo's IP-Adapter plus of ``kind`` ("ImagePrompt" or "FaceSwap": two differently seeded
+    adapters, as the real ones are two files) with CLIP vision, resampler, k/v per attn2 layer and
+    negative tokens: tiny, random, seeded by name, for the demo UNet's attn2 widths."""
     from engine.sdxl.ip_adapter.model import build_tiny_ip_adapter
 
-    return build_tiny_ip_adapter(unet, seed_tag=_DEMO_IP_TAG)
+    return build_tiny_ip_adapter(unet, seed_tag=_DEMO_IP_TAG if kind == "ImagePrompt" else f"{_DEMO_IP_TAG}/{kind}")
+
+
+#: The demo's face detector: a tiny YuNet-shaped ONNX graph (built by tests/face_models.py, which a
+#: test keeps equal to this copy) that calls a 32-px grid cell brighter than about 207 a face.
+DEMO_FACE_DETECTOR = Path(__file__).with_name("demo_data") / "face_yunet_tiny.onnx"
+
+
+def demo_face_detector():
+    """FaceSwap's detector for the demo model: the real OpenCV YuNet path over :data:`DEMO_FACE_DETECTOR`."""
+    from engine.imaging.face_crop import YuNetDetector
+
+    return YuNetDetector(DEMO_FACE_DETECTOR)
 
 
 def demo_controlnet(unet: torch.nn.Module, control_type: str) -> torch.nn.Module:
