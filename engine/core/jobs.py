@@ -57,6 +57,7 @@ from engine.core.events import (
     Queued,
     Started,
 )
+from engine.core.model_cache import CacheStats
 from engine.core.request import GenerationRequest
 
 if TYPE_CHECKING:  # the core stays numpy-free at import
@@ -338,6 +339,7 @@ class Runner(Protocol):
     #   warmup() -> None: load the default model on the worker thread before the first job.
     #   device: the device it runs on (str or torch.device), for /metrics labels.
     #   memory_bytes() -> int | None: memory it holds on its device, for /metrics.
+    #   memory_stats() -> engine.core.model_cache.CacheStats: its loaded-model cache, for /metrics.
     #   batch_key(request) -> Hashable | None: jobs with equal non-None keys may run as one batch
     #     (Engine max_batch > 1). Cheap and pure: called once per job at submit.
     #   run_batch(ctxs: list[RunContext]) -> None | list[BaseException | None]: run those jobs
@@ -384,6 +386,9 @@ class WorkerStats:
     #: Bytes in use on the device: torch.cuda.memory_allocated for a CUDA device, the process's
     #: RSS for a CPU one (shared by every CPU worker of the process); None when unknown.
     memory_bytes: int | None
+    #: The runner's model cache on this device (budget, bytes, entries, evictions), from its
+    #: optional ``memory_stats()``; None for a runner without one.
+    model_cache: CacheStats | None = None
 
 
 @dataclass
@@ -495,6 +500,17 @@ def _process_rss_bytes() -> int | None:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _model_cache_stats(runner: object) -> CacheStats | None:
+    own = getattr(runner, "memory_stats", None)
+    if not callable(own):
+        return None
+    try:
+        stats = own()
+    except Exception:  # metrics must never break on a runner's diagnostics
+        return None
+    return stats if isinstance(stats, CacheStats) else None
 
 
 def _device_memory_bytes(runner: object, device: str) -> int | None:
@@ -873,7 +889,8 @@ class Engine:
         # Memory is read outside the lock: a CUDA query may synchronise with the device.
         stats.workers = tuple(WorkerStats(index=w.index, device=w.device, busy_s=busy, jobs_done=done,
                                           current_job_id=current,
-                                          memory_bytes=_device_memory_bytes(w.runner, w.device))
+                                          memory_bytes=_device_memory_bytes(w.runner, w.device),
+                                          model_cache=_model_cache_stats(w.runner))
                               for w, busy, done, current in snapshot)
         return stats
 
