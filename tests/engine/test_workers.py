@@ -345,6 +345,26 @@ def test_queue_positions_count_batch_partners_that_start_together() -> None:
     assert _positions_of(d) == [4, 3, 1]
 
 
+def test_cancelling_a_queued_batch_partner_re_announces_the_jobs_behind_its_batch() -> None:
+    gate = StepGate(1)
+    runner = BatchingRunner(on_step=gate)
+    wide = {"width": 1152, "height": 896}
+    with Engine(runner, max_batch=3, max_queue=32) as engine:
+        engine.submit(req("solo", steps=1), owner="zed")
+        assert gate.reached.wait(5)
+        a = engine.submit(req("a", steps=1, **wide), owner="alice")
+        b = engine.submit(req("b", steps=1, width=1024, height=1024), owner="bob")
+        c = engine.submit(req("c", steps=1, **wide), owner="carol")
+        d = engine.submit(req("d", steps=1, **wide), owner="dave")
+        assert _last_positions([a, b, c, d]) == {a.job_id: 1, c.job_id: 1, d.job_id: 1, b.job_id: 4}
+        assert engine.cancel(c.job_id)
+        # c leaves a's batch: b now waits behind the solo job, a and d.
+        assert _last_positions([a, b, d]) == {a.job_id: 1, d.job_id: 1, b.job_id: 3}
+        gate.release()
+        assert all(job.wait(10) for job in (a, b, c, d))
+    assert runner.batches == [[a.job_id, d.job_id]] and c.state is JobState.CANCELLED
+
+
 def _take_like_the_engine(queue: FairQueue, key_of, max_batch: int) -> list[list[str]]:
     """Engine._take with no batch window, on a bare FairQueue: what the workers really start."""
     groups = []
