@@ -950,6 +950,8 @@ class SDXLRunner:
             self.models.release_where(lambda key: key[0] == "upscaler" and key[1] != "demo")
             return load_upscaler(path, self.device)  # raises model_missing
         key = ("upscaler", str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(self.device))
+        # A replaced file: its old network is stale, it goes now rather than when the LRU reaches it.
+        self.models.release_where(lambda k: k[0] == "upscaler" and k[1] != "demo" and k != key)
         return self._cached(key, lambda: load_upscaler(path, self.device), size_of=lambda up: tensor_bytes(up.network),
                             size_hint_bytes=stat.st_size)
 

@@ -157,3 +157,30 @@ def test_out_of_memory_recovery_keeps_the_running_jobs_models_only(data_dir: Pat
         assert [k[1] for k in runner.models.keys()] == ["b.safetensors"]
     runner.recover_after_oom()  # after the job: nothing is pinned, everything goes
     assert len(runner.models) == 0
+
+
+def test_the_upscaler_is_cached_and_a_replaced_file_drops_the_old_network(data_dir: Path, demo_bytes: int,
+                                                                          tmp_path: Path) -> None:
+    import os
+    from types import SimpleNamespace
+
+    from engine.imaging.upscaler import UPSCALE_MODELS_DIR, UPSCALER_FILE_NAME
+    from engine.sdxl.models.demo import demo_upscaler_state_dict
+
+    settings, _ = load_settings(cli={"data_dir": tmp_path, "device": "cpu",
+                                     "model_memory_gb": 2.5 * demo_bytes / 1024**3}, env={})
+    runner = SDXLRunner(settings)
+    path = tmp_path / "models" / UPSCALE_MODELS_DIR / UPSCALER_FILE_NAME
+    path.parent.mkdir(parents=True)
+    save_file(demo_upscaler_state_dict(), str(path))
+    resolved = SimpleNamespace(base_model="a.safetensors")  # not the demo: the set-up file
+    first = runner._upscaler(resolved)  # type: ignore[arg-type]
+    assert runner._upscaler(resolved) is first  # type: ignore[arg-type]
+    old = weakref.ref(first.network)
+    del first
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was replaced
+    second = runner._upscaler(resolved)  # type: ignore[arg-type]
+    gc.collect()
+    assert old() is None and [k[0] for k in runner.models.keys()] == ["upscaler"]
+    assert runner.models.used_bytes == tensor_bytes(second.network) > 0
