@@ -229,8 +229,11 @@ class SDXLRunner:
         #: merged LoRAs and text cache), the upscaler, the inpaint patch, IP-Adapter + CLIP vision and
         #: Control-LoRA ControlNets, least recently used out first within the memory budget. The
         #: running job pins what it uses, so its base stays while its refiner or adapters load.
-        self.models = ModelCache(default_budget_bytes(str(self.device), configured_gb=settings.model_memory_gb),
-                                 name=str(self.device), after_evict=self._free_device_memory)
+        # The budget follows where the weights live: in low-VRAM mode that is CPU memory (the GPU
+        # only holds the streamed blocks), so the RAM rule applies there.
+        weights_device = str(self.accelerator.load_device)
+        self.models = ModelCache(default_budget_bytes(weights_device, configured_gb=settings.model_memory_gb),
+                                 name=weights_device, after_evict=self._free_device_memory)
         #: The key of the base model the last job used (``base_components``); not a reference, so
         #: an evicted model is really freed.
         self._base_key: tuple[Any, ...] | None = None

@@ -184,3 +184,13 @@ def test_the_upscaler_is_cached_and_a_replaced_file_drops_the_old_network(data_d
     gc.collect()
     assert old() is None and [k[0] for k in runner.models.keys()] == ["upscaler"]
     assert runner.models.used_bytes == tensor_bytes(second.network) > 0
+
+
+def test_the_budget_follows_where_the_weights_live(tmp_path: Path) -> None:
+    """Low-VRAM mode keeps the weights in CPU memory: the cache is the RAM's, under the CPU rule.
+    (No GPU needed: nothing is loaded; the name says which memory the budget is for.)"""
+    for low_vram, expected in ((True, "cpu"), (False, "cuda")):
+        settings, _ = load_settings(cli={"data_dir": tmp_path, "device": "cuda", "low_vram": low_vram,
+                                         "model_memory_gb": 3.0}, env={})
+        runner = SDXLRunner(settings)
+        assert runner.models.name == expected and runner.memory_stats().budget_bytes == 3 * 1024**3
