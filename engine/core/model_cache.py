@@ -275,10 +275,11 @@ def tensor_bytes(*objects: Any) -> int:
     return total
 
 
-def default_budget_bytes(device: str, *, configured_gb: float | None = None) -> int:
+def default_budget_bytes(device: str, *, configured_gb: float | None = None, ram_shares: int = 1) -> int:
     """The model memory budget for ``device``: ``configured_gb`` when given, else the card's total
     minus the reserve on CUDA (:data:`CUDA_RESERVE_BYTES` / :data:`CUDA_RESERVE_FRACTION`), else
-    :data:`CPU_BUDGET_FRACTION` of physical RAM."""
+    :data:`CPU_BUDGET_FRACTION` of physical RAM split over the ``ram_shares`` workers that keep
+    their models in RAM (``--devices cpu,cpu``: each gets half of it)."""
     if configured_gb is not None:
         return int(configured_gb * 1024**3)
     if str(device).startswith("cuda"):
@@ -289,7 +290,7 @@ def default_budget_bytes(device: str, *, configured_gb: float | None = None) -> 
                 return max(0, total - max(CUDA_RESERVE_BYTES, int(total * CUDA_RESERVE_FRACTION)))
             except Exception:
                 log.warning("cannot read the memory of %s; using the CPU rule for its model budget", device)
-    return int(_physical_memory_bytes() * CPU_BUDGET_FRACTION)
+    return int(_physical_memory_bytes() * CPU_BUDGET_FRACTION) // max(1, ram_shares)
 
 
 def _physical_memory_bytes() -> int:

@@ -232,7 +232,9 @@ class SDXLRunner:
         # The budget follows where the weights live: in low-VRAM mode that is CPU memory (the GPU
         # only holds the streamed blocks), so the RAM rule applies there.
         weights_device = str(self.accelerator.load_device)
-        self.models = ModelCache(default_budget_bytes(weights_device, configured_gb=settings.model_memory_gb),
+        cpu_workers = sum(1 for name in settings.devices if name == "cpu")  # they share the RAM
+        self.models = ModelCache(default_budget_bytes(weights_device, configured_gb=settings.model_memory_gb,
+                                                      ram_shares=cpu_workers),
                                  name=weights_device, after_evict=self._free_device_memory)
         #: The key of the base model the last job used (``base_components``); not a reference, so
         #: an evicted model is really freed.

@@ -194,3 +194,12 @@ def test_the_budget_follows_where_the_weights_live(tmp_path: Path) -> None:
                                          "model_memory_gb": 3.0}, env={})
         runner = SDXLRunner(settings)
         assert runner.models.name == expected and runner.memory_stats().budget_bytes == 3 * 1024**3
+
+
+def test_cpu_workers_share_the_automatic_ram_budget(tmp_path: Path) -> None:
+    from engine.core.model_cache import default_budget_bytes
+
+    one = SDXLRunner(load_settings(cli={"data_dir": tmp_path, "device": "cpu"}, env={})[0])
+    two = SDXLRunner(load_settings(cli={"data_dir": tmp_path, "device": "cpu", "devices": ("cpu", "cpu")}, env={})[0])
+    assert one.memory_stats().budget_bytes == default_budget_bytes("cpu")
+    assert two.memory_stats().budget_bytes == default_budget_bytes("cpu") // 2

@@ -141,6 +141,8 @@ def test_budget_from_settings_else_a_fraction_of_ram() -> None:
 
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert automatic == int(ram * 0.5)
+    assert default_budget_bytes("cpu", ram_shares=2) == int(ram * 0.5) // 2  # --devices cpu,cpu share the RAM
+    assert default_budget_bytes("cpu", configured_gb=1.0, ram_shares=2) == 1024**3  # the flag is per device
 
 
 def test_bad_bounds_are_refused() -> None:
