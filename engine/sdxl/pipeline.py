@@ -259,7 +259,7 @@ class SDXLRunner:
     def unload_models(self) -> int:
         """Free every loaded model of this device (after out-of-memory, or before another model
         family takes the device); the next job loads what it needs again. Returns the bytes the
-        model cache released."""
+        model cache released. On the worker thread, between jobs (it also drops the running job's pins)."""
         released = self.models.release()
         self._base_key = None
         self._expansion, self._expansion_checked, self._expansion_warning = None, False, None
