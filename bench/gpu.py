@@ -15,6 +15,9 @@ Builds full-size SDXL base (+ refiner) with random weights from the configs bund
   6. ``expansion_60tok_s``         Fooocus V2 expansion, 60 new tokens (static KV cache decode)
   7. ``peak_gib`` / ``lowvram_peak_gib`` / ``lowvram_e2e_s``  torch.cuda.max_memory_allocated; low-VRAM mode
   8. ``cold_start_s`` / ``warm_start_s``  process start → first image, empty vs warm compile cache
+  9. ``model_switch_gib``          issue 15: torch.cuda.memory_allocated after switching base model A -> B
+                                  with a model budget for one (A is evicted: ≈ one model), details: one
+                                  model, both kept within a budget for two, after unload_models
 
 Our engine runs in child processes (cold cache, warm cache, low-VRAM) so that start-up and peak
 memory are measured per process; the stock pipeline runs in this process. Results: a table (last
@@ -61,7 +64,7 @@ sys.path.insert(0, str(REPO))
 
 CASE_KEYS = ("diffusers_stock_e2e_s", "diffusers_compiled_e2e_s", "hooocus_e2e_s", "hooocus_refiner_e2e_s",
              "hooocus_unet_tflops", "expansion_60tok_s", "peak_gib", "lowvram_peak_gib", "lowvram_e2e_s",
-             "cold_start_s", "warm_start_s")
+             "cold_start_s", "warm_start_s", "model_switch_gib")
 #: FLUX.1 cases (issue 17), run in the "flux" child: stock FluxPipeline vs our Flux runner, dev-style
 #: (28 steps, guidance 3.5, 512 T5 tokens) and schnell-style (4 steps, 256 tokens), peak memory, low VRAM.
 FLUX_CASE_KEYS = ("flux_stock_dev_e2e_s", "flux_stock_schnell_e2e_s", "flux_hooocus_dev_e2e_s",
@@ -443,6 +446,10 @@ def child_main(args: argparse.Namespace) -> int:
                 times = [run_job(engine, engine_request(args, refiner=True, seed=s)) for s in range(args.runs)]
                 results.case("hooocus_refiner_e2e_s", statistics.median(times), runs_s=times,
                              peak_gib=peak_gib(device), refiner_compiled=args.compile_refiner)
+            with guarded(results, "model switch"):
+                if time_left() < args.refiner_cost_s:  # three base loads, no sampling
+                    raise TimeoutError(f"skipped: {time_left():.0f} s left")
+                case_model_switch(runner, device, results)
         elif args.child == "lowvram":
             with guarded(results, "lowvram"):
                 run_job(engine, engine_request(args))  # warm-up: pins weights, records the block order
@@ -460,6 +467,41 @@ def child_main(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return 0
+
+
+def case_model_switch(runner: Any, device: Any, results: Results) -> None:
+    """Issue 15: what switching base models leaves allocated. With a model budget for one, A -> B
+    evicts A (the allocation stays at one model); with room for two both stay; unload_models frees
+    all. torch.cuda.memory_allocated above the floor (on CPU, tiny: the model cache's own count)."""
+    import torch
+
+    def allocated() -> int:
+        gc.collect()
+        sync(device)
+        if torch.device(device).type == "cuda":
+            return int(torch.cuda.memory_allocated(device))
+        return runner.models.used_bytes
+
+    with torch.inference_mode():
+        runner.unload_models()
+        floor = allocated()
+        runner._load_base("bench-random", vae=None)
+        one_model = runner.models.used_bytes
+        with_a = allocated() - floor
+        runner.models.budget_bytes = int(1.5 * one_model)  # room for one: B evicts A
+        runner._load_base("bench-random-b", vae=None)
+        after_switch = allocated() - floor
+        runner.models.budget_bytes = int(2.5 * one_model)  # room for two: A comes back, B stays
+        runner._load_base("bench-random", vae=None)
+        both = allocated() - floor
+        evictions = runner.models.stats().evictions
+        runner.unload_models()
+        after_unload = allocated() - floor
+    results.case("model_switch_gib", after_switch / GIB, one_model_gib=round(with_a / GIB, 4),
+                 both_cached_gib=round(both / GIB, 4), after_unload_gib=round(after_unload / GIB, 4),
+                 cache_model_gib=round(one_model / GIB, 4), evictions=evictions)
+    log(f"model switch: one model {with_a / GIB:.3f} GiB, after A->B {after_switch / GIB:.3f}, both "
+        f"{both / GIB:.3f}, after unload {after_unload / GIB:.3f}")
 
 
 def child_cold_cases(args: argparse.Namespace, runner: Any, engine: Any, results: Results,

@@ -93,6 +93,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from-log", type=Path, help="start from a Fooocus log.html or a copied parameter block")
     p.add_argument("--log-index", type=int, default=0, metavar="N",
                    help="with --from-log on a log.html: which entry (0 = newest, as Fooocus lists them)")
+    p.add_argument("--model-memory-gb", type=float, metavar="GB",
+                   help="memory each device may keep loaded models in, least recently used out first (default: GPU total minus max(4 GiB, 25%%); CPU: half the RAM)")
     p.add_argument("--server", help="ws://host:port of a running 'hooocus serve' to generate on")
     p.add_argument("--token", help="token for --server (default: $HOOOCUS_TOKEN)")
     p.add_argument("--no-progress", action="store_true")

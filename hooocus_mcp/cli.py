@@ -53,6 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="hooocus.toml to read (default: ./hooocus.toml)")
     p.add_argument("--data-dir", type=Path, help="data folder (models, outputs, history)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--model-memory-gb", type=float, metavar="GB",
+                   help="memory each device may keep loaded models in, least recently used out first (default: GPU total minus max(4 GiB, 25%%); CPU: half the RAM)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
     return p

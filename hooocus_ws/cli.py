@@ -73,6 +73,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--devices", type=_device_list, metavar="LIST",
                    help="one worker per device, e.g. cuda:0,cuda:1; auto = every visible GPU (default); "
                         "cpu may repeat (cpu,cpu)")
+    p.add_argument("--model-memory-gb", type=float, metavar="GB",
+                   help="memory each device may keep loaded models in, least recently used out first (default: GPU total minus max(4 GiB, 25%%); CPU: half the RAM)")
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="run up to N queued jobs the model can batch together (default 1 = off)")
     p.add_argument("--batch-window-ms", type=float, metavar="MS",

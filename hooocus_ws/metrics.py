@@ -24,6 +24,7 @@ class Metrics:
         # A labelled family always shows one sample, so a scraper sees it before the first event.
         auth_reasons = sorted(self.auth_failures) or ["bad_token"]
         rejected_codes = sorted(self.ws_messages_rejected) or ["invalid_json"]
+        caches = [w for w in stats.workers if w.model_cache is not None]
         lines = [
             *_family("hooocus_queue_depth", "gauge", "Jobs waiting in the queue (not counting the running one).",
                      [("", stats.queue_depth)]),
@@ -38,6 +39,18 @@ class Metrics:
             *_family("hooocus_worker_memory_bytes", "gauge",
                      "Memory in use: torch.cuda.memory_allocated on a CUDA device, process RSS on the CPU.",
                      [(_worker_labels(w), w.memory_bytes) for w in stats.workers if w.memory_bytes is not None]),
+            *_family("hooocus_worker_model_cache_bytes", "gauge",
+                     "Bytes of the models the device worker keeps loaded (parameters and buffers).",
+                     [(_worker_labels(w), w.model_cache.used_bytes) for w in caches]),
+            *_family("hooocus_worker_model_cache_entries", "gauge",
+                     "Models (checkpoints, refiners, upscaler, adapters) the device worker keeps loaded.",
+                     [(_worker_labels(w), w.model_cache.entries) for w in caches]),
+            *_family("hooocus_worker_model_cache_budget_bytes", "gauge",
+                     "The device worker's model memory budget (--model-memory-gb, else automatic).",
+                     [(_worker_labels(w), w.model_cache.budget_bytes) for w in caches]),
+            *_family("hooocus_worker_model_evictions_total", "counter",
+                     "Models dropped to stay within the budget (least recently used first).",
+                     [(_worker_labels(w), w.model_cache.evictions) for w in caches]),
             *_family("hooocus_jobs_total", "counter", "Finished jobs by outcome.",
                      [(f'{{outcome="{o}"}}', stats.jobs_by_outcome.get(o, 0)) for o in ("done", "cancelled", "failed")]),
             *_family("hooocus_steps_total", "counter", "Sampling steps run; rate() of it is the step rate.",

@@ -10,7 +10,8 @@ Concurrency rules (house style A9.3 #9):
   bounded queue; a worker holds its device's lock while it runs, so at most one job (or one batch)
   holds a device at any time;
 - the queue is fair: workers take jobs round-robin across owners (:class:`FairQueue`), and the
-  queue positions announced are the order in which the jobs will start;
+  queue positions announced are the order in which the jobs will start (batch partners, which
+  start with the job that takes them, share its position);
 - every job has its own :class:`CancelToken`; cancelling job A never touches job B, and there is
   no process-global "interrupted" flag to clear;
 - ``submit``/``cancel`` never block on a worker; listeners are called synchronously from the
@@ -57,6 +58,7 @@ from engine.core.events import (
     Queued,
     Started,
 )
+from engine.core.model_cache import CacheStats
 from engine.core.request import GenerationRequest
 
 if TYPE_CHECKING:  # the core stays numpy-free at import
@@ -338,6 +340,7 @@ class Runner(Protocol):
     #   warmup() -> None: load the default model on the worker thread before the first job.
     #   device: the device it runs on (str or torch.device), for /metrics labels.
     #   memory_bytes() -> int | None: memory it holds on its device, for /metrics.
+    #   memory_stats() -> engine.core.model_cache.CacheStats: its loaded-model cache, for /metrics.
     #   batch_key(request) -> Hashable | None: jobs with equal non-None keys may run as one batch
     #     (Engine max_batch > 1). Cheap and pure: called once per job at submit.
     #   run_batch(ctxs: list[RunContext]) -> None | list[BaseException | None]: run those jobs
@@ -384,6 +387,9 @@ class WorkerStats:
     #: Bytes in use on the device: torch.cuda.memory_allocated for a CUDA device, the process's
     #: RSS for a CPU one (shared by every CPU worker of the process); None when unknown.
     memory_bytes: int | None
+    #: The runner's model cache on this device (budget, bytes, entries, evictions), from its
+    #: optional ``memory_stats()``; None for a runner without one.
+    model_cache: CacheStats | None = None
 
 
 @dataclass
@@ -395,6 +401,10 @@ class EngineStats:
     running_job_ids: tuple[str, ...] = ()
     workers: tuple[WorkerStats, ...] = ()
 
+
+#: FairQueue.plan simulates batch pickup exactly for this many queued jobs (a scan of the owners
+#: per group); later jobs are placed in plain fair order. Positions past it are rarely watched.
+BATCH_PLAN_LOOKAHEAD = 256
 
 #: Owners whose last turn is remembered for fair share; beyond it the least recently served is
 #: forgotten (it then counts as never served, which only moves it forward by one turn).
@@ -483,6 +493,70 @@ class FairQueue:
                 heapq.heappush(heap, (tick, queue[index + 1][0], owner, index + 1))
         return out
 
+    def plan(self, key_of: Callable[[Job], Hashable | None], max_batch: int, *,
+             lookahead: int = BATCH_PLAN_LOOKAHEAD) -> list[list[Job]]:
+        """The queued jobs grouped as the workers will start them with dynamic batching: each group
+        is a job taken by fair share (``popleft``) plus up to ``max_batch - 1`` partners with the
+        same non-None ``key_of``, found in the fair order of what is left and taken in that order
+        (what ``Engine._take`` does with no batch window). Jobs submitted later may still join a
+        group; a batch window is not predicted.
+
+        Exact for the groups that start within the first ``lookahead`` jobs (it costs a scan of the
+        owners per group); the jobs after them follow in plain fair order, one group each."""
+        if max_batch <= 1:
+            return [[job] for job in self.order()]
+        queues = {owner: list(items) for owner, items in self._by_owner.items()}
+        heads = dict.fromkeys(queues, 0)
+        taken: set[str] = set()
+        served = dict(self._served)
+        tick = self._tick
+
+        def head_index(owner: str, start: int) -> int:
+            items = queues[owner]
+            while start < len(items) and items[start][1].job_id in taken:
+                start += 1
+            return start
+
+        def fair_order() -> Iterator[Job]:
+            # The fair order of the jobs not yet taken, from the simulated served turns (the
+            # same rule as order()); a snapshot: taking jobs while iterating does not change it.
+            heap = []
+            for owner in queues:
+                heads[owner] = head_index(owner, heads[owner])
+                if heads[owner] < len(queues[owner]):
+                    heap.append((served.get(owner, -1), queues[owner][heads[owner]][0], owner, heads[owner]))
+            heapq.heapify(heap)
+            turn = tick
+            while heap:
+                _, _, owner, index = heapq.heappop(heap)
+                yield queues[owner][index][1]
+                following = head_index(owner, index + 1)
+                if following < len(queues[owner]):
+                    turn += 1
+                    heapq.heappush(heap, (turn, queues[owner][following][0], owner, following))
+
+        def take(job: Job) -> None:
+            nonlocal tick
+            taken.add(job.job_id)
+            tick += 1
+            served[job.owner] = tick
+
+        groups: list[list[Job]] = []
+        total = len(self._jobs)
+        while len(taken) < total and len(taken) < lookahead:
+            first = next(fair_order())
+            take(first)
+            group = [first]
+            key = key_of(first)
+            if key is not None:
+                partners = [other for other in itertools.islice(fair_order(), lookahead) if key_of(other) == key]
+                for other in partners[:max_batch - 1]:
+                    take(other)
+                    group.append(other)
+            groups.append(group)
+        groups.extend([job] for job in fair_order())
+        return groups
+
 
 def _device_label(runner: object) -> str:
     device = getattr(runner, "device", None)
@@ -495,6 +569,17 @@ def _process_rss_bytes() -> int | None:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _model_cache_stats(runner: object) -> CacheStats | None:
+    own = getattr(runner, "memory_stats", None)
+    if not callable(own):
+        return None
+    try:
+        stats = own()
+    except Exception:  # metrics must never break on a runner's diagnostics
+        return None
+    return stats if isinstance(stats, CacheStats) else None
 
 
 def _device_memory_bytes(runner: object, device: str) -> int | None:
@@ -836,9 +921,9 @@ class Engine:
     def queue_position(self, job_id: str) -> int | None:
         """Jobs ahead of this one: the running ones plus those the fair share starts before it."""
         with self._lock:
-            for index, job in enumerate(self._queue.order()):
+            for job, position in self._positions():
                 if job.job_id == job_id:
-                    return index + len(self._running_list())
+                    return position
         return None
 
     @property
@@ -873,7 +958,8 @@ class Engine:
         # Memory is read outside the lock: a CUDA query may synchronise with the device.
         stats.workers = tuple(WorkerStats(index=w.index, device=w.device, busy_s=busy, jobs_done=done,
                                           current_job_id=current,
-                                          memory_bytes=_device_memory_bytes(w.runner, w.device))
+                                          memory_bytes=_device_memory_bytes(w.runner, w.device),
+                                          model_cache=_model_cache_stats(w.runner))
                               for w, busy, done, current in snapshot)
         return stats
 
@@ -911,13 +997,23 @@ class Engine:
             self._outcomes["cancelled"] += 1
         job.emit(Cancelled(job_id=job.job_id, images_done=0, reason=reason))
 
+    def _positions(self) -> list[tuple[Job, int]]:
+        """Each queued job and its position: the jobs running now plus those that start before it.
+        With dynamic batching, jobs that will start together as one batch share the first one's
+        position (a partner moves ahead of the jobs it overtakes, and they move back by as many).
+        Under the engine lock."""
+        position = len(self._running_list())
+        out: list[tuple[Job, int]] = []
+        for group in self._queue.plan(lambda job: self._batch_keys.get(job.job_id), self.max_batch):
+            out.extend((job, position) for job in group)
+            position += len(group)
+        return out
+
     def _announce_positions(self) -> None:
         """Tell each queued job whose position changed where it stands now. Under the engine lock,
         so a job's last Queued always comes before its Started (which needs it out of the queue)."""
         with self._lock:
-            offset = len(self._running_list())
-            for index, job in enumerate(self._queue.order()):
-                position = index + offset
+            for job, position in self._positions():
                 if self._announced.get(job.job_id) != position:
                     self._announced[job.job_id] = position
                     job.emit(Queued(job_id=job.job_id, position=position))
@@ -951,6 +1047,7 @@ class Engine:
             if key is not None and worker.can_batch and self.max_batch > 1:
                 deadline = time.monotonic() + self.batch_window_ms / 1000.0
                 while True:
+                    joined = 0
                     for other in self._queue.order():
                         if len(jobs) >= self.max_batch:
                             break
@@ -958,7 +1055,10 @@ class Engine:
                             self._queue.take(other)
                             self._forget_queued(other)
                             jobs.append(other)
+                            joined += 1
                     worker.jobs = tuple(jobs)
+                    if joined:  # partners left the queue: those still waiting hear it now, not after the window
+                        self._announce_positions()
                     remaining = deadline - time.monotonic()
                     if len(jobs) >= self.max_batch or remaining <= 0 or self._stopping:
                         break

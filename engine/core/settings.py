@@ -79,6 +79,11 @@ class Settings(BaseModel):
     batch_window_ms: float = Field(default=0.0, ge=0, le=60_000)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     low_vram: bool = False
+    #: Memory each device worker may keep loaded models in (checkpoints, refiner, upscaler,
+    #: adapters), least recently used out first (engine/core/model_cache.py). None = automatic:
+    #: a CUDA card's total minus max(4 GiB, 25 %) for activations; on the CPU half the RAM,
+    #: split over the CPU workers (in low-VRAM mode the weights are in RAM: the CPU rule).
+    model_memory_gb: float | None = Field(default=None, gt=0, le=100_000)
     compile: bool = False
     #: Copy Fooocus quirks that look accidental (spec §7.2 turbo/align_your_steps -> normal).
     fooocus_quirks: bool = True

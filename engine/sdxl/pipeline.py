@@ -47,6 +47,7 @@ from engine.core.errors import (
 from engine.core.events import ImageReady
 from engine.core.formats import MIME_BY_FORMAT
 from engine.core.jobs import RunContext
+from engine.core.model_cache import CacheStats, ModelCache, default_budget_bytes, tensor_bytes
 from engine.core.request import GenerationRequest
 from engine.core.settings import Settings
 from engine.imaging.inpaint import (
@@ -73,8 +74,8 @@ from engine.imaging.upscaler import (
     UPSCALE_MODELS_DIR,
     UPSCALER_FILE_NAME,
     Upscaler,
-    UpscalerCache,
     fast_upscale_2x,
+    load_upscaler,
     upscale_image,
 )
 from engine.io.imageio import encode_image
@@ -97,6 +98,7 @@ from engine.sdxl.denoiser import (
     refiner_branch,
 )
 from engine.sdxl.image_prompt import (
+    IP_ADAPTER_KINDS,
     ImagePromptRun,
     check_image_prompt_files,
     load_controlnet,
@@ -168,6 +170,11 @@ class LoadedModel:
     merged: MergedLoras | None = None
     text_cache: TextEncodingCache = field(default_factory=TextEncodingCache)
 
+    def components_modules(self) -> list[torch.nn.Module]:
+        """Every module holding this model's weights (what its memory is measured from)."""
+        c = self.components
+        return [m for m in (c.unet, c.vae, c.text_encoder, c.text_encoder_2) if m is not None]
+
     @property
     def modules(self) -> dict[str, torch.nn.Module]:
         c = self.components
@@ -220,27 +227,49 @@ class SDXLRunner:
         self.accelerator = Accelerator(AccelerationConfig.from_settings(
             settings, self.device, compile_ahead=(DEFAULT_ASPECT_RATIO, "1024*1024")))
         self._operator_model = model if model is not None else settings.default_model
-        self._base: LoadedModel | None = None
-        self._refiner: LoadedModel | None = None
+        #: Every loaded model of this device (issue 15): base checkpoints and refiners (each with its
+        #: merged LoRAs and text cache), the upscaler, the inpaint patch, IP-Adapter + CLIP vision and
+        #: Control-LoRA ControlNets, least recently used out first within the memory budget. The
+        #: running job pins what it uses, so its base stays while its refiner or adapters load.
+        # The budget follows where the weights live: in low-VRAM mode that is CPU memory (the GPU
+        # only holds the streamed blocks), so the RAM rule applies there.
+        weights_device = str(self.accelerator.load_device)
+        cpu_workers = sum(1 for name in settings.devices if name == "cpu")  # they share the RAM
+        self.models = ModelCache(default_budget_bytes(weights_device, configured_gb=settings.model_memory_gb,
+                                                      ram_shares=cpu_workers),
+                                 name=weights_device, after_evict=self._free_device_memory)
+        #: The key of the base model the last job used (``base_components``); not a reference, so
+        #: an evicted model is really freed.
+        self._base_key: tuple[Any, ...] | None = None
+        #: Set while a job runs: pins a cache key until the job ends.
+        self._hold: Any = None
         self._expansion: FooocusExpansion | None = None
         self._expansion_checked = False
         self._expansion_warning: str | None = None
-        self._upscalers = UpscalerCache()
-        self._demo_upscaler: Upscaler | None = None
-        #: the last inpaint patch read (path, patches): the v2.6 file is 1.3 GB, read once per process.
-        self._inpaint_patch: tuple[Path, dict[str, Any]] | None = None
-        #: Image Prompt weights, one per kind, keyed by the base model they were built for (a new base
-        #: or new LoRAs drop them): kind -> (key, IP-Adapter models) for the two kinds (ImagePrompt,
-        #: FaceSwap) and type -> (key, ControlNet) for the two control types: at most two of each.
-        self._ip_models: dict[str, tuple[Any, Any]] = {}
-        self._controlnets: dict[str, tuple[Any, torch.nn.Module]] = {}
-        #: FaceSwap's face detector (demo or set-up file), built once; it holds no GPU memory.
+        #: FaceSwap's face detector (demo or set-up file), built once; it holds no GPU memory, so it
+        #: stays out of the model cache.
         self._face_detector: tuple[bool, Any] | None = None
 
     @property
     def base_components(self) -> SDXLComponents | None:
-        """The loaded base model, None before the first load (diagnostics, the parity test)."""
-        return self._base.components if self._base is not None else None
+        """The base model the last job used, None before the first load or after it was evicted
+        (diagnostics, the parity test)."""
+        loaded = self.models.peek(self._base_key) if self._base_key is not None else None
+        return loaded.components if loaded is not None else None
+
+    def memory_stats(self) -> CacheStats:
+        """The model cache's budget, bytes and entries on this device (``/metrics``)."""
+        return self.models.stats()
+
+    def unload_models(self) -> int:
+        """Free every loaded model of this device (after out-of-memory, or before another model
+        family takes the device); the next job loads what it needs again. Returns the bytes the
+        model cache released. On the worker thread, between jobs (it also drops the running job's pins)."""
+        released = self.models.release()
+        self._base_key = None
+        self._expansion, self._expansion_checked, self._expansion_warning = None, False, None
+        self._free_device_memory()
+        return released
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -327,14 +356,23 @@ class SDXLRunner:
         self._expansion_available()
 
     def recover_after_oom(self) -> None:
+        """Free every model the running job does not use (after a job: every model), then the
+        allocator's cache. Inside a job (the VAE's tiled retry) the job's own models are pinned."""
+        self.models.release_where(lambda _key: True)  # pinned entries stay
+        self._free_device_memory()
+
+    def _free_device_memory(self) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def run(self, ctx: RunContext) -> None:
         bind_thread_to_device(self.device)  # several GPU workers: each thread on its own GPU
-        with torch.inference_mode():
-            self._run(ctx)
+        with torch.inference_mode(), self.models.pinned() as self._hold:
+            try:
+                self._run(ctx)
+            finally:
+                self._hold = None
 
     # -- dynamic batching (issue 15) ---------------------------------------------------------
 
@@ -376,8 +414,11 @@ class SDXLRunner:
             except HooocusError as exc:
                 return [exc]
             return [None]
-        with torch.inference_mode():
-            return self._run_batch(ctxs)
+        with torch.inference_mode(), self.models.pinned() as self._hold:
+            try:
+                return self._run_batch(ctxs)
+            finally:
+                self._hold = None
 
     def _run_batch(self, ctxs: list[RunContext]) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = [None] * len(ctxs)
@@ -908,12 +949,21 @@ class SDXLRunner:
     def _upscaler(self, resolved: ResolvedRequest) -> Upscaler:
         """The ESRGAN: the demo model's tiny in-memory one, else the set-up file (model_missing if absent)."""
         if resolved.base_model == DEMO_MODEL:
-            if self._demo_upscaler is None:
-                from engine.sdxl.models.demo import build_demo_upscaler
+            from engine.sdxl.models.demo import build_demo_upscaler
 
-                self._demo_upscaler = build_demo_upscaler(self.device)
-            return self._demo_upscaler
-        return self._upscalers.get(self.settings.models_dir / UPSCALE_MODELS_DIR / UPSCALER_FILE_NAME, self.device)
+            return self._cached(("upscaler", "demo", str(self.device)), lambda: build_demo_upscaler(self.device),
+                                size_of=lambda up: tensor_bytes(up.network))
+        path = self.settings.models_dir / UPSCALE_MODELS_DIR / UPSCALER_FILE_NAME
+        try:  # keyed by size and mtime too, so a replaced file is reloaded
+            stat = path.resolve().stat()
+        except OSError:
+            self.models.release_where(lambda key: key[0] == "upscaler" and key[1] != "demo")
+            return load_upscaler(path, self.device)  # raises model_missing
+        key = ("upscaler", str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(self.device))
+        # A replaced file: its old network is stale, it goes now rather than when the LRU reaches it.
+        self.models.release_where(lambda k: k[0] == "upscaler" and k[1] != "demo" and k != key)
+        return self._cached(key, lambda: load_upscaler(path, self.device), size_of=lambda up: tensor_bytes(up.network),
+                            size_hint_bytes=stat.st_size)
 
     def _uov_pixels(self, resolved: ResolvedRequest, image: np.ndarray) -> np.ndarray:
         """spec §12.1: Vary resizes to its clamped shape ceil; Upscale runs ESRGAN 4x, then resizes to the
@@ -993,10 +1043,13 @@ class SDXLRunner:
         if INPAINT_HEAD_KEY not in head:
             raise ModelMissing(f"{head_path} has no {INPAINT_HEAD_KEY!r} tensor: not an inpaint head file; re-run "
                                "'hooocus setup --only inpaint'", loc=("inpaint_engine",))
-        if self._inpaint_patch is None or self._inpaint_patch[0] != patch_path:
-            self._inpaint_patch = None  # drop the old patch before reading the next one
-            self._inpaint_patch = (patch_path, fooocus_patches_from_state_dict(load_file(str(patch_path))))
-        return head[INPAINT_HEAD_KEY], self._inpaint_patch[1]
+        # The v2.6 patch file is 1.3 GB: read once and kept (within the budget); its tensors are as
+        # big as the file, so the file size is its size.
+        size = patch_path.stat().st_size
+        patches = self._cached(("inpaint_patch", str(patch_path)),
+                               lambda: fooocus_patches_from_state_dict(load_file(str(patch_path))),
+                               size_of=lambda _patches: size, size_hint_bytes=size)
+        return head[INPAINT_HEAD_KEY], patches
 
     def _inpaint_latents(self, resolved: ResolvedRequest, base: LoadedModel, px: InpaintPixels) -> InpaintLatents:
         """spec §12.2 "Latents" + head: one posterior generator for the task's encodes, in Fooocus's order
@@ -1035,20 +1088,21 @@ class SDXLRunner:
         key = (base.key, base.loras)
 
         def ip_models(kind: str) -> Any:
-            cached = self._ip_models.get(kind)
-            if cached is None or cached[0] != base.key:
-                stale = [k for k, (built_for, _m) in self._ip_models.items() if built_for != base.key]
-                for k in stale:  # free the old ones first
-                    del self._ip_models[k]
+            # Both kinds share the one CLIP vision tower, as in Fooocus: reuse the other kind's if loaded.
+            others = (self.models.peek(("ip_adapter", base.key, k)) for k in IP_ADAPTER_KINDS if k != kind)
+            shared = None if demo else next((m.vision for m in others if m is not None), None)
+
+            def load() -> Any:
                 if demo:
                     from engine.sdxl.models.demo import demo_ip_adapter
 
-                    models = demo_ip_adapter(unet, kind)
-                else:  # both kinds share the one CLIP vision tower, as in Fooocus
-                    shared = next((m.vision for _k, m in self._ip_models.values()), None)
-                    models = load_ip_models(self.settings.models_dir, unet, kind, vision=shared)
-                self._ip_models[kind] = (base.key, models)
-            return self._ip_models[kind][1]
+                    return demo_ip_adapter(unet, kind)
+                return load_ip_models(self.settings.models_dir, unet, kind, vision=shared)
+
+            # Built for this base model: it goes with it (see _load's on_evict). A shared vision tower is
+            # counted in both entries: either may outlive the other, so the budget errs on the safe side.
+            return self._cached(("ip_adapter", base.key, kind), load, size_of=lambda m: tensor_bytes(
+                m.vision, m.resampler, m.kv, m.negative_tokens))
 
         def face_detector() -> Any:
             if self._face_detector is None or self._face_detector[0] != demo:
@@ -1061,17 +1115,17 @@ class SDXLRunner:
             return self._face_detector[1]
 
         def controlnet_for(control_type: str) -> torch.nn.Module:
-            cached = self._controlnets.get(control_type)
-            if cached is None or cached[0] != key:
-                self._controlnets.pop(control_type, None)
+            def load() -> torch.nn.Module:
                 if demo:
                     from engine.sdxl.models.demo import demo_controlnet
 
-                    controlnet = demo_controlnet(unet, control_type)
-                else:
-                    controlnet = load_controlnet(self.settings.models_dir, control_type, unet)
-                self._controlnets[control_type] = (key, controlnet)  # at most one per control type
-            return self._controlnets[control_type][1]
+                    return demo_controlnet(unet, control_type)
+                return load_controlnet(self.settings.models_dir, control_type, unet)
+
+            # A copy of the LoRA-merged UNet: keyed by the base and its LoRA set; other LoRA sets'
+            # copies are stale and go now rather than waiting for the LRU.
+            self.models.release_where(lambda k: k[0] == "controlnet" and k[1] == control_type and k[2] != key)
+            return self._cached(("controlnet", control_type, key), load, size_of=tensor_bytes)
 
         ctx.check_cancelled()
         return prepare_image_prompts(slots, ctx.inputs, width_px=resolved.width, height_px=resolved.height,
@@ -1099,32 +1153,54 @@ class SDXLRunner:
 
     # -- models --------------------------------------------------------------------------------
 
-    def _load(self, slot: str, name: str, *, kind: str, vae: str | None) -> LoadedModel:
+    def _cached(self, key: tuple[Any, ...], load: Any, *, size_of: Any, size_hint_bytes: int = 0,
+                on_evict: Any = None) -> Any:
+        """``key`` from the model cache (else loaded), pinned for the running job."""
+        value = self.models.get_or_load(key, load, size_of=size_of, size_hint_bytes=size_hint_bytes,
+                                        on_evict=on_evict)
+        if self._hold is not None:
+            self._hold(key)
+        return value
+
+    def _load(self, name: str, *, kind: str, vae: str | None) -> LoadedModel:
         spec = self._model_spec(name)
         vae_path = self.registry.resolve("vae", vae) if vae else None
-        key = (str(spec), kind, str(vae_path), str(self.device), str(self.dtype))
-        current: LoadedModel | None = getattr(self, slot)
-        if current is not None and current.key == key:
-            return current
-        setattr(self, slot, None)  # free the old weights before loading the new ones
-        if current is not None:
-            self.accelerator.forget(current.components)  # acceleration hook
-        del current
-        self.recover_after_oom()
-        log.info("loading %s model %s", kind, name)
-        components = load_sdxl(spec, kind=kind, device=self.accelerator.load_device, dtype=self.dtype,
-                               registry=self.registry, tokenizer_dir=self._tokenizer_dir(),
-                               hf_cache_dir=self.settings.hf_cache_dir, vae_path=vae_path)
-        self.accelerator.apply(components)  # acceleration hook
-        loaded = LoadedModel(components, key)
-        setattr(self, slot, loaded)
-        return loaded
+        key = ("checkpoint", str(spec), kind, str(vae_path), str(self.device), str(self.dtype))
+
+        def load() -> LoadedModel:
+            log.info("loading %s model %s", kind, name)
+            components = load_sdxl(spec, kind=kind, device=self.accelerator.load_device, dtype=self.dtype,
+                                   registry=self.registry, tokenizer_dir=self._tokenizer_dir(),
+                                   hf_cache_dir=self.settings.hf_cache_dir, vae_path=vae_path)
+            self.accelerator.apply(components)  # acceleration hook
+            return LoadedModel(components, key)
+
+        def unload(model: LoadedModel) -> None:
+            self.accelerator.forget(model.components)  # acceleration hook: compiled calls hold the modules
+            # Adapters built from this model's UNet hold parts of it: they go with it.
+            self.models.release_where(lambda k: k[0] in ("ip_adapter", "controlnet") and _built_for(k, model.key))
+
+        return self._cached(key, load, size_of=lambda m: tensor_bytes(*m.components_modules()),
+                            size_hint_bytes=self._weights_file_bytes(spec), on_evict=unload)
+
+    def _weights_file_bytes(self, spec: str | Path) -> int:
+        """The checkpoint's size on disk: a lower bound of its loaded size (a float16 file loaded in
+        float32 doubles), used to evict old models before the new one is read."""
+        try:
+            path = Path(spec) if Path(spec).exists() else self.registry.resolve("checkpoints", str(spec))
+            if path.is_file():
+                return path.stat().st_size
+            return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+        except (HooocusError, OSError):
+            return 0  # the demo, a repo id: measured after loading
 
     def _load_base(self, name: str, *, vae: str | None) -> LoadedModel:
-        return self._load("_base", name, kind="base", vae=vae)
+        loaded = self._load(name, kind="base", vae=vae)
+        self._base_key = loaded.key
+        return loaded
 
     def _load_refiner(self, name: str) -> LoadedModel:
-        return self._load("_refiner", name, kind="refiner", vae=None)
+        return self._load(name, kind="refiner", vae=None)
 
     def _tokenizer_dir(self) -> Path | None:
         if self.settings.clip_tokenizer_dir is not None:
@@ -1199,6 +1275,12 @@ class SDXLRunner:
             calls["n"] += 1
 
         return observe
+
+
+def _built_for(adapter_key: Hashable, model_key: tuple[Any, ...]) -> bool:
+    """Whether a cached adapter's key names ``model_key`` as the model it was built from."""
+    parts = adapter_key if isinstance(adapter_key, tuple) else (adapter_key,)
+    return any(part == model_key or (isinstance(part, tuple) and model_key in part) for part in parts)
 
 
 def _to_bchw(image: np.ndarray) -> torch.Tensor:

@@ -106,7 +106,7 @@ def test_faceswap_reads_the_face_adapter_and_the_detector_file(setup: tuple[Any,
     ip = _run(runner, [{"type": "ImagePrompt", "stop_at": 0.9, "weight": 0.75}], [face_picture(128, 128, cell=(1, 1))])
     assert not np.array_equal(ip, here)  # the face adapter file is not the ImagePrompt one
     # Both adapters are cached (one per kind) and share one CLIP vision tower, as in Fooocus.
-    cached = {kind: models for kind, (_key, models) in runner._ip_models.items()}
+    cached = {key[2]: runner.models.peek(key) for key in runner.models.keys() if key[0] == "ip_adapter"}
     assert set(cached) == {"ImagePrompt", "FaceSwap"} and cached["ImagePrompt"].vision is cached["FaceSwap"].vision
     assert cached["ImagePrompt"].kv is not cached["FaceSwap"].kv
 

@@ -310,6 +310,109 @@ def test_an_error_out_of_run_batch_fails_every_job_of_the_batch() -> None:
     assert all("secret" not in job.error["message"] for job in jobs)
 
 
+def _positions_of(job: Job) -> list[int]:
+    return [e.position for e in job.events_after(0) if isinstance(e, Queued)]
+
+
+def test_queue_positions_count_batch_partners_that_start_together() -> None:
+    gate = StepGate(1)
+    runner = BatchingRunner(on_step=gate)
+    log = StartLog()
+    wide = {"width": 1152, "height": 896}
+
+    def on_step(job_id: str, step: int) -> None:
+        log(job_id, step)
+        gate(job_id, step)
+
+    runner.on_step = on_step
+    with Engine(runner, max_batch=2, max_queue=32) as engine:
+        engine.submit(req("solo", steps=1), owner="zed")  # runs alone (never batched), held at step 1
+        assert gate.reached.wait(5)
+        a = engine.submit(req("a", steps=1, **wide), owner="alice")
+        b = engine.submit(req("b", steps=1, width=1024, height=1024), owner="bob")  # another key
+        c = engine.submit(req("c", steps=1, **wide), owner="carol")  # a's partner: starts with a
+        d = engine.submit(req("d", steps=1, **wide), owner="dave")  # a's batch is full (max_batch 2)
+        queued = [a, b, c, d]
+        # Fair order a, b, c, d; a takes c along, so c moves ahead of b and b back by one.
+        assert _last_positions(queued) == {a.job_id: 1, c.job_id: 1, b.job_id: 3, d.job_id: 4}
+        assert {j.job_id: engine.queue_position(j.job_id) for j in queued} == _last_positions(queued)
+        gate.release()
+        assert all(job.wait(10) for job in queued)
+    assert runner.batches == [[a.job_id, c.job_id]]
+    assert log.order[1:] == [a.job_id, c.job_id, b.job_id, d.job_id]
+    # When the batch left the queue the others heard it at once: b 2 (a and c run), d 3; then d 1.
+    assert _positions_of(b) == [2, 3, 2]
+    assert _positions_of(d) == [4, 3, 1]
+
+
+def test_cancelling_a_queued_batch_partner_re_announces_the_jobs_behind_its_batch() -> None:
+    gate = StepGate(1)
+    runner = BatchingRunner(on_step=gate)
+    wide = {"width": 1152, "height": 896}
+    with Engine(runner, max_batch=3, max_queue=32) as engine:
+        engine.submit(req("solo", steps=1), owner="zed")
+        assert gate.reached.wait(5)
+        a = engine.submit(req("a", steps=1, **wide), owner="alice")
+        b = engine.submit(req("b", steps=1, width=1024, height=1024), owner="bob")
+        c = engine.submit(req("c", steps=1, **wide), owner="carol")
+        d = engine.submit(req("d", steps=1, **wide), owner="dave")
+        assert _last_positions([a, b, c, d]) == {a.job_id: 1, c.job_id: 1, d.job_id: 1, b.job_id: 4}
+        assert engine.cancel(c.job_id)
+        # c leaves a's batch: b now waits behind the solo job, a and d.
+        assert _last_positions([a, b, d]) == {a.job_id: 1, d.job_id: 1, b.job_id: 3}
+        gate.release()
+        assert all(job.wait(10) for job in (a, b, c, d))
+    assert runner.batches == [[a.job_id, d.job_id]] and c.state is JobState.CANCELLED
+
+
+def _take_like_the_engine(queue: FairQueue, key_of, max_batch: int) -> list[list[str]]:
+    """Engine._take with no batch window, on a bare FairQueue: what the workers really start."""
+    groups = []
+    while queue:
+        job = queue.popleft()
+        group = [job]
+        key = key_of(job)
+        if key is not None:
+            for other in queue.order():
+                if len(group) >= max_batch:
+                    break
+                if key_of(other) == key:
+                    queue.take(other)
+                    group.append(other)
+        groups.append([j.job_id for j in group])
+    return groups
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("max_batch", [1, 2, 3])
+def test_fair_queue_plan_matches_what_the_workers_take_with_batching(seed: int, max_batch: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    jobs = [Job(f"j{i}", GenerationRequest(), rng.choice("abcd")) for i in range(24)]
+    keys = {job.job_id: rng.choice(["k1", "k2", None]) for job in jobs}
+
+    def key_of(job: Job) -> Hashable | None:
+        return keys[job.job_id]
+
+    planned, taken = FairQueue(), FairQueue()
+    for job in jobs:
+        planned.append(job)
+        taken.append(job)
+    for owner in rng.sample("abcd", 2):  # some owners already had a turn
+        served = Job(f"served-{owner}", GenerationRequest(), owner)
+        for queue in (planned, taken):
+            queue.append(served)
+            queue.take(served)
+    plan = [[j.job_id for j in group] for group in planned.plan(key_of, max_batch)]
+    assert plan == _take_like_the_engine(taken, key_of, max_batch)
+    assert len(planned) == len(jobs)  # planning took nothing
+    assert max(len(g) for g in plan) <= max_batch
+    # Past the lookahead the rest follows in plain fair order (one job per group).
+    short = planned.plan(key_of, max_batch, lookahead=3)
+    assert sum(len(g) for g in short) == len(jobs) and all(len(g) == 1 for g in short[3:])
+
+
 # -- settings, CLI and runtime -------------------------------------------------------------------
 
 @pytest.mark.parametrize(("devices", "loc"), [
@@ -506,6 +609,7 @@ def test_no_split_across_device_kinds() -> None:
 def test_each_gpu_worker_thread_binds_its_own_device(monkeypatch) -> None:
     import torch
 
+    from engine.core.model_cache import ModelCache
     from engine.sdxl.models.loading import bind_thread_to_device
     from engine.sdxl.pipeline import SDXLRunner
 
@@ -515,6 +619,7 @@ def test_each_gpu_worker_thread_binds_its_own_device(monkeypatch) -> None:
     assert bound == []
     runner = SDXLRunner.__new__(SDXLRunner)  # no models: only run()'s set-up is under test
     runner.device = torch.device("cuda:1")
+    runner.models = ModelCache(0)  # run() pins the job's models in it
     runner._run = lambda ctx: None
     runner.run(None)  # type: ignore[arg-type]
     assert bound == [torch.device("cuda:1")]

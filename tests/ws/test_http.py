@@ -154,6 +154,40 @@ def test_metrics_report_each_device_worker(tmp_path):
     assert "hooocus_job_running 0" in text
 
 
+class CachingRunner(FakeRunner):
+    """A FakeRunner with a model cache: each job 'loads' its model (by prompt) of 40 bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from engine.core.model_cache import ModelCache
+
+        self.models = ModelCache(100)
+
+    def run(self, ctx):
+        self.models.get_or_load(ctx.request.prompt, object, size_of=lambda _v: 40)
+        super().run(ctx)
+
+    def memory_stats(self):
+        return self.models.stats()
+
+
+def test_metrics_report_each_workers_model_cache(tmp_path):
+    runtime = make_runtime(tmp_path, [CachingRunner()])
+    with TestClient(make_app(runtime)) as client:
+        for model in ("a", "b", "a", "c"):  # a, b; a again (a hit); c evicts b (least recently used)
+            job = client.post("/v1/generate", headers=auth(ALICE), json={"prompt": model, "steps": 1}).json()
+            assert runtime.engine.require_job(job["job_id"]).wait(10)
+        text = client.get("/metrics", headers=auth(ALICE)).text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("hooocus_worker_"))
+    worker = '{worker="0",device="cpu"}'
+    assert samples[f"hooocus_worker_model_cache_bytes{worker}"] == "80"
+    assert samples[f"hooocus_worker_model_cache_entries{worker}"] == "2"
+    assert samples[f"hooocus_worker_model_cache_budget_bytes{worker}"] == "100"
+    assert samples[f"hooocus_worker_model_evictions_total{worker}"] == "1"
+    assert samples[f"hooocus_worker_jobs_total{worker}"] == "4"
+    assert "# TYPE hooocus_worker_model_evictions_total counter" in text
+
+
 def test_options_come_from_the_runner(client):
     options = client.get("/v1/options", headers=auth(ALICE)).json()
     assert "Fooocus V2" in options["styles"] and "Speed" in options["performances"]
