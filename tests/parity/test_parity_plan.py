@@ -48,6 +48,13 @@ START_LATENT_TRACES = ("uov.latent", "inpaint.latent_fill")
 if parity_skip_reason() is not None:  # the runs live outside the repository: one reason, this module
     pytest.skip(parity_skip_reason(), allow_module_level=True)
 RUNS = parity_runs()
+#: Plans of runs sampling above this side go to the slow step: on the demo model a 1024² image task's plan
+#: takes 56–130 s on 2 cores (session 5, `--durations`: f 130 s, g 65 s, e 56 s), the 256² runs < 6 s each,
+#: so the three large ones were a quarter of the fast suite's time.
+FAST_PLAN_MAX_SIDE_PX = 512
+PLAN_RUNS = [pytest.param(run, id=run.name,
+                          marks=[pytest.mark.slow] if generation_side_px(run) > FAST_PLAN_MAX_SIDE_PX else [])
+             for run in RUNS]
 
 
 def test_parity_runs_present() -> None:
@@ -102,7 +109,7 @@ def _params(run: Path) -> dict:
     return json.loads((run / "params.json").read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
+@pytest.mark.parametrize("run", PLAN_RUNS)
 def test_recorded_parameters_plan_fooocus_run(demo: tuple[Engine, Recorder, SDXLRunner], run: Path) -> None:
     engine, recorder, runner = demo
     params = _params(run)

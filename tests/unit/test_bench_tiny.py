@@ -1,8 +1,9 @@
 """bench/gpu.py --tiny: the GPU benchmark's code paths on CPU, so the script never rots.
 
-The fast test runs this process's stock-diffusers case and the "cold" child (our engine end to
-end with the compile dispatcher, the UNet TFLOP/s case, the static-cache expansion) in ≈30 s;
-the slow one runs every case, each child process included (≈60 s on 2 cores).
+All three are slow tests (they start the bench's child processes: 25–100 s each on 2 cores, session 5
+`--durations`): the cold path (this process's stock-diffusers case and the "cold" child: our engine end
+to end with the compile dispatcher, the UNet TFLOP/s case, the static-cache expansion), every SDXL case
+with each child process, and the FLUX.1 child.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def check_common(data: dict) -> None:
     assert data["gpu"] == "cpu" and data["tiny"] is True and data["errors"] == []
 
 
+@pytest.mark.slow
 def test_bench_tiny_cold_path(tmp_path: Path) -> None:
     data = run_bench(tmp_path, "--skip", "compiled,warm,lowvram,flux", timeout_s=240)
     check_common(data)
@@ -93,6 +95,7 @@ def test_bench_tiny_every_case(tmp_path: Path) -> None:
     assert all(value is not None for key, value in data["ratios"].items() if not key.startswith("flux"))
 
 
+@pytest.mark.slow
 def test_bench_tiny_flux(tmp_path: Path) -> None:
     """The FLUX.1 child alone (issue 17): stock FluxPipeline dev- and schnell-style on the same random
     modules, then our Flux runner. The model CPU offload reference needs an accelerator (skipped on CPU).

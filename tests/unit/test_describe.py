@@ -267,6 +267,11 @@ def test_the_engine_worker_holds_the_device_lock_while_a_job_runs() -> None:
 def test_ctrl_c_while_waiting_cancels_the_describe(tmp_path: Path) -> None:
     """What `hooocus describe` relies on: a KeyboardInterrupt in the waiting thread cancels the work."""
     import _thread
+    import signal
+
+    # interrupt_main does nothing while SIGINT is ignored, which is how a non-interactive shell starts
+    # a background job (`pytest ... &`): use Python's own Ctrl-C handler whoever launched pytest.
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     gate = threading.Event()
     d, started = _gated(Settings(data_dir=tmp_path), gate)
@@ -291,3 +296,4 @@ def test_ctrl_c_while_waiting_cancels_the_describe(tmp_path: Path) -> None:
         timer.cancel()
         gate.set()
         d.close()
+        signal.signal(signal.SIGINT, previous_handler)
