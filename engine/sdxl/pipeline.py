@@ -232,6 +232,15 @@ class SDXLRunner:
         #: or new LoRAs drop them): (key, IP-Adapter models) and type -> (key, ControlNet).
         self._ip_models: tuple[Any, Any] | None = None
         self._controlnets: dict[str, tuple[Any, torch.nn.Module]] = {}
+        self._enhance_masks: Any = None  # engine.masking.service.MaskGenerator, built on first use
+
+    def enhance_masks(self) -> Any:
+        """The Enhance mask models (engine/masking), loaded on first use, bounded cache."""
+        if self._enhance_masks is None:
+            from engine.masking.service import MaskGenerator
+
+            self._enhance_masks = MaskGenerator(self.settings.models_dir, self.device)
+        return self._enhance_masks
 
     @property
     def base_components(self) -> SDXLComponents | None:
@@ -299,6 +308,26 @@ class SDXLRunner:
                     raise UnknownLora(exc.message, loc=("loras", index, "name")) from None
         check_image_prompt_files(request.image_prompts, models_dir=self.settings.models_dir,
                                  data_dir=self.settings.data_dir, is_demo=base_name == DEMO_MODEL)
+        if request.enhance is not None:
+            self._check_enhance(request, is_demo=base_name == DEMO_MODEL)
+
+    def _check_enhance(self, request: GenerationRequest, *, is_demo: bool) -> None:
+        """model_missing for a tab's mask model or inpaint engine, before anything is queued."""
+        from engine.masking.service import check_mask_files
+
+        assert request.enhance is not None
+        check_mask_files(self.settings.models_dir, request.enhance.tabs)
+        if is_demo:
+            return  # the demo model has in-memory inpaint weights
+        for index, tab in enumerate(request.enhance.tabs):
+            if tab.inpaint_engine == "None":
+                continue
+            for path in self._inpaint_files(tab.inpaint_engine):
+                if not path.is_file():
+                    group = INPAINT_SETUP_GROUPS[tab.inpaint_engine]
+                    raise ModelMissing(f"enhance inpaint engine {tab.inpaint_engine} needs {path.name} in "
+                                       f"{path.parent}: run 'hooocus setup --only {group} --data-dir "
+                                       f"{self.settings.data_dir}'", loc=("enhance", "tabs", index, "inpaint_engine"))
 
     def options(self) -> dict[str, Any]:
         expansion_ok = self._expansion_available()
@@ -345,7 +374,8 @@ class SDXLRunner:
         plan (model, switch, swap method), FreeU, the LoRA list. Prompts, seeds, image counts, cfg, sharpness, adaptive CFG, ADM scalers and clip skip
         are per job. Inline ``<lora:...>`` and wildcards are only known after resolution:
         :meth:`run_batch` splits a batch whose resolved plans differ."""
-        if (request.image_task is not None or request.image_prompts or math.isclose(request.cfg, 1.0)
+        if (request.image_task is not None or request.image_prompts or request.enhance is not None
+                or math.isclose(request.cfg, 1.0)
                 or request.sampler in NOT_ROW_INDEPENDENT):
             return None  # image prompts hook the UNet per job (issue 16): not in the batched loop yet
         size = (request.width, request.height) if request.width and request.height else request.aspect_ratio
@@ -579,6 +609,11 @@ class SDXLRunner:
 
     def _run(self, ctx: RunContext) -> None:
         ctx.check_cancelled()
+        if ctx.request.enhance is not None:  # spec §12.6: passes of this same path (engine/sdxl/enhance.py)
+            from engine.sdxl.enhance import EnhanceRun
+
+            EnhanceRun(self, ctx).run()
+            return
         expansion_ok = self._expansion_available()
         available_loras = self.registry.names("loras")  # one folder scan per job
         request = ctx.request
@@ -614,6 +649,7 @@ class SDXLRunner:
             uov_pixels = self._uov_pixels(resolved, image)
             if resolved.upscale_direct_return:  # spec §12.1 step 3: no diffusion above shape ceil 2800
                 ctx.started({**resolved.to_public_dict(), "is_demo": False}, resolved.seeds[:1], 0)
+                _keep_rgb(ctx, uov_pixels)
                 ctx.image(self._pixels_image(resolved, uov_pixels, index=0, seed=resolved.seeds[0], metadata={}))
                 return
         plan = process_resolved(resolved, style_library=self.styles, wildcards=self.wildcards,
@@ -772,6 +808,7 @@ class SDXLRunner:
             rgb = color_correction(px.image, paste_back(px.image, rgb, px.box), px.soft_mask)
         ctx.check_cancelled()
         overwrite_switch = ctx.request.refiner_switch_step or -1  # Fooocus writes the user's override
+        _keep_rgb(ctx, rgb)
         ctx.image(self._encode(resolved, task, base, refiner, rgb, index, loras, overwrite_switch))
 
     def _refiner_stage(self, refiner: LoadedModel, pos_cond: torch.Tensor, pos_pooled: torch.Tensor,
@@ -1067,6 +1104,7 @@ class SDXLRunner:
         ctx.check_cancelled()
         scheme = None if resolved.metadata_scheme == "none" else resolved.metadata_scheme
         text, items = fast_upscale_metadata(scheme)
+        _keep_rgb(ctx, pixels)
         ctx.image(self._pixels_image(resolved, pixels, index=0, seed=resolved.seeds[0],
                                      metadata={key: value for _label, key, value in items}, parameters=text))
 
@@ -1181,6 +1219,14 @@ class SDXLRunner:
             calls["n"] += 1
 
         return observe
+
+
+def _keep_rgb(ctx: Any, rgb: np.ndarray) -> None:
+    """Hand a finished image's pixels to an Enhance pass's context (engine/sdxl/enhance.py), which
+    feeds them to the next pass without re-decoding the encoded file."""
+    keep = getattr(ctx, "keep_rgb", None)
+    if keep is not None:
+        keep(rgb)
 
 
 def _to_bchw(image: np.ndarray) -> torch.Tensor:
