@@ -180,11 +180,12 @@ class EnhanceOptions(BaseModel):
     @model_validator(mode="after")
     def _check_tabs(self) -> EnhanceOptions:
         if not self.tabs and self.uov_method == UOV_DISABLED:
-            raise InvalidRequest("enhance has nothing to do: give at least one tab or an uov_method",
+            raise InvalidRequest("enhance.tabs: enhance has nothing to do: give at least one tab or an uov_method",
                                  loc=("enhance", "tabs"))
         for index, tab in enumerate(self.tabs):
             if tab.mask_model == "sam" and not tab.detection_prompt.strip():
-                raise InvalidRequest("mask_model 'sam' needs a detection_prompt (what to find: 'face', 'hand', ...)",
+                raise InvalidRequest(f"enhance.tabs.{index}.detection_prompt: mask_model 'sam' needs a detection_prompt "
+                                     "(what to find: 'face', 'hand', ...)",
                                      loc=("enhance", "tabs", index, "detection_prompt"))
         return self
 
