@@ -130,6 +130,11 @@ class EnhanceRun:
         ctx.check_cancelled()
         save_only_final = self.options.save_only_final
         if self.request.enhance_only:
+            # No generation: the job starts here (a job whose passes all skip still has a started event).
+            self.started = True
+            ctx.started({"task": "enhance", "prompt": self.request.prompt,
+                         "negative_prompt": self.request.negative_prompt, "seed": str(self.seed),
+                         "enhance": self.options.model_dump(mode="json")}, (self.seed,), 0)
             images = [(ctx.inputs["input_image"], None)]
         else:
             gen = StepContext(ctx, self, self.request.model_copy(update={"enhance": None}), dict(ctx.inputs),

@@ -352,6 +352,8 @@ class SDXLRunner:
         self._expansion_available()
 
     def recover_after_oom(self) -> None:
+        if self._enhance_masks is not None:
+            self._enhance_masks.clear()  # the mask models are reloaded on the next enhance pass
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

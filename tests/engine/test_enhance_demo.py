@@ -91,6 +91,10 @@ def test_upscale_pass_before_and_after_and_save_only_final(runner: SDXLRunner) -
 
 def test_enhance_only_runs_on_the_input_image(runner: SDXLRunner) -> None:
     image = _half_blue(40, 56)
+    skipped = run(runner, {"input_image": IMG, "enhance": {"tabs": [NOTHING]}}, {"input_image": image})
+    started = [e for e in skipped.events_after(0) if isinstance(e, Started)]
+    assert len(started) == 1 and started[0].seeds == (11,) and started[0].params["task"] == "enhance"
+    assert not _images(skipped) and [w.code for w in _warnings(skipped)] == ["enhance_skipped"]
     job = run(runner, {"input_image": IMG, "enhance": {"uov_method": "Upscale (Fast 2x)"}}, {"input_image": image})
     images = _images(job)
     # no generation: one image, the input's upscale (its aspect kept), not a 64 px generation
@@ -103,6 +107,7 @@ def test_every_image_is_enhanced_in_order(runner: SDXLRunner) -> None:
     assert [e.index for e in images] == [0, 1, 2, 3]
     # Fooocus's order: every generated image first, then each image's passes (images_to_enhance)
     assert [e.width for e in images] == [64, 64, 1024, 1024]
+    assert [e.seed for e in images] == [11, 12, 11, 11]  # spec §12.6: every pass uses the task seed
 
 
 def test_cancel_mid_enhance_then_the_next_job_runs(runner: SDXLRunner) -> None:
