@@ -82,7 +82,12 @@ class StepContext:
     def started(self, params: dict[str, Any], seeds: Any, total_steps: int) -> None:
         if not self._run.started:
             self._run.started = True
-            self._outer.started({**params, "enhance": self._run.options.model_dump(mode="json")}, seeds, total_steps)
+            # The generation's steps, plus about as many again for every pass of every image (a pass
+            # runs the mode's steps; Upscale passes run its UOV steps): progress totals for the doors.
+            opts = self._run.options
+            passes = len(opts.tabs) + (opts.uov_method != UOV_DISABLED)
+            self._outer.started({**params, "enhance": opts.model_dump(mode="json")}, seeds,
+                                total_steps * (1 + passes))
 
     def progress(self, step: int, total_steps: int, *, stage: str = "sample", image_index: int = 0,
                  image_count: int = 1) -> None:

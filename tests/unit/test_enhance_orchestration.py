@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.core.events import ImageReady, JobWarning
+from engine.core.events import ImageReady, JobWarning, Started
 from engine.core.jobs import Job, RunContext
 from engine.core.request import GenerationRequest
 from engine.masking.service import MaskResult
@@ -89,6 +89,9 @@ def test_tab_step_requests_carry_the_tab_fields_and_the_job_seed() -> None:
     # each pass works on the previous result: image 2 of the generation is base + 2, its passes +1 each
     assert passes[2][1]["input_image"][0, 0, 0] == 2 and passes[3][1]["input_image"][0, 0, 0] == 3
     assert [e.index for e in _images(job)] == [0, 1, 2, 3, 4, 5]
+    (started,) = [e for e in job.events_after(0) if isinstance(e, Started)]
+    assert started.total_steps == 1 * (1 + 2)  # the generation's steps + as many again per pass
+    assert started.params["enhance"]["box_erode_or_dilate"] == 5
 
 
 def test_uov_after_uses_the_last_filled_prompts_when_asked() -> None:
