@@ -37,6 +37,7 @@ from engine.core.constants import MAX_SEED
 from engine.core.events import ImageReady
 from engine.core.request import UOV_DISABLED, EnhanceOptions, EnhanceTab, GenerationRequest
 from engine.imaging.masks import erode_or_dilate, invert_mask, needs_inpaint
+from engine.sdxl.resolve import inpaint_params
 
 if TYPE_CHECKING:
     from engine.core.jobs import RunContext
@@ -70,6 +71,8 @@ class StepContext:
         self.emit = emit
         self.first_index = run.next_index  # progress/preview of this pass name the image it makes
         self.image_indices = None
+        #: False: the runner drops the synthetic refiner for this pass (see EnhanceRun.synthetic_refiner).
+        self.synthetic_refiner: bool | None = None
         self.rgbs: list[np.ndarray] = []
         self.events: list[ImageReady] = []
 
@@ -122,6 +125,16 @@ class EnhanceRun:
         self.request = request.model_copy(update={"seed": seed})
         self.seed = seed
         self.started = False
+        # [quirk] Fooocus decides the synthetic refiner once per task, from the job's own image task
+        # (async_worker apply_image_input: an inpaint with an engine and no refiner model), and its enhance
+        # passes reuse that decision (process_enhance -> process_prompt(use_synthetic_refiner)): after a
+        # text-to-image, Vary/Upscale or enhance-only job the passes keep the inpaint patch for every step.
+        # Copied under fooocus_quirks; off = each pass decides as a plain inpaint job does.
+        settings = getattr(runner, "settings", None)
+        quirks = bool(getattr(settings, "fooocus_quirks", True))
+        main_synthetic = (request.image_task == "inpaint" and request.refiner_model in (None, "None")
+                          and inpaint_params(request).engine != "None")
+        self.synthetic_refiner: bool | None = main_synthetic if quirks else None
         self.next_index = 0
 
     def publish(self, image: ImageReady) -> None:
@@ -189,6 +202,7 @@ class EnhanceRun:
               ) -> tuple[np.ndarray, ImageReady]:
         request = self.request.model_copy(update={**_STEP_RESET, "seed": self.seed, **update})
         step = StepContext(self.ctx, self, request, inputs, emit=emit)
+        step.synthetic_refiner = self.synthetic_refiner
         self.runner._run(step)
         if not step.rgbs:  # the runner always makes one image per pass; a bug otherwise
             raise RuntimeError("an enhance pass made no image")

@@ -624,6 +624,9 @@ class SDXLRunner:
             raise InvalidRequest("input_image was not resolved to pixels", loc=("input_image",))
         input_size = (int(image.shape[1]), int(image.shape[0])) if image is not None else None
         resolved = self._resolve(request, expansion_ok, available_loras, input_size)
+        if getattr(ctx, "synthetic_refiner", None) is False and resolved.synthetic_refiner:
+            # an Enhance pass (engine/sdxl/enhance.py) that Fooocus runs without the synthetic refiner
+            resolved = dataclasses.replace(resolved, synthetic_refiner=False)
         if resolved.task == "upscale_fast":
             self._run_fast_upscale(ctx, resolved, image)
             return

@@ -148,3 +148,33 @@ def test_rembg_tab_inpaints_the_blue_half(runner: SDXLRunner) -> None:
     assert not np.array_equal(got[:, 40:], image[:, 40:])  # the blue half was regenerated
     progress = [e for e in job.events_after(0) if isinstance(e, Progress)]
     assert progress and all(p.image_index == 0 for p in progress)
+
+
+class _NoSyntheticContext(RunContext):
+    synthetic_refiner = False
+
+
+class _Resolved(Exception):
+    def __init__(self, resolved: Any) -> None:
+        self.resolved = resolved
+
+
+def test_a_pass_context_can_turn_the_synthetic_refiner_off(runner: SDXLRunner,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """What engine/sdxl/enhance.py relies on for Fooocus's quirk (the passes keep the job's decision):
+    the runner reads ``synthetic_refiner`` from the context. Stopped where the inpaint pixels would be
+    prepared (the resolution is done by then; a whole inpaint takes a minute on 2 CPU cores)."""
+
+    def stop(ctx: Any, resolved: Any, image: Any) -> None:
+        raise _Resolved(resolved)
+
+    monkeypatch.setattr(runner, "_inpaint_pixels", stop)
+    seen = []
+    for context_class in (RunContext, _NoSyntheticContext):
+        job = Job("j", GenerationRequest.parse({"prompt": "a fox", "seed": 1, "steps": 1, "input_image": IMG,
+                                                "inpaint_mask": IMG}), "local")
+        with pytest.raises(_Resolved) as caught:
+            runner.run(context_class(job, StubEngine(), inputs={"input_image": _half_blue(),  # type: ignore[arg-type]
+                                                                "inpaint_mask": np.full((64, 64), 255, np.uint8)}))
+        seen.append(caught.value.resolved.synthetic_refiner)
+    assert seen == [True, False]

@@ -6,6 +6,7 @@ order for "Before First" / "After Last", "Last Filled Enhancement Prompts", the 
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,15 +35,18 @@ class RecordingRunner:
     """Stands in for SDXLRunner: each ``_run`` records the step request and its inputs and makes one
     image whose pixels are the input + 1 (so the chain of passes is visible)."""
 
-    def __init__(self, mask: np.ndarray) -> None:
+    def __init__(self, mask: np.ndarray, *, fooocus_quirks: bool = True) -> None:
         self.steps: list[tuple[GenerationRequest, dict[str, np.ndarray]]] = []
+        self.synthetic: list[bool | None] = []
         self.masks = _Masks(mask)
+        self.settings = SimpleNamespace(fooocus_quirks=fooocus_quirks)
 
     def enhance_masks(self) -> _Masks:
         return self.masks
 
     def _run(self, ctx: Any) -> None:
         self.steps.append((ctx.request, dict(ctx.inputs)))
+        self.synthetic.append(getattr(ctx, "synthetic_refiner", None))
         ctx.started({"task": "step"}, (ctx.request.seed,), 1)
         count = 1 if ctx.request.input_image else ctx.request.image_number
         for index in range(count):
@@ -54,9 +58,9 @@ class RecordingRunner:
                                  sha256=hashlib.sha256(data).hexdigest(), width=8, height=8))
 
 
-def _run(fields: dict[str, Any], mask: np.ndarray | None = None, inputs: dict[str, np.ndarray] | None = None
-         ) -> tuple[RecordingRunner, Job]:
-    runner = RecordingRunner(np.full((8, 8), 255, np.uint8) if mask is None else mask)
+def _run(fields: dict[str, Any], mask: np.ndarray | None = None, inputs: dict[str, np.ndarray] | None = None,
+         *, fooocus_quirks: bool = True) -> tuple[RecordingRunner, Job]:
+    runner = RecordingRunner(np.full((8, 8), 255, np.uint8) if mask is None else mask, fooocus_quirks=fooocus_quirks)
     job = Job("j", GenerationRequest.parse({"prompt": "a fox", "negative_prompt": "blur", "seed": 7, **fields}),
               "local")
     EnhanceRun(runner, RunContext(job, StubEngine(), inputs=inputs or {})).run()  # type: ignore[arg-type]
@@ -137,3 +141,17 @@ def test_save_only_final_returns_each_images_last_result() -> None:
                          mask=empty, inputs={"input_image": np.zeros((8, 8, 3), np.uint8)})
     assert not _images(only)
     assert [w.code for w in only.events_after(0) if isinstance(w, JobWarning)] == ["enhance_skipped"] * 2
+
+
+def test_passes_keep_the_jobs_synthetic_refiner_decision_under_fooocus_quirks() -> None:
+    tabs = {"tabs": [{"detection_prompt": "face"}]}
+    after_text, _job = _run({"enhance": tabs})
+    assert after_text.synthetic == [None, False]  # the generation decides itself; the pass: no synthetic refiner
+    image = {"input_image": np.zeros((8, 8, 3), np.uint8), "inpaint_mask": np.full((8, 8), 255, np.uint8)}
+    after_inpaint, _job = _run({"input_image": IMG, "inpaint_mask": IMG, "enhance": tabs}, inputs=image)
+    assert after_inpaint.synthetic == [None, True]  # an inpaint job with an engine and no refiner: kept
+    no_engine, _job = _run({"input_image": IMG, "inpaint_mask": IMG, "inpaint_engine": "None", "enhance": tabs},
+                           inputs=image)
+    assert no_engine.synthetic == [None, False]
+    plain, _job = _run({"enhance": tabs}, fooocus_quirks=False)
+    assert plain.synthetic == [None, None]  # quirks off: each pass decides as a plain inpaint job
