@@ -10,8 +10,9 @@ What rembg's sessions do (``rembg/sessions/base.py`` ``normalize``, ``u2net.py``
   isnet-anime: 1024 px, mean 0.5, std 1.0; output ``[0][:, 0]`` min-max normalised to 0..1, × 255 to
   uint8, resized back to the image size with LANCZOS;
 - u2net_cloth_seg: 768 px, ImageNet mean/std; output ``[0]`` has 4 class planes (background, upper,
-  lower, full): log-softmax over classes, argmax, and the category's class (upper 1, lower 2,
-  full 3) becomes 255, resized back with LANCZOS.
+  lower, full): log-softmax over classes, argmax, the class map (0..3 as uint8) resized back with
+  LANCZOS, then the category's class (upper 1, lower 2, full 3) becomes 255 (rembg maps the resized
+  class map through a palette, so the edges follow the resampled class values).
 
 ONNX files hold no pickle; a session is built with onnxruntime's own loader only.
 """
@@ -74,8 +75,8 @@ def rembg_mask(session: Any, rgb: np.ndarray, model_name: str, *, cloth_category
     if spec.cloth:
         shifted = out[0] - out[0].max(axis=0, keepdims=True)  # log-softmax keeps the argmax; shown for parity
         log_prob = shifted - np.log(np.exp(shifted).sum(axis=0, keepdims=True))
-        classes = np.argmax(log_prob, axis=0)
-        plane = (classes == CLOTH_CLASSES[cloth_category]).astype(np.uint8) * 255
+        classes = _to_image_size(np.argmax(log_prob, axis=0).astype(np.uint8), width, height)
+        return (classes == CLOTH_CLASSES[cloth_category]).astype(np.uint8) * 255
     else:
         pred = out[:, 0, :, :]
         low, high = float(pred.min()), float(pred.max())

@@ -108,3 +108,36 @@ def test_the_model_cache_is_bounded(tmp_path: Path) -> None:
     for name in names:
         masks.make(rgb, EnhanceTab(mask_model=name))
     assert len(masks._cache) == MAX_CACHED_MODELS and ("rembg", "u2net") not in masks._cache
+
+
+class _FakeSession:
+    """An onnxruntime-like session returning fixed outputs (the post-processing is what is tested)."""
+
+    def __init__(self, out: np.ndarray) -> None:
+        self.out = out
+        self.fed: dict[str, np.ndarray] = {}
+
+    def get_inputs(self) -> list[object]:
+        return [type("Input", (), {"name": "input.1"})()]
+
+    def run(self, names: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.fed = feed
+        return [self.out]
+
+
+def test_cloth_segmentation_picks_the_category_class() -> None:
+    from engine.masking.rembg import rembg_mask
+
+    size = REMBG_MODELS["u2net_cloth_seg"].size_px
+    logits = np.zeros((1, 4, size, size), np.float32)
+    logits[0, 1, : size // 2] = 5.0  # upper half: class 1 (upper)
+    logits[0, 2, size // 2:] = 5.0  # lower half: class 2 (lower)
+    session = _FakeSession(logits)
+    rgb = np.zeros((40, 30, 3), np.uint8)
+    upper = rembg_mask(session, rgb, "u2net_cloth_seg", cloth_category="upper")
+    lower = rembg_mask(session, rgb, "u2net_cloth_seg", cloth_category="lower")
+    full = rembg_mask(session, rgb, "u2net_cloth_seg", cloth_category="full")
+    assert session.fed["input.1"].shape == (1, 3, 768, 768)
+    assert upper.shape == (40, 30) and set(np.unique(upper)) <= {0, 255}
+    assert (upper[:18] == 255).all() and (upper[22:] == 0).all()
+    assert (lower[22:] == 255).all() and (lower[:18] == 0).all() and not full.any()
