@@ -190,10 +190,12 @@ class EnhanceRun:
             else:
                 tab = opts.tabs[index]
                 out = self._tab_pass(rgb, tab, index, emit_now=emit_now)
-                if out is not None and tab.prompt.strip():
-                    last_prompt = tab.prompt
-                if out is not None and tab.negative_prompt.strip():
-                    last_negative = tab.negative_prompt
+                if out is not None:
+                    # Fooocus keeps the prompts the last pass that ran used, after the fallback to the
+                    # job's prompts (async_worker: last_enhance_prompt = the processed tab prompt if not '').
+                    used_prompt, used_negative = self._tab_prompts(tab)
+                    last_prompt = used_prompt or last_prompt
+                    last_negative = used_negative or last_negative
             if out is not None:
                 rgb, last = out
         return last
@@ -207,6 +209,12 @@ class EnhanceRun:
         if not step.rgbs:  # the runner always makes one image per pass; a bug otherwise
             raise RuntimeError("an enhance pass made no image")
         return step.rgbs[-1], step.events[-1]
+
+    def _tab_prompts(self, tab: EnhanceTab) -> tuple[str, str]:
+        """The tab's prompt and negative prompt; an empty (or blank) one falls back to the job's
+        (Fooocus prepare_enhance_prompt)."""
+        return (tab.prompt if tab.prompt.strip() else self.request.prompt,
+                tab.negative_prompt if tab.negative_prompt.strip() else self.request.negative_prompt)
 
     def _uov_pass(self, rgb: np.ndarray, prompt: str, negative: str, *, emit_now: bool
                   ) -> tuple[np.ndarray, ImageReady]:
@@ -231,9 +239,9 @@ class EnhanceRun:
         if not needs_inpaint(mask):
             self.ctx.warning("enhance_skipped", f"{what}: the mask is empty; pass skipped")
             return None
-        update = {"input_image": STEP_IMAGE_REF, "inpaint_mask": STEP_MASK_REF,
-                  "prompt": tab.prompt if tab.prompt.strip() else self.request.prompt,
-                  "negative_prompt": tab.negative_prompt if tab.negative_prompt.strip() else self.request.negative_prompt,
+        prompt, negative = self._tab_prompts(tab)
+        update = {"input_image": STEP_IMAGE_REF, "inpaint_mask": STEP_MASK_REF, "prompt": prompt,
+                  "negative_prompt": negative,
                   "inpaint_mode": "Inpaint or Outpaint (default)", "inpaint_engine": tab.inpaint_engine,
                   "inpaint_strength": tab.strength, "inpaint_respective_field": tab.respective_field,
                   "inpaint_disable_initial_latent": tab.disable_initial_latent}

@@ -101,9 +101,14 @@ def test_tab_step_requests_carry_the_tab_fields_and_the_job_seed() -> None:
 def test_uov_after_uses_the_last_filled_prompts_when_asked() -> None:
     tabs = [{"detection_prompt": "face", "prompt": "detailed face", "negative_prompt": "ugly"},
             {"detection_prompt": "hand"}]
-    for prompt_type, expected in (("Original Prompts", ("a fox", "blur")),
-                                  ("Last Filled Enhancement Prompts", ("detailed face", "ugly"))):
-        runner, _job = _run({"enhance": {"tabs": tabs, "uov_method": "Upscale (2x)",
+    filled = [{"detection_prompt": "hand"}, {"detection_prompt": "face", "prompt": "detailed face",
+                                              "negative_prompt": "ugly"}]
+    # Fooocus keeps the prompts the last pass used after the fallback: a last tab without its own
+    # prompt hands on the job's prompts, not an earlier tab's.
+    for tab_list, prompt_type, expected in ((tabs, "Original Prompts", ("a fox", "blur")),
+                                            (filled, "Last Filled Enhancement Prompts", ("detailed face", "ugly")),
+                                            (tabs, "Last Filled Enhancement Prompts", ("a fox", "blur"))):
+        runner, _job = _run({"enhance": {"tabs": tab_list, "uov_method": "Upscale (2x)",
                                          "uov_processing_order": "After Last Enhancement",
                                          "uov_prompt_type": prompt_type}})
         kinds = ["uov" if r.uov_method != "Disabled" else "tab" for r, _ in runner.steps[1:]]
