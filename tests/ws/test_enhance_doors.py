@@ -125,3 +125,26 @@ def test_websocket_enhance_and_a_cancel_mid_enhance(demo) -> None:
         images = [m for m in messages if m["type"] == "image"]
         assert [m["index"] for m in images] == [0, 1] and images[1]["width"] == 1024
         assert [m for m in messages if m["type"] == "warning" and m["code"] == "enhance_skipped"]
+
+
+@pytest.mark.slow
+def test_http_enhance_only_with_a_rembg_tab_repaints_its_mask(demo) -> None:
+    """A real inpaint pass through the HTTP door (a 1024² crop on the demo UNet: tens of seconds)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    client, _runtime = demo
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[:, :32, 0] = 255
+    rgb[:, 32:, 2] = 255  # the tiny rembg model's mask is the blue half
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    response = client.post("/v1/uploads", content=buffer.getvalue(), headers={**auth(ALICE), "Content-Type": "image/png"})
+    ref = "sha256:" + response.json()["sha256"]
+    out = client.post("/v1/generate", headers={**auth(ALICE), "accept": "image/png"}, json={
+        **PARAMS, "input_image": ref, "enhance": {"tabs": [{"mask_model": "u2netp", "inpaint_engine": "None"}]}})
+    assert out.status_code == 200, out.text
+    got = np.array(Image.open(io.BytesIO(out.content)).convert("RGB"))
+    assert got.shape == rgb.shape and not np.array_equal(got[:, 40:], rgb[:, 40:])
