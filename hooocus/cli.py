@@ -40,7 +40,7 @@ from engine.core.errors import (
 )
 from engine.core.logging_setup import configure_logging
 from engine.core.settings import settings_from_args
-from hooocus import describe_cmd, image_flags
+from hooocus import describe_cmd, enhance_flags, image_flags
 
 if TYPE_CHECKING:
     from engine.core.runtime import Runtime
@@ -99,6 +99,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token", help="token for --server (default: $HOOOCUS_TOKEN)")
     p.add_argument("--no-progress", action="store_true")
     image_flags.add_arguments(p)
+    enhance_flags.add_arguments(p)
     _add_common(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -135,6 +136,9 @@ def request_fields_from_args(args: argparse.Namespace, settings: Settings,
     if args.lora:
         fields["loras"] = [_parse_lora(text) for text in args.lora]
     fields.update(image_flags.task_fields(args))
+    enhance = enhance_flags.enhance_field(args)
+    if enhance is not None:
+        fields["enhance"] = enhance
     image_flags.check_task(args, fields)
     refs, files = image_flags.file_fields(args, max_bytes=settings.max_upload_bytes,
                                           max_pixels=settings.max_input_pixels)

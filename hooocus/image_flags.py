@@ -120,8 +120,9 @@ def check_task(args: argparse.Namespace, fields: dict[str, Any]) -> None:
             raise UsageError(f"--from-image: {args.from_image} was made with {task} from an input image, which its "
                              "metadata does not hold: give that image with --image PATH")
         raise UsageError(f"--image PATH is required for {task}")
-    if args.image is not None and not task:
-        raise UsageError("--image: nothing to do with the image: add --vary, --upscale, --mask or --outpaint")
+    if args.image is not None and not task and fields.get("enhance") is None:
+        raise UsageError("--image: nothing to do with the image: add --vary, --upscale, --mask, --outpaint or "
+                         "--enhance")
 
 
 def read_file(path: Path, *, flag: str, max_bytes: int, loc: tuple[str | int, ...] | None = None) -> bytes:

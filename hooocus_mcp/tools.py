@@ -1,4 +1,4 @@
-"""The MCP surface: tools ``generate_image``, ``edit_image``, ``describe_image``, ``get_job``, ``cancel_job``, ``list_options``
+"""The MCP surface: tools ``generate_image``, ``edit_image``, ``enhance_image``, ``describe_image``, ``get_job``, ``cancel_job``, ``list_options``
 and the resources ``hooocus://images/{sha256}``, ``hooocus://jobs/{job_id}``, ``hooocus://options``
 (api_anchors §11).
 
@@ -13,14 +13,15 @@ job_tools.py, resources.py. This module only assembles them.
 
 from __future__ import annotations
 
-from hooocus_mcp import describe, edit_image, generate, job_tools, resources
+from hooocus_mcp import describe, edit_image, enhance_image, generate, job_tools, resources
 from hooocus_mcp._sdk import HooocusMCPServer
 from hooocus_mcp.backend import Backend
 from hooocus_mcp.results import CancelResult, ImageRef, JobResult, ProgressReporter, job_result, summary_line
 from hooocus_mcp.toolkit import ServerOptions, ToolKit
 
 INSTRUCTIONS = ("Text-to-image with Fooocus-quality SDXL. Call generate_image with a prompt (edit_image "
-                "to vary, upscale, inpaint or outpaint an image; describe_image to turn an image into a prompt); "
+                "to vary, upscale, inpaint or outpaint an image; enhance_image to find and repaint faces, hands "
+                "and other details; describe_image to turn an image into a prompt); "
                 "it returns small "
                 "thumbnails and hooocus://images/<sha256> links to the full images. list_options shows the "
                 "styles, models, samplers and sizes you may choose.")
@@ -44,7 +45,7 @@ def build_server(backend: Backend, options: ServerOptions | None = None) -> Hooo
     opts = options or ServerOptions()
     mcp = HooocusMCPServer(opts.name, version=package_version(), log_level="WARNING", instructions=INSTRUCTIONS)
     kit = ToolKit(mcp, backend, opts)
-    for module in (generate, edit_image, describe, job_tools, resources):
+    for module in (generate, edit_image, enhance_image, describe, job_tools, resources):
         module.register(kit)
     return mcp
 

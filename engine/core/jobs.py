@@ -1074,7 +1074,9 @@ class Engine:
         """Share ``job``'s images with idle workers when nothing else waits (a queued job would keep
         them busy anyway). Under the engine lock. Returns this worker's share, or None: run it whole."""
         count = job.request.image_number
-        if count < 2 or self._queue or not worker.can_split:
+        # Enhance (issue 16) numbers its images in emission order and runs its passes after the
+        # generation: one device runs the whole job.
+        if count < 2 or self._queue or not worker.can_split or getattr(job.request, "enhance", None) is not None:
             return None
         # Same device kind only: a CPU share of a CUDA job would not make the bytes the GPU makes.
         kind = worker.device.split(":")[0]

@@ -122,6 +122,74 @@ class ImagePromptSlot(BaseModel):
         return IMAGE_PROMPT_DEFAULTS[self.type][1] if self.weight is None else self.weight
 
 
+#: Issue 16 Enhance (spec §12.6): Fooocus's option strings (modules/flags.py), what it logs.
+EnhanceMaskModel = Literal["sam", "u2net", "u2netp", "u2net_human_seg", "u2net_cloth_seg", "silueta",
+                           "isnet-general-use", "isnet-anime"]
+ClothCategory = Literal["full", "upper", "lower"]
+SamModelName = Literal["vit_b", "vit_l", "vit_h"]
+EnhanceUovOrder = Literal["Before First Enhancement", "After Last Enhancement"]
+EnhanceUovPromptType = Literal["Original Prompts", "Last Filled Enhancement Prompts"]
+#: Fooocus shows default_enhance_tabs = 3 tabs and allows up to 5 (spec §12.6).
+MAX_ENHANCE_TABS = 5
+#: The detection text is short (GroundingDINO reads at most 256 tokens); this bounds it well below.
+MAX_DETECTION_PROMPT_CHARS = 1000
+
+
+class EnhanceTab(BaseModel):
+    """One enhancement pass (spec §12.6): a mask from a detection text (GroundingDINO + SAM) or a rembg
+    model, erode/dilate and invert, then an inpaint with this tab's own prompt and inpaint settings.
+    Defaults are Fooocus 2.5.5's (refdata/tables/config_defaults.json, webui_controls.json)."""
+
+    model_config = _STRICT
+    #: What GroundingDINO looks for ("face", "hand", ...); needed by the ``sam`` mask model only.
+    detection_prompt: Annotated[str, Field(max_length=MAX_DETECTION_PROMPT_CHARS)] = ""
+    #: Empty = the job's own prompt (Fooocus prepare_enhance_prompt falls back the same way).
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
+    mask_model: EnhanceMaskModel = "sam"
+    #: u2net_cloth_seg only.
+    cloth_category: ClothCategory = "full"
+    sam_model: SamModelName = "vit_b"
+    box_threshold: Fraction = 0.3
+    text_threshold: Fraction = 0.25
+    #: Keep at most this many SAM masks (0 = all; Fooocus's slider is 0..10).
+    max_detections: Annotated[int, Field(ge=0, le=10)] = 0
+    inpaint_engine: InpaintEngineName = "v2.6"
+    strength: Fraction = 1.0
+    respective_field: Fraction = 0.618
+    erode_or_dilate: Annotated[int, Field(ge=-64, le=64)] = 0
+    invert: bool = False
+    disable_initial_latent: bool = False
+
+
+class EnhanceOptions(BaseModel):
+    """Fooocus's Enhance (spec §12.6): an optional Upscale/Vary before the first or after the last pass,
+    then each tab in order, on every generated image (or on ``input_image`` alone: enhance-only)."""
+
+    model_config = _STRICT
+    uov_method: UovMethod = UOV_DISABLED
+    uov_processing_order: EnhanceUovOrder = "Before First Enhancement"
+    uov_prompt_type: EnhanceUovPromptType = "Original Prompts"
+    #: Fooocus "Save only final enhanced image": the generated image and the passes before the last
+    #: are not returned.
+    save_only_final: bool = False
+    #: Fooocus's developer option dino_erode_or_dilate: grows (or shrinks) every detection box in px.
+    box_erode_or_dilate: Annotated[int, Field(ge=-64, le=64)] = 0
+    tabs: Annotated[list[EnhanceTab], Field(max_length=MAX_ENHANCE_TABS)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_tabs(self) -> EnhanceOptions:
+        if not self.tabs and self.uov_method == UOV_DISABLED:
+            raise InvalidRequest("enhance.tabs: enhance has nothing to do: give at least one tab or an uov_method",
+                                 loc=("enhance", "tabs"))
+        for index, tab in enumerate(self.tabs):
+            if tab.mask_model == "sam" and not tab.detection_prompt.strip():
+                raise InvalidRequest(f"enhance.tabs.{index}.detection_prompt: mask_model 'sam' needs a detection_prompt "
+                                     "(what to find: 'face', 'hand', ...)",
+                                     loc=("enhance", "tabs", index, "detection_prompt"))
+        return self
+
+
 class GenerationRequest(BaseModel):
     """A text-to-image job. Field names follow Fooocus's metadata keys where one exists."""
 
@@ -199,6 +267,9 @@ class GenerationRequest(BaseModel):
     upscale_strength: Strength | None = None
     # -- Image Prompt (issue 16): up to 4 slots; they combine with text-to-image and the image tasks.
     image_prompts: Annotated[list[ImagePromptSlot], Field(max_length=MAX_IMAGE_PROMPTS)] = Field(default_factory=list)
+    # -- Enhance (issue 16, spec §12.6): passes on each generated image; with input_image and no other
+    # image task, on that image alone (Fooocus's Enhance tab with an uploaded image: no generation).
+    enhance: EnhanceOptions | None = None
 
     @field_validator("performance", mode="before")
     @classmethod
@@ -239,9 +310,9 @@ class GenerationRequest(BaseModel):
                           "inpaint_mask_upload" if masked else "outpaint_selections")
             raise InvalidRequest(f"{field_name} needs input_image (an image reference: 'sha256:<hex>' or a "
                                  "data:image/...;base64 URI)", loc=("input_image",))
-        if self.input_image is not None and not wants_image:
+        if self.input_image is not None and not wants_image and self.enhance is None:
             raise InvalidRequest("nothing to do with the image: set uov_method (Vary/Upscale), or give a mask "
-                                 "(inpaint_mask / inpaint_mask_upload) or outpaint_selections",
+                                 "(inpaint_mask / inpaint_mask_upload) or outpaint_selections, or enhance",
                                  loc=("input_image",))
         if len(set(self.outpaint_selections)) != len(self.outpaint_selections):
             raise InvalidRequest("outpaint_selections lists a side twice", loc=("outpaint_selections",))
@@ -255,7 +326,15 @@ class GenerationRequest(BaseModel):
         """
         if self.input_image is None:
             return None
+        if self.enhance_only:
+            return "enhance"
         return "uov" if self.uov_method != UOV_DISABLED else "inpaint"
+
+    @property
+    def enhance_only(self) -> bool:
+        """Enhance on ``input_image`` with no generation (no UOV, mask or outpaint side asked for)."""
+        return (self.enhance is not None and self.input_image is not None and self.uov_method == UOV_DISABLED
+                and self.inpaint_mask is None and self.inpaint_mask_upload is None and not self.outpaint_selections)
 
     @property
     def size(self) -> tuple[int, int]:

@@ -30,7 +30,7 @@ SDXL_ONLY_FIELDS = ("sharpness", "adaptive_cfg", "adm_scaler_positive", "adm_sca
 IMAGE_TASK_FIELDS = ("input_image", "inpaint_mask", "inpaint_mask_upload", "uov_method", "outpaint_selections",
                      "inpaint_mode", "inpaint_engine", "inpaint_strength", "inpaint_respective_field",
                      "inpaint_erode_or_dilate", "invert_mask", "inpaint_disable_initial_latent",
-                     "inpaint_additional_prompt", "vary_strength", "upscale_strength")
+                     "inpaint_additional_prompt", "vary_strength", "upscale_strength", "enhance")
 #: Values that mean "not used" besides the field default (the UI's 'None' refiner).
 _ALSO_UNSET: dict[str, tuple[Any, ...]] = {"refiner_model": ("None",)}
 
@@ -45,7 +45,7 @@ def check_flux_request(request: GenerationRequest, *, variant: str, model_name: 
     """Raise UnsupportedForModel for the first field FLUX.1 cannot honour (image fields first)."""
     for name in (*IMAGE_TASK_FIELDS, *SDXL_ONLY_FIELDS):
         if not _is_default(request, name):
-            what = "image tasks (input images, inpaint, vary, upscale)" if name in IMAGE_TASK_FIELDS else name
+            what = "image tasks (input images, inpaint, vary, upscale, enhance)" if name in IMAGE_TASK_FIELDS else name
             raise UnsupportedForModel(
                 f"{name}: {model_name} is a FLUX.1 [{variant}] model, which has no {what}; "
                 f"leave {name} unset (its default) or pick an SDXL model", loc=(name,))

@@ -249,6 +249,15 @@ class SDXLRunner:
         #: FaceSwap's face detector (demo or set-up file), built once; it holds no GPU memory, so it
         #: stays out of the model cache.
         self._face_detector: tuple[bool, Any] | None = None
+        self._enhance_masks: Any = None  # engine.masking.service.MaskGenerator, built on first use
+
+    def enhance_masks(self) -> Any:
+        """The Enhance mask models (engine/masking), loaded on first use, bounded cache."""
+        if self._enhance_masks is None:
+            from engine.masking.service import MaskGenerator
+
+            self._enhance_masks = MaskGenerator(self.settings.models_dir, self.device)
+        return self._enhance_masks
 
     @property
     def base_components(self) -> SDXLComponents | None:
@@ -268,6 +277,8 @@ class SDXLRunner:
         released = self.models.release()
         self._base_key = None
         self._expansion, self._expansion_checked, self._expansion_warning = None, False, None
+        if self._enhance_masks is not None:
+            self._enhance_masks.clear()
         self._free_device_memory()
         return released
 
@@ -332,6 +343,26 @@ class SDXLRunner:
                     raise UnknownLora(exc.message, loc=("loras", index, "name")) from None
         check_image_prompt_files(request.image_prompts, models_dir=self.settings.models_dir,
                                  data_dir=self.settings.data_dir, is_demo=base_name == DEMO_MODEL)
+        if request.enhance is not None:
+            self._check_enhance(request, is_demo=base_name == DEMO_MODEL)
+
+    def _check_enhance(self, request: GenerationRequest, *, is_demo: bool) -> None:
+        """model_missing for a tab's mask model or inpaint engine, before anything is queued."""
+        from engine.masking.service import check_mask_files
+
+        assert request.enhance is not None
+        check_mask_files(self.settings.models_dir, request.enhance.tabs)
+        if is_demo:
+            return  # the demo model has in-memory inpaint weights
+        for index, tab in enumerate(request.enhance.tabs):
+            if tab.inpaint_engine == "None":
+                continue
+            for path in self._inpaint_files(tab.inpaint_engine):
+                if not path.is_file():
+                    group = INPAINT_SETUP_GROUPS[tab.inpaint_engine]
+                    raise ModelMissing(f"enhance inpaint engine {tab.inpaint_engine} needs {path.name} in "
+                                       f"{path.parent}: run 'hooocus setup --only {group} --data-dir "
+                                       f"{self.settings.data_dir}'", loc=("enhance", "tabs", index, "inpaint_engine"))
 
     def options(self) -> dict[str, Any]:
         expansion_ok = self._expansion_available()
@@ -359,6 +390,8 @@ class SDXLRunner:
         """Free every model the running job does not use (after a job: every model), then the
         allocator's cache. Inside a job (the VAE's tiled retry) the job's own models are pinned."""
         self.models.release_where(lambda _key: True)  # pinned entries stay
+        if self._enhance_masks is not None:
+            self._enhance_masks.clear()  # the mask models are reloaded on the next enhance pass
         self._free_device_memory()
 
     def _free_device_memory(self) -> None:
@@ -387,7 +420,8 @@ class SDXLRunner:
         plan (model, switch, swap method), FreeU, the LoRA list. Prompts, seeds, image counts, cfg, sharpness, adaptive CFG, ADM scalers and clip skip
         are per job. Inline ``<lora:...>`` and wildcards are only known after resolution:
         :meth:`run_batch` splits a batch whose resolved plans differ."""
-        if (request.image_task is not None or request.image_prompts or math.isclose(request.cfg, 1.0)
+        if (request.image_task is not None or request.image_prompts or request.enhance is not None
+                or math.isclose(request.cfg, 1.0)
                 or request.sampler in NOT_ROW_INDEPENDENT):
             return None  # image prompts hook the UNet per job (issue 16): not in the batched loop yet
         size = (request.width, request.height) if request.width and request.height else request.aspect_ratio
@@ -624,6 +658,11 @@ class SDXLRunner:
 
     def _run(self, ctx: RunContext) -> None:
         ctx.check_cancelled()
+        if ctx.request.enhance is not None:  # spec §12.6: passes of this same path (engine/sdxl/enhance.py)
+            from engine.sdxl.enhance import EnhanceRun
+
+            EnhanceRun(self, ctx).run()
+            return
         expansion_ok = self._expansion_available()
         available_loras = self.registry.names("loras")  # one folder scan per job
         request = ctx.request
@@ -632,6 +671,9 @@ class SDXLRunner:
             raise InvalidRequest("input_image was not resolved to pixels", loc=("input_image",))
         input_size = (int(image.shape[1]), int(image.shape[0])) if image is not None else None
         resolved = self._resolve(request, expansion_ok, available_loras, input_size)
+        if getattr(ctx, "synthetic_refiner", None) is False and resolved.synthetic_refiner:
+            # an Enhance pass (engine/sdxl/enhance.py) that Fooocus runs without the synthetic refiner
+            resolved = dataclasses.replace(resolved, synthetic_refiner=False)
         if resolved.task == "upscale_fast":
             self._run_fast_upscale(ctx, resolved, image)
             return
@@ -659,6 +701,7 @@ class SDXLRunner:
             uov_pixels = self._uov_pixels(resolved, image)
             if resolved.upscale_direct_return:  # spec §12.1 step 3: no diffusion above shape ceil 2800
                 ctx.started({**resolved.to_public_dict(), "is_demo": False}, resolved.seeds[:1], 0)
+                _keep_rgb(ctx, uov_pixels)
                 ctx.image(self._pixels_image(resolved, uov_pixels, index=0, seed=resolved.seeds[0], metadata={}))
                 return
         plan = process_resolved(resolved, style_library=self.styles, wildcards=self.wildcards,
@@ -817,6 +860,7 @@ class SDXLRunner:
             rgb = color_correction(px.image, paste_back(px.image, rgb, px.box), px.soft_mask)
         ctx.check_cancelled()
         overwrite_switch = ctx.request.refiner_switch_step or -1  # Fooocus writes the user's override
+        _keep_rgb(ctx, rgb)
         ctx.image(self._encode(resolved, task, base, refiner, rgb, index, loras, overwrite_switch))
 
     def _refiner_stage(self, refiner: LoadedModel, pos_cond: torch.Tensor, pos_pooled: torch.Tensor,
@@ -1139,6 +1183,7 @@ class SDXLRunner:
         ctx.check_cancelled()
         scheme = None if resolved.metadata_scheme == "none" else resolved.metadata_scheme
         text, items = fast_upscale_metadata(scheme)
+        _keep_rgb(ctx, pixels)
         ctx.image(self._pixels_image(resolved, pixels, index=0, seed=resolved.seeds[0],
                                      metadata={key: value for _label, key, value in items}, parameters=text))
 
@@ -1281,6 +1326,14 @@ def _built_for(adapter_key: Hashable, model_key: tuple[Any, ...]) -> bool:
     """Whether a cached adapter's key names ``model_key`` as the model it was built from."""
     parts = adapter_key if isinstance(adapter_key, tuple) else (adapter_key,)
     return any(part == model_key or (isinstance(part, tuple) and model_key in part) for part in parts)
+
+
+def _keep_rgb(ctx: Any, rgb: np.ndarray) -> None:
+    """Hand a finished image's pixels to an Enhance pass's context (engine/sdxl/enhance.py), which
+    feeds them to the next pass without re-decoding the encoded file."""
+    keep = getattr(ctx, "keep_rgb", None)
+    if keep is not None:
+        keep(rgb)
 
 
 def _to_bchw(image: np.ndarray) -> torch.Tensor:

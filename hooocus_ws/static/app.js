@@ -787,6 +787,30 @@
         return;
       }
     }
+    // Enhance (issue 16): the ticked panel becomes params.enhance; a tab needs a detection text (or a
+    // rembg model, which finds its region without one). The server checks the values.
+    if ($("enhance-on").checked) {
+      const tabs = [];
+      for (const row of document.querySelectorAll(".enh-tab")) {
+        const detect = row.querySelector(".enh-detect").value.trim();
+        const model = row.querySelector(".enh-mask-model").value;
+        if (!detect && model === "sam") continue;
+        const tab = { detection_prompt: detect, mask_model: model };
+        const text = (cls) => row.querySelector(cls).value;
+        if (text(".enh-prompt")) tab.prompt = text(".enh-prompt");
+        if (text(".enh-negative")) tab.negative_prompt = text(".enh-negative");
+        if (text(".enh-engine")) tab.inpaint_engine = text(".enh-engine");
+        if (text(".enh-strength") !== "") tab.strength = parseFloat(text(".enh-strength"));
+        if (text(".enh-respective") !== "") tab.respective_field = parseFloat(text(".enh-respective"));
+        if (text(".enh-erode") !== "") tab.erode_or_dilate = parseInt(text(".enh-erode"), 10);
+        if (row.querySelector(".enh-invert").checked) tab.invert = true;
+        tabs.push(tab);
+      }
+      params.enhance = {
+        tabs, uov_method: $("enhance-uov").value, uov_processing_order: $("enhance-uov-order").value,
+        uov_prompt_type: $("enhance-uov-prompt").value, save_only_final: $("enhance-final-only").checked,
+      };
+    }
     clearJobView();
     status("submitting");
     state.ws.send(JSON.stringify({ type: "generate", id, params }));

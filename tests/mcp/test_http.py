@@ -137,7 +137,8 @@ async def test_sdk_client_generates_with_progress_and_reads_the_full_image(live:
         names = {t.name for t in (await client.list_tools()).tools}
         result = await client.call_tool("generate_image", {"prompt": "fox", "performance": "Lightning",
                                                            "image_number": 2}, progress_callback=on_progress)
-        assert names == {"generate_image", "edit_image", "describe_image", "get_job", "cancel_job", "list_options"}
+        assert names == {"generate_image", "edit_image", "enhance_image", "describe_image", "get_job", "cancel_job",
+                         "list_options"}
         assert result.structured_content["status"] == "completed"
         for ref in result.structured_content["images"]:
             blob = (await client.read_resource(ref["uri"])).contents[0].blob

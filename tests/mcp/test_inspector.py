@@ -36,7 +36,8 @@ def inspector(*method_args: str) -> dict:
 
 def test_inspector_lists_tools() -> None:
     tools = {tool["name"]: tool for tool in inspector("--method", "tools/list")["tools"]}
-    assert set(tools) == {"generate_image", "edit_image", "describe_image", "get_job", "cancel_job", "list_options"}
+    assert set(tools) == {"generate_image", "edit_image", "enhance_image", "describe_image", "get_job", "cancel_job",
+                          "list_options"}
     assert tools["generate_image"]["inputSchema"]["required"] == ["prompt"]
     assert "outputSchema" in tools["generate_image"]
 

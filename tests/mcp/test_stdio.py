@@ -38,7 +38,8 @@ async def test_stdio_lists_tools_generates_and_serves_the_full_image(mode: str) 
                                         progress_callback=on_progress)
         ref = result.structured_content["images"][0]
         blob = base64.b64decode((await client.read_resource(ref["uri"])).contents[0].blob)
-    assert tools == {"generate_image", "edit_image", "describe_image", "get_job", "cancel_job", "list_options"}
+    assert tools == {"generate_image", "edit_image", "enhance_image", "describe_image", "get_job", "cancel_job",
+                     "list_options"}
     assert hashlib.sha256(blob).hexdigest() == ref["sha256"]
     thumb = next(c for c in result.content if isinstance(c, ImageContent))
     assert Image.open(io.BytesIO(base64.b64decode(thumb.data))).format == "WEBP"

@@ -43,7 +43,8 @@ async def test_lists_tools_with_input_and_output_schemas(runtime: Runtime) -> No
     async with Client(server_for(runtime)) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
         templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
-    assert set(tools) == {"generate_image", "edit_image", "describe_image", "get_job", "cancel_job", "list_options"}
+    assert set(tools) == {"generate_image", "edit_image", "enhance_image", "describe_image", "get_job", "cancel_job",
+                          "list_options"}
     gen = tools["generate_image"]
     props = gen.input_schema["properties"]
     assert gen.input_schema["required"] == ["prompt"]

@@ -47,6 +47,8 @@ FORBIDDEN_ANYWHERE = {
     # the two model families stand side by side on engine.core/prompts/imaging/io (issue 17)
     "engine/flux/": ("engine.sdxl",),
     "engine/sdxl/": ("engine.flux",),
+    # Enhance's mask models (issue 16) are family-neutral, like engine/describe
+    "engine/masking/": ("engine.sdxl", "engine.flux"),
 }
 #: package -> module prefixes it must not import at module level (a lazy import in a function is
 #: the documented way to reach the heavy family code, e.g. engine.core.runtime -> SDXLRunner).
@@ -55,6 +57,8 @@ FORBIDDEN_AT_MODULE_LEVEL = {
     # The distributed backends are family-neutral too, and Ray is an optional extra: a replica
     # reaches the SDXL runner, and every function reaches ray, lazily (issue 15).
     "engine/distributed/": ("engine.sdxl", "engine.io", "engine.prompts", "torch", "ray"),
+    # the mask models load only when a mask is made
+    "engine/masking/": ("torch", "transformers", "onnxruntime", "cv2"),
 }
 
 

@@ -663,3 +663,50 @@ def test_faceswap_group_installs_what_the_runner_reads(tmp_path: Path, server: F
     assert torch.equal(adapter["image_proj.latents"], state["image_proj"]["latents"])
     (face,) = YuNetDetector(tmp_path / "models" / FACE_DETECTOR_FILE).detect(face_picture(64, 96, cell=(0, 2)))
     assert np.abs(face.landmarks - cell_landmarks(0, 2)).max() < 1e-3  # float32 bound, as in test_face_crop
+
+
+# -- issue 16: the enhance groups -------------------------------------------------------------------------
+
+
+def test_enhance_group_installs_what_the_mask_models_load(tmp_path: Path, server: FakeServer,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``hooocus setup --only enhance`` puts GroundingDINO, SAM vit_b and the rembg models where
+    engine/masking reads them (tiny stand-ins served by a mirror), and a mask is then made from them."""
+    import numpy as np
+
+    from engine.core.request import EnhanceTab
+    from engine.io.setup import ENHANCE_ASSETS, ENHANCE_GROUP
+    from engine.masking.service import GROUNDING_DINO_DIR, REMBG_DIR, SAM_DIRS, MaskGenerator, check_mask_files
+    from tests.enhance_models import write_tiny_grounding_dino, write_tiny_rembg, write_tiny_sam
+
+    assets = select_assets(ALL_ASSETS, [ENHANCE_GROUP])
+    assert assets and all(a.optional and a.convert is None and a.group == ENHANCE_GROUP for a in assets)
+    assert set(select_assets(ALL_ASSETS, ["enhance-sam-vit-l", "enhance-sam-vit-h"])) == set(ENHANCE_ASSETS) - set(assets)
+    assert not set(ENHANCE_ASSETS) & set(select_assets(ALL_ASSETS, None))  # never by default
+    assert {Path(a.dest).suffix for a in ENHANCE_ASSETS} <= {".safetensors", ".onnx", ".json", ".txt"}
+    dests = {a.dest for a in assets}
+    for folder in (GROUNDING_DINO_DIR, SAM_DIRS["vit_b"]):
+        assert {f"models/{folder}/config.json", f"models/{folder}/model.safetensors"} <= dests
+    assert {Path(d).name for d in dests if d.startswith(f"models/{REMBG_DIR}/")} == {
+        "u2net.onnx", "u2netp.onnx", "u2net_human_seg.onnx", "u2net_cloth_seg.onnx", "silueta.onnx",
+        "isnet-general-use.onnx", "isnet-anime.onnx"}
+
+    source = tmp_path / "src"
+    write_tiny_grounding_dino(source / GROUNDING_DINO_DIR)
+    write_tiny_sam(source / SAM_DIRS["vit_b"])
+    special = source / GROUNDING_DINO_DIR / "special_tokens_map.json"
+    if not special.exists():  # transformers 5 no longer writes it; the Hub repository has one
+        special.write_text("{}")
+    for asset in assets:
+        if asset.dest.endswith(".onnx"):
+            write_tiny_rembg(source / asset.dest.split("/", 1)[1])
+        server.files[urlsplit(asset.url).path] = (source / asset.dest.split("/", 1)[1]).read_bytes()
+    data_dir = tmp_path / "data"
+    assert cli_setup(["--data-dir", str(data_dir), "--yes", "--no-progress", "--mirror", server.base_url,
+                      "--only", ENHANCE_GROUP]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert all(f"warning: {a.name} has no pinned sha256" in out for a in assets)
+    tabs = [EnhanceTab(detection_prompt="face", box_threshold=0.0), EnhanceTab(mask_model="isnet-anime")]
+    check_mask_files(data_dir / "models", tabs)
+    found = MaskGenerator(data_dir / "models", "cpu").make(np.zeros((16, 16, 3), np.uint8), tabs[0])
+    assert found.boxes_found == 4

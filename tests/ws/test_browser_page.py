@@ -272,3 +272,39 @@ def test_page_sends_image_prompt_slots(browser, tmp_path, live_factory):
     (slot,) = live.runtime.engine.jobs()[-1].request.image_prompts
     assert slot.image.startswith("sha256:") and slot.type == "CPDS" and slot.weight == 0.7 and slot.stop_at is None
     assert runner.inputs_seen[-1]["image_prompts.0.image"].shape == (40, 48, 3)
+
+
+def test_page_sends_the_enhance_panel(browser, tmp_path, live_factory):
+    """Issue 16: the ticked Enhance panel becomes the request's ``enhance`` (tabs without a detection
+    text are left out, a rembg tab needs none); with an uploaded image and no other task the job is
+    enhance-only on that image."""
+    runner = PageRunner()
+    live = live_factory(make_runtime(tmp_path, runner))
+    wait = connect_page(browser, live.http_url + "/", "adv-sampler")
+    browser.find_element(By.ID, "enhance-on").click()
+    rows = browser.find_elements(By.CSS_SELECTOR, ".enh-tab")
+    assert len(rows) == 3  # Fooocus's default_enhance_tabs
+    rows[0].find_element(By.CSS_SELECTOR, ".enh-detect").send_keys("face")
+    rows[0].find_element(By.CSS_SELECTOR, ".enh-prompt").send_keys("detailed face")
+    rows[0].find_element(By.CSS_SELECTOR, ".enh-strength").send_keys("0.5")
+    Select(rows[2].find_element(By.CSS_SELECTOR, ".enh-mask-model")).select_by_visible_text("u2net")
+    rows[2].find_element(By.CSS_SELECTOR, ".enh-invert").click()
+    Select(browser.find_element(By.ID, "enhance-uov")).select_by_visible_text("Upscale (2x)")
+    Select(browser.find_element(By.ID, "enhance-uov-order")).select_by_visible_text("After Last Enhancement")
+    browser.find_element(By.ID, "prompt").send_keys("a boat")
+    generate_and_wait(browser, wait)
+    enhance = live.runtime.engine.jobs()[-1].request.enhance
+    assert enhance is not None and enhance.uov_method == "Upscale (2x)"
+    assert enhance.uov_processing_order == "After Last Enhancement" and not enhance.save_only_final
+    assert [(t.mask_model, t.detection_prompt, t.prompt, t.strength, t.invert) for t in enhance.tabs] == [
+        ("sam", "face", "detailed face", 0.5, False), ("u2net", "", "", 1.0, True)]
+
+    picture = tmp_path / "input.png"
+    Image.new("RGB", (64, 48), (40, 120, 200)).save(picture)
+    browser.find_element(By.ID, "image-file").send_keys(str(picture))
+    wait.until(lambda d: status(d).startswith(("image ready", "upload failed")))
+    browser.find_element(By.ID, "enhance-final-only").click()
+    generate_and_wait(browser, wait)
+    request = live.runtime.engine.jobs()[-1].request
+    assert request.enhance_only and request.enhance.save_only_final
+    assert runner.inputs_seen[-1]["input_image"].shape == (48, 64, 3)

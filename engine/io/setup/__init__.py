@@ -14,6 +14,8 @@ from engine.io.setup.catalogue import (
     DEFAULT_ASSETS,
     DESCRIBE_ASSETS,
     DESCRIBE_GROUP,
+    ENHANCE_ASSETS,
+    ENHANCE_GROUP,
     EXPANSION_ASSETS,
     EXPANSION_LICENCE_NOTICE,
     FLUX_SCHNELL_ASSETS,
@@ -36,7 +38,7 @@ from engine.io.setup.install import AssetStatus, plan_setup, run_setup
 
 __all__ = [
     "ALL_ASSETS", "Asset", "AssetStatus", "ChecksumMismatch", "DATA_LAYOUT", "DEFAULT_ASSETS", "DESCRIBE_ASSETS",
-    "DESCRIBE_GROUP", "EXPANSION_ASSETS", "EXPANSION_LICENCE_NOTICE", "FLUX_SCHNELL_ASSETS", "FLUX_SCHNELL_GROUP",
+    "DESCRIBE_GROUP", "ENHANCE_ASSETS", "ENHANCE_GROUP", "EXPANSION_ASSETS", "EXPANSION_LICENCE_NOTICE", "FLUX_SCHNELL_ASSETS", "FLUX_SCHNELL_GROUP",
     "FOOOCUS_COMMIT", "INPAINT_ASSETS", "INPAINT_GROUP", "OPTIONAL_ASSETS", "PERFORMANCE_LORA_ASSETS",
     "PERFORMANCE_LORA_GROUP", "UPSCALE_ASSETS", "UPSCALE_GROUP", "add_arguments", "cli_setup", "convert_pickle_to_safetensors", "download_file",
     "flux_schnell_paths", "plan_setup", "run_setup", "select_assets", "trust_pins",

@@ -3,8 +3,9 @@
 Groups (``--only`` takes a group or an asset name): the default ones (checkpoint, lora, styles,
 wildcards, presets, clip-tokenizer), and the optional ones installed only on request: the Fooocus V2
 expansion (CC BY-NC 4.0, never by default), the performance-mode LoRAs, the upscaler and the inpaint
-weights, the Image Prompt weights (ip-adapter, controlnet, faceswap), Describe, and FLUX.1 [schnell]
-(``flux-schnell``). A pickle download (``convert="pickle_to_safetensors"``) is converted by
+weights, the Image Prompt weights (ip-adapter, controlnet, faceswap), Describe, the Enhance mask models
+(``enhance``, ``enhance-sam-vit-l``, ``enhance-sam-vit-h``), and FLUX.1 [schnell] (``flux-schnell``). A
+pickle download (``convert="pickle_to_safetensors"``) is converted by
 :mod:`engine.io.setup.download` only after its bytes have the pinned sha256.
 
 Data only: nothing here touches the disk or the network.
@@ -35,6 +36,7 @@ DATA_LAYOUT: dict[str, str] = {
     "upscale_models": "models/upscale_models",
     "inpaint": "models/inpaint",
     "describe": "models/describe",
+    "enhance": "models/enhance",
     "text_encoders": "models/text_encoders",
     "vae": "models/vae",
     "flux_tokenizers": "models/flux_tokenizers",
@@ -323,6 +325,60 @@ DESCRIBE_ASSETS: tuple[Asset, ...] = (
       for name in ("model.onnx", "selected_tags.csv")),
 )
 
+ENHANCE_GROUP = "enhance"
+ENHANCE_SAM_LARGE_GROUP = "enhance-sam-vit-l"
+ENHANCE_SAM_HUGE_GROUP = "enhance-sam-vit-h"
+#: Where engine/masking reads them (engine.masking.service GROUNDING_DINO_DIR, SAM_DIRS, REMBG_DIR,
+#: relative to the models folder; checked by the set-up tests).
+ENHANCE_DINO_DIR = f"{DATA_LAYOUT['enhance']}/grounding-dino-tiny"
+ENHANCE_SAM_DIRS = {"vit_b": f"{DATA_LAYOUT['enhance']}/sam-vit-base", "vit_l": f"{DATA_LAYOUT['enhance']}/sam-vit-large",
+                    "vit_h": f"{DATA_LAYOUT['enhance']}/sam-vit-huge"}
+ENHANCE_REMBG_DIR = f"{DATA_LAYOUT['enhance']}/rembg"
+_DINO_URL = "https://huggingface.co/IDEA-Research/grounding-dino-tiny/resolve/main/"
+_SAM_URLS = {"vit_b": "https://huggingface.co/facebook/sam-vit-base/resolve/main/",
+             "vit_l": "https://huggingface.co/facebook/sam-vit-large/resolve/main/",
+             "vit_h": "https://huggingface.co/facebook/sam-vit-huge/resolve/main/"}
+_REMBG_URL = "https://github.com/danielgatis/rembg/releases/download/v0.0.0/"
+_LICENCE_DINO = "GroundingDINO (IDEA Research), Apache-2.0 (its Hugging Face model card)"
+_LICENCE_SAM = "Segment Anything (Meta AI), Apache-2.0 (its Hugging Face model card)"
+_LICENCE_REMBG = ("rembg model release (danielgatis/rembg, MIT); the networks: U-2-Net / DIS / anime-segmentation "
+                  "Apache-2.0, cloth-segmentation MIT (their repositories; not checked per file)")
+#: rembg model names -> their ONNX file (engine.masking.rembg.REMBG_MODELS).
+ENHANCE_REMBG_MODELS = ("u2net", "u2netp", "u2net_human_seg", "u2net_cloth_seg", "silueta", "isnet-general-use",
+                        "isnet-anime")
+
+
+def _enhance_file(group: str, folder: str, url: str, file_name: str, licence: str) -> Asset:
+    sub = folder.rsplit("/", 1)[1]
+    return Asset(name=f"{group}/{sub}/{file_name}", group=group, url=url + file_name, sha256=None,
+                 dest=f"{folder}/{file_name}", size_bytes=None, licence=licence, optional=True)
+
+
+def _sam_files(group: str, sam_model: str) -> tuple[Asset, ...]:
+    return tuple(_enhance_file(group, ENHANCE_SAM_DIRS[sam_model], _SAM_URLS[sam_model], name, _LICENCE_SAM)
+                 for name in ("config.json", "model.safetensors", "preprocessor_config.json"))
+
+
+#: Enhance (spec §12.6, issue 16). Fooocus 2.5.5 downloads GroundingDINO's groundingdino_swint_ogc.pth and
+#: SAM's sam_vit_b/l/h pickles, and rembg fetches its ONNX files on first use. We take transformers'
+#: safetensors conversions of the same networks (IDEA-Research/grounding-dino-tiny is Swin-T OGC;
+#: facebook/sam-vit-base|large|huge) and rembg's own ONNX release files: no pickle anywhere, so nothing is
+#: converted. Pins: NO published sha256 was found for these files offline (session 5, no network to read
+#: the Hub's LFS pointers), so they are unpinned like the describe models: set-up downloads them and prints
+#: the sha256 it got with a warning; they are never unpickled (safetensors / ONNX / JSON / text only).
+#: ``enhance``: what the defaults need (GroundingDINO + SAM vit_b) and the rembg models (~1 GB);
+#: vit_l (1.2 GB) and vit_h (2.5 GB) are their own groups.
+ENHANCE_ASSETS: tuple[Asset, ...] = (
+    *(_enhance_file(ENHANCE_GROUP, ENHANCE_DINO_DIR, _DINO_URL, name, _LICENCE_DINO)
+      for name in ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
+                   "tokenizer.json", "special_tokens_map.json", "vocab.txt")),
+    *_sam_files(ENHANCE_GROUP, "vit_b"),
+    *(_enhance_file(ENHANCE_GROUP, ENHANCE_REMBG_DIR, _REMBG_URL, f"{name}.onnx", _LICENCE_REMBG)
+      for name in ENHANCE_REMBG_MODELS),
+    *_sam_files(ENHANCE_SAM_LARGE_GROUP, "vit_l"),
+    *_sam_files(ENHANCE_SAM_HUGE_GROUP, "vit_h"),
+)
+
 FLUX_SCHNELL_GROUP = "flux-schnell"
 _LICENCE_FLUX_SCHNELL = "FLUX.1 [schnell] (Black Forest Labs): Apache-2.0"
 _LICENCE_T5 = "Google T5 v1.1 / Flan-T5: Apache-2.0"
@@ -456,7 +512,8 @@ FACESWAP_ASSETS: tuple[Asset, ...] = (
 )
 
 OPTIONAL_ASSETS: tuple[Asset, ...] = (*EXPANSION_ASSETS, *PERFORMANCE_LORA_ASSETS, *UPSCALE_ASSETS, *INPAINT_ASSETS,
-                                      *IMAGE_PROMPT_ASSETS, *FACESWAP_ASSETS, *DESCRIBE_ASSETS, *FLUX_SCHNELL_ASSETS)
+                                      *IMAGE_PROMPT_ASSETS, *FACESWAP_ASSETS, *DESCRIBE_ASSETS, *ENHANCE_ASSETS,
+                                      *FLUX_SCHNELL_ASSETS)
 ALL_ASSETS: tuple[Asset, ...] = (*DEFAULT_ASSETS, *OPTIONAL_ASSETS)
 
 
