@@ -166,6 +166,10 @@ class FluxRunner:
     (``engine.flux.loading.load_flux``) accepts; ``components``: already-built modules (tests).
     """
 
+    #: Each image depends only on its own task seed (and the job's LoRA set), so the engine may run a
+    #: job's images on several devices (``ctx.image_indices``) and get what one device makes.
+    supports_image_subset = True
+
     def __init__(self, settings: Settings, *, model: str | os.PathLike[str] | None = None,
                  components: FluxComponents | None = None) -> None:
         self.settings = settings
@@ -183,6 +187,7 @@ class FluxRunner:
         spec = model if model is not None else settings.default_model
         self._spec = str(spec) if spec is not None else (components.name if components else DEMO_FLUX_MODEL)
         self._loaded: LoadedFlux | None = None
+        self._given_components = components is not None
         if components is not None:
             self._loaded = LoadedFlux(components, self._spec)
         self._expansion: FooocusExpansion | None = None
@@ -283,6 +288,15 @@ class FluxRunner:
         self._load()
         self._expansion_available()
 
+    def unload_models(self) -> None:
+        """Drop the loaded model so another model (of either family) can use the device
+        (engine.core.families); the next job loads it again. Components handed in at construction
+        cannot be rebuilt, so they stay. Worker thread."""
+        with self._load_lock:
+            if self._loaded is not None and not self._given_components:
+                self._loaded = None
+        self.recover_after_oom()
+
     def recover_after_oom(self) -> None:
         gc.collect()
         if torch.cuda.is_available():
@@ -340,8 +354,10 @@ class FluxRunner:
         }
         ctx.started(params, seeds, fs.steps * len(plan.tasks))
         self._apply_loras(loaded, plan.loras, ctx)
+        wanted = getattr(ctx, "image_indices", None)  # a share of a job split over devices (engine)
         for task in plan.tasks:
-            self._run_image(ctx, loaded, fs, task, len(plan.tasks), request)
+            if wanted is None or task.index in wanted:
+                self._run_image(ctx, loaded, fs, task, len(plan.tasks), request)
 
     def _run_image(self, ctx: RunContext, loaded: LoadedFlux, fs: FluxSettings, task: PromptTask,
                    image_count: int, request: GenerationRequest) -> None:

@@ -327,6 +327,19 @@ class SDXLRunner:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def unload_models(self) -> None:
+        """Drop every loaded model (base, refiner, Image Prompt models) so another family's model can
+        use the device (engine.core.families); the next job loads what it needs again. Worker thread."""
+        for slot in ("_base", "_refiner"):
+            current: LoadedModel | None = getattr(self, slot)
+            setattr(self, slot, None)
+            if current is not None:
+                self.accelerator.forget(current.components)  # acceleration hook
+            del current
+        self._ip_models = None
+        self._controlnets.clear()
+        self.recover_after_oom()
+
     def run(self, ctx: RunContext) -> None:
         bind_thread_to_device(self.device)  # several GPU workers: each thread on its own GPU
         with torch.inference_mode():

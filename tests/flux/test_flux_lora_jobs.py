@@ -114,7 +114,7 @@ def _lora(name: str, weight: float = WEIGHT) -> dict:
 
 def test_options_list_the_lora_files_that_fit(runtime: Runtime) -> None:
     # The folder holds four files; the SDXL one does not fit a FLUX.1 model, so it is not offered.
-    assert runtime.engine.runner.registry.names("loras") == [CLIP_ONLY, DIFFUSERS, KOHYA, SDXL]
+    assert runtime.engine.runner.flux.registry.names("loras") == [CLIP_ONLY, DIFFUSERS, KOHYA, SDXL]
     assert runtime.engine.runner.options()["loras"] == [CLIP_ONLY, DIFFUSERS, KOHYA]
 
 
