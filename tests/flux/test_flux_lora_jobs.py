@@ -271,8 +271,8 @@ def anyio_backend() -> str:
 
 @pytest.mark.anyio
 async def test_mcp_inline_lora_tag_on_demo_flux_changes_the_image(data_dir: Path) -> None:
-    """MCP's generate_image has no ``loras`` field (for either family); agents name a LoRA with an inline
-    tag in the prompt, which must reach the Flux merge as it does through the engine."""
+    """Besides its ``loras`` argument (tests/flux/test_door_loras.py), MCP's generate_image lets agents name
+    a LoRA with an inline tag in the prompt, which must reach the Flux merge as it does through the engine."""
     import base64
 
     from hooocus_mcp._sdk import Client
