@@ -53,6 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="hooocus.toml to read (default: ./hooocus.toml)")
     p.add_argument("--data-dir", type=Path, help="data folder (models, outputs, history)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--low-vram", dest="low_vram", action="store_const", const=True,
+                   help="keep weights in CPU memory and stream them to the GPU as used (SDXL and FLUX.1 on small cards)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
     return p
