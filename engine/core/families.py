@@ -167,6 +167,8 @@ class FamilyRunner:
                     runner = FluxRunner(self.settings, model=spec)
                 if self._on_step is not None:
                     runner.on_step = self._on_step  # type: ignore[attr-defined]
+                if hasattr(runner, "expansion_source"):  # one Fooocus V2 expansion per device, not one per family
+                    runner.expansion_source = self._shared_expansion
                 self._flux[spec] = runner
                 while len(self._flux) > MAX_FLUX_RUNNERS:
                     old_spec, old = next(iter(self._flux.items()))
@@ -176,6 +178,11 @@ class FamilyRunner:
                     _unload(old)
             self._flux.move_to_end(spec)
             return runner
+
+    def _shared_expansion(self) -> Any:
+        """The SDXL runner's Fooocus V2 expansion (the same words for the same prompt and seed either way)."""
+        expansion = getattr(self._sdxl_runner(), "expansion", None)
+        return expansion() if callable(expansion) else None
 
     def runner_for(self, request: GenerationRequest) -> Runner:
         """The runner of the request's model family (created if need be; nothing loaded here)."""

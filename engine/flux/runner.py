@@ -196,6 +196,9 @@ class FluxRunner:
             self._loaded = LoadedFlux(self._placed(components), self._spec)
         self._expansion: FooocusExpansion | None = None
         self._expansion_checked = False
+        #: Where the expansion comes from when another runner on this device already holds one (the
+        #: SDXL runner's, set by engine.core.families): None = load its own.
+        self.expansion_source: Callable[[], FooocusExpansion | None] | None = None
         #: Called as ``on_step(job_id, step)`` after each sampling step, after the cancel check (tests
         #: hold a job at a step with engine.core.testing.StepGate, as with the FakeRunner).
         self.on_step: Callable[[str, int], None] | None = None
@@ -485,6 +488,9 @@ class FluxRunner:
     def _expansion_available(self) -> bool:
         if not self._expansion_checked:
             self._expansion_checked = True
+            if self.expansion_source is not None:  # shared: one GPT-2 per device, whichever family asks first
+                self._expansion = self.expansion_source()
+                return self._expansion is not None
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
             self._expansion, warning = load_expansion(self.settings.resolved_expansion_dir, device=self.device,
                                                       dtype=dtype)

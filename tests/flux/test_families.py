@@ -169,3 +169,22 @@ def test_websocket_and_http_on_an_sdxl_server_run_demo_flux(sdxl_server: tuple[T
     assert response.status_code == 200 and response.json()["params"]["family"] == "flux"
     options = client.get("/v1/options", headers=auth(ALICE)).json()
     assert options["model_families"]["demo-flux"] == "flux" and options["model_families"]["demo"] == "sdxl"
+
+
+def test_both_families_share_one_expansion_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.flux.runner
+    import engine.sdxl.pipeline
+
+    loads = []
+    model = object()  # stands in for the GPT-2 expansion: only its identity matters here
+
+    def fake_load(*args: Any, **kwargs: Any) -> tuple[Any, str | None]:
+        loads.append(args)
+        return model, None
+
+    monkeypatch.setattr(engine.sdxl.pipeline, "load_expansion", fake_load)
+    monkeypatch.setattr(engine.flux.runner, "load_expansion", fake_load)
+    runner = FamilyRunner(_settings(tmp_path), model="demo-flux")
+    assert runner.options()["expansion_available"] is True
+    assert runner.flux._expansion is model and runner.sdxl._expansion is model
+    assert len(loads) == 1  # one copy per device, not one per family
