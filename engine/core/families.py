@@ -67,6 +67,9 @@ class FamilyRunner:
         self._on_step: Callable[[str, int], None] | None = None
         self._model_registry: Any = None
         self.default_family: Family = self._family_of_spec(self._model)
+        #: The operator's FLUX.1 model as the Flux loader reads it (None when the default is SDXL).
+        self._default_flux_spec = (self._resolve_flux(self._model)
+                                   if self.default_family == "flux" and self._model is not None else None)
         self._default_runner()  # at once: the device label, and the operator's model is checked early
 
     # -- which family ----------------------------------------------------------------------------
@@ -143,14 +146,21 @@ class FamilyRunner:
             return self._sdxl
 
     def _flux_spec(self, name: str | None) -> str:
-        """The FluxRunner key for a Flux model name: the demo name, the operator's own spec, or the file."""
+        """The FluxRunner key (what the Flux loader reads) for a Flux model name: a demo name, or the
+        path of the weights (a checkpoints-folder name resolved; the operator's own spec as resolved once)."""
         if name is None:
-            return self._model if self.default_family == "flux" and self._model is not None else DEMO_FLUX_MODEL
-        if name in DEMO_FLUX_MODELS or name == self._model:
+            return self._default_flux_spec if self._default_flux_spec is not None else DEMO_FLUX_MODEL
+        if name in DEMO_FLUX_MODELS:
             return name
-        default = self._flux.get(self._model) if self._model is not None else None
-        if default is not None and name == getattr(default, "model_name", None):
-            return self._model  # type: ignore[return-value]
+        if self._default_flux_spec is not None:
+            default = self._flux.get(self._default_flux_spec)
+            if name == self._model or (default is not None and name == getattr(default, "model_name", None)):
+                return self._default_flux_spec
+        return self._resolve_flux(name)
+
+    def _resolve_flux(self, name: str) -> str:
+        if name in DEMO_FLUX_MODELS:
+            return name
         path = self._model_path(name)
         return str(path) if path is not None else name
 
@@ -293,10 +303,6 @@ class FamilyRunner:
         warmup = getattr(runner, "warmup", None)
         if callable(warmup):
             warmup()
-
-    def memory_bytes(self) -> int | None:
-        own = getattr(self._default_runner(), "memory_bytes", None)
-        return own() if callable(own) else None
 
     def options(self) -> dict[str, Any]:
         """The default model's family's options, with ``models`` / ``model_families`` listing both

@@ -120,6 +120,17 @@ def test_a_flux_folder_in_the_checkpoints_folder_runs_by_name_on_an_sdxl_server(
         assert started.params["family"] == "flux" and started.params["base_model"] == folder.name
     finally:
         runtime.close()
+    # the same folder named by the operator as the default model (a name, not a path)
+    runtime = create_runtime(settings, model="tiny-flux", record_history=False).start()
+    try:
+        assert runtime.engine.runner.default_family == "flux"
+        for params, family in (({}, "flux"), ({"base_model": "tiny-flux"}, "flux"), ({"base_model": "demo"}, "sdxl")):
+            job = runtime.engine.submit({**SMALL, **params})
+            assert job.wait(WAIT_S) and job.state is JobState.DONE, job.events_after(0)[-1]
+            started = next(e for e in job.events_after(0) if type(e).__name__ == "Started")
+            assert started.params.get("family", "sdxl") == family  # SDXL jobs do not name their family
+    finally:
+        runtime.close()
 
 
 class _KeyedRunner(FakeRunner):
