@@ -199,3 +199,12 @@ def test_both_families_share_one_expansion_model(tmp_path: Path, monkeypatch: py
     assert runner.options()["expansion_available"] is True
     assert runner.flux._expansion is model and runner.sdxl._expansion is model
     assert len(loads) == 1  # one copy per device, not one per family
+
+
+@pytest.mark.parametrize("default", ["demo", "demo-flux"])
+def test_warmup_loads_only_the_default_models_family(tmp_path: Path, default: str) -> None:
+    runner = FamilyRunner(_settings(tmp_path), model=default)
+    runner.warmup()
+    sdxl_loaded = runner._sdxl is not None and runner._sdxl.base_components is not None
+    flux_loaded = any(r._loaded is not None for r in runner._flux.values())
+    assert (sdxl_loaded, flux_loaded) == ((True, False) if default == "demo" else (False, True))
