@@ -180,12 +180,11 @@ class FamilyRunner:
                 if hasattr(runner, "expansion_source"):  # one Fooocus V2 expansion per device, not one per family
                     runner.expansion_source = self._shared_expansion
                 self._flux[spec] = runner
-                while len(self._flux) > MAX_FLUX_RUNNERS:
-                    old_spec, old = next(iter(self._flux.items()))
-                    if self._resident == ("flux", old_spec):
-                        break  # never drop the one whose weights are on the device (it is unloaded first)
-                    self._flux.popitem(last=False)
-                    _unload(old)
+                # Past the bound, drop the least recently used runners, never the one whose weights
+                # are on the device (a job may be running on it) nor the one just made.
+                evictable = [k for k in self._flux if self._resident != ("flux", k) and k != spec]
+                for old_spec in evictable[:max(0, len(self._flux) - MAX_FLUX_RUNNERS)]:
+                    _unload(self._flux.pop(old_spec))
             self._flux.move_to_end(spec)
             return runner
 

@@ -208,3 +208,21 @@ def test_warmup_loads_only_the_default_models_family(tmp_path: Path, default: st
     sdxl_loaded = runner._sdxl is not None and runner._sdxl.base_components is not None
     flux_loaded = any(r._loaded is not None for r in runner._flux.values())
     assert (sdxl_loaded, flux_loaded) == ((True, False) if default == "demo" else (False, True))
+
+
+def test_flux_runners_per_device_are_bounded_and_the_resident_one_is_kept(tmp_path: Path) -> None:
+    from engine.core.families import MAX_FLUX_RUNNERS
+
+    made: list[FakeRunner] = []
+
+    def fake_flux(settings: Settings, spec: str | None) -> FakeRunner:
+        made.append(FakeRunner())
+        return made[-1]
+
+    runner = FamilyRunner(_settings(tmp_path), model="demo", factories={"flux": fake_flux})
+    runner._flux_runner("resident")
+    runner._make_resident("flux", "resident")
+    for i in range(MAX_FLUX_RUNNERS + 3):
+        runner._flux_runner(f"other-{i}")
+        assert len(runner._flux) <= MAX_FLUX_RUNNERS
+    assert "resident" in runner._flux and f"other-{MAX_FLUX_RUNNERS + 2}" in runner._flux
