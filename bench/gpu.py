@@ -751,6 +751,15 @@ def flux_engine(args: argparse.Namespace, components: Any, *, low_vram: bool = F
     return Engine(FluxRunner(settings, components=components), max_queue=4).start()
 
 
+def _remove_low_vram_hooks(components: Any) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("engine.flux.lowvram") is not None:
+        from engine.flux.lowvram import remove_flux_low_vram
+
+        remove_flux_low_vram(components)
+
+
 def flux_child(args: argparse.Namespace, results: Results) -> None:
     """Stock FluxPipeline, then ours, on the same random modules; then both with the weights on the CPU."""
     import torch
@@ -791,6 +800,8 @@ def flux_child(args: argparse.Namespace, results: Results) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    # Ours in low-VRAM mode (engine/flux/lowvram.py): diffusers' group offloading, one transformer / T5
+    # block on the GPU at a time, CLIP-L whole, the VAE per layer; the peak is what a 24 GB card must hold.
     with guarded(results, "flux hooocus low vram"):
         engine = flux_engine(args, components["dev"], low_vram=True)
         if engine is None:
@@ -804,6 +815,7 @@ def flux_child(args: argparse.Namespace, results: Results) -> None:
                 results.case("flux_lowvram_peak_gib", peak_gib(device))
             finally:
                 engine.close(grace_s=0.0)
+                _remove_low_vram_hooks(components["dev"])  # diffusers' model offload below refuses hooked modules
     # Last: diffusers' offload hooks stay on the modules.
     if device.type != "cuda":
         results.note("skipped", "flux_stock_offload_e2e_s: model CPU offload needs an accelerator")

@@ -98,6 +98,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", help="ws://host:port of a running 'hooocus serve' to generate on")
     p.add_argument("--token", help="token for --server (default: $HOOOCUS_TOKEN)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--low-vram", dest="low_vram", action="store_const", const=True,
+                   help="keep weights in CPU memory and stream them to the GPU as used (SDXL and FLUX.1 on small cards)")
     image_flags.add_arguments(p)
     enhance_flags.add_arguments(p)
     _add_common(p)

@@ -55,6 +55,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--model-memory-gb", type=float, metavar="GB",
                    help="memory each device may keep loaded models in, least recently used out first (default: GPU total minus max(4 GiB, 25%%); CPU: half the RAM)")
+    p.add_argument("--low-vram", dest="low_vram", action="store_const", const=True,
+                   help="keep weights in CPU memory and stream them to the GPU as used (SDXL and FLUX.1 on small cards)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
     return p

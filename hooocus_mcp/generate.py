@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.core.constants import (
     MAX_IMAGE_NUMBER,
+    MAX_LORAS,
     MAX_PROMPT_CHARS,
     OutputFormat,
     PerformanceName,
@@ -15,7 +16,7 @@ from engine.core.constants import (
     SchedulerName,
 )
 from engine.core.errors import HooocusError
-from engine.core.request import MAX_IMAGE_PROMPTS, ImagePromptType
+from engine.core.request import MAX_IMAGE_PROMPTS, ImagePromptType, LoraSpec
 from hooocus_mcp._sdk import CallToolResult, Context, ToolAnnotations
 from hooocus_mcp.edit_image import image_ref_from_mcp
 from hooocus_mcp.results import JobResult
@@ -32,7 +33,7 @@ from hooocus_mcp.toolkit import (
 
 GENERATE_ARGS = {"prompt", "negative_prompt", "styles", "performance", "aspect_ratio", "width", "height", "seed",
                  "image_number", "sampler", "scheduler", "cfg", "sharpness", "model", "output_format",
-                 "max_side_px", "wait_timeout_s", "image", "mask", "image_prompts"}
+                 "max_side_px", "wait_timeout_s", "image", "mask", "image_prompts", "loras"}
 
 
 class ImagePromptArg(BaseModel):
@@ -88,6 +89,10 @@ def register(kit: ToolKit) -> None:
         image_prompts: Annotated[list[ImagePromptArg] | None, Field(
             max_length=MAX_IMAGE_PROMPTS, description="up to 4 reference images that guide the result "
                                                       "(Fooocus Image Prompt)")] = None,
+        # The request's own LoRA slot type, so the tool validates exactly as HTTP and the websocket do.
+        loras: Annotated[list[LoraSpec] | None, Field(
+            max_length=MAX_LORAS, description="LoRAs from list_options 'loras' (for the chosen model's family: "
+                                              "'families'), each {name, weight}; applied for this job only")] = None,
     ) -> Annotated[CallToolResult, JobResult]:
         """Generate images from a text prompt with Fooocus-quality SDXL.
 
@@ -104,6 +109,7 @@ def register(kit: ToolKit) -> None:
             given["input_image"] = image_ref_from_mcp(image, field="image")
             given["inpaint_mask"] = image_ref_from_mcp(mask, field="mask")
             given["image_prompts"] = image_prompt_fields(image_prompts)
+            given["loras"] = [lora.model_dump() for lora in loras] if loras is not None else None
         except HooocusError as exc:
             raise tool_error(exc) from None
         return await kit.run_job(given, ctx, wait_timeout_s=wait_timeout_s, max_side_px=max_side_px)

@@ -63,6 +63,8 @@ class ServerOptions:
 
 def tool_error(exc: HooocusError, hint: str = "") -> ToolError:
     text = f"{exc.code}: {exc.message}"
+    if exc.loc:  # the field path, as HTTP and the websocket give it (an agent fixes that argument)
+        text += f" (at {'.'.join(str(part) for part in exc.loc)})"
     return ToolError(text + (f" {hint}" if hint else ""))
 
 

@@ -70,6 +70,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace-s", type=float, metavar="S",
                    help="on SIGTERM, how long the running job may take to finish (default 30)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--low-vram", dest="low_vram", action="store_const", const=True,
+                   help="keep weights in CPU memory and stream them to the GPU as used (SDXL and FLUX.1 on small cards)")
     p.add_argument("--devices", type=_device_list, metavar="LIST",
                    help="one worker per device, e.g. cuda:0,cuda:1; auto = every visible GPU (default); "
                         "cpu may repeat (cpu,cpu)")

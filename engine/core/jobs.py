@@ -338,6 +338,8 @@ class Runner(Protocol):
 
     # Optional, found with getattr (a runner without them runs one job at a time, as before):
     #   warmup() -> None: load the default model on the worker thread before the first job.
+    #   unload_models() -> None: drop the loaded weights (engine.core.families calls it on the idle
+    #     family's runner before a model of the other family loads on that device).
     #   device: the device it runs on (str or torch.device), for /metrics labels.
     #   memory_bytes() -> int | None: memory it holds on its device, for /metrics.
     #   memory_stats() -> engine.core.model_cache.CacheStats: its loaded-model cache, for /metrics.

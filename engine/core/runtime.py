@@ -73,12 +73,11 @@ def image_store_folder(settings: Settings) -> Path:
 
 def create_runtime(settings: Settings, *, runner: Runner | None = None, runners: Sequence[Runner] | None = None,
                    model: str | None = None, record_history: bool = True) -> Runtime:
-    """Build (not start) the runtime. Without ``runner``/``runners``, the runners of the model's family
-    are created for ``model`` (a name, path, repo id, "demo" or "demo-flux"; None =
-    settings.default_model): the Flux runner when the weights are FLUX.1 (engine.io.model_family), else
-    one SDXL runner per entry of ``settings.devices`` (auto: every visible GPU, else the CPU), each with
-    its own models; with ``backend = "ray"``, one RayRunner per job slot of the cluster. Loading weights
-    happens lazily on the worker threads, so this returns quickly.
+    """Build (not start) the runtime. Without ``runner``/``runners``, the runners are created: one :class:`engine.core.families.FamilyRunner` per entry of ``settings.devices``
+    (auto: every visible GPU, else the CPU), each with its own models of both families (SDXL and
+    FLUX.1, picked per job by the model the request names), ``model`` (a name, path, repo id, "demo"
+    or "demo-flux"; None = settings.default_model) being the default for requests that name none;
+    with ``backend = "ray"``, one RayRunner per job slot of the cluster. Loading weights happens lazily on the worker threads, so this returns quickly.
 
     ``record_history`` (the default for every command) opens the job history from ``settings``
     (which marks jobs a crashed earlier process left unfinished as interrupted), attaches it before
@@ -98,21 +97,13 @@ def create_runtime(settings: Settings, *, runner: Runner | None = None, runners:
         # RayRunner keeps no per-call state, so each worker gets its own.
         all_runners = [RayRunner.from_settings(settings) for _ in range(settings.ray_job_slots)]
     else:
-        from engine.io.model_family import is_flux_spec  # reads a file header at most; no torch
+        from engine.core.families import FamilyRunner
         from engine.sdxl.models.loading import expand_devices  # torch is imported only here
 
-        devices = expand_devices(settings.devices, settings.device)
-        if is_flux_spec(model if model is not None else settings.default_model):
-            from engine.flux.runner import FluxRunner
-
-            all_runners = [FluxRunner(settings.model_copy(update={"device": device}), model=model)
-                           for device in devices]
-        else:
-            from engine.sdxl.pipeline import SDXLRunner
-
-            # Each runner sees its own device in its settings: the pipeline reads settings.device.
-            all_runners = [SDXLRunner(settings.model_copy(update={"device": device}), model=model)
-                           for device in devices]
+        # Each device serves both families (issue 17): its runner routes a job to the SDXL or the
+        # FLUX.1 runner by the model it names; each runner sees its own device in its settings.
+        all_runners = [FamilyRunner(settings.model_copy(update={"device": device}), model=model)
+                       for device in expand_devices(settings.devices, settings.device)]
     from engine.io.presets import PresetBook  # the composition root wires the io layer into the core
 
     history = JobHistory.from_settings(settings) if record_history else None

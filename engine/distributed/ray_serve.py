@@ -74,13 +74,14 @@ RunnerFactory = Callable[[Settings, "str | None"], Runner]
 
 def build_local_runner(settings: Settings, model: str | None,
                        runner_factory: RunnerFactory | None = None) -> Runner:
-    """The in-process runner a replica wraps: ``runner_factory`` (tests: a fake), else the SDXL runner
-    for ``model`` exactly as ``create_runtime`` builds it (weights load lazily)."""
+    """The in-process runner a replica wraps: ``runner_factory`` (tests: a fake), else the runner
+    serving both families (SDXL and FLUX.1) with ``model`` as default, exactly as ``create_runtime``
+    builds it (weights load lazily)."""
     if runner_factory is not None:
         return runner_factory(settings, model)
-    from engine.sdxl.pipeline import SDXLRunner  # torch is imported only on the replica
+    from engine.core.families import FamilyRunner  # torch is imported only on the replica, by its runners
 
-    return SDXLRunner(settings, model=model)
+    return FamilyRunner(settings, model=model)
 
 
 # -- the stream's messages ------------------------------------------------------------------------

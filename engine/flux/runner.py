@@ -52,6 +52,7 @@ from engine.flux.lora import (
     merge_flux_loras,
     unmerge_flux_loras,
 )
+from engine.flux.lowvram import apply_flux_low_vram
 from engine.flux.preview import flux_latent_to_rgb
 from engine.flux.sampling import (
     denoised,
@@ -166,6 +167,10 @@ class FluxRunner:
     (``engine.flux.loading.load_flux``) accepts; ``components``: already-built modules (tests).
     """
 
+    #: Each image depends only on its own task seed (and the job's LoRA set), so the engine may run a
+    #: job's images on several devices (``ctx.image_indices``) and get what one device makes.
+    supports_image_subset = True
+
     def __init__(self, settings: Settings, *, model: str | os.PathLike[str] | None = None,
                  components: FluxComponents | None = None) -> None:
         self.settings = settings
@@ -180,13 +185,20 @@ class FluxRunner:
         self._lora_fits: collections.OrderedDict[tuple[str, int, int], str | None] = collections.OrderedDict()
         self._fits_lock = threading.Lock()
         self.dtype = _choose_dtype(self.device, settings.dtype)
+        #: Low-VRAM mode (engine/flux/lowvram.py): weights are loaded on the CPU and visit the device
+        #: one group at a time through diffusers' group-offloading hooks.
+        self.low_vram = bool(settings.low_vram)
         spec = model if model is not None else settings.default_model
         self._spec = str(spec) if spec is not None else (components.name if components else DEMO_FLUX_MODEL)
         self._loaded: LoadedFlux | None = None
+        self._given_components = components is not None
         if components is not None:
-            self._loaded = LoadedFlux(components, self._spec)
+            self._loaded = LoadedFlux(self._placed(components), self._spec)
         self._expansion: FooocusExpansion | None = None
         self._expansion_checked = False
+        #: Where the expansion comes from when another runner on this device already holds one (the
+        #: SDXL runner's, set by engine.core.families): None = load its own.
+        self.expansion_source: Callable[[], FooocusExpansion | None] | None = None
         #: Called as ``on_step(job_id, step)`` after each sampling step, after the cancel check (tests
         #: hold a job at a step with engine.core.testing.StepGate, as with the FakeRunner).
         self.on_step: Callable[[str, int], None] | None = None
@@ -283,6 +295,15 @@ class FluxRunner:
         self._load()
         self._expansion_available()
 
+    def unload_models(self) -> None:
+        """Drop the loaded model so another model (of either family) can use the device
+        (engine.core.families); the next job loads it again. Components handed in at construction
+        cannot be rebuilt, so they stay. Worker thread."""
+        with self._load_lock:
+            if self._loaded is not None and not self._given_components:
+                self._loaded = None
+        self.recover_after_oom()
+
     def recover_after_oom(self) -> None:
         gc.collect()
         if torch.cuda.is_available():
@@ -340,8 +361,10 @@ class FluxRunner:
         }
         ctx.started(params, seeds, fs.steps * len(plan.tasks))
         self._apply_loras(loaded, plan.loras, ctx)
+        wanted = getattr(ctx, "image_indices", None)  # a share of a job split over devices (engine)
         for task in plan.tasks:
-            self._run_image(ctx, loaded, fs, task, len(plan.tasks), request)
+            if wanted is None or task.index in wanted:
+                self._run_image(ctx, loaded, fs, task, len(plan.tasks), request)
 
     def _run_image(self, ctx: RunContext, loaded: LoadedFlux, fs: FluxSettings, task: PromptTask,
                    image_count: int, request: GenerationRequest) -> None:
@@ -406,7 +429,7 @@ class FluxRunner:
         with self._load_lock:
             if self._loaded is None:
                 log.info("loading FLUX.1 model %s", self.model_name)
-                self._loaded = LoadedFlux(self._build_components(), self._spec)
+                self._loaded = LoadedFlux(self._placed(self._build_components()), self._spec)
             return self._loaded
 
     def _apply_loras(self, loaded: LoadedFlux, loras: list[LoraEntry], ctx: RunContext) -> None:
@@ -434,16 +457,24 @@ class FluxRunner:
         loaded.merged = merge_flux_loras(modules, matches)
         loaded.loras = tuple((m.name, w) for m, w in matches)
 
+    def _placed(self, components: FluxComponents) -> FluxComponents:
+        """``components`` with the low-VRAM hooks installed when that mode is on (weights on the CPU)."""
+        if self.low_vram:
+            apply_flux_low_vram(components, self.device)
+        return components
+
     def _build_components(self) -> FluxComponents:
+        # Low VRAM: the weights load into CPU memory; the hooks bring each group to the device when used.
+        device = torch.device("cpu") if self.low_vram else self.device
         if self._spec in DEMO_FLUX_VARIANTS:
-            return build_demo_flux(DEMO_FLUX_VARIANTS[self._spec], device=self.device,  # type: ignore[arg-type]
+            return build_demo_flux(DEMO_FLUX_VARIANTS[self._spec], device=device,  # type: ignore[arg-type]
                                    dtype=self.dtype, name=self._spec)
         try:  # the weight-file loader (diffusers folders, single files, float8) lives in its own module
             loading = importlib.import_module("engine.flux.loading")
         except ModuleNotFoundError:
             raise ModelMissing(f"{self._spec}: this build has no FLUX.1 weight loader (engine.flux.loading); "
                                f"only the built-in {', '.join(DEMO_FLUX_VARIANTS)} run") from None
-        return loading.load_flux(self._spec, device=self.device, dtype=self.dtype, settings=self.settings)
+        return loading.load_flux(self._spec, device=device, dtype=self.dtype, settings=self.settings)
 
     def _hash10(self, loaded: LoadedFlux) -> str:
         if loaded.hash10 is None:
@@ -457,6 +488,9 @@ class FluxRunner:
     def _expansion_available(self) -> bool:
         if not self._expansion_checked:
             self._expansion_checked = True
+            if self.expansion_source is not None:  # shared: one GPT-2 per device, whichever family asks first
+                self._expansion = self.expansion_source()
+                return self._expansion is not None
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
             self._expansion, warning = load_expansion(self.settings.resolved_expansion_dir, device=self.device,
                                                       dtype=dtype)

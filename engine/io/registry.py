@@ -53,8 +53,8 @@ _CLIP_L_SD15 = "cond_stage_model.transformer."
 
 
 def _flux_reason(variant: str | None) -> str:
-    return (f"a FLUX.1 [{variant}] model: it runs on the Flux runner (start with --model and its path), "
-            "not as an SDXL base or refiner")
+    return (f"a FLUX.1 [{variant}] model: it runs on the Flux runner (name it as a request's base_model "
+            "or as --model), not as an SDXL base or refiner")
 
 
 def detect_checkpoint_kind(keys: Iterable[str]) -> CheckpointKind:

@@ -1292,6 +1292,12 @@ class SDXLRunner:
             model.hash10 = (digest or "")[:10] if digest else ("demo" if model.components.is_demo else "")
         return model.hash10
 
+    def expansion(self) -> FooocusExpansion | None:
+        """The Fooocus V2 expansion (loaded on first use), None when it is not installed; the FLUX.1
+        runner of the same device uses this one rather than loading a second copy (engine/core/families.py)."""
+        self._expansion_available()
+        return self._expansion
+
     def _expansion_available(self) -> bool:
         if not self._expansion_checked:
             self._expansion_checked = True

@@ -77,7 +77,9 @@ def test_http_generate_options_and_refusal(client: tuple[TestClient, Runtime]) -
     assert response.status_code == 200 and response.json()["state"] == "done"
     assert response.json()["params"]["family"] == "flux"
     options = test_client.get("/v1/options", headers=auth(ALICE)).json()
-    assert options["model_families"] == {"demo-flux": "flux"}
+    # the default model first; the server runs both families (engine/core/families.py)
+    assert options["models"][0] == "demo-flux" and options["family"] == "flux"
+    assert options["model_families"] == {"demo-flux": "flux", "demo": "sdxl", "demo-flux-dev": "flux"}
     refused = test_client.post("/v1/generate", headers=auth(ALICE), json={**PARAMS, "adm_scaler_end": 0.5})
     assert refused.status_code == 422
     assert refused.json()["error"]["code"] == "unsupported_for_model"
@@ -121,7 +123,8 @@ async def test_mcp_generate_list_options_cancel_and_refusal(tmp_path: Path) -> N
     try:
         async with Client(server) as mcp:
             options = (await mcp.call_tool("list_options", {})).structured_content
-            assert options["model_families"] == {"demo-flux": "flux"}
+            assert options["models"][0] == "demo-flux"
+            assert options["model_families"] == {"demo-flux": "flux", "demo": "sdxl", "demo-flux-dev": "flux"}
             gate = StepGate(2)
             runtime.engine.runner.on_step = gate
             await cancel_tool_call_mid_job(mcp, runtime, gate, "generate_image", args)

@@ -114,7 +114,7 @@ def _lora(name: str, weight: float = WEIGHT) -> dict:
 
 def test_options_list_the_lora_files_that_fit(runtime: Runtime) -> None:
     # The folder holds four files; the SDXL one does not fit a FLUX.1 model, so it is not offered.
-    assert runtime.engine.runner.registry.names("loras") == [CLIP_ONLY, DIFFUSERS, KOHYA, SDXL]
+    assert runtime.engine.runner.flux.registry.names("loras") == [CLIP_ONLY, DIFFUSERS, KOHYA, SDXL]
     assert runtime.engine.runner.options()["loras"] == [CLIP_ONLY, DIFFUSERS, KOHYA]
 
 
@@ -271,8 +271,8 @@ def anyio_backend() -> str:
 
 @pytest.mark.anyio
 async def test_mcp_inline_lora_tag_on_demo_flux_changes_the_image(data_dir: Path) -> None:
-    """MCP's generate_image has no ``loras`` field (for either family); agents name a LoRA with an inline
-    tag in the prompt, which must reach the Flux merge as it does through the engine."""
+    """Besides its ``loras`` argument (tests/flux/test_door_loras.py), MCP's generate_image lets agents name
+    a LoRA with an inline tag in the prompt, which must reach the Flux merge as it does through the engine."""
     import base64
 
     from hooocus_mcp._sdk import Client

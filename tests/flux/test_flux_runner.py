@@ -40,9 +40,10 @@ def _run(runtime: Runtime, params: dict) -> tuple[list, ImageReady]:
 def test_the_runtime_picks_the_flux_runner_and_options_name_the_family(runtime: Runtime) -> None:
     from engine.flux.runner import FluxRunner
 
-    assert isinstance(runtime.engine.runner, FluxRunner)
+    # one runner per device serves both families; demo-flux is its default (engine/core/families.py)
+    assert runtime.engine.runner.default_family == "flux" and isinstance(runtime.engine.runner.flux, FluxRunner)
     options = runtime.engine.runner.options()
-    assert options["models"] == ["demo-flux"] and options["model_families"] == {"demo-flux": "flux"}
+    assert options["models"][0] == "demo-flux" and options["model_families"]["demo-flux"] == "flux"
     assert options["defaults"]["steps"] == 4 and options["defaults"]["cfg"] is None
 
 

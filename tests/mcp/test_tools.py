@@ -50,7 +50,7 @@ async def test_lists_tools_with_input_and_output_schemas(runtime: Runtime) -> No
     assert gen.input_schema["required"] == ["prompt"]
     assert {"prompt", "negative_prompt", "styles", "performance", "aspect_ratio", "width", "height", "seed",
             "image_number", "sampler", "scheduler", "cfg", "sharpness", "model", "output_format", "max_side_px",
-            "wait_timeout_s", "image", "mask", "image_prompts"} == set(props)
+            "wait_timeout_s", "image", "mask", "image_prompts", "loras"} == set(props)
     width = props["width"]["anyOf"][0]
     assert (width["multipleOf"], width["minimum"], width["maximum"]) == (8, 64, 2048)
     assert "Speed" in props["performance"]["anyOf"][0]["enum"]

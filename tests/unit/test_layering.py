@@ -190,9 +190,11 @@ def test_the_real_tree_has_the_imports_the_rules_are_about() -> None:
 
 def test_the_ray_backend_reaches_ray_and_the_sdxl_runner_only_lazily() -> None:
     """The engine/distributed rule above is about real imports: the Ray backend does import ray and
-    the SDXL runner, inside functions."""
+    the runners (through engine.core.families, which reaches SDXL and Flux), inside functions."""
     found = imports_of(REPO / "engine" / "distributed" / "ray_serve.py")
-    assert ("ray", False) in found and ("engine.sdxl.pipeline", False) in found
+    assert ("ray", False) in found and ("engine.core.families", False) in found
+    families = imports_of(REPO / "engine" / "core" / "families.py")
+    assert ("engine.sdxl.pipeline", False) in families and ("engine.flux.runner", False) in families
     assert not any(at_module_level and (_matches(m, "ray") or _matches(m, "torch")) for m, at_module_level in found)
 
 
