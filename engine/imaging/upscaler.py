@@ -22,7 +22,6 @@ Nothing runs at import; spandrel is imported when a network is built.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,6 @@ __all__ = [
     "UPSCALER_FILE_NAME",
     "UPSCALE_MODELS_DIR",
     "Upscaler",
-    "UpscalerCache",
     "build_network",
     "fast_upscale_2x",
     "feather_weights",
@@ -151,39 +149,6 @@ def load_upscaler(path: Path, device: torch.device | str = "cpu") -> Upscaler:
     device = torch.device(device)
     network = build_network(load_upscaler_state_dict(path))
     return Upscaler(network=network.to(device=device, dtype=torch.float32), device=device, path=Path(path))
-
-
-class UpscalerCache:
-    """The last loaded upscaler (one entry: it is 67 MB of float32 and there is one such file).
-
-    Keyed by the resolved path, its size and mtime, and the device, so a replaced file is reloaded.
-    """
-
-    def __init__(self, loader: Callable[[Path, torch.device], Upscaler] = load_upscaler) -> None:
-        self._loader = loader
-        self._lock = threading.Lock()
-        self._key: tuple[str, int, int, str] | None = None
-        self._value: Upscaler | None = None
-
-    def get(self, path: Path, device: torch.device | str = "cpu") -> Upscaler:
-        device = torch.device(device)
-        path = Path(path)
-        try:
-            stat = path.resolve().stat()
-        except OSError:
-            self.clear()  # the file went away: do not keep serving the old network
-            return self._loader(path, device)  # raises model_missing
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(device))
-        with self._lock:
-            if self._key != key or self._value is None:
-                self._key, self._value = None, None  # drop the old network before loading the new one
-                self._value = self._loader(path, device)
-                self._key = key
-            return self._value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._key, self._value = None, None
 
 
 # -- inference ----------------------------------------------------------------------------------

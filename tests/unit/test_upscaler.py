@@ -25,7 +25,6 @@ from engine.imaging.upscaler import (
     TILE_PX,
     UPSCALER_FILE_NAME,
     Upscaler,
-    UpscalerCache,
     build_network,
     fast_upscale_2x,
     feather_weights,
@@ -281,22 +280,3 @@ def test_fast_2x_is_esrgan_then_lanczos_to_the_2x_size(hw: tuple[int, int]) -> N
         assert out.shape[:2] == (1200, 1120)
 
 
-def test_the_cache_holds_one_network_and_reloads_a_changed_file(tmp_path: Path) -> None:
-    loads: list[Path] = []
-
-    def loader(path: Path, device: torch.device) -> Upscaler:
-        loads.append(path)
-        return Upscaler(network=torch.nn.Identity(), device=device, path=path)
-
-    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    first.write_bytes(b"1")
-    second.write_bytes(b"22")
-    cache = UpscalerCache(loader)
-    a = cache.get(first)
-    assert cache.get(first) is a and loads == [first]
-    cache.get(second)
-    cache.get(first)  # one entry: b replaced a, so a is loaded again
-    assert loads == [first, second, first]
-    first.write_bytes(b"333")  # a new size: the file changed
-    cache.get(first)
-    assert loads == [first, second, first, first]
