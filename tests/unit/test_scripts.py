@@ -13,6 +13,9 @@ import pytest
 
 from tests.paths import REPO_ROOT
 
+#: What scripts/test adds to the fast suite by default (pytest-xdist: a process per logical CPU, at most 4).
+FAST_WORKERS = "-n logical --maxprocesses 4 --dist loadfile"
+
 #: Stands in for .venv/bin/python: logs its arguments; `-c` (the torch probe) exits $TORCH_RC,
 #: `-m pytest -m "not slow"` exits $FAST_RC, `-m pytest -m slow ...` exits $SLOW_RC (its parity half,
 #: `-m pytest -m slow tests/parity`, $PARITY_RC when set), pip exits 0.
@@ -72,7 +75,9 @@ def test_slow_step_always_runs_and_exit_5_is_not_a_failure(clone: Path, fast: st
     code, calls = _run(clone, "test", FAST_RC=fast, SLOW_RC=slow)
     runs = [c for c in calls if c.startswith("-m pytest")]
     # The slow step's parity module runs in a process of its own (fresh memory for the full-size runs).
-    assert runs == ["-m pytest -m not slow", "-m pytest -m slow --ignore=tests/parity", "-m pytest -m slow tests/parity"]
+    # The fast suite runs in one process per logical CPU, at most 4 (pytest-xdist).
+    assert runs == [f"-m pytest -m not slow {FAST_WORKERS}", "-m pytest -m slow --ignore=tests/parity",
+                    "-m pytest -m slow tests/parity"]
     assert code == expected
 
 
@@ -84,8 +89,14 @@ def test_a_failing_parity_half_fails_the_script(clone: Path, parity: str, expect
 
 def test_arguments_keep_the_slow_step_in_one_process(clone: Path) -> None:
     _code, calls = _run(clone, "test", "-k", "parity")
-    assert [c for c in calls if c.startswith("-m pytest")] == ["-m pytest -m not slow -k parity",
+    assert [c for c in calls if c.startswith("-m pytest")] == [f"-m pytest -m not slow {FAST_WORKERS} -k parity",
                                                                 "-m pytest -m slow -k parity"]
+
+
+def test_the_number_of_fast_test_processes_can_be_chosen(clone: Path) -> None:
+    _code, calls = _run(clone, "test", HOOOCUS_TEST_WORKERS="0")
+    assert [c for c in calls if c.startswith("-m pytest")][0] == (
+        "-m pytest -m not slow -n 0 --maxprocesses 4 --dist loadfile")
 
 
 def test_scripts_name_no_machine_specific_setup() -> None:

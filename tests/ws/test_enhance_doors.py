@@ -95,7 +95,7 @@ class _HeldMasks:
 
 def test_websocket_enhance_and_a_cancel_mid_enhance(demo) -> None:
     client, runtime = demo
-    runner = runtime.engine.runners[0]
+    runner = runtime.engine.runners[0].sdxl  # the device's FamilyRunner -> its SDXL runner
     with connect(client) as ws:
         reader = WsReader(ws)
         reader.recv()
