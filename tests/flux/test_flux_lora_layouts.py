@@ -1,0 +1,268 @@
+"""FLUX.1 LoRA layouts (issue 17) at full size, without weights: the real FLUX.1 [dev] transformer and CLIP-L
+are built on the ``meta`` device (no memory, no values) and a LoRA in each layout that covers every module
+the layout can target is matched onto them: every key matched, none skipped, every fused BFL/XLabs tensor
+(qkv, linear1) split into the right diffusers modules with the right rows and shapes, and the submit-time
+check (:func:`lora_fit_problem`) accepts the file. On the tiny model, each layout merges to exactly the
+weights its diffusers-layout equivalent (the same matrices, the fused up-projection split by rows by hand)
+merges to. A FLUX.1 Control LoRA is refused with a clear error.
+
+Layouts: diffusers/PEFT (``transformer.<module>.lora_A.weight``), kohya (``lora_unet_<bfl module>`` +
+``lora_te1_``), BFL/ComfyUI (``diffusion_model.<bfl module>.lora_A.weight`` + ``text_encoders.clip_l.``) and
+XLabs (``double_blocks.N.processor.qkv_lora1.down.weight``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from engine.core.errors import ModelInvalid
+from engine.flux.configs import bundled_config
+from engine.flux.lora import lora_fit_problem, match_flux_lora, merge_flux_loras
+from tests.flux.tiny import build_tiny, tiny_configs
+
+LAYOUTS = ("diffusers", "kohya", "bfl", "xlabs")
+ALPHA = 2.0
+Ref = tuple[str, str]  # (component, parameter name)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One LoRA module of a file: its key names and the diffusers weights its up-projection's rows are, in
+    row order (``swap``: the two halves of the rows are swapped first: BFL's final adaLN is (shift, scale),
+    diffusers' ``norm_out.linear`` is (scale, shift))."""
+
+    down_key: str
+    up_key: str
+    alpha_key: str | None
+    targets: tuple[Ref, ...]
+    swap: bool = False
+
+
+def bfl_table(config: dict) -> list[tuple[str, tuple[str, ...], bool]]:
+    """Every linear module of a BFL FLUX.1 transformer with the diffusers modules its rows become, written
+    out from the FLUX.1 architecture (independently of engine.flux.loading's table, which the code uses)."""
+    rows = [("img_in", ("x_embedder",), False), ("txt_in", ("context_embedder",), False),
+            ("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",), False),
+            ("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",), False),
+            ("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",), False),
+            ("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",), False),
+            ("final_layer.linear", ("proj_out",), False),
+            ("final_layer.adaLN_modulation.1", ("norm_out.linear",), True)]
+    if config["guidance_embeds"]:
+        rows += [("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",), False),
+                 ("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",), False)]
+    for i in range(config["num_layers"]):
+        b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        rows += [(f"{b}.img_mod.lin", (f"{d}.norm1.linear",), False),
+                 (f"{b}.txt_mod.lin", (f"{d}.norm1_context.linear",), False),
+                 (f"{b}.img_attn.qkv", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"), False),
+                 (f"{b}.txt_attn.qkv", (f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"), False),
+                 (f"{b}.img_attn.proj", (f"{d}.attn.to_out.0",), False),
+                 (f"{b}.txt_attn.proj", (f"{d}.attn.to_add_out",), False),
+                 (f"{b}.img_mlp.0", (f"{d}.ff.net.0.proj",), False), (f"{b}.img_mlp.2", (f"{d}.ff.net.2",), False),
+                 (f"{b}.txt_mlp.0", (f"{d}.ff_context.net.0.proj",), False),
+                 (f"{b}.txt_mlp.2", (f"{d}.ff_context.net.2",), False)]
+    for i in range(config["num_single_layers"]):
+        b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        rows += [(f"{b}.modulation.lin", (f"{d}.norm.linear",), False),
+                 (f"{b}.linear1", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"), False),
+                 (f"{b}.linear2", (f"{d}.proj_out",), False)]
+    return rows
+
+
+def linear_modules(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def sources(layout: str, config: dict, models: dict[str, nn.Module]) -> list[Source]:
+    """Every module ``layout`` can name on a FLUX.1 of ``config`` (with CLIP-L where the layout has it)."""
+    t = "transformer"
+    clip = [("text_encoder", name) for name in linear_modules(models["text_encoder"])]
+    if layout == "diffusers":
+        out = [Source(f"transformer.{m}.lora_A.weight", f"transformer.{m}.lora_B.weight", f"transformer.{m}.alpha",
+                      ((t, m + ".weight"),)) for m in linear_modules(models[t])]
+        return out + [Source(f"text_encoder.text_model.{m}.lora_A.weight", f"text_encoder.text_model.{m}.lora_B.weight",
+                             f"text_encoder.text_model.{m}.alpha", ((c, m + ".weight"),)) for c, m in clip]
+    if layout in ("kohya", "bfl"):
+        def names(stem: str) -> tuple[str, str, str]:
+            if layout == "kohya":
+                return f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"
+            return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight", f"{stem}.alpha"
+
+        head, clip_head = ("lora_unet_", "lora_te1_text_model_") if layout == "kohya" else (
+            "diffusion_model.", "text_encoders.clip_l.transformer.text_model.")
+        flat = (lambda s: s.replace(".", "_")) if layout == "kohya" else (lambda s: s)
+        out = [Source(*names(head + flat(bfl)), tuple((t, n + ".weight") for n in targets), swap)
+               for bfl, targets, swap in bfl_table(config)]
+        return out + [Source(*names(clip_head + flat(m)), ((c, m + ".weight"),)) for c, m in clip]
+    assert layout == "xlabs"  # attention only, no alpha, no CLIP-L
+    out = []
+    for i in range(config["num_layers"]):
+        b, d = f"double_blocks.{i}.processor", f"transformer_blocks.{i}.attn"
+        for lora, targets in (("qkv_lora1", ("to_q", "to_k", "to_v")),
+                              ("qkv_lora2", ("add_q_proj", "add_k_proj", "add_v_proj")),
+                              ("proj_lora1", ("to_out.0",)), ("proj_lora2", ("to_add_out",))):
+            out.append(Source(f"{b}.{lora}.down.weight", f"{b}.{lora}.up.weight", None,
+                              tuple((t, f"{d}.{n}.weight") for n in targets)))
+    for i in range(config["num_single_layers"]):
+        b, d = f"single_blocks.{i}.processor", f"single_transformer_blocks.{i}"
+        out += [Source(f"{b}.qkv_lora.down.weight", f"{b}.qkv_lora.up.weight", None,
+                       tuple((t, f"{d}.attn.{n}.weight") for n in ("to_q", "to_k", "to_v"))),
+                Source(f"{b}.proj_lora.down.weight", f"{b}.proj_lora.up.weight", None, ((t, f"{d}.proj_out.weight"),))]
+    return out
+
+
+Factory = Callable[[int, int], tuple[Tensor, Tensor]]  # (rows, in features) -> (up, down)
+
+
+def lora_file(layout: str, config: dict, models: dict[str, nn.Module], make: Factory) -> tuple[dict[str, Tensor],
+                                                                                                list[Source]]:
+    params = {c: dict(m.named_parameters()) for c, m in models.items()}
+    tensors: dict[str, Tensor] = {}
+    srcs = sources(layout, config, models)
+    for src in srcs:
+        shapes = [params[c][n].shape for c, n in src.targets]
+        assert len({s[1] for s in shapes}) == 1  # the pieces of a fused tensor share its input
+        tensors[src.up_key], tensors[src.down_key] = make(sum(s[0] for s in shapes), shapes[0][1])
+        if src.alpha_key:
+            tensors[src.alpha_key] = torch.tensor(ALPHA)  # real: the scale is read from it
+    return tensors, srcs
+
+
+def pieces(src: Source, up: Tensor, params: dict[str, dict[str, Tensor]]) -> dict[Ref, Tensor]:
+    """The diffusers weights' up-projections of ``src``: its rows (halves swapped where BFL's order
+    differs), split in row order by the target weights' heights."""
+    if src.swap:
+        first, second = up.chunk(2, dim=0)
+        up = torch.cat([second, first], dim=0)
+    heights = [params[c][n].shape[0] for c, n in src.targets]
+    return dict(zip(src.targets, up.split(heights, dim=0), strict=True))
+
+
+@pytest.fixture(scope="module")
+def full_size() -> tuple[dict, dict[str, nn.Module]]:
+    """FLUX.1 [dev] (the one with the guidance embedder: a superset of schnell's modules) and CLIP-L on
+    ``meta``: the real shapes, no memory."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = bundled_config("transformer", "dev")
+    with torch.device("meta"):
+        models = {"transformer": FluxTransformer2DModel.from_config(config),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(bundled_config("text_encoder")))}
+    return config, models
+
+
+def test_the_test_table_is_every_linear_module_of_full_size_flux(full_size) -> None:
+    config, models = full_size
+    named = {n for _, targets, _ in bfl_table(config) for n in targets}
+    assert named == set(linear_modules(models["transformer"]))
+    assert len(named) == 504 and len(linear_modules(models["text_encoder"])) == 12 * 6  # 19x14 + 38x6 + 10
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_module_of_each_layout_matches_full_size_flux_on_meta(layout: str, full_size) -> None:
+    config, models = full_size
+    rank = 4
+
+    def meta(rows: int, width: int) -> tuple[Tensor, Tensor]:
+        return torch.empty(rows, rank, device="meta"), torch.empty(rank, width, device="meta")
+
+    tensors, srcs = lora_file(layout, config, models, meta)
+    match = match_flux_lora(tensors, models, name=layout)
+    assert match.unmatched_keys == () and not match.skipped
+    params = {c: dict(m.named_parameters()) for c, m in models.items()}
+    expected = {ref for src in srcs for ref in src.targets}
+    assert set(match.deltas) == expected
+    if layout != "xlabs":  # every linear weight of the transformer and CLIP-L
+        assert expected == {(c, n + ".weight") for c, m in models.items() for n in linear_modules(m)}
+    else:  # XLabs trains the attention: q/k/v and the output projections
+        assert len(expected) == config["num_layers"] * 8 + config["num_single_layers"] * 4
+    for ref, delta in match.deltas.items():
+        weight = params[ref[0]][ref[1]]
+        assert delta.up.shape == (weight.shape[0], rank) and delta.down.shape == (rank, weight.shape[1])
+        assert delta.scale == (1.0 if layout == "xlabs" else ALPHA / rank)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_rows_go_to_the_right_full_size_modules_and_the_file_fits(layout: str, full_size,
+                                                                          tmp_path: Path) -> None:
+    """Rank-1 real tensors whose up-projection holds its own row number, so each diffusers weight's piece
+    shows which rows of the fused tensor it got (exact: integers below 2**24 in float32)."""
+    config, models = full_size
+
+    def numbered(rows: int, width: int) -> tuple[Tensor, Tensor]:
+        return torch.arange(rows, dtype=torch.float32)[:, None], torch.ones(1, width)
+
+    tensors, srcs = lora_file(layout, config, models, numbered)
+    match = match_flux_lora(dict(tensors), models, name=layout)
+    params = {c: dict(m.named_parameters()) for c, m in models.items()}
+    assert match.unmatched_keys == ()
+    fused = 0
+    for src in srcs:
+        fused += len(src.targets) > 1
+        for ref, piece in pieces(src, tensors[src.up_key], params).items():
+            assert torch.equal(match.deltas[ref].up, piece), (src.up_key, ref)
+            assert torch.equal(match.deltas[ref].down, tensors[src.down_key])
+    assert fused == (2 * config["num_layers"] + config["num_single_layers"]
+                     if layout != "diffusers" else 0)  # qkv twice per double block, linear1 / qkv_lora once per single
+
+    path = tmp_path / f"{layout}.safetensors"  # the submit-time check reads the header only (bf16 halves the file)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, path)
+    assert lora_fit_problem(path, models, name=layout) is None
+
+
+@pytest.mark.parametrize("layout", ("kohya", "bfl", "xlabs"))
+def test_each_layout_merges_as_its_diffusers_equivalent_on_the_tiny_model(layout: str) -> None:
+    """Both merges run the same float32 operations on the same numbers (weight + (strength * alpha/rank) *
+    (up_piece @ down), the piece being rows of the fused up-projection), so they agree bit for bit."""
+    config = tiny_configs("dev")["transformer"]
+    layout_model, reference_model = build_tiny("dev", seed=5), build_tiny("dev", seed=5)
+    models = {c: layout_model[c] for c in ("transformer", "text_encoder")}
+    reference = {c: reference_model[c] for c in ("transformer", "text_encoder")}
+    generator = torch.Generator().manual_seed(7)
+    rank = 4
+
+    def random(rows: int, width: int) -> tuple[Tensor, Tensor]:
+        return torch.randn(rows, rank, generator=generator) * 0.3, torch.randn(rank, width, generator=generator) * 0.3
+
+    tensors, srcs = lora_file(layout, config, models, random)
+    params = {c: dict(m.named_parameters()) for c, m in models.items()}
+    equivalent: dict[str, Tensor] = {}  # diffusers/PEFT naming, built by hand
+    for src in srcs:
+        for (component, name), piece in pieces(src, tensors[src.up_key], params).items():
+            module = f"transformer.{name.removesuffix('.weight')}" if component == "transformer" else (
+                f"text_encoder.text_model.{name.removesuffix('.weight')}")
+            equivalent |= {f"{module}.lora_A.weight": tensors[src.down_key], f"{module}.lora_B.weight": piece}
+            if src.alpha_key:
+                equivalent[f"{module}.alpha"] = tensors[src.alpha_key]
+    before = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in models.items()}
+    merge_flux_loras(models, [(match_flux_lora(tensors, models, name=layout), 0.8)])
+    merge_flux_loras(reference, [(match_flux_lora(equivalent, reference, name="reference"), 0.8)])
+    targets = {ref for src in srcs for ref in src.targets}
+    for component, model in models.items():
+        after, expected = model.state_dict(), reference[component].state_dict()
+        assert all(torch.equal(after[k], expected[k]) for k in after)
+        changed = {(component, k) for k in after if not torch.equal(after[k], before[component][k])}
+        assert changed == {ref for ref in targets if ref[0] == component}
+
+
+def test_a_flux_control_lora_is_refused_with_a_clear_error(full_size, tmp_path: Path) -> None:
+    """BFL's Canny/Depth LoRAs train the q/k norm scales in full and widen img_in for the control image."""
+    config, models = full_size
+    tensors = {"img_in.lora_A.weight": torch.zeros(4, 128), "img_in.lora_B.weight": torch.zeros(3072, 4),
+               "double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 3072),
+               "double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(9216, 4),
+               "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(128),
+               "double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(128)}
+    with pytest.raises(ModelInvalid, match="Control LoRA"):
+        match_flux_lora(tensors, models, name="canny")
+    path = tmp_path / "flux1-canny-dev-lora.safetensors"
+    save_file(tensors, path)
+    assert "Control LoRA" in (lora_fit_problem(path, models, name="canny") or "")
