@@ -23,7 +23,7 @@ Layouts (each covered at full size, every target module, in tests/flux/test_flux
   ``FluxLoraLoaderMixin.lora_state_dict`` converts to diffusers naming first.
 - FLUX.1 Control LoRAs (Canny/Depth: BFL names plus ``query_norm.scale`` norm weights and a widened
   ``img_in``) need a control image input Hooocus does not have: refused with a clear
-  :class:`ModelInvalid`, not half-applied.
+  :class:`ModelInvalid`, not half-applied; so are DoRA files (``dora_scale``), whose update is not a plain sum.
 
 A file that leaves more than :data:`MAX_UNMATCHED_KEYS` keys unmatched is skipped with a warning (the
 rule Fooocus applies to SDXL LoRAs, spec §11.1, kept for the same reason: a LoRA for another model
@@ -69,6 +69,8 @@ _TO_KOHYA_SUFFIX = {_A: _KOHYA_DOWN, _B: _KOHYA_UP, _KOHYA_DOWN: _KOHYA_DOWN, _K
                     _KOHYA_ALPHA: _KOHYA_ALPHA}
 #: A key only FLUX.1 Control LoRAs have (their q/k norm scales are trained in full, not low-rank).
 _CONTROL_MARK = "query_norm.scale"
+#: DoRA's per-output magnitudes: a DoRA update is re-normalised per column, not ``W + s·up@down``.
+_DORA_MARK = "dora_scale"
 
 ParamRef = tuple[str, str]  # (component, parameter name), e.g. ("transformer", "x_embedder.weight")
 
@@ -138,6 +140,10 @@ def match_flux_lora(tensors: Mapping[str, Tensor], models: Mapping[str, nn.Modul
         raise ModelInvalid(f"LoRA {name!r} is a FLUX.1 Control LoRA (Canny/Depth: it trains the norm scales and "
                            "widens the image input for a control image); Hooocus has no FLUX.1 control input, "
                            "so it cannot apply")
+    if any(k.endswith(_DORA_MARK) for k in tensors):
+        # diffusers' loader drops these with a warning, which would merge a different (plain LoRA) update
+        raise ModelInvalid(f"LoRA {name!r} is a DoRA (it has {_DORA_MARK} tensors); DoRA weights are not "
+                           "supported on FLUX.1: use a plain LoRA")
     renamed = {key: _bfl_to_kohya_key(key) for key in tensors}
     if any(renamed.values()):
         tensors = {renamed[key] or key: value for key, value in tensors.items()}

@@ -266,3 +266,20 @@ def test_a_flux_control_lora_is_refused_with_a_clear_error(full_size, tmp_path: 
     path = tmp_path / "flux1-canny-dev-lora.safetensors"
     save_file(tensors, path)
     assert "Control LoRA" in (lora_fit_problem(path, models, name="canny") or "")
+
+
+@pytest.mark.parametrize("layout", ("kohya", "diffusers"))
+def test_a_dora_file_is_refused_not_merged_as_a_plain_lora(layout: str, full_size) -> None:
+    """DoRA re-normalises each updated weight by its ``dora_scale`` magnitudes: merging only up@down (what
+    diffusers' loader does after dropping those tensors with a warning) would apply a different update."""
+    config, models = full_size
+    rank = 4
+
+    def meta(rows: int, width: int) -> tuple[Tensor, Tensor]:
+        return torch.empty(rows, rank, device="meta"), torch.empty(rank, width, device="meta")
+
+    tensors, srcs = lora_file(layout, config, models, meta)
+    stem = srcs[0].down_key.removesuffix(".lora_down.weight").removesuffix(".lora_A.weight")
+    tensors[f"{stem}.dora_scale"] = torch.empty(1, 3072, device="meta")
+    with pytest.raises(ModelInvalid, match="DoRA"):
+        match_flux_lora(tensors, models, name="dora")
