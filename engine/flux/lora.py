@@ -19,7 +19,7 @@ Layouts (each covered at full size, every target module, in tests/flux/test_flux
   to kohya's and matched as above. diffusers' loader would pass these keys through unconverted (it only
   converts BFL names for Control LoRAs and fal Kontext files, with the full-size widths hard-coded).
 - everything else (diffusers/PEFT ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` with an
-  optional ``<module>.alpha``, XLabs ``double_blocks.0.processor.qkv_lora1.down.weight``): diffusers' own
+  optional ``<module>.alpha``, also with kohya's ``lora_down``/``lora_up`` endings, XLabs ``double_blocks.0.processor.qkv_lora1.down.weight``): diffusers' own
   ``FluxLoraLoaderMixin.lora_state_dict`` converts to diffusers naming first.
 - FLUX.1 Control LoRAs (Canny/Depth: BFL names plus ``query_norm.scale`` norm weights and a widened
   ``img_in``) need a control image input Hooocus does not have: refused with a clear
@@ -144,7 +144,7 @@ def match_flux_lora(tensors: Mapping[str, Tensor], models: Mapping[str, nn.Modul
         # diffusers' loader drops these with a warning, which would merge a different (plain LoRA) update
         raise ModelInvalid(f"LoRA {name!r} is a DoRA (it has {_DORA_MARK} tensors); DoRA weights are not "
                            "supported on FLUX.1: use a plain LoRA")
-    renamed = {key: _bfl_to_kohya_key(key) for key in tensors}
+    renamed = {key: _bfl_to_kohya_key(key) or _peft_key(key) for key in tensors}
     if any(renamed.values()):
         tensors = {renamed[key] or key: value for key, value in tensors.items()}
     if any(k.endswith(_KOHYA_DOWN) for k in tensors):
@@ -194,6 +194,18 @@ def _bfl_to_kohya_key(key: str) -> str | None:
             return None
         head, module = "lora_unet_", module[len(prefix):]
     return head + module.replace(".", "_") + _TO_KOHYA_SUFFIX[suffix]
+
+
+def _peft_key(key: str) -> str | None:
+    """diffusers naming with kohya's endings (``transformer.<module>.lora_down.weight``, seen in files that
+    mix both) -> PEFT's ``lora_A``/``lora_B``, as diffusers' loader renames them; None for other keys."""
+    if not key.startswith(tuple(c + "." for c in _COMPONENTS)):
+        return None
+    if key.endswith(_KOHYA_DOWN):
+        return key.removesuffix(_KOHYA_DOWN) + _A
+    if key.endswith(_KOHYA_UP):
+        return key.removesuffix(_KOHYA_UP) + _B
+    return None
 
 
 def _kohya_targets(models: Mapping[str, nn.Module]) -> dict[str, tuple[str, tuple[str, ...], list[int], bool]]:
