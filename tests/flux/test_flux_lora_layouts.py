@@ -295,3 +295,51 @@ def test_a_dora_file_is_refused_not_merged_as_a_plain_lora(layout: str, full_siz
     tensors[f"{stem}.dora_scale"] = torch.empty(1, 3072, device="meta")
     with pytest.raises(ModelInvalid, match="DoRA"):
         match_flux_lora(tensors, models, name="dora")
+
+
+@pytest.mark.parametrize(("prefix", "down", "up"), [
+    ("", ".lora_A.weight", ".lora_B.weight"),  # BFL's own trainer names, no prefix
+    ("model.diffusion_model.", ".lora_A.weight", ".lora_B.weight"),
+    ("base_model.model.", ".lora_A.weight", ".lora_B.weight"),  # fal's PEFT wrapper names
+    ("diffusion_model.", ".lora_down.weight", ".lora_up.weight"),  # ComfyUI names, kohya endings
+])
+def test_the_bfl_layout_under_each_prefix_and_ending_matches_the_same(prefix: str, down: str, up: str,
+                                                                       full_size) -> None:
+    config, models = full_size
+    rank = 4
+
+    def meta(rows: int, width: int) -> tuple[Tensor, Tensor]:
+        return torch.empty(rows, rank, device="meta"), torch.empty(rank, width, device="meta")
+
+    tensors, _ = lora_file("bfl", config, models, meta)
+    plain = match_flux_lora(tensors, models, name="bfl")
+
+    def renamed(key: str) -> str:
+        if key.startswith("diffusion_model."):
+            key = prefix + key.removeprefix("diffusion_model.")
+        return key.replace(".lora_A.weight", down).replace(".lora_B.weight", up)
+
+    variant = match_flux_lora({renamed(k): v for k, v in tensors.items()}, models, name="variant")
+    assert variant.unmatched_keys == () and len(variant.deltas) == len(plain.deltas) == 504 + 72
+    assert {ref: (d.up.shape, d.down.shape, d.scale) for ref, d in variant.deltas.items()} == {
+        ref: (d.up.shape, d.down.shape, d.scale) for ref, d in plain.deltas.items()}
+
+
+def test_a_dev_lora_on_full_size_schnell_applies_without_its_guidance_embedder_keys(full_size) -> None:
+    """schnell has no guidance embedder: a LoRA trained on [dev] that also trains it leaves those 6 keys
+    unmatched (fewer than MAX_UNMATCHED_KEYS) and applies to everything else."""
+    from diffusers import FluxTransformer2DModel
+
+    config, models = full_size
+    with torch.device("meta"):
+        schnell = {"transformer": FluxTransformer2DModel.from_config(bundled_config("transformer", "schnell")),
+                   "text_encoder": models["text_encoder"]}
+
+    def meta(rows: int, width: int) -> tuple[Tensor, Tensor]:
+        return torch.empty(rows, 4, device="meta"), torch.empty(4, width, device="meta")
+
+    tensors, _ = lora_file("kohya", config, models, meta)
+    match = match_flux_lora(tensors, schnell, name="dev-lora")
+    assert not match.skipped and len(match.deltas) == 504 - 2 + 72
+    assert match.unmatched_keys == tuple(sorted(f"lora_unet_guidance_in_{layer}{end}" for layer in ("in_layer", "out_layer")
+                                                for end in (".alpha", ".lora_down.weight", ".lora_up.weight")))
