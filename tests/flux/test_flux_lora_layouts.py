@@ -133,8 +133,8 @@ def sources(layout: str, config: dict, models: dict[str, nn.Module]) -> list[Sou
 Factory = Callable[[int, int], tuple[Tensor, Tensor]]  # (rows, in features) -> (up, down)
 
 
-def lora_file(layout: str, config: dict, models: dict[str, nn.Module], make: Factory) -> tuple[dict[str, Tensor],
-                                                                                                list[Source]]:
+def lora_file(layout: str, config: dict, models: dict[str, nn.Module], make: Factory,
+              alpha: float = ALPHA) -> tuple[dict[str, Tensor], list[Source]]:
     params = {c: dict(m.named_parameters()) for c, m in models.items()}
     tensors: dict[str, Tensor] = {}
     srcs = sources(layout, config, models)
@@ -143,7 +143,7 @@ def lora_file(layout: str, config: dict, models: dict[str, nn.Module], make: Fac
         assert len({s[1] for s in shapes}) == 1  # the pieces of a fused tensor share its input
         tensors[src.up_key], tensors[src.down_key] = make(sum(s[0] for s in shapes), shapes[0][1])
         if src.alpha_key:
-            tensors[src.alpha_key] = torch.tensor(ALPHA)  # real: the scale is read from it
+            tensors[src.alpha_key] = torch.tensor(alpha)  # real: the scale is read from it
     return tensors, srcs
 
 
@@ -343,3 +343,30 @@ def test_a_dev_lora_on_full_size_schnell_applies_without_its_guidance_embedder_k
     assert not match.skipped and len(match.deltas) == 504 - 2 + 72
     assert match.unmatched_keys == tuple(sorted(f"lora_unet_guidance_in_{layer}{end}" for layer in ("in_layer", "out_layer")
                                                 for end in (".alpha", ".lora_down.weight", ".lora_up.weight")))
+
+
+def test_the_kohya_split_agrees_with_diffusers_own_converter_at_full_size(full_size) -> None:
+    """diffusers' ``_convert_kohya_flux_lora_to_diffusers`` (hard-coded to full-size widths, which is why
+    the runner has its own) is an independent statement of the same transformer mapping: at full size
+    every module's pieces must be the same. alpha = rank, since diffusers 0.42 drops the final layer's
+    alpha (kohya's sd-scripts scales every module by alpha/rank, as this code does). CLIP-L is left out:
+    its mapping is one to one, and diffusers gives it a legacy naming of its own."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    config, models = full_size
+
+    def numbered(rows: int, width: int) -> tuple[Tensor, Tensor]:
+        return torch.arange(rows, dtype=torch.float32)[:, None], torch.arange(width, dtype=torch.float32)[None, :]
+
+    tensors, _ = lora_file("kohya", config, models, numbered, alpha=1.0)
+    ours = match_flux_lora(dict(tensors), models, name="kohya")
+    # diffusers scales some tensors in place: give it its own copies
+    theirs = FluxLoraLoaderMixin.lora_state_dict({k: v.clone() for k, v in tensors.items()})
+    transformer = {name.removesuffix(".weight"): d for (c, name), d in ours.deltas.items() if c == "transformer"}
+    assert len(transformer) == 504
+    for module, delta in transformer.items():
+        # diffusers names block modules "transformer.<module>", the embedders and final layer bare
+        prefix = next(p for p in ("transformer.", "") if f"{p}{module}.lora_A.weight" in theirs)
+        assert delta.scale == 1.0
+        assert torch.equal(theirs[f"{prefix}{module}.lora_B.weight"], delta.up), module
+        assert torch.equal(theirs[f"{prefix}{module}.lora_A.weight"], delta.down), module
