@@ -370,3 +370,43 @@ def test_the_kohya_split_agrees_with_diffusers_own_converter_at_full_size(full_s
         assert delta.scale == 1.0
         assert torch.equal(theirs[f"{prefix}{module}.lora_B.weight"], delta.up), module
         assert torch.equal(theirs[f"{prefix}{module}.lora_A.weight"], delta.down), module
+
+
+def test_a_kohya_split_qkv_file_block_diagonal_up_merges_as_three_separate_loras() -> None:
+    """sd-scripts' ``split_qkv`` trains q, k and v apart and saves them fused: down = [down_q; down_k; down_v]
+    (3r rows), up block-diagonal (q's rows use only q's r columns). Splitting up by rows (as for any fused
+    file) gives q the update up_q @ down_q plus exact zeros, so it equals three plain rank-r LoRAs.
+    Bound: both sides sum the same r nonzero products per element (the added 0.0 terms are exact), so the
+    only possible difference is the summation order a matmul kernel picks for K = 3r instead of r; that is
+    at most r * eps(float32) * sum|products| per element (the classic bound for a reordered sum), times
+    strength * scale, plus one rounding of the weight add (eps * |w|). Measured on this CPU: 0.0 for all three
+    (the bound's smallest element is ~7e-9)."""
+    config = tiny_configs("dev")["transformer"]
+    layout_model, reference_model = build_tiny("dev", seed=9), build_tiny("dev", seed=9)
+    models = {"transformer": layout_model["transformer"]}
+    reference = {"transformer": reference_model["transformer"]}
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    generator = torch.Generator().manual_seed(11)
+    # kohya's scale is alpha over the stored rank (3r = 12): 3 / 12 = 1 / 4, the PEFT equivalent's 1 / r
+    # exactly, so both merges multiply by the same float
+    rank, strength, alpha = 4, 0.8, 3.0
+    ups = [torch.randn(inner, rank, generator=generator) * 0.3 for _ in range(3)]
+    downs = [torch.randn(rank, inner, generator=generator) * 0.3 for _ in range(3)]  # to_q's input: inner
+    up = torch.block_diag(*ups)
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    fused = {f"{stem}.lora_down.weight": torch.cat(downs), f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(alpha)}
+    equivalent: dict[str, Tensor] = {}
+    for name, piece_up, piece_down in zip(("to_q", "to_k", "to_v"), ups, downs, strict=True):
+        module = f"transformer.transformer_blocks.0.attn.{name}"
+        equivalent |= {f"{module}.lora_A.weight": piece_down, f"{module}.lora_B.weight": piece_up,
+                       f"{module}.alpha": torch.tensor(alpha / 3)}
+    before = {k: v.clone() for k, v in models["transformer"].state_dict().items()}
+    merge_flux_loras(models, [(match_flux_lora(fused, models, name="split_qkv"), strength)])
+    merge_flux_loras(reference, [(match_flux_lora(equivalent, reference, name="reference"), strength)])
+    params, expected = dict(models["transformer"].named_parameters()), dict(reference["transformer"].named_parameters())
+    eps = torch.finfo(torch.float32).eps
+    for name, piece_up, piece_down in zip(("to_q", "to_k", "to_v"), ups, downs, strict=True):
+        key = f"transformer_blocks.0.attn.{name}.weight"
+        bound = rank * eps * strength * (alpha / (3 * rank)) * (piece_up.abs() @ piece_down.abs()) + eps * expected[key].abs()
+        assert ((params[key] - expected[key]).abs() <= bound).all(), name
+        assert not torch.equal(params[key], before[key])
