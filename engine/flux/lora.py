@@ -19,7 +19,8 @@ Layouts (each covered at full size, every target module, in tests/flux/test_flux
   to kohya's and matched as above. diffusers' loader would pass these keys through unconverted (it only
   converts BFL names for Control LoRAs and fal Kontext files, with the full-size widths hard-coded).
 - everything else (diffusers/PEFT ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` with an
-  optional ``<module>.alpha``, also with kohya's ``lora_down``/``lora_up`` endings, XLabs ``double_blocks.0.processor.qkv_lora1.down.weight``): diffusers' own
+  optional ``<module>.alpha``, also with kohya's ``lora_down``/``lora_up`` endings, XLabs
+  ``double_blocks.0.processor.qkv_lora1.down.weight``): diffusers' own
   ``FluxLoraLoaderMixin.lora_state_dict`` converts to diffusers naming first.
 - FLUX.1 Control LoRAs (Canny/Depth: BFL names plus ``query_norm.scale`` norm weights and a widened
   ``img_in``) need a control image input Hooocus does not have: refused with a clear
@@ -61,7 +62,7 @@ _KOHYA_PREFIXES = {"lora_unet_": TRANSFORMER, "lora_transformer_": TRANSFORMER, 
 #: :data:`_BFL_PREFIXES`) is in the BFL / ComfyUI layout.
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
               "final_layer.")
-#: Longest first: ``model.diffusion_model.`` must not be read as ``model.`` + something.
+#: The bare BFL names (no prefix) last, so a prefixed key is never read as an unknown bare one.
 _BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "")
 _COMFY_CLIP_L = "text_encoders.clip_l.transformer."
 #: BFL/ComfyUI key endings -> kohya's (PEFT's lora_A is kohya's down-projection, lora_B its up).

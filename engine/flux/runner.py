@@ -450,7 +450,7 @@ class FluxRunner:
         for name, weight in wanted:
             try:
                 match = match_flux_lora(load_flux_lora(self.registry.resolve("loras", name)), modules, name=name)
-            except ModelInvalid as exc:  # a layout that cannot apply (a Control LoRA): skipped like a misfit
+            except ModelInvalid as exc:  # unreadable, or a layout that cannot apply (Control, DoRA): as a misfit
                 ctx.warning("lora_mismatch", f"LoRA {name!r} skipped: {exc.message}")
                 continue
             if match.skipped or not match.deltas:
