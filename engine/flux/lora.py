@@ -5,7 +5,7 @@ model is set up, and the original values of exactly the touched weights are kept
 LoRA set can be merged later from the untouched model (bit for bit). No PEFT layers: the transformer
 keeps its plain modules, so float8 layerwise casting, previews and the runner see no difference.
 
-Layouts:
+Layouts (each covered at full size, every target module, in tests/flux/test_flux_lora_layouts.py):
 
 - kohya (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` + ``.alpha``: BFL module names
   with ``_`` for ``.``; ``lora_te1_``/``lora_te_`` for CLIP-L; also ``lora_transformer_`` + diffusers
@@ -13,9 +13,18 @@ Layouts:
   :mod:`engine.flux.loading`, a fused up-projection split into q/k/v(/mlp) pieces that share the
   down-projection. diffusers' ``_convert_kohya_flux_lora_to_diffusers`` does the same but hard-codes
   the full-size widths (3072/12288), so it cannot serve a model of another width.
+- BFL / ComfyUI (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` / ``lora_B`` / ``.alpha``,
+  also without the prefix, with ``model.diffusion_model.`` or fal's ``base_model.model.``, and ComfyUI's
+  ``text_encoders.clip_l.transformer.`` for CLIP-L): the same BFL module names as kohya, so they are renamed
+  to kohya's and matched as above. diffusers' loader would pass these keys through unconverted (it only
+  converts BFL names for Control LoRAs and fal Kontext files, with the full-size widths hard-coded).
 - everything else (diffusers/PEFT ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` with an
-  optional ``<module>.alpha``, XLabs, ComfyUI/BFL ``diffusion_model.`` names): diffusers' own
+  optional ``<module>.alpha``, also with kohya's ``lora_down``/``lora_up`` endings, XLabs
+  ``double_blocks.0.processor.qkv_lora1.down.weight``): diffusers' own
   ``FluxLoraLoaderMixin.lora_state_dict`` converts to diffusers naming first.
+- FLUX.1 Control LoRAs (Canny/Depth: BFL names plus ``query_norm.scale`` norm weights and a widened
+  ``img_in``) need a control image input Hooocus does not have: refused with a clear
+  :class:`ModelInvalid`, not half-applied; so are DoRA files (``dora_scale``), whose update is not a plain sum.
 
 A file that leaves more than :data:`MAX_UNMATCHED_KEYS` keys unmatched is skipped with a warning (the
 rule Fooocus applies to SDXL LoRAs, spec §11.1, kept for the same reason: a LoRA for another model
@@ -48,6 +57,21 @@ _A, _B = ".lora_A.weight", ".lora_B.weight"
 _KOHYA_DOWN, _KOHYA_UP, _KOHYA_ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 _KOHYA_PREFIXES = {"lora_unet_": TRANSFORMER, "lora_transformer_": TRANSFORMER, "lora_te1_": TEXT_ENCODER,
                    "lora_te_": TEXT_ENCODER}
+
+#: The top-level module names of a BFL FLUX.1 transformer: a LoRA key naming one of them (after one of
+#: :data:`_BFL_PREFIXES`) is in the BFL / ComfyUI layout.
+_BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
+              "final_layer.")
+#: The bare BFL names (no prefix) last, so a prefixed key is never read as an unknown bare one.
+_BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "")
+_COMFY_CLIP_L = "text_encoders.clip_l.transformer."
+#: BFL/ComfyUI key endings -> kohya's (PEFT's lora_A is kohya's down-projection, lora_B its up).
+_TO_KOHYA_SUFFIX = {_A: _KOHYA_DOWN, _B: _KOHYA_UP, _KOHYA_DOWN: _KOHYA_DOWN, _KOHYA_UP: _KOHYA_UP,
+                    _KOHYA_ALPHA: _KOHYA_ALPHA}
+#: A key only FLUX.1 Control LoRAs have (their q/k norm scales are trained in full, not low-rank).
+_CONTROL_MARK = "query_norm.scale"
+#: DoRA's per-output magnitudes: a DoRA update is re-normalised per column, not ``W + s·up@down``.
+_DORA_MARK = "dora_scale"
 
 ParamRef = tuple[str, str]  # (component, parameter name), e.g. ("transformer", "x_embedder.weight")
 
@@ -110,7 +134,20 @@ def to_diffusers_lora(tensors: Mapping[str, Tensor], name: str = "lora") -> tupl
 
 def match_flux_lora(tensors: Mapping[str, Tensor], models: Mapping[str, nn.Module], *,
                     name: str = "lora") -> FluxLoraMatch:
-    """Map a LoRA file's tensors onto ``models`` (``transformer`` and optionally ``text_encoder``)."""
+    """Map a LoRA file's tensors onto ``models`` (``transformer`` and optionally ``text_encoder``).
+    Raises :class:`ModelInvalid` for a layout that cannot apply (a Control LoRA, a file diffusers' converters
+    reject)."""
+    if any(k.endswith(_CONTROL_MARK) for k in tensors):
+        raise ModelInvalid(f"LoRA {name!r} is a FLUX.1 Control LoRA (Canny/Depth: it trains the norm scales and "
+                           "widens the image input for a control image); Hooocus has no FLUX.1 control input, "
+                           "so it cannot apply")
+    if any(k.endswith(_DORA_MARK) for k in tensors):
+        # diffusers' loader drops these with a warning, which would merge a different (plain LoRA) update
+        raise ModelInvalid(f"LoRA {name!r} is a DoRA (it has {_DORA_MARK} tensors); DoRA weights are not "
+                           "supported on FLUX.1: use a plain LoRA")
+    renamed = {key: _bfl_to_kohya_key(key) or _peft_key(key) for key in tensors}
+    if any(renamed.values()):
+        tensors = {renamed[key] or key: value for key, value in tensors.items()}
     if any(k.endswith(_KOHYA_DOWN) for k in tensors):
         return _match_kohya(tensors, models, name)
     state, alphas = to_diffusers_lora(tensors, name)
@@ -137,6 +174,39 @@ def match_flux_lora(tensors: Mapping[str, Tensor], models: Mapping[str, nn.Modul
         log.info("LoRA %s: %d keys do not match the model (e.g. %s)", name, len(unmatched),
                  ", ".join(sorted(unmatched)[:3]))
     return FluxLoraMatch(name=name, deltas=deltas, unmatched_keys=tuple(sorted(set(unmatched))))
+
+
+def _bfl_to_kohya_key(key: str) -> str | None:
+    """kohya's name for a BFL / ComfyUI layout LoRA key (``diffusion_model.single_blocks.3.linear1.lora_A.weight``
+    -> ``lora_unet_single_blocks_3_linear1.lora_down.weight``), None for a key of another layout."""
+    if ".processor." in key:  # XLabs (``double_blocks.N.processor.qkv_lora1``): diffusers converts it
+        return None
+    suffix = next((s for s in _TO_KOHYA_SUFFIX if key.endswith(s)), None)
+    if suffix is None:
+        return None
+    module = key.removesuffix(suffix)
+    if module.startswith(_COMFY_CLIP_L):
+        head, module = "lora_te1_", module.removeprefix(_COMFY_CLIP_L)
+    else:
+        prefix = next((p for p in _BFL_PREFIXES if (module + ".").startswith(p)
+                       and (module[len(p):] + ".").startswith(_BFL_ROOTS)),
+                      None)
+        if prefix is None:
+            return None
+        head, module = "lora_unet_", module[len(prefix):]
+    return head + module.replace(".", "_") + _TO_KOHYA_SUFFIX[suffix]
+
+
+def _peft_key(key: str) -> str | None:
+    """diffusers naming with kohya's endings (``transformer.<module>.lora_down.weight``, seen in files that
+    mix both) -> PEFT's ``lora_A``/``lora_B``, as diffusers' loader renames them; None for other keys."""
+    if not key.startswith(tuple(c + "." for c in _COMPONENTS)):
+        return None
+    if key.endswith(_KOHYA_DOWN):
+        return key.removesuffix(_KOHYA_DOWN) + _A
+    if key.endswith(_KOHYA_UP):
+        return key.removesuffix(_KOHYA_UP) + _B
+    return None
 
 
 def _kohya_targets(models: Mapping[str, nn.Module]) -> dict[str, tuple[str, tuple[str, ...], list[int], bool]]:

@@ -35,7 +35,7 @@ from engine.core.constants import (
     MAX_SEED,
     SDXL_ASPECT_RATIOS,
 )
-from engine.core.errors import HooocusError, ModelMissing, UnknownLora, UnknownModel
+from engine.core.errors import HooocusError, ModelInvalid, ModelMissing, UnknownLora, UnknownModel
 from engine.core.events import ImageReady
 from engine.core.formats import MIME_BY_FORMAT
 from engine.core.jobs import RunContext
@@ -448,7 +448,11 @@ class FluxRunner:
         loaded.text_cache.clear()
         matches = []
         for name, weight in wanted:
-            match = match_flux_lora(load_flux_lora(self.registry.resolve("loras", name)), modules, name=name)
+            try:
+                match = match_flux_lora(load_flux_lora(self.registry.resolve("loras", name)), modules, name=name)
+            except ModelInvalid as exc:  # unreadable, or a layout that cannot apply (Control, DoRA): as a misfit
+                ctx.warning("lora_mismatch", f"LoRA {name!r} skipped: {exc.message}")
+                continue
             if match.skipped or not match.deltas:
                 ctx.warning("lora_mismatch", f"LoRA {name!r} skipped: {len(match.unmatched_keys)} of its tensors "
                                              f"match no weight of {self.model_name}")

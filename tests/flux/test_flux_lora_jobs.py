@@ -145,6 +145,30 @@ def test_merged_weights_are_w_plus_weight_alpha_over_rank_up_down_and_restore(tm
     assert all(torch.equal(after[ref], before[ref]) for ref in before) and loaded.loras == ()
 
 
+def test_a_control_lora_at_run_time_is_skipped_with_a_warning_not_a_failed_job(tmp_path: Path) -> None:
+    # Inline tags reach the runner unchecked: a layout the matcher refuses (ModelInvalid) must not fail the job.
+    from engine.flux.runner import FluxRunner
+
+    folder = tmp_path / "models" / "loras"
+    folder.mkdir(parents=True)
+    save_file({"double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(8),
+               "img_in.lora_A.weight": torch.zeros(RANK, 128), "img_in.lora_B.weight": torch.zeros(16, RANK)},
+              folder / "canny.safetensors")
+    runner = FluxRunner(Settings(data_dir=tmp_path, device="cpu"), model="demo-flux")
+    loaded = runner._load()
+    before = {n: p.detach().clone() for n, p in loaded.components.transformer.named_parameters()}
+    warnings: list[tuple[str, str]] = []
+
+    class Ctx:
+        def warning(self, code: str, message: str) -> None:
+            warnings.append((code, message))
+
+    runner._apply_loras(loaded, [("canny.safetensors", 1.0)], Ctx())  # type: ignore[arg-type]
+    assert [code for code, _ in warnings] == ["lora_mismatch"] and "Control LoRA" in warnings[0][1]
+    assert loaded.loras == ()
+    assert all(torch.equal(p, before[n]) for n, p in loaded.components.transformer.named_parameters())
+
+
 def test_lora_job_differs_repeats_and_the_next_job_without_it_is_restored(runtime: Runtime) -> None:
     plain = _run(runtime, PARAMS)[1]
     events, with_lora = _run(runtime, {**PARAMS, **_lora(KOHYA)})
