@@ -13,7 +13,8 @@ import pytest
 
 from tests.paths import REPO_ROOT
 
-#: What scripts/test adds to the fast suite by default (pytest-xdist: a process per logical CPU, at most 4).
+#: What scripts/test adds to the fast suite and the non-parity slow step by default (pytest-xdist: a process
+#: per logical CPU, at most 4).
 FAST_WORKERS = "-n logical --maxprocesses 4 --dist loadfile"
 
 #: Stands in for .venv/bin/python: logs its arguments; `-c` (the torch probe) exits $TORCH_RC,
@@ -76,7 +77,7 @@ def test_slow_step_always_runs_and_exit_5_is_not_a_failure(clone: Path, fast: st
     runs = [c for c in calls if c.startswith("-m pytest")]
     # The slow step's parity module runs in a process of its own (fresh memory for the full-size runs).
     # The fast suite runs in one process per logical CPU, at most 4 (pytest-xdist).
-    assert runs == [f"-m pytest -m not slow {FAST_WORKERS}", "-m pytest -m slow --ignore=tests/parity",
+    assert runs == [f"-m pytest -m not slow {FAST_WORKERS}", f"-m pytest -m slow {FAST_WORKERS} --ignore=tests/parity",
                     "-m pytest -m slow tests/parity"]
     assert code == expected
 
