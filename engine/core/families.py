@@ -288,6 +288,14 @@ class FamilyRunner:
         self._make_resident(family, None if family == "sdxl" else self._flux_spec(request.base_model))
         return runner.run_batch(ctxs)  # type: ignore[attr-defined]
 
+    def memory_stats(self) -> Any:
+        """The SDXL runner's loaded-model cache (``/metrics``: budget, bytes, entries, evictions), or
+        None before it exists. FLUX.1 weights are not in that cache; one Flux model at most is resident."""
+        with self._lock:
+            sdxl = self._sdxl
+        stats = getattr(sdxl, "memory_stats", None)
+        return stats() if callable(stats) else None
+
     def recover_after_oom(self) -> None:
         with self._lock:
             runners = [r for r in (self._sdxl, *self._flux.values()) if r is not None]

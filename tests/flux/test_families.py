@@ -176,6 +176,12 @@ def test_websocket_and_http_on_an_sdxl_server_run_demo_flux(sdxl_server: tuple[T
             assert messages[-1]["type"] == "done", messages[-1]
     finals = [payload for kind, _, payload in reader.frames if kind == FRAME_IMAGE]
     assert finals == [single_family_bytes["demo-flux"], single_family_bytes["demo"]]
+    # /metrics reaches the SDXL runner's model cache through the device's FamilyRunner (demo ran last).
+    text = client.get("/metrics", headers=auth(ALICE)).text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("hooocus_worker_model_cache"))
+    worker = '{worker="0",device="cpu"}'
+    assert int(samples[f"hooocus_worker_model_cache_bytes{worker}"]) > 0
+    assert int(samples[f"hooocus_worker_model_cache_entries{worker}"]) >= 1
     response = client.post("/v1/generate", headers=auth(ALICE), json={**SMALL, "base_model": "demo-flux"})
     assert response.status_code == 200 and response.json()["params"]["family"] == "flux"
     options = client.get("/v1/options", headers=auth(ALICE)).json()
