@@ -288,6 +288,12 @@ class FamilyRunner:
         self._make_resident(family, None if family == "sdxl" else self._flux_spec(request.base_model))
         return runner.run_batch(ctxs)  # type: ignore[attr-defined]
 
+    @property
+    def styles(self) -> Any:
+        """The default family's style library (both families read the same files): the doors recover
+        A1111 style names from prompt text with it (hooocus_ws/parameters.py)."""
+        return getattr(self._default_runner(), "styles", None)
+
     def memory_stats(self) -> Any:
         """The SDXL runner's loaded-model cache (``/metrics``: budget, bytes, entries, evictions), or
         None before it exists. FLUX.1 weights are not in that cache; one Flux model at most is resident."""

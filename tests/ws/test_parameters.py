@@ -55,3 +55,22 @@ def test_bad_bodies_get_clear_errors_and_nothing_is_queued(tmp_path):
             assert response.status_code == 422 and error["code"] == "invalid_request", (body[:10], response.text)
             assert words in error["message"], error
         assert runtime.engine.jobs() == []
+
+
+def test_a1111_style_names_come_back_on_a_real_server(tmp_path):
+    """A1111 metadata keeps only the styled prompt text; the server's style library turns it back into
+    style names. On a real server the engine's runner is the device's FamilyRunner (issue 17), which
+    must hand the library on, or /v1/parameters (and the page's drop-an-image) silently loses the styles."""
+    from engine.core.runtime import create_runtime
+    from engine.core.settings import Settings
+
+    runtime = create_runtime(Settings(data_dir=tmp_path, device="cpu"), model="demo", record_history=False)
+    with TestClient(make_app(runtime)) as client:
+        job = runtime.engine.submit({"prompt": "a lighthouse", "styles": ["Hooocus Cinematic"], "seed": 3,
+                                     "steps": 1, "width": 64, "height": 64, "metadata_scheme": "a1111"})
+        assert job.wait(120) and job.images, job.events_after(0)[-1]
+        response = client.post("/v1/parameters", headers=auth(ALICE), content=job.images[0].data)
+        assert response.status_code == 200, response.text
+        # (Fooocus's A1111 reader also names "Fooocus V2" when prompt text is left beside a found style;
+        # tests/golden/test_metadata.py holds that rule to Fooocus's cases.)
+        assert "Hooocus Cinematic" in response.json()["params"]["styles"]
