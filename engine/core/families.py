@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.core.constants import DEMO_FLUX_MODEL, DEMO_FLUX_MODELS, DEMO_MODEL, DEMO_REFINER
-from engine.core.errors import HooocusError
+from engine.core.errors import HooocusError, UnknownModel
 from engine.core.jobs import RunContext, Runner
 from engine.core.request import GenerationRequest
 from engine.core.settings import Settings
@@ -252,10 +252,17 @@ class FamilyRunner:
 
     def check(self, request: GenerationRequest) -> None:
         runner = self.runner_for(request)
-        if runner is self._sdxl:
-            runner.check(request)
-        else:
+        if runner is not self._sdxl:
             runner.check(self._for_flux(runner, request))
+            return
+        try:
+            runner.check(request)
+        except UnknownModel as exc:
+            if exc.loc != ("base_model",):
+                raise
+            # A name no family knows lands with the SDXL runner, whose list has the checkpoints folder
+            # (FLUX.1 files included) but not the built-in FLUX.1 models this server also runs.
+            raise UnknownModel(f"{exc.message}; FLUX.1: {', '.join(DEMO_FLUX_MODELS)}", loc=exc.loc) from None
 
     def run(self, ctx: RunContext) -> None:
         request = ctx.request

@@ -232,3 +232,18 @@ def test_flux_runners_per_device_are_bounded_and_the_resident_one_is_kept(tmp_pa
         runner._flux_runner(f"other-{i}")
         assert len(runner._flux) <= MAX_FLUX_RUNNERS
     assert "resident" in runner._flux and f"other-{MAX_FLUX_RUNNERS + 2}" in runner._flux
+
+
+def test_an_unknown_model_names_both_families_models(tmp_path: Path) -> None:
+    """A name no family knows is refused at submit with the models of both families listed."""
+    from engine.core.constants import DEMO_FLUX_MODELS
+    from engine.core.errors import UnknownModel
+
+    runner = FamilyRunner(_settings(tmp_path), model="demo")
+    with pytest.raises(UnknownModel) as info:
+        runner.check(GenerationRequest.parse({"prompt": "x", "base_model": "nope"}))
+    assert info.value.loc == ("base_model",) and "'nope'" in info.value.message
+    assert all(name in info.value.message for name in ("demo", *DEMO_FLUX_MODELS)), info.value.message
+    with pytest.raises(UnknownModel) as info:  # another field keeps the SDXL runner's own message
+        runner.check(GenerationRequest.parse({"prompt": "x", "refiner_model": "nope"}))
+    assert info.value.loc == ("refiner_model",) and "FLUX.1" not in info.value.message
