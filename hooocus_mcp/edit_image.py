@@ -26,7 +26,7 @@ from hooocus_mcp.toolkit import (
     SeedArg,
     ThumbSide,
     ToolKit,
-    WaitS,
+    WaitArg,
     reject_unknown_arguments,
     tool_error,
 )
@@ -113,8 +113,7 @@ def register(kit: ToolKit) -> None:
         performance: Annotated[PerformanceName | None, Field(description="default Speed")] = None,
         output_format: OutputFormat | None = None,
         max_side_px: ThumbSide = DEFAULT_THUMBNAIL_SIDE_PX,
-        wait_timeout_s: Annotated[WaitS | None, Field(
-            description="return status 'running' with the job_id if not done by then (default 45)")] = None,
+        wait_timeout_s: WaitArg = None,
     ) -> Annotated[CallToolResult, JobResult]:
         """Edit an image with Fooocus-quality SDXL: vary it, upscale it, inpaint under a mask, or outpaint.
 

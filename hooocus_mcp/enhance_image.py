@@ -31,7 +31,7 @@ from hooocus_mcp.toolkit import (
     SeedArg,
     ThumbSide,
     ToolKit,
-    WaitS,
+    WaitArg,
     reject_unknown_arguments,
     tool_error,
 )
@@ -72,8 +72,7 @@ def register(kit: ToolKit) -> None:
         performance: Annotated[PerformanceName | None, Field(description="default Speed")] = None,
         output_format: OutputFormat | None = None,
         max_side_px: ThumbSide = DEFAULT_THUMBNAIL_SIDE_PX,
-        wait_timeout_s: Annotated[WaitS | None, Field(
-            description="return status 'running' with the job_id if not done by then (default 45)")] = None,
+        wait_timeout_s: WaitArg = None,
     ) -> Annotated[CallToolResult, JobResult]:
         """Enhance an image with Fooocus's Enhance: find regions by text (face, hands, eyes, ...) and repaint
         each with its own prompt, optionally upscaling or varying before or after.

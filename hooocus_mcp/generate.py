@@ -26,7 +26,7 @@ from hooocus_mcp.toolkit import (
     Side,
     ThumbSide,
     ToolKit,
-    WaitS,
+    WaitArg,
     reject_unknown_arguments,
     tool_error,
 )
@@ -81,8 +81,7 @@ def register(kit: ToolKit) -> None:
         model: Annotated[str | None, Field(description="base model name from list_options")] = None,
         output_format: OutputFormat | None = None,
         max_side_px: ThumbSide = DEFAULT_THUMBNAIL_SIDE_PX,
-        wait_timeout_s: Annotated[WaitS | None, Field(
-            description="return status 'running' with the job_id if not done by then (default 45)")] = None,
+        wait_timeout_s: WaitArg = None,
         image: Annotated[str | None, Field(description="input image: hooocus://images/<sha256> from an earlier "
                                                        "result, or a data:image/png;base64 URI")] = None,
         mask: Annotated[str | None, Field(description="inpaint mask (white = repaint), same forms as image")] = None,

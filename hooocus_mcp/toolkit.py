@@ -50,6 +50,9 @@ Side = Annotated[int, Field(ge=MIN_SIDE_PX, le=MAX_SIDE_PX, multiple_of=8)]
 SeedArg = Annotated[int, Field(ge=0, le=MAX_SEED)] | Annotated[str, Field(pattern=r"^\d{1,19}$")]
 ThumbSide = Annotated[int, Field(ge=64, le=1024, description="longest side of the inline thumbnails, pixels")]
 WaitS = Annotated[float, Field(ge=0, le=MAX_WAIT_TIMEOUT_S)]
+#: The job tools' ``wait_timeout_s`` argument (None: the kit's ``default_wait_timeout_s``).
+WaitArg = Annotated[WaitS | None, Field(
+    description=f"return status 'running' with the job_id if not done by then (default {DEFAULT_WAIT_TIMEOUT_S:g})")]
 
 
 @dataclass(frozen=True)

@@ -193,11 +193,14 @@ class FamilyRunner:
         expansion = getattr(self._sdxl_runner(), "expansion", None)
         return expansion() if callable(expansion) else None
 
-    def runner_for(self, request: GenerationRequest) -> Runner:
-        """The runner of the request's model family (created if need be; nothing loaded here)."""
-        if self.family_of(request.base_model) == "sdxl":
-            return self._sdxl_runner()
-        return self._flux_runner(self._flux_spec(request.base_model))
+    def _route(self, request: GenerationRequest) -> tuple[Family, str | None, Runner]:
+        """The request's model family, its FLUX.1 spec (None for SDXL) and that family's runner
+        (created if need be; nothing loaded here). Read once per call: it may stat the weights."""
+        family = self.family_of(request.base_model)
+        if family == "sdxl":
+            return family, None, self._sdxl_runner()
+        spec = self._flux_spec(request.base_model)
+        return family, spec, self._flux_runner(spec)
 
     def _for_flux(self, runner: Runner, request: GenerationRequest) -> GenerationRequest:
         """A FluxRunner serves one model and names it by its file name; the client may have said the stem."""
@@ -251,8 +254,8 @@ class FamilyRunner:
                 runner.on_step = hook  # type: ignore[attr-defined]
 
     def check(self, request: GenerationRequest) -> None:
-        runner = self.runner_for(request)
-        if runner is not self._sdxl:
+        family, _spec, runner = self._route(request)
+        if family == "flux":
             runner.check(self._for_flux(runner, request))
             return
         try:
@@ -265,21 +268,18 @@ class FamilyRunner:
             raise UnknownModel(f"{exc.message}; FLUX.1: {', '.join(DEMO_FLUX_MODELS)}", loc=exc.loc) from None
 
     def run(self, ctx: RunContext) -> None:
-        request = ctx.request
-        family = self.family_of(request.base_model)
-        spec = None if family == "sdxl" else self._flux_spec(request.base_model)
-        runner = self._sdxl_runner() if spec is None else self._flux_runner(spec)
+        family, spec, runner = self._route(ctx.request)
         self._make_resident(family, spec)
         runner.run(ctx)
 
     def batch_key(self, request: GenerationRequest) -> Hashable | None:
         """The family's own key, tagged with the family: jobs of two families never share a batch."""
-        runner = self.runner_for(request)
+        family, _spec, runner = self._route(request)
         key_of = getattr(runner, "batch_key", None)
         if not callable(key_of) or not callable(getattr(runner, "run_batch", None)):
             return None
         key = key_of(request)
-        return None if key is None else (self.family_of(request.base_model), key)
+        return None if key is None else (family, key)
 
     def run_batch(self, ctxs: list[RunContext]) -> list[BaseException | None]:
         if len(ctxs) == 1:  # run_batch([ctx]) is run(ctx), whatever the family
@@ -289,10 +289,8 @@ class FamilyRunner:
                 return [exc]
             return [None]
         # Only jobs with equal batch keys reach here, so one family (the key carries it) and one model.
-        request = ctxs[0].request
-        family = self.family_of(request.base_model)
-        runner = self.runner_for(request)
-        self._make_resident(family, None if family == "sdxl" else self._flux_spec(request.base_model))
+        family, spec, runner = self._route(ctxs[0].request)
+        self._make_resident(family, spec)
         return runner.run_batch(ctxs)  # type: ignore[attr-defined]
 
     @property

@@ -1078,7 +1078,7 @@ class Engine:
         count = job.request.image_number
         # Enhance (issue 16) numbers its images in emission order and runs its passes after the
         # generation: one device runs the whole job.
-        if count < 2 or self._queue or not worker.can_split or getattr(job.request, "enhance", None) is not None:
+        if count < 2 or self._queue or not worker.can_split or job.request.enhance is not None:
             return None
         # Same device kind only: a CPU share of a CUDA job would not make the bytes the GPU makes.
         kind = worker.device.split(":")[0]

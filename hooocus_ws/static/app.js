@@ -819,6 +819,15 @@
   $("cancel").addEventListener("click", () => {
     if (state.job && state.ws) state.ws.send(JSON.stringify({ type: "cancel", id: "c" + Date.now(), job_id: state.job }));
   });
+  // The Enhance tabs: Fooocus's default_enhance_tabs (3) rows from one template, labelled "tab N ...".
+  for (let i = 0; i < 3; i++) {
+    const row = $("enh-tab-template").content.firstElementChild.cloneNode(true);
+    row.dataset.tab = String(i);
+    for (const el of row.querySelectorAll("[aria-label]")) {
+      el.setAttribute("aria-label", `tab ${i + 1} ${el.getAttribute("aria-label")}`);
+    }
+    $("enh-tabs").append(row);
+  }
   const saved = sessionStorage.getItem("hooocus.token");
   if (saved) $("token").value = saved;
 })();
