@@ -30,7 +30,7 @@ from engine.core.request import GenerationRequest, parse_aspect_ratio
 from engine.core.settings import settings_from_args
 from engine.io.imageio import read_image_metadata
 from hooocus.cli import build_parser, main, request_fields_from_args
-from tests.paths import TEST_DATA_VARIABLES, refdata_dir
+from tests.paths import refdata_dir
 
 SMALL = ["--model", "demo", "--steps", "3", "--width", "64", "--height", "64", "--no-progress"]
 _IMAGE_SUFFIXES = (".png", ".jpeg", ".webp")
@@ -85,13 +85,7 @@ _UI_TO_REQUEST = {"prompt": "prompt", "negative_prompt": "negative_prompt", "sty
                   "clip_skip": "clip_skip"}
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No HOOOCUS_* from the caller's shell, no ./hooocus.toml from the working directory."""
-    for name in [n for n in os.environ if n.startswith("HOOOCUS_") and n not in TEST_DATA_VARIABLES]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_cli_env")  # tests/engine/conftest.py
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ demo model with tiny mask models writes the passes' files (enhance-only on ``--i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,8 @@ from PIL import Image
 
 from engine.core.settings import settings_from_args
 from hooocus.cli import build_parser, main, request_fields_from_args
-from tests.paths import TEST_DATA_VARIABLES
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [n for n in os.environ if n.startswith("HOOOCUS_") and n not in TEST_DATA_VARIABLES]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_cli_env")  # tests/engine/conftest.py
 
 
 def fields(*argv: str) -> dict[str, Any]:

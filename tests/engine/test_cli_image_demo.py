@@ -6,7 +6,6 @@ demo UNet (slow-marked, ~30–60 s on 2 cores)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +15,8 @@ from PIL import Image
 from engine.imaging.sizes import upscale_plan
 from engine.io.imageio import read_image_metadata
 from hooocus.cli import main
-from tests.paths import TEST_DATA_VARIABLES
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [n for n in os.environ if n.startswith("HOOOCUS_") and n not in TEST_DATA_VARIABLES]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_cli_env")  # tests/engine/conftest.py
 
 
 def _picture(path: Path, width: int, height: int) -> Path:

@@ -9,7 +9,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,8 @@ from engine.core.settings import settings_from_args
 from hooocus import cli
 from hooocus.cli import build_parser, main, request_fields_from_args
 from tests.images import InputsRecorder
-from tests.paths import TEST_DATA_VARIABLES
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [n for n in os.environ if n.startswith("HOOOCUS_") and n not in TEST_DATA_VARIABLES]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_cli_env")  # tests/engine/conftest.py
 
 
 def picture(path: Path, size: tuple[int, int] = (40, 24), fmt: str = "PNG", *, noise: bool = False) -> Path:

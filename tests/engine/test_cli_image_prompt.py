@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,8 @@ from engine.core.request import GenerationRequest
 from hooocus.cli import main
 from hooocus.image_flags import image_prompt_fields, parse_image_prompt
 from tests.face_models import face_picture
-from tests.paths import TEST_DATA_VARIABLES
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [n for n in os.environ if n.startswith("HOOOCUS_") and n not in TEST_DATA_VARIABLES]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_cli_env")  # tests/engine/conftest.py
 
 
 def _picture(path: Path) -> Path:

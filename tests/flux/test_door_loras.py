@@ -11,17 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import save_file
 from starlette.testclient import TestClient
 
 from engine.core.jobs import JobState
 from engine.core.runtime import Runtime, create_runtime
 from engine.core.settings import Settings
 from engine.sdxl.models.demo import build_demo_sdxl
-from engine.sdxl.models.lora import unet_lora_key_map
 from hooocus_ws.protocol import FRAME_IMAGE
 from tests.flux.test_flux_lora_jobs import KOHYA, SDXL, write_loras
+from tests.lora_models import write_qkv_lora
 from tests.ws.conftest import WsReader, connect, make_app
 
 SDXL_DEMO_LORA = "sdxl_demo_lora.safetensors"
@@ -31,16 +29,7 @@ WAIT_S = 300
 
 def write_sdxl_demo_lora(path: Path) -> None:
     """A kohya-named LoRA on the demo SDXL UNet's attention q/k/v (what a real SDXL LoRA touches)."""
-    unet = build_demo_sdxl().unet
-    gen = torch.Generator().manual_seed(7)
-    tensors = {}
-    for key, (_component, module) in unet_lora_key_map(unet).items():
-        if key.startswith("lora_unet_") and module.endswith((".to_q", ".to_k", ".to_v")):
-            layer = unet.get_submodule(module)
-            tensors[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, 4, generator=gen) * 0.5
-            tensors[f"{key}.lora_down.weight"] = torch.randn(4, layer.in_features, generator=gen) * 0.5
-    assert tensors
-    save_file(tensors, str(path))
+    write_qkv_lora(build_demo_sdxl().unet, path, seed=7, scale=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 
 from engine.core.access import Principal
+from engine.core.inputs import InputResolver, UploadStore
 from engine.core.jobs import Engine, Job, JobState
 from engine.core.runtime import Runtime
 from engine.core.settings import Settings
@@ -35,6 +36,13 @@ def anyio_backend() -> str:
 def make_runtime(runner: FakeRunner) -> Runtime:
     images = ImageStore()
     return Runtime(Settings(), Engine(runner, image_sink=images.put), images)
+
+
+def make_inputs_runtime(runner: FakeRunner) -> Runtime:
+    """A runtime whose engine resolves image references (uploads and generated images): the image tools."""
+    images, uploads = ImageStore(), UploadStore()
+    engine = Engine(runner, image_sink=images.put, resolve_inputs=InputResolver(uploads, images=images))
+    return Runtime(Settings(), engine, images, uploads=uploads)
 
 
 @pytest.fixture

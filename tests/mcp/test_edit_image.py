@@ -9,32 +9,22 @@ from collections.abc import Iterator
 import pytest
 
 from engine.core.access import Principal
-from engine.core.inputs import InputResolver, UploadStore
-from engine.core.jobs import Engine
 from engine.core.runtime import Runtime
-from engine.core.settings import Settings
-from engine.core.store import ImageStore
-from engine.core.testing import FakeRunner, StepGate
+from engine.core.testing import StepGate
 from hooocus_mcp._sdk import Client, ImageContent, ResourceLink
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.edit_image import UOV_METHOD_BY_MODE, edit_fields
 from hooocus_mcp.tools import ServerOptions, build_server
 from tests.images import InputsRecorder, data_uri, solid_png
-from tests.mcp.conftest import cancel_tool_call_mid_job
+from tests.mcp.conftest import cancel_tool_call_mid_job, make_inputs_runtime
 
 pytestmark = pytest.mark.anyio
 ALICE = Principal("alice", frozenset({"generate", "cancel:own"}))
 
 
-def make_runtime(runner: FakeRunner) -> Runtime:
-    images, uploads = ImageStore(), UploadStore()
-    engine = Engine(runner, image_sink=images.put, resolve_inputs=InputResolver(uploads, images=images))
-    return Runtime(Settings(), engine, images, uploads=uploads)
-
-
 @pytest.fixture
 def runtime() -> Iterator[Runtime]:
-    rt = make_runtime(InputsRecorder()).start()
+    rt = make_inputs_runtime(InputsRecorder()).start()
     yield rt
     rt.close()
 
@@ -136,7 +126,7 @@ async def test_progress_thumbnails_and_links_like_generate_image(runtime: Runtim
 async def test_client_cancel_of_a_vary_job_stops_it_and_the_next_job_runs() -> None:
     gate = StepGate(2)
     runner = InputsRecorder(on_step=gate)
-    runtime = make_runtime(runner).start()
+    runtime = make_inputs_runtime(runner).start()
     try:
         async with Client(server_for(runtime)) as client:
             await cancel_tool_call_mid_job(client, runtime, gate, "edit_image",

@@ -11,32 +11,23 @@ from pathlib import Path
 import pytest
 
 from engine.core.access import Principal
-from engine.core.inputs import InputResolver, UploadStore
-from engine.core.jobs import Engine
 from engine.core.runtime import Runtime
 from engine.core.settings import Settings
-from engine.core.store import ImageStore
 from engine.core.testing import StepGate
 from hooocus_mcp._sdk import Client
 from hooocus_mcp.backend import LocalBackend
 from hooocus_mcp.tools import ServerOptions, build_server
 from tests.images import InputsRecorder, data_uri, solid_png
-from tests.mcp.conftest import cancel_tool_call_mid_job
+from tests.mcp.conftest import cancel_tool_call_mid_job, make_inputs_runtime
 
 pytestmark = pytest.mark.anyio
 ALICE = Principal("alice", frozenset({"generate", "cancel:own"}))
 NOTHING = {"detection_prompt": "face", "box_threshold": 1.0}
 
 
-def make_runtime(runner: InputsRecorder) -> Runtime:
-    images, uploads = ImageStore(), UploadStore()
-    engine = Engine(runner, image_sink=images.put, resolve_inputs=InputResolver(uploads, images=images))
-    return Runtime(Settings(), engine, images, uploads=uploads)
-
-
 @pytest.fixture
 def runtime() -> Iterator[Runtime]:
-    rt = make_runtime(InputsRecorder()).start()
+    rt = make_inputs_runtime(InputsRecorder()).start()
     yield rt
     rt.close()
 
@@ -88,7 +79,7 @@ async def test_bad_arguments_are_tool_errors_and_queue_nothing(runtime: Runtime,
 
 async def test_client_cancel_stops_the_job_and_the_next_one_runs() -> None:
     gate = StepGate(2)
-    runtime = make_runtime(InputsRecorder(on_step=gate)).start()
+    runtime = make_inputs_runtime(InputsRecorder(on_step=gate)).start()
     try:
         async with Client(server_for(runtime)) as client:
             await cancel_tool_call_mid_job(client, runtime, gate, "enhance_image",

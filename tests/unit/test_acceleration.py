@@ -419,22 +419,12 @@ def test_static_cache_expansion_gives_the_same_tokens(tmp_path: Path) -> None:
 
 def test_lora_merge_and_restore_on_a_fused_unet(demo, tmp_path: Path) -> None:
     """The real LoRA code (kohya names → to_q/to_k/to_v, in-place merge, restore) on a fused UNet."""
-    from safetensors.torch import save_file
-
-    from engine.sdxl.models.lora import load_lora, match_lora, merge_loras, unet_lora_key_map
+    from engine.sdxl.models.lora import load_lora, match_lora, merge_loras
+    from tests.lora_models import write_qkv_lora
 
     unfused = copy.deepcopy(demo.unet)
     fuse_qkv_views(demo.unet)
-    g = torch.Generator().manual_seed(3)
-    tensors: dict[str, torch.Tensor] = {}
-    for key, (_component, module) in unet_lora_key_map(unfused).items():
-        if key.startswith("lora_unet_") and module.endswith((".to_q", ".to_k", ".to_v")):
-            layer = unfused.get_submodule(module)
-            tensors[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, 4, generator=g) * 0.1
-            tensors[f"{key}.lora_down.weight"] = torch.randn(4, layer.in_features, generator=g) * 0.1
-    assert tensors
-    path = tmp_path / "qkv_lora.safetensors"
-    save_file(tensors, str(path))
+    path = write_qkv_lora(unfused, tmp_path / "qkv_lora.safetensors", seed=3, scale=0.1)
     inputs = unet_inputs(context_tokens=154)
     before = run_unet(demo.unet, inputs)
     merged = {}
